@@ -1,0 +1,31 @@
+"""What to load and where: plain data, so the engine process can be spawned from it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from engine.params import SpecConfig
+
+
+@dataclass
+class EngineConfig:
+    target: str | None = None  # None: the default pair (pulled on first use)
+    draft: str | None = None  # None with target None: the default draft; "" or "none": no draft
+    head: str | None = None  # None: the shipped head for the default draft, if any; "none": no head
+    dtype: str = "bf16"
+    draft_dtype: str | None = None  # defaults to dtype
+    draft_device: str | None = None  # None: planned (GPU 0 if any, else CPU)
+    target_devices: list[str] | None = None  # None: planned (other GPUs, else the draft's device)
+    max_model_len: int | None = None
+    default_spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["default_spec"] = self.default_spec.model_dump()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineConfig:
+        data = dict(data)
+        data["default_spec"] = SpecConfig.model_validate(data.get("default_spec") or {})
+        return cls(**data)

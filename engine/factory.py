@@ -1,0 +1,75 @@
+"""Build an `LLMEngine` from an `EngineConfig`: resolve defaults, place, load, check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.loader import load_model, load_tokenizer, model_identity, parse_dtype
+from heads.model import load_head
+
+log = logging.getLogger(__name__)
+NO_MODEL = ("", "none")
+
+
+def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
+    """(target, draft, head) specs with the defaults filled in (pulling the default pair if needed)."""
+    target, draft, head = config.target, config.draft, config.head
+    if target is None:
+        from engine.model_store import ensure_default_pair
+
+        default_target, default_draft = ensure_default_pair()
+        target = str(default_target)
+        if draft is None:
+            draft = str(default_draft)
+    if draft in NO_MODEL:
+        draft = None
+    if head is None and draft is not None:
+        from heads.shipped import shipped_head_for
+
+        found = shipped_head_for(model_identity(draft))
+        head = str(found) if found else None
+    if head in NO_MODEL:
+        head = None
+    return target, draft, head
+
+
+def build_engine(config: EngineConfig) -> LLMEngine:
+    target_spec, draft_spec, head_spec = resolve_paths(config)
+    from engine.placement import plan_from_config
+
+    placement = plan_from_config(config, target_spec, draft_spec)
+    dtype = parse_dtype(config.dtype)
+    draft_dtype = parse_dtype(config.draft_dtype or config.dtype)
+    log.info("loading target %s (%s) on %s", target_spec, config.dtype, placement.describe_target())
+    target = load_model(target_spec, dtype, device=placement.target_device, device_map=placement.target_device_map)
+    tokenizer = load_tokenizer(target_spec)
+    draft = draft_tokenizer = head = None
+    if draft_spec is not None:
+        log.info("loading draft %s on %s", draft_spec, placement.draft_device)
+        draft = load_model(draft_spec, draft_dtype, device=placement.draft_device)
+        draft_tokenizer = load_tokenizer(draft_spec)
+        if head_spec is not None:
+            head = load_head(
+                Path(head_spec),
+                hidden_size=draft.config.hidden_size,
+                draft_id=model_identity(draft_spec),
+                device=placement.draft_device,
+            )
+    spec = config.default_spec
+    if head is None and spec.policy == "specdec++":
+        log.warning("no acceptance head: the default policy falls back to constant k=%d", spec.k)
+        spec = spec.model_copy(update={"policy": "constant" if draft is not None else "none"})
+    if draft is None:
+        spec = spec.model_copy(update={"policy": "none"})
+    return LLMEngine(
+        target,
+        draft,
+        tokenizer,
+        head=head,
+        draft_tokenizer=draft_tokenizer,
+        max_model_len=config.max_model_len,
+        default_spec=spec,
+    )

@@ -1,0 +1,188 @@
+"""The engine: owns the models, admits requests, runs rounds, emits token events.
+
+It knows nothing of HTTP. `step()` runs one speculation round for each running
+sequence (oldest first) and returns what each produced, so a caller (the worker
+process, the CLI, a benchmark) can stream it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import OrderedDict
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from engine.detokenizer import Detokenizer
+from engine.events import Completion, TokenEvent
+from engine.loader import check_vocabularies, eos_token_ids
+from engine.params import SamplingParams, SpecConfig
+from engine.policies import make_policy
+from engine.runner import ModelRunner
+from engine.sequence import Sequence
+from engine.speculate import speculation_round
+from engine.stats import RequestStats
+from heads.model import AcceptanceHead
+
+Prompt = str | list[int] | list[dict]
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        target: PreTrainedModel,
+        draft: PreTrainedModel | None,
+        tokenizer: PreTrainedTokenizerBase,
+        head: AcceptanceHead | None = None,
+        draft_tokenizer: PreTrainedTokenizerBase | None = None,
+        max_model_len: int | None = None,
+        default_spec: SpecConfig | None = None,
+    ) -> None:
+        if draft is not None:
+            check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
+        if head is not None and draft is not None and head.config.hidden_size != draft.config.hidden_size:
+            raise ValueError(
+                f"head hidden size {head.config.hidden_size} != draft hidden size {draft.config.hidden_size}"
+            )
+        self.target = ModelRunner(target)
+        self.draft = ModelRunner(draft) if draft is not None else None
+        self.head = head.to(self.draft.device) if head is not None and self.draft is not None else head
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids(target, tokenizer)
+        limit = getattr(target.config, "max_position_embeddings", None) or 32768
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.default_spec = default_spec or SpecConfig(policy="constant" if head is None else "specdec++")
+        self.running: OrderedDict[str, Sequence] = OrderedDict()
+
+    # ----- requests -------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for raw text, ids, or chat messages (through the chat template)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if prompt and isinstance(prompt[0], dict):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("this model has no chat template; use completions", "messages")
+            out = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            if isinstance(out, dict) or hasattr(out, "input_ids"):
+                out = out["input_ids"]
+            return list(out)
+        return [int(t) for t in prompt]  # type: ignore[union-attr]
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        spec: SpecConfig | None = None,
+    ) -> int:
+        """Admit a request; returns its prompt length. Raises RequestError for bad input."""
+        spec = spec or self.default_spec
+        if request_id in self.running:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        if spec.speculates and self.draft is None:
+            raise RequestError(f"policy {spec.policy!r} needs a draft model; none is loaded", "specdec")
+        if spec.policy == "specdec++" and self.head is None:
+            raise RequestError("policy 'specdec++' needs an acceptance head; none is loaded", "specdec")
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.target.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context length ({self.max_model_len})",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        generator = torch.Generator(device=self.target.device)
+        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            spec=spec,
+            policy=make_policy(spec),
+            detokenizer=Detokenizer(self.tokenizer, params.stop),
+            generator=generator,
+            eos_token_ids=self.eos_token_ids,
+            stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
+        )
+        self.running[request_id] = seq
+        return len(prompt_ids)
+
+    def abort(self, request_id: str) -> TokenEvent | None:
+        """Cancel a request and free its caches."""
+        seq = self.running.pop(request_id, None)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        seq.free_caches()
+        return self._event(seq, [])
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ----- stepping -------------------------------------------------------------------
+    def step(self) -> list[TokenEvent]:
+        """One speculation round for every running sequence."""
+        events: list[TokenEvent] = []
+        for seq in list(self.running.values()):
+            try:
+                new_tokens = speculation_round(seq, self.target, self.draft, self.head)
+            except Exception as exc:  # a failing request must not take the engine down
+                seq.finish_reason = "error"
+                seq.free_caches()
+                del self.running[seq.request_id]
+                event = self._event(seq, [])
+                event.error = f"{type(exc).__name__}: {exc}"
+                events.append(event)
+                continue
+            if seq.stats.first_token_seconds is None and seq.output_ids:
+                seq.stats.first_token_seconds = time.perf_counter() - seq.arrival_time
+            if seq.finished:
+                del self.running[seq.request_id]
+            events.append(self._event(seq, new_tokens))
+        return events
+
+    def _event(self, seq: Sequence, new_tokens: list[int]) -> TokenEvent:
+        text = seq.detokenizer.pending_delta(final=seq.finished)
+        event = TokenEvent(seq.request_id, token_ids=new_tokens, text=text)
+        if seq.finished:
+            seq.stats.generated_tokens = len(seq.output_ids)
+            seq.stats.total_seconds = time.perf_counter() - seq.arrival_time
+            event.finished, event.finish_reason, event.stats = True, seq.finish_reason, seq.stats.to_dict()
+        return event
+
+    def generate(
+        self, prompt: Prompt, params: SamplingParams, spec: SpecConfig | None = None
+    ) -> Completion:
+        """Run one request to completion (other running requests advance too)."""
+        request_id = f"generate-{random.getrandbits(48):x}"
+        self.add_request(request_id, prompt, params, spec)
+        text, token_ids = [], []
+        while True:
+            for event in self.step():
+                if event.request_id != request_id:
+                    continue
+                text.append(event.text)
+                token_ids.extend(event.token_ids)
+                if event.finished:
+                    if event.error:
+                        raise RuntimeError(event.error)
+                    return Completion("".join(text), token_ids, event.finish_reason, event.stats or {})

@@ -1,0 +1,100 @@
+"""Load the target, the draft, their tokenizer and the head; check they fit together.
+
+A model spec is a local Hugging Face directory, a `.gguf` file (dequantized on load:
+convert it once with `specdecpp models convert` to load fast), or a hub id for users
+who are online.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IDENTITY_FILE = "specdecpp.json"  # written by the converter: {"identity": ..., ...}
+
+
+class VocabularyMismatchError(ValueError):
+    """Draft and target do not share a vocabulary, so their distributions cannot be compared."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def _split_gguf(spec: str) -> tuple[str, dict]:
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    return spec, {}
+
+
+def load_model(
+    spec: str, dtype: torch.dtype = torch.bfloat16, device: str | None = "cpu", device_map=None
+) -> PreTrainedModel:
+    """A causal LM from a directory, GGUF file or hub id, in `dtype`, on `device` (or `device_map`)."""
+    location, extra = _split_gguf(spec)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, device_map=device_map, low_cpu_mem_usage=True, **extra
+    )
+    if device_map is None and device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    location, extra = _split_gguf(spec)
+    return AutoTokenizer.from_pretrained(location, **extra)
+
+
+def model_identity(spec: str) -> str:
+    """A stable name for a model, used to tie a head to the draft it was trained on."""
+    path = Path(spec)
+    ident = path / IDENTITY_FILE
+    if path.is_dir() and ident.is_file():
+        return json.loads(ident.read_text()).get("identity", path.name)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def check_vocabularies(
+    target: PreTrainedModel,
+    draft: PreTrainedModel,
+    target_tok: PreTrainedTokenizerBase,
+    draft_tok: PreTrainedTokenizerBase,
+) -> None:
+    """Refuse a pair whose tokenizers or output vocabularies differ."""
+    tv, dv = target.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
+    if tv != dv:
+        raise VocabularyMismatchError(f"vocabulary sizes differ: target has {tv} logits, draft has {dv}")
+    if target_tok.get_vocab() != draft_tok.get_vocab():
+        raise VocabularyMismatchError(
+            f"tokenizers differ: target has {len(target_tok)} tokens, draft has {len(draft_tok)}; "
+            "speculative decoding needs one shared vocabulary"
+        )
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """All ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+@dataclass
+class ModelPair:
+    target: PreTrainedModel
+    draft: PreTrainedModel | None
+    tokenizer: PreTrainedTokenizerBase
+    draft_identity: str = ""

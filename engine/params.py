@@ -1,0 +1,89 @@
+"""The two parameter objects that travel from the HTTP request to the speculation loop.
+
+Both are pydantic models so the server validates a request body with the very same rules
+the engine enforces, and both are plain data (no tensors) so they cross process queues.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PolicyName = Literal["none", "constant", "heuristic", "confidence", "specdec++"]
+POLICY_NAMES: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++")
+
+
+class SamplingParams(BaseModel):
+    """How to turn logits into tokens, and when a completion ends."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    seed: int | None = None
+    max_tokens: int = Field(256, ge=1)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: object) -> object:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value)  # type: ignore[arg-type]
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SpecConfig(BaseModel):
+    """Which stop policy decides the candidate length, and its knobs.
+
+    `none` is the target alone; `constant` proposes `k` tokens; `heuristic` starts at `k`
+    and grows by 2 after a fully accepted round, shrinks by 1 otherwise; `confidence`
+    stops when the draft's probability of its token falls below `p_min`; `specdec++`
+    stops when the head's estimated P(some candidate rejected) exceeds `threshold`.
+    `bounds` (min, max) clamp the candidate length of every proposing policy.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName = "specdec++"
+    k: int = Field(4, ge=1, le=64)
+    threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    bounds: tuple[int, int] = (2, 20)
+    p_min: float = Field(0.4, gt=0.0, lt=1.0)
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds_ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1:
+            raise ValueError("bounds min must be >= 1")
+        if low > high:
+            raise ValueError(f"bounds min ({low}) must be <= max ({high})")
+        if high > 64:
+            raise ValueError("bounds max must be <= 64")
+        return value
+
+    @property
+    def speculates(self) -> bool:
+        return self.policy != "none"
+
+    def merged(self, overrides: dict | None) -> SpecConfig:
+        """Per-request overrides on top of the server's defaults, validated again."""
+        if not overrides:
+            return self
+        return SpecConfig.model_validate({**self.model_dump(), **overrides})

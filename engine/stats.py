@@ -1,0 +1,83 @@
+"""One stats record per request; it feeds the response body and the Prometheus metrics.
+
+Definitions follow DESIGN.md (the SpecDec++ paper):
+  discard rate      = discarded draft tokens / generated tokens
+  verification rate = target forward passes / generated tokens
+  acceptance rate   = accepted draft tokens / proposed draft tokens
+A draft token is *accepted* when it ends up in the completion; every other proposed token
+(rejected, after a rejection, or cut by a stop condition) is *discarded*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RequestStats:
+    policy: str = "none"
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    rounds: int = 0
+    target_calls: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    candidate_lengths: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    head_seconds: float = 0.0
+    target_seconds: float = 0.0
+    first_token_seconds: float | None = None
+    total_seconds: float = 0.0
+
+    @property
+    def discarded_tokens(self) -> int:
+        return self.proposed_tokens - self.accepted_tokens
+
+    @property
+    def discard_rate(self) -> float:
+        return self.discarded_tokens / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def verification_rate(self) -> float:
+        return self.target_calls / self.generated_tokens if self.generated_tokens else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def mean_candidate_length(self) -> float:
+        n = len(self.candidate_lengths)
+        return sum(self.candidate_lengths) / n if n else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        n = len(self.accepted_lengths)
+        return sum(self.accepted_lengths) / n if n else 0.0
+
+    def record_round(self, candidates: int, accepted: int) -> None:
+        self.rounds += 1
+        self.target_calls += 1
+        self.proposed_tokens += candidates
+        self.accepted_tokens += accepted
+        self.candidate_lengths.append(candidates)
+        self.accepted_lengths.append(accepted)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict with the raw counts and the derived rates."""
+        out = asdict(self)
+        out.update(
+            discarded_tokens=self.discarded_tokens,
+            discard_rate=self.discard_rate,
+            verification_rate=self.verification_rate,
+            acceptance_rate=self.acceptance_rate,
+            mean_candidate_length=self.mean_candidate_length,
+            mean_accepted_length=self.mean_accepted_length,
+        )
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RequestStats:
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: v for k, v in data.items() if k in names})

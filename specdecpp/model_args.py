@@ -1,0 +1,51 @@
+"""Model, placement and speculation flags shared by generate, serve and bench."""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.config import EngineConfig
+from engine.params import POLICY_NAMES, SpecConfig
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--target", help="target model: HF directory, .gguf file or hub id (default: the default pair)")
+    g.add_argument("--draft", help="draft model (default: the default pair's draft; 'none' for no draft)")
+    g.add_argument("--head", help="acceptance head directory (default: the shipped head for the draft)")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype")
+    g.add_argument("--draft-dtype", choices=["bf16", "fp16", "fp32"], help="draft dtype (default: --dtype)")
+    g.add_argument("--draft-device", help="device for the draft and head (default: GPU 0 or cpu)")
+    g.add_argument("--target-devices", nargs="+", help="devices for the target (several: sharded)")
+    g.add_argument("--max-model-len", type=int, help="context limit (default: the target's)")
+
+
+def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = None) -> None:
+    g = parser.add_argument_group("speculation")
+    g.add_argument("--policy", choices=POLICY_NAMES, default=default_policy, help="stop policy")
+    g.add_argument("--k", type=int, help="candidates per round (constant) / start length (heuristic)")
+    g.add_argument("--threshold", type=float, help="specdec++ stop threshold in (0, 1)")
+    g.add_argument("--bounds", type=int, nargs=2, metavar=("MIN", "MAX"), help="candidate length bounds")
+    g.add_argument("--p-min", type=float, help="confidence policy: stop below this draft probability")
+
+
+def spec_from_args(args: argparse.Namespace) -> SpecConfig:
+    """A validated SpecConfig from the flags given (others keep their defaults)."""
+    fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min}
+    if args.bounds is not None:
+        fields["bounds"] = tuple(args.bounds)
+    return SpecConfig.model_validate({k: v for k, v in fields.items() if v is not None})
+
+
+def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig | None = None) -> EngineConfig:
+    return EngineConfig(
+        target=args.target,
+        draft=args.draft,
+        head=args.head,
+        dtype=args.dtype,
+        draft_dtype=args.draft_dtype,
+        draft_device=args.draft_device,
+        target_devices=args.target_devices,
+        max_model_len=args.max_model_len,
+        default_spec=default_spec or SpecConfig(),
+    )
