@@ -44,7 +44,13 @@ def build_engine(config: EngineConfig) -> LLMEngine:
     dtype = parse_dtype(config.dtype)
     draft_dtype = parse_dtype(config.draft_dtype or config.dtype)
     log.info("loading target %s (%s) on %s", target_spec, config.dtype, placement.describe_target())
-    target = load_model(target_spec, dtype, device=placement.target_device, device_map=placement.target_device_map)
+    target = load_model(
+        target_spec,
+        dtype,
+        device=placement.target_device,
+        device_map=placement.target_device_map,
+        max_memory=placement.target_max_memory,
+    )
     tokenizer = load_tokenizer(target_spec)
     draft = draft_tokenizer = head = None
     if draft_spec is not None:

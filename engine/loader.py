@@ -37,10 +37,15 @@ def _split_gguf(spec: str) -> tuple[str, dict]:
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.bfloat16, device: str | None = "cpu", device_map=None
+    spec: str, dtype: torch.dtype = torch.bfloat16, device: str | None = "cpu", device_map=None, max_memory=None
 ) -> PreTrainedModel:
-    """A causal LM from a directory, GGUF file or hub id, in `dtype`, on `device` (or `device_map`)."""
+    """A causal LM from a directory, GGUF file or hub id, in `dtype`, on `device` (or `device_map`).
+
+    `max_memory` ({gpu index: bytes}) limits a string device map ("auto") to the planned GPUs.
+    """
     location, extra = _split_gguf(spec)
+    if max_memory is not None:
+        extra["max_memory"] = max_memory
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, device_map=device_map, low_cpu_mem_usage=True, **extra
     )

@@ -1,13 +1,57 @@
-"""Where each model goes: draft + head on one device, target on one device or sharded.
+"""Where each model goes: draft + head on one device, the target on one device or sharded.
 
-(Minimal CPU/explicit version; the GPU-inventory planner extends `plan_from_config`.)
+Two halves. `plan_placement` is a pure function of a GPU inventory and model footprints:
+it decides devices and per-GPU memory budgets and fails with a clear message when the
+models cannot fit, before anything loads. `plan_from_config` gathers the real inventory
+(torch.cuda) and the footprints (parameter counts of a meta-device model built from the
+config, plus KV cache for one full-length sequence), calls the planner, and for a sharded
+target turns the budgets into an explicit accelerate device map limited to those GPUs.
+
+Defaults: N >= 2 GPUs: draft and head on GPU 0, target over the others (and GPU 0 too,
+with what the draft leaves, only if the others are too small). One GPU: both on it. None: CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+RESERVE_FRACTION = 0.05  # of each device's total memory: CUDA context, activations, allocator slack
+MAX_KV_TOKENS = 32768  # KV headroom covers one sequence of the context length, capped here
+HEAD_DEPTH_ESTIMATE = 3  # residual blocks in the acceptance head (fp32), for its footprint
+
+
+class PlacementError(ValueError):
+    """A device request that cannot be honoured (unknown device, mixed CPU and GPU target)."""
+
+
+class InsufficientMemoryError(PlacementError):
+    """The models do not fit on the devices chosen; raised before anything loads."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    total_bytes: int
+    free_bytes: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes a model needs on its devices: weights (sharded by layer) plus runtime extras (KV cache, head)."""
+
+    weight_bytes: int
+    extra_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.extra_bytes
 
 
 @dataclass
@@ -15,14 +59,255 @@ class Placement:
     draft_device: str
     target_device: str | None  # a single device, or None when sharded with a device map
     target_device_map: dict | str | None = None
+    target_max_memory: dict[int, int] | None = None  # per-GPU weight budget (bytes) when sharded
+    notes: list[str] = field(default_factory=list)  # the planner's reasoning, for the log
 
     def describe_target(self) -> str:
-        return self.target_device or f"device map {self.target_device_map}"
+        if self.target_device is not None:
+            return self.target_device
+        if isinstance(self.target_device_map, dict):
+            counts: dict[str, int] = {}
+            for dev in self.target_device_map.values():
+                counts[_device_name(dev)] = counts.get(_device_name(dev), 0) + 1
+            return "sharded: " + ", ".join(f"{d} ({n} modules)" for d, n in counts.items())
+        gpus = ", ".join(f"cuda:{i}" for i in self.target_max_memory or {})
+        return f"sharded over {gpus} (device map {self.target_device_map!r})"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if abs(n) >= GiB else f"{n / (1 << 20):.1f} MiB"
+
+
+def _device_name(dev: int | str) -> str:
+    return f"cuda:{dev}" if isinstance(dev, int) else str(dev)
+
+
+def normalize_device(name: str, gpus: list[GpuInfo]) -> str:
+    """'cpu' | 'cuda' | 'cuda:N' | 'N' -> 'cpu' or 'cuda:N', checked against the inventory."""
+    text = str(name).strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda":
+        text = "cuda:0"
+    if text.isdigit():
+        text = f"cuda:{text}"
+    if text.startswith("cuda:") and text[5:].isdigit():
+        index = int(text[5:])
+        known = [g.index for g in gpus]
+        if index not in known:
+            seen = ", ".join(f"cuda:{i}" for i in known) or "none"
+            raise PlacementError(f"device {name!r} requested but the visible GPUs are: {seen}")
+        return text
+    raise PlacementError(f"unknown device {name!r}; use cpu, cuda, cuda:N or N")
+
+
+def plan_placement(
+    gpus: list[GpuInfo],
+    target: Footprint | int,
+    draft: Footprint | int | None,
+    draft_device: str | None = None,
+    target_devices: list[str] | None = None,
+    reserve_fraction: float = RESERVE_FRACTION,
+    cpu_bytes: int | None = None,
+) -> Placement:
+    """Decide devices and budgets; raise InsufficientMemoryError if the models cannot fit.
+
+    `target` / `draft` are footprints (or plain byte counts); `draft` None means no draft.
+    `cpu_bytes` is the host memory available (None: not checked). Each device keeps
+    `reserve_fraction` of its total memory free.
+    """
+    target = target if isinstance(target, Footprint) else Footprint(int(target))
+    if draft is not None and not isinstance(draft, Footprint):
+        draft = Footprint(int(draft))
+    notes: list[str] = []
+    budget: dict[str, int] = {f"cuda:{g.index}": g.free_bytes - int(reserve_fraction * g.total_bytes) for g in gpus}
+    if cpu_bytes is not None:
+        budget["cpu"] = int(cpu_bytes * (1 - reserve_fraction))
+
+    def room(dev: str) -> str:
+        return f"{_gib(max(budget[dev], 0))} usable" if dev in budget else "unknown"
+
+    # Draft and head first: they are small and must sit on one device.
+    draft_dev = normalize_device(draft_device, gpus) if draft_device else ("cuda:0" if gpus else "cpu")
+    if draft is not None:
+        if draft_dev in budget and draft.total > budget[draft_dev]:
+            raise InsufficientMemoryError(
+                f"not enough memory for the draft and head on {draft_dev}: they need {_gib(draft.total)} "
+                f"(weights {_gib(draft.weight_bytes)} + KV cache and head {_gib(draft.extra_bytes)}), "
+                f"{draft_dev} has {room(draft_dev)} after reserving {reserve_fraction:.0%}. "
+                "Choose another --draft-device or a smaller --draft-dtype."
+            )
+        if draft_dev in budget:
+            budget[draft_dev] -= draft.total
+        notes.append(f"draft + head on {draft_dev}: {_gib(draft.total)}")
+
+    # Target: explicit devices, or the default rule.
+    if target_devices:
+        devices = list(dict.fromkeys(normalize_device(d, gpus) for d in target_devices))
+        if "cpu" in devices and len(devices) > 1:
+            raise PlacementError("--target-devices cannot mix cpu and GPUs (no CPU offload); list GPUs only or cpu")
+        candidates = [devices]
+    elif not gpus:
+        candidates = [["cpu"]]
+    elif len(gpus) == 1:
+        candidates = [["cuda:0"]]
+    else:
+        all_gpus = [f"cuda:{g.index}" for g in gpus]
+        others = [d for d in all_gpus if d != draft_dev or draft is None]
+        # The others first; GPU 0 joins (with what the draft leaves) only if they are too small.
+        candidates = [others, all_gpus] if others != all_gpus else [all_gpus]
+
+    for i, devices in enumerate(candidates):
+        usable = sum(max(budget.get(d, 0), 0) for d in devices)
+        unchecked = any(d not in budget for d in devices)
+        if unchecked or target.total <= usable:
+            break
+        if i + 1 < len(candidates):
+            notes.append(
+                f"target ({_gib(target.total)}) does not fit on {', '.join(devices)} ({_gib(usable)} usable); "
+                f"adding {', '.join(d for d in candidates[i + 1] if d not in devices)}"
+            )
+    else:
+        raise InsufficientMemoryError(
+            f"not enough memory for the target: it needs {_gib(target.total)} "
+            f"(weights {_gib(target.weight_bytes)} + KV cache {_gib(target.extra_bytes)}), "
+            f"{', '.join(devices)} have {_gib(usable)} usable "
+            f"({'; '.join(f'{d}: {room(d)}' for d in devices)}; {reserve_fraction:.0%} of each reserved"
+            + (", the draft's share already taken)" if draft is not None else ")")
+            + ". Add GPUs (--target-devices), use a smaller --dtype, or a smaller target."
+        )
+
+    if len(devices) == 1:
+        notes.append(f"target on {devices[0]}: {_gib(target.total)}")
+        return Placement(draft_device=draft_dev, target_device=devices[0], notes=notes)
+
+    # Sharded: each GPU's weight budget is its usable memory scaled so the KV cache, which
+    # lands with the layers, still fits next to them.
+    weight_share = target.weight_bytes / target.total if target.total else 1.0
+    max_memory = {int(d.split(":")[1]): int(max(budget[d], 0) * weight_share) for d in devices}
+    notes.append(
+        f"target sharded over {', '.join(devices)}: {_gib(target.total)} in "
+        + ", ".join(f"cuda:{i} <= {_gib(b)}" for i, b in max_memory.items())
+    )
+    return Placement(
+        draft_device=draft_dev, target_device=None, target_device_map="auto", target_max_memory=max_memory, notes=notes
+    )
+
+
+def shard_device_map(meta_model, max_memory: dict[int, int]) -> dict[str, int | str]:
+    """The layer -> GPU map transformers' device_map="auto" would build, limited to `max_memory`'s GPUs.
+
+    Pure: works on a meta-device model, touches no GPU. Raises if some module would spill
+    to CPU or disk, i.e. the target fits in total but not layer by layer.
+    """
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    no_split = meta_model._no_split_modules
+    balanced = get_balanced_memory(meta_model, max_memory=dict(max_memory), no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(meta_model, max_memory=balanced, no_split_module_classes=no_split)
+    spilled = sorted({str(d) for d in device_map.values() if not isinstance(d, int)})
+    if spilled:
+        raise InsufficientMemoryError(
+            f"the target's layers do not fit on GPUs {sorted(max_memory)} (some would go to {', '.join(spilled)}); "
+            "add GPUs with --target-devices or use a smaller --dtype"
+        )
+    return device_map
+
+
+# ---- the impure half: real inventory and footprints ------------------------------------
+
+
+def gpu_inventory() -> list[GpuInfo]:
+    """Visible CUDA GPUs with their free and total memory (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        gpus.append(GpuInfo(index=i, total_bytes=total, free_bytes=free, name=torch.cuda.get_device_name(i)))
+    return gpus
+
+
+def load_model_config(spec: str):
+    """The model's transformers config from a directory, a .gguf file or a hub id."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoConfig.from_pretrained(spec)
+
+
+def meta_model(config, dtype):
+    """The model built on the meta device: exact parameter shapes, no memory, no weights read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def footprint(model, max_model_len: int | None, with_head: bool = False) -> Footprint:
+    """Weights from the (meta) model's parameters; KV for one sequence; the head if the draft carries one."""
+    dtype_bytes = next(model.parameters()).element_size()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config
+    context = max_model_len or min(getattr(config, "max_position_embeddings", 4096) or 4096, MAX_KV_TOKENS)
+    extra = kv_bytes_per_token(config, dtype_bytes) * context
+    if with_head:
+        h = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
+        extra += 4 * (HEAD_DEPTH_ESTIMATE * (h * h + h) + 2 * h + 2)
+    return Footprint(weight_bytes=weights, extra_bytes=extra)
+
+
+def _estimate(spec: str, dtype, max_model_len: int | None, with_head: bool):
+    """(meta model, footprint), or (None, None) when the config cannot be read (memory not checked then)."""
+    try:
+        model = meta_model(load_model_config(spec), dtype)
+        return model, footprint(model, max_model_len, with_head=with_head)
+    except Exception as exc:  # noqa: BLE001 - an estimate must never block a load that might work
+        log.warning("cannot estimate the size of %s (%s); its memory is not checked", spec, exc)
+        return None, None
 
 
 def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | None) -> Placement:
-    draft_device = config.draft_device or "cpu"
-    devices = config.target_devices or [draft_device]
-    if len(devices) == 1:
-        return Placement(draft_device=draft_device, target_device=devices[0])
-    return Placement(draft_device=draft_device, target_device=None, target_device_map="auto")
+    """The placement for this machine: real GPUs, real model sizes, the user's device flags."""
+    import psutil
+
+    from engine.loader import parse_dtype
+
+    dtype = parse_dtype(config.dtype)
+    draft_dtype = parse_dtype(config.draft_dtype or config.dtype)
+    target_meta, target_fp = _estimate(target_spec, dtype, config.max_model_len, with_head=False)
+    draft_fp = None
+    if draft_spec is not None:
+        _, draft_fp = _estimate(draft_spec, draft_dtype, config.max_model_len, with_head=True)
+        draft_fp = draft_fp or Footprint(0)
+    gpus = gpu_inventory()
+    for g in gpus:
+        log.info("cuda:%d %s: %s free of %s", g.index, g.name, _gib(g.free_bytes), _gib(g.total_bytes))
+    placement = plan_placement(
+        gpus,
+        target_fp or Footprint(0),
+        draft_fp,
+        draft_device=config.draft_device,
+        target_devices=config.target_devices,
+        cpu_bytes=psutil.virtual_memory().available,
+    )
+    if placement.target_max_memory and target_meta is not None:
+        placement.target_device_map = shard_device_map(target_meta, placement.target_max_memory)
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    return placement

@@ -1,0 +1,188 @@
+"""The placement planner on fake GPU inventories: pure decisions, no CUDA needed."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from engine.config import EngineConfig
+from engine.placement import (
+    Footprint,
+    GiB,
+    GpuInfo,
+    InsufficientMemoryError,
+    PlacementError,
+    footprint,
+    kv_bytes_per_token,
+    meta_model,
+    plan_from_config,
+    plan_placement,
+    shard_device_map,
+)
+
+
+def gpus(n: int, gib: int = 80, used_gib: float = 0.0) -> list[GpuInfo]:
+    return [GpuInfo(i, gib * GiB, int((gib - used_gib) * GiB), "fake") for i in range(n)]
+
+
+def test_no_gpu_puts_everything_on_cpu():
+    p = plan_placement([], target=3 * GiB, draft=1 * GiB, cpu_bytes=24 * GiB)
+    assert (p.draft_device, p.target_device, p.target_device_map) == ("cpu", "cpu", None)
+
+
+def test_no_gpu_and_too_little_ram_fails_with_sizes():
+    with pytest.raises(InsufficientMemoryError, match=r"target.*needs 20\.0 GiB.*cpu"):
+        plan_placement([], target=20 * GiB, draft=1 * GiB, cpu_bytes=16 * GiB)
+
+
+def test_one_gpu_holds_both():
+    p = plan_placement(gpus(1), target=Footprint(30 * GiB, 2 * GiB), draft=Footprint(4 * GiB, GiB))
+    assert (p.draft_device, p.target_device) == ("cuda:0", "cuda:0")
+
+
+def test_one_gpu_too_small_for_both_fails_before_loading():
+    # 24 GiB card, 5% reserved: 22.8 usable; the draft takes 5, the target needs 18.
+    with pytest.raises(InsufficientMemoryError, match="not enough memory for the target") as err:
+        plan_placement(gpus(1, gib=24), target=Footprint(17 * GiB, GiB), draft=Footprint(4 * GiB, GiB))
+    assert "cuda:0" in str(err.value) and "18.0 GiB" in str(err.value)
+
+
+def test_two_gpus_draft_on_0_target_alone_on_1_when_it_fits():
+    p = plan_placement(gpus(2), target=Footprint(60 * GiB, GiB), draft=Footprint(14 * GiB, GiB))
+    assert (p.draft_device, p.target_device, p.target_max_memory) == ("cuda:0", "cuda:1", None)
+
+
+def test_four_gpus_shard_target_over_the_others_only():
+    target = Footprint(130 * GiB, 2 * GiB)
+    p = plan_placement(gpus(4), target=target, draft=Footprint(14 * GiB, GiB))
+    assert p.draft_device == "cuda:0"
+    assert p.target_device is None and p.target_device_map == "auto"
+    assert sorted(p.target_max_memory) == [1, 2, 3]
+    # Budgets leave room for the KV cache next to the weights and never exceed a card.
+    usable = 80 * GiB - int(0.05 * 80 * GiB)
+    assert all(b < usable for b in p.target_max_memory.values())
+    assert sum(p.target_max_memory.values()) >= target.weight_bytes
+
+
+def test_paper_pair_on_two_a100s_shares_gpu0_with_the_draft():
+    # Llama-2 70B + 7B in bf16 on 2 x 80 GB: the target does not fit on GPU 1 alone.
+    target = Footprint(int(137.95e9), int(1.34e9))
+    draft = Footprint(int(13.48e9), int(0.6e9))
+    p = plan_placement(gpus(2, gib=80), target=target, draft=draft)
+    assert p.draft_device == "cuda:0"
+    assert sorted(p.target_max_memory) == [0, 1]
+    # GPU 0's budget is what the draft leaves.
+    assert p.target_max_memory[0] < p.target_max_memory[1]
+    assert any("adding cuda:0" in n for n in p.notes)
+
+
+def test_not_enough_memory_over_all_gpus_lists_devices():
+    with pytest.raises(InsufficientMemoryError) as err:
+        plan_placement(gpus(2, gib=40), target=Footprint(130 * GiB), draft=Footprint(14 * GiB))
+    msg = str(err.value)
+    assert "130.0 GiB" in msg and "cuda:0" in msg and "cuda:1" in msg and "--target-devices" in msg
+
+
+def test_busy_gpu_counts_only_free_memory():
+    busy = [GpuInfo(0, 80 * GiB, 80 * GiB), GpuInfo(1, 80 * GiB, 10 * GiB)]
+    with pytest.raises(InsufficientMemoryError, match="cuda:1"):
+        plan_placement(busy, target=Footprint(20 * GiB), draft=Footprint(2 * GiB), target_devices=["cuda:1"])
+
+
+def test_draft_too_big_for_its_device():
+    with pytest.raises(InsufficientMemoryError, match="draft and head on cuda:0"):
+        plan_placement(gpus(2, gib=16), target=Footprint(GiB), draft=Footprint(20 * GiB))
+
+
+def test_explicit_devices_are_honoured():
+    p = plan_placement(
+        gpus(4), target=Footprint(100 * GiB), draft=Footprint(GiB), draft_device="3", target_devices=["cuda:0", "1"]
+    )
+    assert p.draft_device == "cuda:3"
+    assert sorted(p.target_max_memory) == [0, 1]
+    p = plan_placement(gpus(2), target=Footprint(GiB), draft=Footprint(GiB), draft_device="cpu")
+    assert (p.draft_device, sorted(p.target_max_memory)) == ("cpu", [0, 1])  # draft off the GPUs: target takes all
+    p = plan_placement(gpus(2), target=Footprint(GiB), draft=Footprint(GiB), target_devices=["cuda:0"])
+    assert (p.draft_device, p.target_device) == ("cuda:0", "cuda:0")
+
+
+def test_explicit_device_sharing_with_draft_accounts_for_it():
+    # cuda:0 alone would hold the target (70 of 76 usable), but not next to a 10 GiB draft.
+    with pytest.raises(InsufficientMemoryError, match="draft's share"):
+        plan_placement(gpus(2), target=Footprint(70 * GiB), draft=Footprint(10 * GiB), target_devices=["cuda:0"])
+
+
+def test_no_draft_uses_every_gpu_for_the_target():
+    p = plan_placement(gpus(3), target=Footprint(150 * GiB), draft=None)
+    assert sorted(p.target_max_memory) == [0, 1, 2]
+
+
+def test_bad_device_requests():
+    with pytest.raises(PlacementError, match="visible GPUs are: cuda:0, cuda:1"):
+        plan_placement(gpus(2), target=GiB, draft=GiB, target_devices=["cuda:5"])
+    with pytest.raises(PlacementError, match="none"):
+        plan_placement([], target=GiB, draft=GiB, draft_device="cuda")
+    with pytest.raises(PlacementError, match="cannot mix cpu"):
+        plan_placement(gpus(2), target=GiB, draft=GiB, target_devices=["cpu", "cuda:1"])
+    with pytest.raises(PlacementError, match="unknown device"):
+        plan_placement(gpus(2), target=GiB, draft=GiB, draft_device="tpu")
+
+
+def tiny_llama(layers: int = 8) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    )
+
+
+def test_footprint_counts_parameters_and_kv():
+    config = tiny_llama()
+    model = meta_model(config, torch.bfloat16)
+    fp = footprint(model, max_model_len=1024)
+    params = sum(p.numel() for p in model.parameters())
+    assert fp.weight_bytes == 2 * params
+    # K and V, 8 layers, 2 KV heads of 32 dims, bf16, 1024 tokens.
+    assert kv_bytes_per_token(config, 2) == 2 * 8 * 2 * 32 * 2
+    assert fp.extra_bytes == 1024 * kv_bytes_per_token(config, 2)
+    assert footprint(model, max_model_len=None).extra_bytes == 2048 * kv_bytes_per_token(config, 2)
+
+
+def test_shard_device_map_uses_only_the_planned_gpus():
+    model = meta_model(tiny_llama(layers=16), torch.float32)
+    fp = footprint(model, max_model_len=256)
+    # Three cards, each holding 3/4 of the target: it needs both cards besides the draft's.
+    card = int(fp.total * 0.75 / 0.95)
+    inventory = [GpuInfo(i, card, card) for i in range(3)]
+    p = plan_placement(inventory, target=fp, draft=Footprint(card // 4))
+    assert sorted(p.target_max_memory) == [1, 2]
+    device_map = shard_device_map(model, p.target_max_memory)
+    used = Counter(device_map.values())
+    assert set(used) == {1, 2}  # nothing on the draft's GPU, nothing spilled to cpu/disk
+    assert device_map["model.embed_tokens"] == 1 and device_map["lm_head"] == 2
+
+
+def test_shard_device_map_refuses_to_spill():
+    model = meta_model(tiny_llama(), torch.float32)
+    weights = footprint(model, max_model_len=1).weight_bytes
+    with pytest.raises(InsufficientMemoryError, match="do not fit on GPUs"):
+        shard_device_map(model, {0: weights // 4, 1: weights // 4})
+
+
+def test_plan_from_config_on_this_machine(tmp_path):
+    # A model directory with only its config: sizes come from the config, nothing is loaded.
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama().to_dict()))
+    p = plan_from_config(EngineConfig(target=str(tmp_path), draft=str(tmp_path)), str(tmp_path), str(tmp_path))
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert p.draft_device == expected
+    assert any("draft + head" in n for n in p.notes)
+    p = plan_from_config(EngineConfig(target_devices=["cpu"], draft_device="cpu"), str(tmp_path), None)
+    assert (p.draft_device, p.target_device) == ("cpu", "cpu")
