@@ -1,0 +1,74 @@
+"""The FastAPI application: settings, lifespan (engine process up and down), routers, errors.
+
+The server never imports torch: tokenization, validation against the context length and
+all tensor work happen in the engine process (engine/worker.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.engine_client import FAILED, EngineClient
+from server.errors import install_error_handlers
+from server.metrics import ServerMetrics
+from server.routes import ops, v1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    engine_config: dict  # EngineConfig.to_dict(): plain data for the spawned engine process
+    api_key: str | None = None
+    max_queue: int | None = None  # requests waiting or running before 429
+    served_model_name: str | None = None  # default: the target's identity
+    shutdown_grace_seconds: float = 30.0
+    log_level: str = "INFO"
+    on_fatal: Any = None  # called when the engine cannot start at all (the CLI stops uvicorn)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    metrics = ServerMetrics()
+    engine = EngineClient(settings.engine_config, metrics, settings.max_queue, settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        watcher = _watch_first_start(engine, settings)
+        yield
+        watcher.cancel()
+        await engine.shutdown(settings.shutdown_grace_seconds)
+
+    app = FastAPI(title="specdecpp", description="OpenAI-compatible server with SpecDec++ speculative decoding",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    app.include_router(v1)
+    app.include_router(ops)
+    return app
+
+
+def _watch_first_start(engine: EngineClient, settings: ServerSettings) -> asyncio.Future:
+    """Log readiness; if the engine cannot start at all, tell the CLI (which exits non-zero)."""
+
+    async def watch() -> None:
+        ready = await engine.wait_ready()
+        if ready:
+            log.info("engine ready: model %s (max_model_len %s, default spec %s)", engine.info.get("model"),
+                     engine.info.get("max_model_len"), engine.default_spec)
+        elif engine.state == FAILED:
+            log.error("the engine could not start: %s", engine.last_error)
+            if settings.on_fatal is not None:
+                settings.on_fatal(engine.last_error)
+
+    return asyncio.ensure_future(watch())

@@ -1,0 +1,109 @@
+"""Response bodies and SSE chunks in OpenAI's shapes, built from engine events and one stats record.
+
+Per-request speculation stats appear twice, from the same record:
+  "metrics": {"speculative_decoding": {...}}  vLLM's per-request shape (vllm-project/vllm#48915), so tools
+                                              that read vLLM's per-request acceptance (e.g. AIPerf) read ours
+  "specdec": {...}                            our full RequestStats.to_dict() plus the SpecConfig used
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from engine.stats import RequestStats
+
+
+def speculative_decoding(stats: dict) -> dict:
+    """vLLM's `metrics.speculative_decoding` for one request.
+
+    A spec step is a round that proposed at least one token. `num_spec_tokens` is the
+    longest candidate block this request used (the policy's k for `constant`).
+    """
+    record = RequestStats.from_dict(stats)
+    steps = [(c, a) for c, a in zip(record.candidate_lengths, record.accepted_lengths, strict=True) if c > 0]
+    drafted = sum(c for c, _ in steps)
+    accepted = sum(a for _, a in steps)
+    num_spec_tokens = max((c for c, _ in steps), default=0)
+    histogram = [0] * (num_spec_tokens + 1)
+    for _, a in steps:
+        histogram[a] += 1
+    return {
+        "mean_acceptance_length": 1.0 + accepted / len(steps) if steps else 1.0,
+        "draft_acceptance_rate": accepted / drafted if drafted else 0.0,
+        "acceptance_histogram": histogram,
+        "num_spec_steps": len(steps),
+        "num_accepted_draft_tokens": accepted,
+        "num_draft_tokens": drafted,
+        "num_spec_tokens": num_spec_tokens,
+    }
+
+
+def usage(prompt_tokens: int, stats: dict | None) -> dict:
+    completion = int(stats["generated_tokens"]) if stats else 0
+    prompt = int(stats["prompt_tokens"]) if stats and stats.get("prompt_tokens") else prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def stats_fields(stats: dict | None, spec: dict) -> dict:
+    """The `metrics` and `specdec` keys of a final response or chunk."""
+    if not stats:
+        return {}
+    return {"metrics": {"speculative_decoding": speculative_decoding(stats)}, "specdec": {**stats, "config": spec}}
+
+
+class ResponseBuilder:
+    """Bodies and chunks for one request on one route ("chat" or "completion")."""
+
+    def __init__(self, kind: str, request_id: str, model: str, spec: dict) -> None:
+        self.kind = kind
+        self.id = request_id
+        self.model = model
+        self.spec = spec
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish_reason: str, prompt_tokens: int, stats: dict | None) -> dict:
+        if self.kind == "chat":
+            body = self._base("chat.completion")
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        else:
+            body = self._base("text_completion")
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = finish_reason
+        body["choices"] = [choice]
+        body["usage"] = usage(prompt_tokens, stats)
+        body.update(stats_fields(stats, self.spec))
+        return body
+
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage_key: bool = False
+    ) -> dict:
+        if self.kind == "chat":
+            body = self._base("chat.completion.chunk")
+            delta: dict = {"role": "assistant", "content": text or ""} if first else {}
+            if text and not first:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            body = self._base("text_completion")
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        body["choices"] = [choice]
+        if with_usage_key:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, prompt_tokens: int, stats: dict | None) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = self._base(obj)
+        body["choices"] = []
+        body["usage"] = usage(prompt_tokens, stats)
+        body.update(stats_fields(stats, self.spec))
+        return body
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n"

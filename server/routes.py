@@ -1,0 +1,211 @@
+"""The HTTP routes: OpenAI's /v1 API plus /health and /metrics.
+
+Request path: validate the body (schemas), build SamplingParams and the merged SpecConfig
+(engine.params rules), submit to the engine queue, then either collect the events into one
+body or stream them as SSE. A client that goes away gets its request aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from engine.params import SpecConfig
+from server.auth import require_api_key
+from server.engine_client import READY, EngineClient, RequestHandle
+from server.errors import APIError
+from server.metrics import CONTENT_TYPE
+from server.protocol import ResponseBuilder, sse, stats_fields
+from server.schemas import ChatCompletionRequest, CompletionRequest, _Common
+
+log = logging.getLogger(__name__)
+DISCONNECT_POLL_SECONDS = 0.5
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+ops = APIRouter()
+
+
+def _client(request: Request) -> EngineClient:
+    return request.app.state.engine
+
+
+def served_model_name(request: Request) -> str | None:
+    return request.app.state.settings.served_model_name or _client(request).info.get("model")
+
+
+def _validation_error(exc: ValidationError, prefix: str | None = None) -> APIError:
+    first = exc.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()))
+    param = ".".join(p for p in (prefix, loc) if p) or prefix
+    return APIError(400, f"{param}: {first.get('msg', 'invalid value')}" if param else str(exc), param,
+                    "invalid_request")
+
+
+def _prepare(request: Request, body: _Common) -> tuple[dict, dict | None, dict]:
+    """Checks shared by both routes; returns (sampling, spec for the engine, spec used)."""
+    for param, why in body.unsupported():
+        raise APIError(400, why, param, "unsupported_parameter")
+    client = _client(request)
+    if client.state != READY:
+        raise APIError(503, f"the engine is {client.state}; retry shortly", None, "engine_unavailable",
+                       {"Retry-After": "1"})
+    name = served_model_name(request)
+    if body.model != name:
+        raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{name}'", "model",
+                       "model_not_found")
+    try:
+        sampling = body.to_sampling()
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    default = SpecConfig.model_validate(client.default_spec)
+    try:
+        spec = default.merged(body.specdec)
+    except ValidationError as exc:
+        raise _validation_error(exc, "specdec") from None
+    return sampling.model_dump(), (spec.model_dump() if body.specdec else None), spec.model_dump()
+
+
+async def _run(request: Request, body: _Common, kind: str, prompt: object) -> Response:
+    sampling, spec_for_engine, spec_used = _prepare(request, body)
+    prefix = "chatcmpl" if kind == "chat" else "cmpl"
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    handle = _client(request).submit(request_id, prompt, sampling, spec_for_engine)
+    builder = ResponseBuilder(kind, request_id, body.model, spec_used)
+    try:
+        prompt_tokens = await _admitted(request, handle)
+    except BaseException:
+        handle.abort()
+        raise
+    if body.stream:
+        return StreamingResponse(
+            _stream(handle, builder, prompt_tokens, body.include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _collect(request, handle, builder, prompt_tokens)
+
+
+async def _admitted(request: Request, handle: RequestHandle) -> int:
+    """Wait for the engine's verdict on the request (4xx raised here, before any stream starts)."""
+    task = asyncio.ensure_future(handle.admitted())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client disconnected", None, "client_closed_request")
+
+
+async def _collect(request: Request, handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int) -> Response:
+    """Non-streaming: gather all events; abort if the client leaves while we wait."""
+    parts: list[str] = []
+    while True:
+        task = asyncio.ensure_future(handle.next_event())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                break
+            if await request.is_disconnected():
+                task.cancel()
+                handle.abort()
+                raise APIError(499, "client disconnected", None, "client_closed_request")
+        event = task.result()
+        parts.append(event["text"])
+        if event["finished"]:
+            break
+    _raise_for_final(event)
+    return JSONResponse(builder.full("".join(parts), event["finish_reason"], prompt_tokens, event.get("stats")))
+
+
+def _raise_for_final(final: dict) -> None:
+    reason = final.get("finish_reason")
+    if reason == "error":
+        raise APIError(500, f"generation failed: {final.get('error')}", None, "internal_error")
+    if reason == "abort":
+        raise APIError(503, "the request was cancelled (the server is shutting down)", None, "request_cancelled")
+
+
+async def _stream(
+    handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE: a role chunk, content chunks, a finish chunk, an optional usage chunk, [DONE].
+
+    The stats (`metrics`, `specdec`) ride on the finish chunk and on the usage chunk.
+    Starlette cancels this generator when the client disconnects; `finally` then aborts
+    the request in the engine so its caches are freed.
+    """
+    try:
+        if builder.kind == "chat":  # chat streams open with the assistant role, like OpenAI's
+            yield sse(builder.chunk("", first=True, with_usage_key=include_usage))
+        async for event in handle.events():
+            if event["finished"]:
+                reason = event["finish_reason"]
+                if reason in ("error", "abort"):
+                    _raise_for_final(event)
+                chunk = builder.chunk(event["text"] or None, finish_reason=reason, with_usage_key=include_usage)
+                stats = event.get("stats")
+                chunk.update(stats_fields(stats, builder.spec))
+                yield sse(chunk)
+                if include_usage:
+                    yield sse(builder.usage_chunk(prompt_tokens, stats))
+            elif event["text"]:
+                yield sse(builder.chunk(event["text"], with_usage_key=include_usage))
+        yield sse("[DONE]")
+    except APIError as exc:
+        yield sse(exc.body())
+        yield sse("[DONE]")
+    finally:
+        handle.abort()  # no-op when the request already finished
+
+
+@v1.post("/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+    if not body.messages:
+        raise APIError(400, "messages must contain at least one message", "messages", "invalid_request")
+    return await _run(request, body, "chat", body.prompt())
+
+
+@v1.post("/completions")
+async def completions(request: Request, body: CompletionRequest) -> Response:
+    return await _run(request, body, "completion", body.prompt_value())
+
+
+@v1.get("/models")
+async def list_models(request: Request) -> dict:
+    name = served_model_name(request)
+    client = _client(request)
+    if name is None:
+        raise APIError(503, f"the engine is {client.state}; retry shortly", None, "engine_unavailable",
+                       {"Retry-After": "1"})
+    card = {
+        "id": name,
+        "object": "model",
+        "created": request.app.state.started,
+        "owned_by": "specdecpp",
+        "max_model_len": client.info.get("max_model_len"),
+        "specdec": {"draft": client.info.get("draft"), "head": client.info.get("head"),
+                    "default": client.default_spec},
+    }
+    return {"object": "list", "data": [card]}
+
+
+@ops.get("/health")
+async def health(request: Request) -> JSONResponse:
+    client = _client(request)
+    body = {"status": client.state, "restarts": client.restarts}
+    if client.last_error and client.state != READY:
+        body["error"] = client.last_error
+    return JSONResponse(body, status_code=200 if client.state == READY else 503)
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+

@@ -1,0 +1,71 @@
+"""`specdecpp serve`: the OpenAI-compatible server (FastAPI + uvicorn, engine in its own process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from specdecpp.model_args import add_model_args, add_spec_args, engine_config_from_args, spec_from_args
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server", description=__doc__)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", default=os.environ.get("SPECDECPP_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECDECPP_API_KEY, else open)")
+    s.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting or running before new ones get 429 (default: 64; 0: unlimited)")
+    s.add_argument("--served-model-name", help="model name clients send (default: the target's name)")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds in-flight requests may finish on shutdown before they are cancelled")
+    add_model_args(p)
+    add_spec_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import ServerSettings, create_app
+
+    if args.max_queue < 0:
+        raise ValueError("--max-queue must be >= 0")
+    engine_config = engine_config_from_args(args, spec_from_args(args))
+    fatal: list[str] = []
+    server_box: list[uvicorn.Server] = []
+
+    def on_fatal(message: str | None) -> None:
+        fatal.append(message or "unknown error")
+        if server_box:
+            server_box[0].should_exit = True
+
+    settings = ServerSettings(
+        engine_config=engine_config.to_dict(),
+        api_key=args.api_key or None,
+        max_queue=args.max_queue or None,
+        served_model_name=args.served_model_name,
+        shutdown_grace_seconds=args.shutdown_grace,
+        log_level=args.log_level,
+        on_fatal=on_fatal,
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=int(args.shutdown_grace) + 5,
+    )
+    server = uvicorn.Server(config)
+    server_box.append(server)
+    log.info("serving on http://%s:%d (the engine loads in its own process; /health says when it is ready)",
+             args.host, args.port)
+    server.run()
+    if fatal:
+        raise RuntimeError(f"the engine could not start: {fatal[0]}")
+    return 0
