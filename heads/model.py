@@ -87,9 +87,7 @@ def load_head(
             f"head {directory} expects hidden size {config.hidden_size}, the draft has {hidden_size}"
         )
     if draft_id and config.draft_id and config.draft_id != draft_id:
-        raise HeadMismatchError(
-            f"head {directory} was trained for draft {config.draft_id!r}, not {draft_id!r}"
-        )
+        raise HeadMismatchError(f"head {directory} was trained for draft {config.draft_id!r}, not {draft_id!r}")
     head = AcceptanceHead(config)
     head.load_state_dict(load_file(str(weights_path)))
     return head.to(device=device, dtype=dtype).eval()
