@@ -17,26 +17,20 @@ from pathlib import Path
 
 import httpx
 import psutil
-import torch
-from tiny import char_tokenizer, tiny_model
 
-from heads.model import AcceptanceHead, HeadConfig
+from heads.model import AcceptanceHead
 
 TARGET_NAME = "tiny-target"
+DRAFT_NAME = "tiny-draft"
 
 
-def save_tiny_pair(root: Path) -> dict[str, Path]:
-    """tiny-target, tiny-draft (same tokenizer) and tiny-head under `root`."""
-    tokenizer = char_tokenizer()
-    paths = {"target": root / TARGET_NAME, "draft": root / "tiny-draft", "head": root / "tiny-head"}
-    for key, seed in (("target", 0), ("draft", 1)):
-        tiny_model(seed).save_pretrained(paths[key])
+def save_tiny_pair(root: Path, target, draft, tokenizer, head: AcceptanceHead) -> dict[str, Path]:
+    """Save target, draft (sharing `tokenizer`) and `head` under `root`; their directories by role."""
+    paths = {"target": root / TARGET_NAME, "draft": root / DRAFT_NAME, "head": root / "tiny-head"}
+    for key, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(paths[key])
         tokenizer.save_pretrained(paths[key])
-    torch.manual_seed(2)
-    head = AcceptanceHead(HeadConfig(hidden_size=32, depth=2, draft_id="tiny-draft"))
-    with torch.no_grad():  # random blocks too, so the head's answers vary with the hidden state
-        for block in head.blocks:
-            block.linear.weight.normal_(0, 0.3)
+    head.config.draft_id = DRAFT_NAME  # the identity the engine derives from the draft's directory name
     head.save(paths["head"])
     return paths
 
