@@ -1,0 +1,110 @@
+"""Sampled speculative outputs follow the target's distribution (chi-square tests).
+
+A 6-token vocabulary makes the exact target distribution of the first two tokens cheap
+to compute (36 outcomes). Every policy must match it; a deliberately wrong acceptance
+rule (accept every draft token) must fail the same test, proving the test has power.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import random_head
+from scipy.stats import chisquare
+from tiny import char_tokenizer, tiny_model
+
+import engine.speculate as speculate
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams, SpecConfig
+from engine.sampling import Verdict, processed_probs, sample
+
+VOCAB = 6
+PROMPT = [1, 2, 3]
+SAMPLES = 1000
+T1 = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
+FILTERED = SamplingParams(temperature=0.7, top_p=0.9, top_k=4, max_tokens=3, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    tokenizer = char_tokenizer("abcde")
+    target = tiny_model(10, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0)
+    draft = tiny_model(11, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0)
+    return LLMEngine(target, draft, tokenizer, head=random_head(16, seed=3))
+
+
+def exact_two_token_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
+    model = engine.target.model
+    with torch.no_grad():
+        p1 = processed_probs(model(torch.tensor([PROMPT])).logits[0, -1], params)
+        out = {}
+        for t1 in range(VOCAB):
+            if p1[t1] == 0:
+                continue
+            p2 = processed_probs(model(torch.tensor([PROMPT + [t1]])).logits[0, -1], params)
+            for t2 in range(VOCAB):
+                out[(t1, t2)] = float(p1[t1] * p2[t2])
+    return out
+
+
+def chi_square_pvalue(counts: Counter, expected_probs: dict, n: int) -> float:
+    """Pearson chi-square with outcomes of expected count < 5 pooled into one cell."""
+    assert set(counts) <= {k for k, v in expected_probs.items() if v > 0}, "impossible outcome sampled"
+    obs, exp, pooled_obs, pooled_exp = [], [], 0, 0.0
+    for outcome, prob in expected_probs.items():
+        if prob * n < 5:
+            pooled_obs += counts.get(outcome, 0)
+            pooled_exp += prob * n
+        else:
+            obs.append(counts.get(outcome, 0))
+            exp.append(prob * n)
+    if pooled_exp > 0:
+        obs.append(pooled_obs)
+        exp.append(pooled_exp)
+    scale = sum(obs) / sum(exp)
+    return float(chisquare(obs, [e * scale for e in exp]).pvalue)
+
+
+def sample_two_tokens(engine: LLMEngine, params: SamplingParams, spec: SpecConfig) -> Counter:
+    counts: Counter = Counter()
+    for seed in range(SAMPLES):
+        out = engine.generate(PROMPT, params.model_copy(update={"seed": seed}), spec)
+        counts[tuple(out.token_ids[:2])] += 1
+    return counts
+
+
+SPECS = [
+    SpecConfig(policy="none"),
+    SpecConfig(policy="constant", k=3),
+    SpecConfig(policy="heuristic", k=1, bounds=(1, 6)),
+    SpecConfig(policy="confidence", p_min=0.5, bounds=(1, 6)),
+    SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6)),
+]
+
+
+CASES = [(spec, T1) for spec in SPECS] + [(SPECS[1], FILTERED), (SPECS[4], FILTERED)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "params"), CASES, ids=[f"{s.policy}-t{p.temperature}-p{p.top_p}-k{p.top_k}" for s, p in CASES]
+)
+def test_policy_matches_target_distribution(engine, spec, params):
+    counts = sample_two_tokens(engine, params, spec)
+    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, params), SAMPLES)
+    assert pvalue > 1e-3, f"{spec.policy}: chi-square p={pvalue:.2e}"
+
+
+def test_wrong_acceptance_rule_is_detected(engine, monkeypatch):
+    """Control: accepting every draft token yields the draft's distribution, and the test sees it."""
+
+    def accept_everything(candidates, draft_probs, target_probs, generator):
+        k = candidates.shape[0]
+        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
+
+    monkeypatch.setattr(speculate, "verify", accept_everything)
+    params = T1
+    counts = sample_two_tokens(engine, params, SpecConfig(policy="constant", k=3))
+    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, params), SAMPLES)
+    assert pvalue < 1e-6
