@@ -59,8 +59,7 @@ class Sequence:
         """
         self.output_ids.append(token_id)
         if token_id in self.eos_token_ids and not self.params.ignore_eos:
-            self.finish_reason = "stop"
-            self.detokenizer.add(token_id)
+            self.finish_reason = "stop"  # the EOS id is returned, its text never is
             return True
         if self.detokenizer.add(token_id):
             self.finish_reason = "stop"

@@ -1,0 +1,179 @@
+"""KV-cache rollback, stop conditions inside a candidate block, and input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturbed, random_head
+from pydantic import ValidationError
+from tiny import char_tokenizer, tiny_model
+
+from engine.llm_engine import LLMEngine, RequestError
+from engine.loader import VocabularyMismatchError
+from engine.params import SamplingParams, SpecConfig
+from engine.runner import ModelRunner
+
+
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def fresh_prefill(runner: ModelRunner, ids: list[int]):
+    cache = runner.new_cache()
+    runner.forward(torch.tensor([ids]), cache)
+    return cache
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [SpecConfig(policy="constant", k=4), SpecConfig(policy="specdec++", threshold=0.5, bounds=(1, 8)),
+     SpecConfig(policy="confidence", p_min=0.6, bounds=(1, 8))],
+    ids=lambda s: s.policy,
+)
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_caches_equal_fresh_prefill_after_every_round(tiny_pair, tokenizer, spec, temperature):
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, head=random_head(target.config.hidden_size))
+    engine.add_request("r", "hello world", SamplingParams(temperature=temperature, seed=7, max_tokens=40,
+                                                          ignore_eos=True), spec)
+    seq = engine.running["r"]
+    rounds = rejected_rounds = 0
+    while "r" in engine.running:
+        engine.step()
+        if seq.finished:
+            break
+        rounds += 1
+        rejected_rounds += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
+        ids = seq.all_ids
+        # Target cache: every token but the newest one; draft cache: a prefix of the sequence.
+        assert seq.target_cached == len(ids) - 1 == seq.target_cache.get_seq_length()
+        assert seq.draft_cached == seq.draft_cache.get_seq_length() <= len(ids)
+        for runner, cache, n in ((engine.target, seq.target_cache, seq.target_cached),
+                                 (engine.draft, seq.draft_cache, seq.draft_cached)):
+            reference = fresh_prefill(runner, ids[:n])
+            for (k, v), (rk, rv) in zip(cache_tensors(cache), cache_tensors(reference), strict=True):
+                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
+    assert rounds > 3 and rejected_rounds > 0  # rollback really happened
+    assert seq.target_cache is None and seq.draft_cache is None  # freed when finished
+
+
+@pytest.fixture(scope="module")
+def exact_engine(tokenizer):
+    """Draft == target: under greedy decoding every candidate is accepted, blocks are k+1 long."""
+    target = tiny_model(0, scale=8.0)
+    return LLMEngine(target, perturbed(target, 0.0, seed=0), tokenizer)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+K4 = SpecConfig(policy="constant", k=4)
+
+
+def test_max_tokens_exact(exact_engine):
+    reference = exact_engine.generate("abc", GREEDY, SpecConfig(policy="none"))
+    for max_tokens in (1, 2, 6, 7, 13):
+        out = exact_engine.generate("abc", GREEDY.model_copy(update={"max_tokens": max_tokens}), K4)
+        assert out.token_ids == reference.token_ids[:max_tokens]
+        assert out.finish_reason == "length"
+        assert out.stats["generated_tokens"] == max_tokens
+
+
+def test_eos_inside_candidate_block(exact_engine):
+    reference = exact_engine.generate("abc", GREEDY, SpecConfig(policy="none")).token_ids
+    # Make a token that first appears mid-block (block = 4 candidates + 1) the EOS.
+    position = next(i for i, t in enumerate(reference) if i % 5 not in (0, 4) and t not in reference[:i])
+    eos = reference[position]
+    exact_engine.eos_token_ids = frozenset({eos})
+    try:
+        out = exact_engine.generate("abc", GREEDY.model_copy(update={"ignore_eos": False}), K4)
+    finally:
+        exact_engine.eos_token_ids = frozenset({0})
+    assert out.token_ids == reference[: position + 1]
+    assert out.finish_reason == "stop"
+    assert out.stats["discarded_tokens"] > 0  # candidates after the EOS were thrown away
+    assert out.text == exact_engine.tokenizer.decode(reference[:position], skip_special_tokens=True)
+
+
+def test_stop_string_inside_candidate_block(exact_engine):
+    reference = exact_engine.generate("abc", GREEDY, SpecConfig(policy="none"))
+    text = reference.text  # one character per token with the char tokenizer
+    start = next(i for i in range(2, len(text) - 2) if i % 5 not in (0, 4) and text.find(text[i : i + 2]) == i)
+    stop = text[start : start + 2]
+    out = exact_engine.generate("abc", GREEDY.model_copy(update={"stop": (stop,)}), K4)
+    assert out.text == text[:start]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == reference.token_ids[: start + 2]  # up to the token completing the stop string
+
+
+def test_stop_string_never_streamed(exact_engine):
+    reference = exact_engine.generate("abc", GREEDY, SpecConfig(policy="none")).text
+    stop = reference[10:13]
+    engine = exact_engine
+    engine.add_request("s", "abc", GREEDY.model_copy(update={"stop": (stop,)}), SpecConfig(policy="constant", k=2))
+    streamed = ""
+    while "s" in engine.running:
+        for event in engine.step():
+            streamed += event.text
+            if not event.finished:
+                assert stop not in streamed
+    assert streamed == reference[: reference.find(stop)]
+
+
+def test_abort_frees_caches(tiny_pair, tokenizer):
+    engine = LLMEngine(*tiny_pair, tokenizer)
+    engine.add_request("x", "hello", GREEDY, K4)
+    engine.step()
+    seq = engine.running["x"]
+    event = engine.abort("x")
+    assert event.finished and event.finish_reason == "abort"
+    assert seq.target_cache is None and not engine.has_unfinished()
+
+
+# ----- validation ----------------------------------------------------------------------
+
+def test_mismatched_vocabularies(tokenizer):
+    target = tiny_model(0)
+    with pytest.raises(VocabularyMismatchError, match="vocabulary sizes differ"):
+        LLMEngine(target, tiny_model(1, vocab_size=40), tokenizer)
+    other = char_tokenizer("zyxwvutsrqponmlkjihgfedcba .,\n")
+    with pytest.raises(VocabularyMismatchError, match="tokenizers differ"):
+        LLMEngine(target, tiny_model(1), tokenizer, draft_tokenizer=other)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"k": 0}, "greater than or equal to 1"), ({"threshold": 0.0}, "greater than 0"),
+     ({"threshold": 1.0}, "less than 1"), ({"bounds": (5, 2)}, "must be <= max"),
+     ({"policy": "fastest"}, "Input should be")],
+)
+def test_spec_config_errors(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        SpecConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"temperature": -0.1}, "greater than or equal to 0"), ({"top_p": 0.0}, "greater than 0"),
+     ({"top_p": 1.5}, "less than or equal to 1"), ({"max_tokens": 0}, "greater than or equal to 1"),
+     ({"stop": [""]}, "non-empty")],
+)
+def test_sampling_params_errors(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        SamplingParams(**fields)
+
+
+def test_request_errors(tiny_pair, tokenizer):
+    engine = LLMEngine(*tiny_pair, tokenizer)  # no head
+    with pytest.raises(RequestError, match="needs an acceptance head"):
+        engine.add_request("a", "hi", GREEDY, SpecConfig(policy="specdec++"))
+    with pytest.raises(RequestError, match="exceeds the model's context") as info:
+        engine.add_request("b", "hi", GREEDY.model_copy(update={"max_tokens": 10_000}), K4)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("c", [], GREEDY, K4)
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request("d", [1, 99999], GREEDY, K4)
+    assert not engine.has_unfinished()
+    target_only = LLMEngine(tiny_pair[0], None, tokenizer)
+    with pytest.raises(RequestError, match="needs a draft"):
+        target_only.add_request("e", "hi", GREEDY, K4)
