@@ -20,12 +20,13 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
-# Debian's prometheus is used by the metrics test (a real scraper on loopback).
+# Debian's prometheus is used by the metrics test (a real scraper on loopback) and its promtool by the
+# deployment tests; docker-compose validates the compose file.
 system-deps:
-	@command -v prometheus >/dev/null 2>&1 || { \
+	@command -v prometheus >/dev/null 2>&1 && command -v docker-compose >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else echo "prometheus not found; install Debian's prometheus package for the metrics test"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; \
+	  else echo "prometheus/docker-compose not found; install Debian's prometheus and docker-compose packages for the metrics and deployment tests"; fi; }
 
 pull: install
 	$(BIN)/specdecpp models pull
