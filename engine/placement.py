@@ -171,7 +171,7 @@ def plan_placement(
         raise InsufficientMemoryError(
             f"not enough memory for the target: it needs {_gib(target.total)} "
             f"(weights {_gib(target.weight_bytes)} + KV cache {_gib(target.extra_bytes)}), "
-            f"{', '.join(devices)} have {_gib(usable)} usable "
+            f"{', '.join(devices)} {'has' if len(devices) == 1 else 'have'} {_gib(usable)} usable "
             f"({'; '.join(f'{d}: {room(d)}' for d in devices)}; {reserve_fraction:.0%} of each reserved"
             + (", the draft's share already taken)" if draft is not None else ")")
             + ". Add GPUs (--target-devices), use a smaller --dtype, or a smaller target."
@@ -204,14 +204,17 @@ def shard_device_map(meta_model, max_memory: dict[int, int]) -> dict[str, int | 
 
     no_split = meta_model._no_split_modules
     balanced = get_balanced_memory(meta_model, max_memory=dict(max_memory), no_split_module_classes=no_split)
-    device_map = infer_auto_device_map(meta_model, max_memory=balanced, no_split_module_classes=no_split)
-    spilled = sorted({str(d) for d in device_map.values() if not isinstance(d, int)})
-    if spilled:
-        raise InsufficientMemoryError(
-            f"the target's layers do not fit on GPUs {sorted(max_memory)} (some would go to {', '.join(spilled)}); "
-            "add GPUs with --target-devices or use a smaller --dtype"
-        )
-    return device_map
+    # Balanced first (layers spread evenly); if that spills (it caps all but the last GPU at an even
+    # share, which fails when the last GPU is the smallest), fill the GPUs in order up to their budgets.
+    for budgets in (balanced, dict(max_memory)):
+        device_map = infer_auto_device_map(meta_model, max_memory=budgets, no_split_module_classes=no_split)
+        spilled = sorted({str(d) for d in device_map.values() if not isinstance(d, int)})
+        if not spilled:
+            return device_map
+    raise InsufficientMemoryError(
+        f"the target's layers do not fit on GPUs {sorted(max_memory)} (some would go to {', '.join(spilled)}); "
+        "add GPUs with --target-devices or use a smaller --dtype"
+    )
 
 
 # ---- the impure half: real inventory and footprints ------------------------------------

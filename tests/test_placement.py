@@ -186,3 +186,12 @@ def test_plan_from_config_on_this_machine(tmp_path):
     assert any("draft + head" in n for n in p.notes)
     p = plan_from_config(EngineConfig(target_devices=["cpu"], draft_device="cpu"), str(tmp_path), None)
     assert (p.draft_device, p.target_device) == ("cpu", "cpu")
+
+
+def test_shard_device_map_fills_in_order_when_the_last_gpu_is_the_smallest():
+    # Balanced caps GPU 0 near half the model, so a small last GPU would overflow; in-order fill fits.
+    model = meta_model(tiny_llama(layers=16), torch.float32)
+    weights = footprint(model, max_model_len=1).weight_bytes
+    device_map = shard_device_map(model, {0: int(weights * 0.8), 1: int(weights * 0.35)})
+    assert set(device_map.values()) == {0, 1}
+    assert device_map["model.embed_tokens"] == 0 and device_map["lm_head"] == 1
