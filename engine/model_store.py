@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.loader import IDENTITY_FILE
-
+IDENTITY_FILE = "specdecpp.json"  # {"identity", "source", "source_sha256", ...}; written last by the converter
 CHUNK = 8 << 20  # bytes per read when copying and hashing
 TMP_PREFIX = ".tmp-"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
@@ -284,6 +283,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path, identity: str, source: dict) ->
     gen.save_pretrained(out_dir)
     info = {"identity": identity, **source, "converted_with": "specdecpp", "dtype": "bfloat16"}
     (out_dir / IDENTITY_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    for path in out_dir.iterdir():  # some writers create files 0600; a shared cache should be readable
+        path.chmod(0o644)
     log(f"{identity}: converted in {time.perf_counter() - t0:.1f}s")
 
 
