@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 
 from server.engine_client import FAILED, EngineClient
@@ -72,3 +73,31 @@ def _watch_first_start(engine: EngineClient, settings: ServerSettings) -> asynci
                 settings.on_fatal(engine.last_error)
 
     return asyncio.ensure_future(watch())
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but on shutdown the engine drains first: in-flight requests get the grace period
+    to finish, then are cancelled in the engine, so every stream ends with an error chunk and
+    [DONE] (or its normal end) before uvicorn closes the connections."""
+
+    async def shutdown(self, sockets=None) -> None:
+        app = self.config.app
+        await app.state.engine.shutdown(app.state.settings.shutdown_grace_seconds)
+        await super().shutdown(sockets)
+
+
+def run_server(settings: ServerSettings, host: str, port: int, log_level: str = "info") -> str | None:
+    """Serve until SIGINT/SIGTERM; returns the engine's start-up error if it could not start at all."""
+    fatal: list[str] = []
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 10)
+    server = _DrainingServer(config)
+
+    def on_fatal(message: str | None) -> None:
+        fatal.append(message or "unknown error")
+        server.should_exit = True
+
+    settings.on_fatal = on_fatal
+    server.run()
+    return fatal[0] if fatal else None

@@ -132,7 +132,7 @@ class EngineClient:
 
     async def shutdown(self, grace_seconds: float = 30.0) -> None:
         """Stop taking requests, let running ones finish for `grace_seconds`, cancel the rest, stop the engine."""
-        if self._stopping:
+        if self.state == STOPPING:
             return
         self._set_state(STOPPING)
         deadline = time.monotonic() + grace_seconds

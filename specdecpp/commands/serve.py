@@ -29,21 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.app import ServerSettings, create_app
+    from server.app import ServerSettings, run_server
 
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
     engine_config = engine_config_from_args(args, spec_from_args(args))
-    fatal: list[str] = []
-    server_box: list[uvicorn.Server] = []
-
-    def on_fatal(message: str | None) -> None:
-        fatal.append(message or "unknown error")
-        if server_box:
-            server_box[0].should_exit = True
-
     settings = ServerSettings(
         engine_config=engine_config.to_dict(),
         api_key=args.api_key or None,
@@ -51,21 +41,10 @@ def run(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         shutdown_grace_seconds=args.shutdown_grace,
         log_level=args.log_level,
-        on_fatal=on_fatal,
     )
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        timeout_graceful_shutdown=int(args.shutdown_grace) + 5,
-    )
-    server = uvicorn.Server(config)
-    server_box.append(server)
     log.info("serving on http://%s:%d (the engine loads in its own process; /health says when it is ready)",
              args.host, args.port)
-    server.run()
-    if fatal:
-        raise RuntimeError(f"the engine could not start: {fatal[0]}")
+    error = run_server(settings, args.host, args.port, args.log_level)
+    if error:
+        raise RuntimeError(f"the engine could not start: {error}")
     return 0
