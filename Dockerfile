@@ -35,8 +35,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv $VIRTUAL_ENV \
-    && pip install --upgrade pip
+    && python3 -m venv $VIRTUAL_ENV
 
 # torch first, from the variant's index: its own layer, cached across code changes.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL:-$TORCH_INDEX}"
@@ -53,7 +52,8 @@ RUN pip install . && pip check
 RUN (userdel -r ubuntu 2>/dev/null || true) \
     && useradd --create-home --uid 1000 --shell /usr/sbin/nologin specdecpp \
     && mkdir -p /data && chown specdecpp:specdecpp /data
-USER specdecpp
+# Numeric, so orchestrators (Kubernetes runAsNonRoot) can verify it is not root.
+USER 1000:1000
 VOLUME ["/data"]
 EXPOSE 8000
 
