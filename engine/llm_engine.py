@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import OrderedDict
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -20,8 +19,9 @@ from engine.loader import check_vocabularies, eos_token_ids
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import make_policy
 from engine.runner import ModelRunner
+from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-from engine.speculate import speculation_round
+from engine.speculate import prefill_chunk, run_round
 from engine.stats import RequestStats
 from heads.model import AcceptanceHead
 
@@ -47,6 +47,7 @@ class LLMEngine:
         draft_tokenizer: PreTrainedTokenizerBase | None = None,
         max_model_len: int | None = None,
         default_spec: SpecConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
     ) -> None:
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
@@ -62,7 +63,8 @@ class LLMEngine:
         limit = getattr(target.config, "max_position_embeddings", None) or 32768
         self.max_model_len = min(max_model_len or limit, limit)
         self.default_spec = default_spec or SpecConfig(policy="constant" if head is None else "specdec++")
-        self.running: OrderedDict[str, Sequence] = OrderedDict()
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
+        self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
 
     # ----- requests -------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -87,7 +89,7 @@ class LLMEngine:
     ) -> int:
         """Admit a request; returns its prompt length. Raises RequestError for bad input."""
         spec = spec or self.default_spec
-        if request_id in self.running:
+        if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         if spec.speculates and self.draft is None:
             raise RequestError(f"policy {spec.policy!r} needs a draft model; none is loaded", "specdec")
@@ -106,6 +108,12 @@ class LLMEngine:
                 "max_tokens",
                 "context_length_exceeded",
             )
+        if len(prompt_ids) + params.max_tokens > self.scheduler.config.kv_cache_tokens:
+            raise RequestError(
+                f"prompt plus max_tokens ({len(prompt_ids) + params.max_tokens} tokens) exceeds the KV-cache "
+                f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
+                "max_tokens",
+            )
         generator = torch.Generator(device=self.target.device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         seq = Sequence(
@@ -119,45 +127,77 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
         )
-        self.running[request_id] = seq
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
         return len(prompt_ids)
 
     def abort(self, request_id: str) -> TokenEvent | None:
-        """Cancel a request and free its caches."""
-        seq = self.running.pop(request_id, None)
+        """Cancel a request (waiting or running) and free its caches."""
+        seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
+        self.scheduler.remove(seq)
         seq.finish_reason = "abort"
         seq.free_caches()
         return self._event(seq, [])
 
     def has_unfinished(self) -> bool:
-        return bool(self.running)
+        return bool(self.requests)
+
+    @property
+    def running(self) -> dict[str, Sequence]:
+        """Unfinished requests by id (waiting or running)."""
+        return self.requests
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
     # ----- stepping -------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
-        """One speculation round for every running sequence."""
+        """Admit what fits, prefill one chunk of the oldest new prompt, then one speculation
+        round for every sequence ready to decode (batched, or one by one with batching off)."""
         events: list[TokenEvent] = []
-        for seq in list(self.running.values()):
+        self.scheduler.admit()
+        seq = self.scheduler.next_prefill()
+        if seq is not None:
             try:
-                new_tokens = speculation_round(seq, self.target, self.draft, self.head)
+                chunk = self.scheduler.config.max_num_batched_tokens
+                seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk)
             except Exception as exc:  # a failing request must not take the engine down
-                seq.finish_reason = "error"
-                seq.free_caches()
-                del self.running[seq.request_id]
-                event = self._event(seq, [])
-                event.error = f"{type(exc).__name__}: {exc}"
-                events.append(event)
+                events.extend(self._fail([seq], exc))
+        for group in self.scheduler.decode_groups():
+            try:
+                outputs = run_round(group, self.target, self.draft, self.head)
+            except Exception as exc:
+                events.extend(self._fail(group, exc))
                 continue
-            if seq.stats.first_token_seconds is None and seq.output_ids:
-                seq.stats.first_token_seconds = time.perf_counter() - seq.arrival_time
-            if seq.finished:
-                del self.running[seq.request_id]
-            events.append(self._event(seq, new_tokens))
+            now = time.perf_counter()
+            for seq, new_tokens in zip(group, outputs, strict=True):
+                if seq.stats.first_token_seconds is None and seq.output_ids:
+                    seq.stats.first_token_seconds = now - seq.arrival_time
+                if seq.finished:
+                    self._release(seq)
+                events.append(self._event(seq, new_tokens))
+        return events
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self.requests.pop(seq.request_id, None)
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> list[TokenEvent]:
+        events = []
+        for seq in seqs:
+            seq.finish_reason = "error"
+            seq.free_caches()
+            self._release(seq)
+            event = self._event(seq, [])
+            event.error = f"{type(exc).__name__}: {exc}"
+            events.append(event)
         return events
 
     def _event(self, seq: Sequence, new_tokens: list[int]) -> TokenEvent:

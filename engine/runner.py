@@ -1,8 +1,14 @@
-"""A thin wrapper over a Hugging Face causal LM: one forward with a KV cache.
+"""A thin wrapper over a Hugging Face causal LM: forwards with per-sequence KV caches.
 
 It returns the final hidden state (after the final norm) of the positions we need and
 their logits, straight from the forward pass already made: no `output_hidden_states`,
 and the LM head runs only on the positions whose logits are used.
+
+Batching: every sequence owns a `DynamicCache` of its own length. `forward_batch` lays the
+caches side by side (right-padded to the longest), appends each row's new tokens after the
+padding, and masks with a 4D mask so a row sees only its own cache and its own causal
+prefix; positions are explicit. After the pass each row's new keys/values go back into its
+own cache. The copy is tiny next to reading the weights, and rollback stays per sequence.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.hidden_size: int = model.config.hidden_size
         self.vocab_size: int = self.lm_head.weight.shape[0]
+        self.num_layers: int = model.config.num_hidden_layers
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
@@ -29,7 +36,7 @@ class ModelRunner:
     def forward(
         self, input_ids: torch.Tensor, cache: DynamicCache, num_logits: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, T] appended after the cache -> (hidden [B, n, H], logits [B, n, V]).
+        """input_ids [1, T] appended after the cache -> (hidden [1, n, H], logits [1, n, V]).
 
         `n = num_logits` last positions; the cache grows by T.
         """
@@ -37,6 +44,67 @@ class ModelRunner:
         hidden = out.last_hidden_state[:, -num_logits:]
         logits = self.lm_head(hidden.to(self.lm_head.weight.device))
         return hidden, logits
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, feeds: list[list[int]], caches: list[DynamicCache], num_logits: list[int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Row i appends feeds[i] to caches[i]; returns per-row hidden [n_i, H] and logits [n_i, V]
+        for its last n_i = num_logits[i] positions."""
+        if len(feeds) == 1:
+            ids = torch.tensor([feeds[0]], dtype=torch.long)
+            hidden, logits = self.forward(ids, caches[0], num_logits[0])
+            return [hidden[0]], [logits[0]]
+        lengths = [len(f) for f in feeds]
+        cached = [c.get_seq_length() for c in caches]
+        batch, width, past = len(feeds), max(lengths), max(cached)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, 1, width, past + width, dtype=torch.bool)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        for i, (feed, n, c) in enumerate(zip(feeds, lengths, cached, strict=True)):
+            input_ids[i, :n] = torch.tensor(feed, dtype=torch.long)
+            positions[i] = torch.arange(c, c + width)
+            mask[i, 0, :, :c] = True
+            mask[i, 0, :, past:] = causal
+            mask[i, 0, :, past + n :] = False
+            # Padding queries look at themselves only, so no row is all-masked (NaN-free).
+            mask[i, 0, torch.arange(n, width), past + torch.arange(n, width)] = True
+        batch_cache = self._stacked_cache(caches, cached, past)
+        out = self.decoder(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=batch_cache,
+            use_cache=True,
+        )
+        for layer_idx, layer in enumerate(batch_cache.layers):
+            for i, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+                cache.update(layer.keys[i : i + 1, :, past : past + n], layer.values[i : i + 1, :, past : past + n],
+                             layer_idx)
+        rows = [out.last_hidden_state[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits, strict=True))]
+        flat = self.lm_head(torch.cat(rows).to(self.lm_head.weight.device))
+        return rows, list(flat.split(list(num_logits)))
+
+    def _stacked_cache(self, caches: list[DynamicCache], cached: list[int], past: int) -> DynamicCache:
+        """One batch cache: each row's keys/values right-padded with zeros to `past`."""
+        batch_cache = self.new_cache()
+        if past == 0:
+            return batch_cache
+        for layer_idx in range(self.num_layers):
+            keys, values = [], []
+            for cache, c in zip(caches, cached, strict=True):
+                if c == 0:
+                    ref = next(x for x, n in zip(caches, cached, strict=True) if n > 0).layers[layer_idx].keys
+                    keys.append(ref.new_zeros(1, ref.shape[1], past, ref.shape[3]))
+                    values.append(ref.new_zeros(1, ref.shape[1], past, ref.shape[3]))
+                    continue
+                layer = cache.layers[layer_idx]
+                pad = (0, 0, 0, past - c)
+                keys.append(torch.nn.functional.pad(layer.keys, pad))
+                values.append(torch.nn.functional.pad(layer.values, pad))
+            batch_cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+        return batch_cache
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:

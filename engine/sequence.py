@@ -37,6 +37,7 @@ class Sequence:
     target_cached: int = 0
     draft_cached: int = 0
     finish_reason: FinishReason | None = None
+    prefilled: bool = False  # all prompt tokens but the last are in both caches
     stats: RequestStats = field(default_factory=RequestStats)
     arrival_time: float = field(default_factory=time.perf_counter)
 

@@ -1,12 +1,16 @@
-"""One speculation round for one sequence: propose, verify, accept, roll back.
+"""One speculation round over a batch of sequences: propose, verify, accept, roll back.
 
-This is DESIGN.md's algorithm as one readable function. Every policy (including the
-target alone, which proposes nothing) goes through it; only the stop decision differs.
+This is DESIGN.md's algorithm. Every policy (including the target alone, which proposes
+nothing) goes through it; only the stop decision differs, and it is taken per sequence:
+draft steps run batched over the sequences still proposing, a sequence whose stop rule
+fired waits, then the target verifies every sequence's candidates in one forward pass with
+per-sequence lengths. Acceptance and cache rollback are per sequence.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,104 +21,159 @@ from engine.sequence import Sequence
 from heads.model import AcceptanceHead
 
 
-def _ids(tokens: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor([tokens], dtype=torch.long, device=device)
+@dataclass
+class Proposal:
+    """One sequence's candidates in the current round."""
+
+    seq: Sequence
+    budget: int
+    tokens: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # q_i, each [V]
+    last_logits: torch.Tensor | None = None  # draft logits [V] for the next proposal
+    done: bool = False
 
 
-def propose(seq: Sequence, draft: ModelRunner, head: AcceptanceHead | None, budget: int) -> tuple[
-    list[int], torch.Tensor | None
-]:
-    """Draft up to `budget` candidates, asking the policy after each one.
-
-    Returns the candidate ids and their draft distributions q [K, V].
-    """
-    policy, params, stats = seq.policy, seq.params, seq.stats
-    if seq.draft_cache is None:
-        seq.draft_cache, seq.draft_cached = draft.new_cache(), 0
-    ids = seq.all_ids
-    policy.start_round()
+def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead | None) -> None:
+    """Draft candidates for every sequence, batching the draft forwards across sequences."""
+    if not proposals:
+        return
     t0 = time.perf_counter()
-    hidden, logits = draft.forward(_ids(ids[seq.draft_cached :], draft.device), seq.draft_cache)
-    seq.draft_cached = len(ids)
-    candidates: list[torch.Tensor] = []
-    draft_probs: list[torch.Tensor] = []
     head_seconds = 0.0
-    while True:
-        last_logits = logits[:, -1]
-        q = processed_probs(last_logits, params)
-        token = sample(q, seq.generator)
-        candidates.append(token)
-        draft_probs.append(q[0])
-        count = len(candidates)
-        if count >= budget:
-            break
-        step = ProposalStep(index=count, draft_prob=1.0)
-        if policy.needs_draft_prob:
-            step.draft_prob = float(raw_token_prob(last_logits, token)[0])
-        if policy.uses_head:
+    for p in proposals:
+        if p.seq.draft_cache is None:
+            p.seq.draft_cache, p.seq.draft_cached = draft.new_cache(), 0
+        p.seq.policy.start_round()
+    feeds = [p.seq.all_ids[p.seq.draft_cached :] for p in proposals]
+    _, logits = draft.forward_batch(feeds, [p.seq.draft_cache for p in proposals], [1] * len(proposals))
+    for p, row in zip(proposals, logits, strict=True):
+        p.seq.draft_cached = len(p.seq.all_ids)
+        p.last_logits = row[-1]
+    active = list(proposals)
+    while active:
+        forward: list[tuple[Proposal, ProposalStep]] = []
+        for p in active:
+            seq, policy = p.seq, p.seq.policy
+            q = processed_probs(p.last_logits.unsqueeze(0), seq.params)
+            token = sample(q, seq.generator)
+            p.tokens.append(int(token[0]))
+            p.draft_probs.append(q[0])
+            step = ProposalStep(index=len(p.tokens), draft_prob=1.0)
+            if len(p.tokens) >= p.budget:
+                p.done = True
+                continue
+            if policy.needs_draft_prob:
+                step.draft_prob = float(raw_token_prob(p.last_logits.unsqueeze(0), token)[0])
+            if not policy.uses_head and policy.should_stop(step):
+                p.done = True
+                continue
+            forward.append((p, step))
+        if forward:
             # The forward on y_s is needed for the next proposal anyway; its hidden state feeds the head.
-            hidden, logits = draft.forward(token.view(1, 1), seq.draft_cache)
-            seq.draft_cached += 1
-            if count > 1:  # the first candidate's factor is 1: no head call needed
-                th = time.perf_counter()
+            hidden, logits = draft.forward_batch(
+                [[p.tokens[-1]] for p, _ in forward], [p.seq.draft_cache for p, _ in forward], [1] * len(forward)
+            )
+            asking = [i for i, (p, step) in enumerate(forward) if p.seq.policy.uses_head and step.index > 1]
+            if asking:
                 assert head is not None
-                step.accept_prob = float(head.accept_prob(hidden[:, -1])[0])
+                th = time.perf_counter()
+                probs = head.accept_prob(torch.stack([hidden[i][-1] for i in asking])).tolist()
                 head_seconds += time.perf_counter() - th
-            if policy.should_stop(step):
+                for i, prob in zip(asking, probs, strict=True):
+                    forward[i][1].accept_prob = prob
+            for (p, step), row in zip(forward, logits, strict=True):
+                p.seq.draft_cached += 1
+                p.last_logits = row[-1]
+                if p.seq.policy.uses_head and p.seq.policy.should_stop(step):
+                    p.done = True
+        active = [p for p in active if not p.done]
+    elapsed = time.perf_counter() - t0
+    for p in proposals:
+        p.seq.stats.draft_seconds += elapsed - head_seconds
+        p.seq.stats.head_seconds += head_seconds
+
+
+def run_round(
+    seqs: list[Sequence], target: ModelRunner, draft: ModelRunner | None, head: AcceptanceHead | None
+) -> list[list[int]]:
+    """One round for every sequence in `seqs`; appends their new tokens (stop conditions applied)
+    and returns them, one list per sequence."""
+    proposals = []
+    for seq in seqs:
+        budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0
+        proposals.append(Proposal(seq, max(budget, 0)))
+    propose([p for p in proposals if p.budget > 0], draft, head)
+
+    # Verify: one target forward over each sequence's uncached tokens plus all its candidates.
+    t0 = time.perf_counter()
+    for seq in seqs:
+        if seq.target_cache is None:
+            seq.target_cache, seq.target_cached = target.new_cache(), 0
+    lengths = [len(seq.all_ids) for seq in seqs]
+    feeds = [seq.all_ids[seq.target_cached :] + p.tokens for seq, p in zip(seqs, proposals, strict=True)]
+    _, logits = target.forward_batch(feeds, [s.target_cache for s in seqs], [len(p.tokens) + 1 for p in proposals])
+    verdicts = []
+    for p, row in zip(proposals, logits, strict=True):
+        target_probs = processed_probs(row, p.seq.params)
+        cand = torch.tensor(p.tokens, dtype=torch.long, device=target_probs.device)
+        q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
+        verdicts.append(verify(cand, q, target_probs, p.seq.generator))
+    elapsed = time.perf_counter() - t0
+
+    results = []
+    for p, verdict, n in zip(proposals, verdicts, lengths, strict=True):
+        seq = p.seq
+        seq.stats.target_seconds += elapsed
+        # Accept left to right; stop conditions may cut inside the block.
+        new_tokens: list[int] = []
+        for token in p.tokens[: verdict.num_accepted] + [verdict.next_token]:
+            new_tokens.append(token)
+            if seq.append_token(token):
                 break
+        seq.stats.record_round(len(p.tokens), min(verdict.num_accepted, len(new_tokens)))
+        seq.policy.end_round(len(p.tokens), verdict.num_accepted)
+        # Roll back both caches to the accepted length.
+        if seq.finished:
+            seq.free_caches()
         else:
-            if policy.should_stop(step):
-                break
-            hidden, logits = draft.forward(token.view(1, 1), seq.draft_cache)
-            seq.draft_cached += 1
-    stats.draft_seconds += time.perf_counter() - t0 - head_seconds
-    stats.head_seconds += head_seconds
-    token_ids = [int(t) for t in torch.cat(candidates).tolist()]
-    return token_ids, torch.stack(draft_probs)
+            seq.target_cached = n + verdict.num_accepted
+            crop_cache(seq.target_cache, seq.target_cached)
+            if seq.draft_cache is not None:
+                seq.draft_cached = min(seq.draft_cached, n + verdict.num_accepted)
+                crop_cache(seq.draft_cache, seq.draft_cached)
+        results.append(new_tokens)
+    return results
 
 
 def speculation_round(
     seq: Sequence, target: ModelRunner, draft: ModelRunner | None, head: AcceptanceHead | None
 ) -> list[int]:
-    """Run one round; append the new tokens to `seq` (stop conditions applied); return them."""
-    ids = seq.all_ids
-    n = len(ids)
-    budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0
-    candidates: list[int] = []
-    draft_probs = None
-    if budget > 0:
-        candidates, draft_probs = propose(seq, draft, head, budget)
-    k = len(candidates)
+    """One round for a single sequence."""
+    return run_round([seq], target, draft, head)[0]
 
-    # Verify: one target forward over the uncached tokens plus all candidates.
-    t0 = time.perf_counter()
-    if seq.target_cache is None:
-        seq.target_cache, seq.target_cached = target.new_cache(), 0
-    feed = ids[seq.target_cached :] + candidates
-    _, logits = target.forward(_ids(feed, target.device), seq.target_cache, num_logits=k + 1)
-    target_probs = processed_probs(logits[0], seq.params)
-    cand = torch.tensor(candidates, dtype=torch.long, device=target_probs.device)
-    q = draft_probs.to(target_probs.device) if draft_probs is not None else None
-    verdict = verify(cand, q, target_probs, seq.generator)
-    seq.stats.target_seconds += time.perf_counter() - t0
 
-    # Accept left to right; stop conditions may cut inside the block.
-    new_tokens: list[int] = []
-    for token in candidates[: verdict.num_accepted] + [verdict.next_token]:
-        new_tokens.append(token)
-        if seq.append_token(token):
-            break
-    accepted_drafts = min(verdict.num_accepted, len(new_tokens))
-    seq.stats.record_round(k, accepted_drafts)
-    seq.policy.end_round(k, verdict.num_accepted)
+def prefill_chunk(seq: Sequence, target: ModelRunner, draft: ModelRunner | None, chunk: int) -> bool:
+    """Feed the next `chunk` prompt tokens (all but the last) to the target and draft caches.
 
-    # Roll back both caches to the accepted length.
-    if seq.finished:
-        seq.free_caches()
-    else:
-        seq.target_cached = n + verdict.num_accepted
-        crop_cache(seq.target_cache, seq.target_cached)
-        if seq.draft_cache is not None:
-            seq.draft_cached = min(seq.draft_cached, n + verdict.num_accepted)
-            crop_cache(seq.draft_cache, seq.draft_cached)
-    return new_tokens
+    Returns True when the prompt is prefilled; the last prompt token goes into the first round.
+    """
+    goal = len(seq.prompt_ids) - 1
+    for runner, attr in ((target, "target"), (draft, "draft")):
+        if runner is None or (attr == "draft" and not seq.spec.speculates):
+            continue
+        if getattr(seq, f"{attr}_cache") is None:
+            setattr(seq, f"{attr}_cache", runner.new_cache())
+            setattr(seq, f"{attr}_cached", 0)
+        cached = getattr(seq, f"{attr}_cached")
+        if cached < goal:
+            t0 = time.perf_counter()
+            end = min(goal, cached + chunk)
+            ids = torch.tensor([seq.prompt_ids[cached:end]], dtype=torch.long)
+            runner.forward(ids, getattr(seq, f"{attr}_cache"))
+            setattr(seq, f"{attr}_cached", end)
+            elapsed = time.perf_counter() - t0
+            if attr == "target":
+                seq.stats.target_seconds += elapsed
+            else:
+                seq.stats.draft_seconds += elapsed
+    done = seq.target_cached >= goal and (draft is None or not seq.spec.speculates or seq.draft_cached >= goal)
+    return done

@@ -1,0 +1,76 @@
+"""Admission and ordering: which requests run this step.
+
+Requests wait in FIFO order and are admitted while there is room: at most
+`max_num_seqs` running, and a KV budget (prompt + max_tokens of every running sequence
+within `kv_cache_tokens`). The head of the queue is never overtaken (FIFO fairness). A
+new sequence is prefilled in chunks of at most `max_num_batched_tokens`, one chunk per
+step, so a long prompt stalls running streams for one chunk at most.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 8
+    max_num_batched_tokens: int = 512
+    kv_cache_tokens: int = 131072
+    batching: bool = True  # False: every sequence gets its own forwards (round-robin)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 16:
+            raise ValueError("max_num_batched_tokens must be >= 16")
+        if self.kv_cache_tokens < 1:
+            raise ValueError("kv_cache_tokens must be >= 1")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @staticmethod
+    def kv_need(seq: Sequence) -> int:
+        return len(seq.prompt_ids) + seq.params.max_tokens
+
+    @property
+    def kv_used(self) -> int:
+        return sum(self.kv_need(s) for s in self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences to running while limits allow, oldest first."""
+        admitted = []
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            head = self.waiting[0]
+            if self.running and self.kv_used + self.kv_need(head) > self.config.kv_cache_tokens:
+                break
+            self.running.append(self.waiting.popleft())
+            admitted.append(head)
+        return admitted
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def next_prefill(self) -> Sequence | None:
+        return next((s for s in self.running if not s.prefilled), None)
+
+    def decode_groups(self) -> list[list[Sequence]]:
+        """Sequences ready for a round: one batch, or one group each when batching is off."""
+        ready = [s for s in self.running if s.prefilled and not s.finished]
+        if not ready:
+            return []
+        return [ready] if self.config.batching else [[s] for s in ready]

@@ -1,0 +1,129 @@
+"""Continuous batching: per-sequence losslessness whatever the batch mates, admission limits."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import random_head
+from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
+from test_engine_distribution import engine as distribution_engine  # noqa: F401  (fixture)
+
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams, SpecConfig
+from engine.runner import ModelRunner
+from engine.scheduler import SchedulerConfig
+
+MIXED = [
+    ("hello world", SpecConfig(policy="constant", k=3)),
+    ("the quick brown fox jumps", SpecConfig(policy="specdec++", threshold=0.3, bounds=(1, 8))),
+    ("a", SpecConfig(policy="none")),
+    ("lorem ipsum dolor sit amet, consectetur", SpecConfig(policy="heuristic", k=2, bounds=(1, 10))),
+    ("zz", SpecConfig(policy="confidence", p_min=0.5, bounds=(1, 6))),
+    ("hello world", SpecConfig(policy="specdec++", threshold=0.8, bounds=(2, 12))),
+]
+
+
+def run_all(engine: LLMEngine, requests: list[tuple[str, str, SamplingParams, SpecConfig]]) -> dict[str, list[int]]:
+    outputs: dict[str, list[int]] = {rid: [] for rid, *_ in requests}
+    for rid, prompt, params, spec in requests:
+        engine.add_request(rid, prompt, params, spec)
+    while engine.has_unfinished():
+        for event in engine.step():
+            assert event.error is None, event.error
+            outputs[event.request_id].extend(event.token_ids)
+    return outputs
+
+
+def test_forward_batch_matches_single_forwards(tiny_pair):
+    runner = ModelRunner(tiny_pair[0])
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    batch_caches, ref_caches = [runner.new_cache() for _ in prompts], [runner.new_cache() for _ in prompts]
+    for p, b, r in zip(prompts, batch_caches, ref_caches, strict=True):
+        runner.forward(torch.tensor([p[:-2]]), b)
+        runner.forward(torch.tensor([p[:-2]]), r)
+    feeds = [p[-2:] for p in prompts]
+    feeds[1] = [9, 3, 4, 5]
+    _, logits = runner.forward_batch(feeds, batch_caches, [2, 4, 1])
+    for i, (feed, ref) in enumerate(zip(feeds, ref_caches, strict=True)):
+        _, ref_logits = runner.forward(torch.tensor([feed]), ref, num_logits=[2, 4, 1][i])
+        torch.testing.assert_close(logits[i], ref_logits[0], atol=1e-5, rtol=1e-4)
+        assert batch_caches[i].get_seq_length() == ref.get_seq_length()
+        for layer, ref_layer in zip(batch_caches[i].layers, ref.layers, strict=True):
+            torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batched", "round-robin"])
+def test_greedy_identical_to_running_alone(tiny_pair, tokenizer, batching):
+    target, draft = tiny_pair
+    head = random_head(target.config.hidden_size)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
+    reference = {f"r{i}": alone.generate(p, params, SpecConfig(policy="none")).token_ids
+                 for i, (p, _) in enumerate(MIXED)}
+    engine = LLMEngine(target, draft, tokenizer, head=head,
+                       scheduler_config=SchedulerConfig(max_num_seqs=4, batching=batching))
+    # different max_tokens so sequences leave at different times and others join
+    requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 12 + 4 * i}), spec)
+                for i, (p, spec) in enumerate(MIXED)]
+    outputs = run_all(engine, requests)
+    for rid, _, p, _ in requests:
+        assert outputs[rid] == reference[rid][: p.max_tokens], rid
+    assert not engine.has_unfinished() and engine.scheduler.kv_used == 0
+
+
+def test_sampled_distribution_with_mixed_batches(distribution_engine):  # noqa: F811
+    """The tested request shares every round with batch mates of other policies and prompts."""
+    engine = distribution_engine
+    spec = SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6))
+    mates = [SpecConfig(policy="constant", k=2), SpecConfig(policy="none"), SpecConfig(policy="confidence")]
+    counts: Counter = Counter()
+    batch = 5
+    for start in range(0, SAMPLES, batch):
+        requests = [(f"t{s}", PROMPT, T1.model_copy(update={"seed": s}), spec) for s in range(start, start + batch)]
+        requests += [(f"m{start}-{j}", [4, 1][: j + 1], T1.model_copy(update={"max_tokens": 2 + j}), mate)
+                     for j, mate in enumerate(mates)]
+        outputs = run_all(engine, requests)
+        for rid, *_ in requests[:batch]:
+            counts[tuple(outputs[rid][:2])] += 1
+    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES)
+    assert pvalue > 1e-3, f"chi-square p={pvalue:.2e}"
+
+
+def test_admission_limits_and_fifo(tiny_pair, tokenizer):
+    target, draft = tiny_pair
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine = LLMEngine(target, draft, tokenizer,
+                       scheduler_config=SchedulerConfig(max_num_seqs=2, kv_cache_tokens=40))
+    for i in range(4):
+        engine.add_request(f"r{i}", "abcdefghij", params, SpecConfig(policy="constant", k=2))  # needs 20 each
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["r0", "r1"]
+    assert engine.num_waiting == 2
+    finished_order = []
+    while engine.has_unfinished():
+        assert len(engine.scheduler.running) <= 2 and engine.scheduler.kv_used <= 40
+        finished_order += [e.request_id for e in engine.step() if e.finished]
+    assert finished_order.index("r0") < finished_order.index("r2")
+    with pytest.raises(ValueError, match="KV-cache budget"):
+        engine.add_request("big", "abcdefghij", params.model_copy(update={"max_tokens": 35}),
+                           SpecConfig(policy="none"))
+
+
+def test_long_prefill_is_chunked(tiny_pair, tokenizer):
+    """A long prompt is prefilled one chunk per step while a running stream keeps producing."""
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, scheduler_config=SchedulerConfig(max_num_batched_tokens=16))
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    engine.add_request("running", "hi", params, SpecConfig(policy="constant", k=2))
+    engine.step()
+    engine.step()
+    engine.add_request("long", "x" * 100, params, SpecConfig(policy="constant", k=2))
+    steps_until_long_decodes = 0
+    while not engine.running["long"].output_ids:
+        events = {e.request_id: e for e in engine.step()}
+        assert events["running"].token_ids  # the running stream is never stalled
+        steps_until_long_decodes += 1
+    assert steps_until_long_decodes >= 100 // 16
+
