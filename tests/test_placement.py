@@ -104,8 +104,8 @@ def test_explicit_devices_are_honoured():
     )
     assert p.draft_device == "cuda:3"
     assert sorted(p.target_max_memory) == [0, 1]
-    p = plan_placement(gpus(2), target=Footprint(GiB), draft=Footprint(GiB), draft_device="cpu")
-    assert (p.draft_device, sorted(p.target_max_memory)) == ("cpu", [0, 1])  # draft off the GPUs: target takes all
+    p = plan_placement(gpus(3), target=Footprint(GiB), draft=None, draft_device="cpu")
+    assert sorted(p.target_max_memory) == [0, 1, 2]  # no draft: the target takes every GPU
     p = plan_placement(gpus(2), target=Footprint(GiB), draft=Footprint(GiB), target_devices=["cuda:0"])
     assert (p.draft_device, p.target_device) == ("cuda:0", "cuda:0")
 
@@ -128,6 +128,10 @@ def test_bad_device_requests():
         plan_placement([], target=GiB, draft=GiB, draft_device="cuda")
     with pytest.raises(PlacementError, match="cannot mix cpu"):
         plan_placement(gpus(2), target=GiB, draft=GiB, target_devices=["cpu", "cuda:1"])
+    with pytest.raises(PlacementError, match="both on GPUs or both on cpu"):
+        plan_placement(gpus(2), target=GiB, draft=GiB, draft_device="cpu")
+    with pytest.raises(PlacementError, match="both on GPUs or both on cpu"):
+        plan_placement(gpus(1), target=GiB, draft=GiB, target_devices=["cpu"])
     with pytest.raises(PlacementError, match="unknown device"):
         plan_placement(gpus(2), target=GiB, draft=GiB, draft_device="tpu")
 
