@@ -17,6 +17,10 @@ class EngineConfig:
     draft_device: str | None = None  # None: planned (GPU 0 if any, else CPU)
     target_devices: list[str] | None = None  # None: planned (other GPUs, else the draft's device)
     max_model_len: int | None = None
+    max_num_seqs: int = 8  # continuous batching: sequences running at once
+    max_num_batched_tokens: int = 512  # prefill chunk size (tokens per forward for a new prompt)
+    kv_cache_tokens: int = 131072  # admission budget: sum of prompt + max_tokens over running sequences
+    batching: bool = True  # False: each running sequence gets its own forwards (round-robin)
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.loader import load_model, load_tokenizer, model_identity, parse_dtype
+from engine.scheduler import SchedulerConfig
 from heads.model import load_head
 
 log = logging.getLogger(__name__)
@@ -78,4 +79,10 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         draft_tokenizer=draft_tokenizer,
         max_model_len=config.max_model_len,
         default_spec=spec,
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kv_cache_tokens=config.kv_cache_tokens,
+            batching=config.batching,
+        ),
     )

@@ -18,6 +18,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-device", help="device for the draft and head (default: GPU 0 or cpu)")
     g.add_argument("--target-devices", nargs="+", help="devices for the target (several: sharded)")
     g.add_argument("--max-model-len", type=int, help="context limit (default: the target's)")
+    b = parser.add_argument_group("batching")
+    b.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (default: 8)")
+    b.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="prefill chunk: prompt tokens per forward for a new request (default: 512)")
+    b.add_argument("--kv-cache-tokens", type=int, default=131072,
+                   help="admission budget: sum of prompt + max_tokens over running requests (default: 131072)")
+    b.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="give every running request its own forwards (round-robin) instead of one batch")
 
 
 def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = None) -> None:
@@ -47,5 +55,9 @@ def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig |
         draft_device=args.draft_device,
         target_devices=args.target_devices,
         max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_tokens=args.kv_cache_tokens,
+        batching=args.batching,
         default_spec=default_spec or SpecConfig(),
     )
