@@ -127,19 +127,34 @@ def plan_placement(
     def room(dev: str) -> str:
         return f"{_gib(max(budget[dev], 0))} usable" if dev in budget else "unknown"
 
+    def need(fp: Footprint, devices: list[str]) -> int:
+        # GPU memory must hold the KV cache up front. Host RAM is checked for the weights only: the
+        # cache grows with use, so a full-length one that may not fit is a note, not a refusal.
+        return fp.weight_bytes if devices == ["cpu"] else fp.total
+
+    def describe(fp: Footprint, devices: list[str], extra: str) -> str:
+        if devices == ["cpu"]:
+            return f"{_gib(fp.weight_bytes)} of weights"
+        return f"{_gib(fp.total)} (weights {_gib(fp.weight_bytes)} + {extra} {_gib(fp.extra_bytes)})"
+
+    def note_cpu_cache(fp: Footprint, dev: str, what: str, left: int) -> None:
+        if dev == "cpu" and dev in budget and fp.extra_bytes > left:
+            notes.append(f"{what}: a full-length KV cache ({_gib(fp.extra_bytes)}) may not fit in the RAM left")
+
     # Draft and head first: they are small and must sit on one device.
     draft_dev = normalize_device(draft_device, gpus) if draft_device else ("cuda:0" if gpus else "cpu")
     if draft is not None:
-        if draft_dev in budget and draft.total > budget[draft_dev]:
+        if draft_dev in budget and need(draft, [draft_dev]) > budget[draft_dev]:
             raise InsufficientMemoryError(
-                f"not enough memory for the draft and head on {draft_dev}: they need {_gib(draft.total)} "
-                f"(weights {_gib(draft.weight_bytes)} + KV cache and head {_gib(draft.extra_bytes)}), "
+                f"not enough memory for the draft and head on {draft_dev}: they need "
+                f"{describe(draft, [draft_dev], 'KV cache and head')}, "
                 f"{draft_dev} has {room(draft_dev)} after reserving {reserve_fraction:.0%}. "
                 "Choose another --draft-device or a smaller --draft-dtype."
             )
         if draft_dev in budget:
-            budget[draft_dev] -= draft.total
+            budget[draft_dev] -= need(draft, [draft_dev])
         notes.append(f"draft + head on {draft_dev}: {_gib(draft.total)}")
+        note_cpu_cache(draft, draft_dev, "draft", budget.get(draft_dev, 0))
 
     # Target: explicit devices, or the default rule.
     if target_devices:
@@ -167,7 +182,7 @@ def plan_placement(
     for i, devices in enumerate(candidates):
         usable = sum(max(budget.get(d, 0), 0) for d in devices)
         unchecked = any(d not in budget for d in devices)
-        if unchecked or target.total <= usable:
+        if unchecked or need(target, devices) <= usable:
             break
         if i + 1 < len(candidates):
             notes.append(
@@ -176,8 +191,7 @@ def plan_placement(
             )
     else:
         raise InsufficientMemoryError(
-            f"not enough memory for the target: it needs {_gib(target.total)} "
-            f"(weights {_gib(target.weight_bytes)} + KV cache {_gib(target.extra_bytes)}), "
+            f"not enough memory for the target: it needs {describe(target, devices, 'KV cache')}, "
             f"{', '.join(devices)} {'has' if len(devices) == 1 else 'have'} {_gib(usable)} usable "
             f"({'; '.join(f'{d}: {room(d)}' for d in devices)}; {reserve_fraction:.0%} of each reserved"
             + (", the draft's share already taken)" if draft is not None else ")")
@@ -186,6 +200,7 @@ def plan_placement(
 
     if len(devices) == 1:
         notes.append(f"target on {devices[0]}: {_gib(target.total)}")
+        note_cpu_cache(target, devices[0], "target", budget.get(devices[0], 0) - target.weight_bytes)
         return Placement(draft_device=draft_dev, target_device=devices[0], notes=notes)
 
     # Sharded: each GPU's weight budget is its usable memory scaled so the KV cache, which

@@ -39,6 +39,15 @@ def test_no_gpu_and_too_little_ram_fails_with_sizes():
         plan_placement([], target=20 * GiB, draft=1 * GiB, cpu_bytes=16 * GiB)
 
 
+def test_cpu_checks_weights_and_notes_a_cache_that_may_not_fit():
+    # Host RAM: the weights must fit; a full-length KV cache that might not is only noted.
+    p = plan_placement([], target=Footprint(10 * GiB, 8 * GiB), draft=Footprint(2 * GiB, GiB), cpu_bytes=16 * GiB)
+    assert p.target_device == "cpu"
+    assert any("target: a full-length KV cache (8.0 GiB)" in n for n in p.notes)
+    with pytest.raises(InsufficientMemoryError, match=r"draft.*need 20\.0 GiB of weights"):
+        plan_placement([], target=Footprint(GiB), draft=Footprint(20 * GiB, GiB), cpu_bytes=16 * GiB)
+
+
 def test_one_gpu_holds_both():
     p = plan_placement(gpus(1), target=Footprint(30 * GiB, 2 * GiB), draft=Footprint(4 * GiB, GiB))
     assert (p.draft_device, p.target_device) == ("cuda:0", "cuda:0")
