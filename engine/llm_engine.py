@@ -114,8 +114,11 @@ class LLMEngine:
                 f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
                 "max_tokens",
             )
-        generator = torch.Generator(device=self.target.device)
-        generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        generator = torch.Generator(device=self.target.device).manual_seed(seed)
+        draft_generator = generator
+        if self.draft is not None and self.draft.device != self.target.device:
+            draft_generator = torch.Generator(device=self.draft.device).manual_seed(seed + 1)
         seq = Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -124,6 +127,7 @@ class LLMEngine:
             policy=make_policy(spec),
             detokenizer=Detokenizer(self.tokenizer, params.stop),
             generator=generator,
+            draft_generator=draft_generator,
             eos_token_ids=self.eos_token_ids,
             stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
         )

@@ -171,14 +171,6 @@ def plan_placement(
         others = [d for d in all_gpus if d != draft_dev or draft is None]
         # The others first; GPU 0 joins (with what the draft leaves) only if they are too small.
         candidates = [others, all_gpus] if others != all_gpus else [all_gpus]
-    if draft is not None and (draft_dev == "cpu") != (candidates[0][0] == "cpu"):
-        # The engine samples draft and target tokens with one per-request generator on the target's
-        # device, and torch refuses a generator of another device type: fail now, not at the first request.
-        raise PlacementError(
-            f"draft on {draft_dev} with the target on {', '.join(candidates[0])} is not supported: "
-            "put both on GPUs or both on cpu (--draft-device / --target-devices)"
-        )
-
     for i, devices in enumerate(candidates):
         usable = sum(max(budget.get(d, 0), 0) for d in devices)
         unchecked = any(d not in budget for d in devices)

@@ -47,23 +47,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_batch(
-        self, feeds: list[list[int]], caches: list[DynamicCache], num_logits: list[int]
+        self, feeds: list[torch.Tensor | list[int]], caches: list[DynamicCache], num_logits: list[int]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Row i appends feeds[i] to caches[i]; returns per-row hidden [n_i, H] and logits [n_i, V]
-        for its last n_i = num_logits[i] positions."""
+        """Row i appends feeds[i] (1-D token ids) to caches[i]; returns per-row hidden [n_i, H] and
+        logits [n_i, V] for its last n_i = num_logits[i] positions.
+
+        Token tensors may stay on the device: nothing here waits for the device.
+        """
+        feeds = [torch.as_tensor(f, dtype=torch.long, device=self.device) for f in feeds]
         if len(feeds) == 1:
-            ids = torch.tensor([feeds[0]], dtype=torch.long)
-            hidden, logits = self.forward(ids, caches[0], num_logits[0])
+            hidden, logits = self.forward(feeds[0].unsqueeze(0), caches[0], num_logits[0])
             return [hidden[0]], [logits[0]]
         lengths = [len(f) for f in feeds]
         cached = [c.get_seq_length() for c in caches]
         batch, width, past = len(feeds), max(lengths), max(cached)
-        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        input_ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
         positions = torch.zeros(batch, width, dtype=torch.long)
         mask = torch.zeros(batch, 1, width, past + width, dtype=torch.bool)
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         for i, (feed, n, c) in enumerate(zip(feeds, lengths, cached, strict=True)):
-            input_ids[i, :n] = torch.tensor(feed, dtype=torch.long)
+            input_ids[i, :n] = feed
             positions[i] = torch.arange(c, c + width)
             mask[i, 0, :, :c] = True
             mask[i, 0, :, past:] = causal
@@ -72,7 +75,7 @@ class ModelRunner:
             mask[i, 0, torch.arange(n, width), past + torch.arange(n, width)] = True
         batch_cache = self._stacked_cache(caches, cached, past)
         out = self.decoder(
-            input_ids=input_ids.to(self.device),
+            input_ids=input_ids,
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
             past_key_values=batch_cache,

@@ -29,7 +29,8 @@ class Sequence:
     spec: SpecConfig
     policy: StopPolicy
     detokenizer: Detokenizer
-    generator: torch.Generator
+    generator: torch.Generator  # on the target's device: verification
+    draft_generator: torch.Generator  # on the draft's device: proposals (the same object when co-located)
     eos_token_ids: frozenset[int]
     output_ids: list[int] = field(default_factory=list)
     target_cache: DynamicCache | None = None

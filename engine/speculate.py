@@ -27,7 +27,7 @@ class Proposal:
 
     seq: Sequence
     budget: int
-    tokens: list[int] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)  # each [1], left on the device
     draft_probs: list[torch.Tensor] = field(default_factory=list)  # q_i, each [V]
     last_logits: torch.Tensor | None = None  # draft logits [V] for the next proposal
     done: bool = False
@@ -54,8 +54,8 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
         for p in active:
             seq, policy = p.seq, p.seq.policy
             q = processed_probs(p.last_logits.unsqueeze(0), seq.params)
-            token = sample(q, seq.generator)
-            p.tokens.append(int(token[0]))
+            token = sample(q, seq.draft_generator)
+            p.tokens.append(token)
             p.draft_probs.append(q[0])
             step = ProposalStep(index=len(p.tokens), draft_prob=1.0)
             if len(p.tokens) >= p.budget:
@@ -70,7 +70,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
         if forward:
             # The forward on y_s is needed for the next proposal anyway; its hidden state feeds the head.
             hidden, logits = draft.forward_batch(
-                [[p.tokens[-1]] for p, _ in forward], [p.seq.draft_cache for p, _ in forward], [1] * len(forward)
+                [p.tokens[-1] for p, _ in forward], [p.seq.draft_cache for p, _ in forward], [1] * len(forward)
             )
             asking = [i for i, (p, step) in enumerate(forward) if p.seq.policy.uses_head and step.index > 1]
             if asking:
@@ -109,23 +109,29 @@ def run_round(
         if seq.target_cache is None:
             seq.target_cache, seq.target_cached = target.new_cache(), 0
     lengths = [len(seq.all_ids) for seq in seqs]
-    feeds = [seq.all_ids[seq.target_cached :] + p.tokens for seq, p in zip(seqs, proposals, strict=True)]
+    candidates = [
+        torch.cat(p.tokens).to(target.device) if p.tokens else torch.zeros(0, dtype=torch.long, device=target.device)
+        for p in proposals
+    ]
+    feeds = [
+        torch.cat([torch.tensor(seq.all_ids[seq.target_cached :], dtype=torch.long, device=target.device), cand])
+        for seq, cand in zip(seqs, candidates, strict=True)
+    ]
     _, logits = target.forward_batch(feeds, [s.target_cache for s in seqs], [len(p.tokens) + 1 for p in proposals])
     verdicts = []
-    for p, row in zip(proposals, logits, strict=True):
+    for p, cand, row in zip(proposals, candidates, logits, strict=True):
         target_probs = processed_probs(row, p.seq.params)
-        cand = torch.tensor(p.tokens, dtype=torch.long, device=target_probs.device)
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator))
     elapsed = time.perf_counter() - t0
 
     results = []
-    for p, verdict, n in zip(proposals, verdicts, lengths, strict=True):
+    for p, cand, verdict, n in zip(proposals, candidates, verdicts, lengths, strict=True):
         seq = p.seq
         seq.stats.target_seconds += elapsed
-        # Accept left to right; stop conditions may cut inside the block.
+        # Accept left to right; stop conditions may cut inside the block (one sync per round here).
         new_tokens: list[int] = []
-        for token in p.tokens[: verdict.num_accepted] + [verdict.next_token]:
+        for token in cand[: verdict.num_accepted].tolist() + [verdict.next_token]:
             new_tokens.append(token)
             if seq.append_token(token):
                 break
