@@ -212,6 +212,8 @@ def test_compose_stack_is_wired_together():
     assert grafana_mounts["./docker/grafana/provisioning"] == "/etc/grafana/provisioning"
     provider = yaml.safe_load(DASHBOARD_PROVIDER.read_text())["providers"][0]
     assert grafana_mounts["./docker/grafana/dashboards"] == provider["options"]["path"]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
     datasource = yaml.safe_load(DATASOURCE.read_text())["datasources"][0]
     assert datasource["url"] == "http://prometheus:9090"
     dashboard = json.loads(DASHBOARD.read_text())
