@@ -315,6 +315,7 @@ def _make_shard(
     for p in prompts:
         ids = encode_prompt(tokenizer, p)
         (encoded if len(ids) <= config.max_prompt_tokens else skipped).append((p, ids))
+    encoded.sort(key=lambda item: len(item[1]))  # similar lengths per batch: less padding
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
     parts: list[dict[str, torch.Tensor]] = []
     records = []
