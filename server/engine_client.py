@@ -41,6 +41,8 @@ class RequestHandle:
     async def admitted(self) -> int:
         """Wait until the engine accepted the request; its prompt length, or an APIError."""
         message = await self.queue.get()
+        if message["type"] == "cancelled":
+            raise APIError(499, "client closed the request", None, "client_closed_request")
         if message["type"] == "added":
             self.prompt_tokens = int(message["prompt_tokens"])
             return self.prompt_tokens
@@ -54,6 +56,8 @@ class RequestHandle:
             if message["type"] == "request_error":
                 self.finished = True
                 raise _as_api_error(message)
+            if message["type"] == "cancelled":
+                raise APIError(499, "client closed the request", None, "client_closed_request")
             if message["type"] == "event":
                 self.finished = bool(message["finished"])
                 return message
@@ -64,10 +68,11 @@ class RequestHandle:
             yield await self.next_event()
 
     def abort(self) -> None:
-        """Cancel in the engine (frees its caches); safe to call twice or after the end."""
+        """Cancel in the engine (frees its caches) and wake any waiter; safe to call twice or after the end."""
         if not self.finished:
             self.finished = True
             self.client.abort(self.request_id)
+            self.queue.put_nowait({"type": "cancelled", "request_id": self.request_id})
 
 
 def _as_api_error(message: dict) -> APIError:
@@ -75,7 +80,7 @@ def _as_api_error(message: dict) -> APIError:
     if code == "engine_unavailable":
         return APIError(503, message["message"], None, code, {"Retry-After": str(RETRY_AFTER_SECONDS)})
     status = 500 if code == "internal_error" else 400
-    return APIError(status, message["message"], message.get("param"), code)
+    return APIError(status, message["message"], message.get("param"), code or "invalid_request")
 
 
 class EngineClient:

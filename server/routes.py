@@ -77,46 +77,38 @@ async def _run(request: Request, body: _Common, kind: str, prompt: object) -> Re
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     handle = _client(request).submit(request_id, prompt, sampling, spec_for_engine)
     builder = ResponseBuilder(kind, request_id, body.model, spec_used)
+    watcher = asyncio.ensure_future(_abort_on_disconnect(request, handle))
     try:
-        prompt_tokens = await _admitted(request, handle)
+        prompt_tokens = await handle.admitted()  # 4xx from the engine surface here, before any stream starts
+        if not body.stream:
+            return await _collect(handle, builder, prompt_tokens)
     except BaseException:
         handle.abort()
         raise
-    if body.stream:
-        return StreamingResponse(
-            _stream(handle, builder, prompt_tokens, body.include_usage),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    return await _collect(request, handle, builder, prompt_tokens)
+    finally:
+        watcher.cancel()  # a stream's disconnects are seen by Starlette, which cancels `_stream`
+    return StreamingResponse(
+        _stream(handle, builder, prompt_tokens, body.include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
-async def _admitted(request: Request, handle: RequestHandle) -> int:
-    """Wait for the engine's verdict on the request (4xx raised here, before any stream starts)."""
-    task = asyncio.ensure_future(handle.admitted())
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-        if done:
-            return task.result()
+async def _abort_on_disconnect(request: Request, handle: RequestHandle) -> None:
+    """While a route waits on the engine, poll the connection; a gone client aborts the request."""
+    while not handle.finished:
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
         if await request.is_disconnected():
-            task.cancel()
-            raise APIError(499, "client disconnected", None, "client_closed_request")
+            log.info("client left; aborting %s", handle.request_id)
+            handle.abort()
+            return
 
 
-async def _collect(request: Request, handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int) -> Response:
-    """Non-streaming: gather all events; abort if the client leaves while we wait."""
+async def _collect(handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int) -> Response:
+    """Non-streaming: gather the events into one body."""
     parts: list[str] = []
     while True:
-        task = asyncio.ensure_future(handle.next_event())
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                break
-            if await request.is_disconnected():
-                task.cancel()
-                handle.abort()
-                raise APIError(499, "client disconnected", None, "client_closed_request")
-        event = task.result()
+        event = await handle.next_event()
         parts.append(event["text"])
         if event["finished"]:
             break

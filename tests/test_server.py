@@ -85,7 +85,7 @@ def open_stream(server, http: httpx.Client, max_tokens: int = LONG):
             "ignore_eos": True, "specdec": {"policy": "none"}}
     ctx = http.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers())
     response = ctx.__enter__()
-    assert response.status_code == 200
+    assert response.status_code == 200, (response.read(), server.log())
     lines = response.iter_lines()
     first = next(line for line in lines if line.startswith("data: "))
     assert json.loads(first[6:])["object"] == "text_completion"
@@ -246,6 +246,16 @@ def test_disconnect_cancels_in_engine(server):
         ctx, _, _ = open_stream(server, http)
         wait_for(lambda: metric(server, "specdec_running_requests") == 1, what="the request to run")
         ctx.__exit__(None, None, None)  # drop the connection mid-stream
+    wait_for(lambda: metric(server, "specdec_requests_total", 'status="abort"') == aborted + 1, what="the abort")
+    assert metric(server, "specdec_running_requests") == 0
+
+
+def test_disconnect_cancels_non_streaming_too(server):
+    aborted = metric(server, "specdec_requests_total", 'status="abort"')
+    body = {"model": TARGET_NAME, "prompt": "hello", "max_tokens": LONG, "ignore_eos": True,
+            "specdec": {"policy": "none"}}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=headers(), timeout=0.3)
     wait_for(lambda: metric(server, "specdec_requests_total", 'status="abort"') == aborted + 1, what="the abort")
     assert metric(server, "specdec_running_requests") == 0
 
