@@ -1,0 +1,1 @@
+"""Benchmarks: offline (engine in-process, plus transformers' assisted generation) and serving (HTTP)."""

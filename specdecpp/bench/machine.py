@@ -1,0 +1,85 @@
+"""The environment record every results file carries, so anyone can rerun a benchmark."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cpuinfo() -> dict:
+    """CPU model and flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    path = Path("/proc/cpuinfo")
+    if not path.is_file():
+        return {}
+    out: dict = {}
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and "cpu_model" not in out:
+            out["cpu_model"] = value.strip()
+        elif key == "flags" and "cpu_flags" not in out:
+            out["cpu_flags"] = value.split()
+    return out
+
+
+def _memory_bytes() -> int | None:
+    path = Path("/proc/meminfo")
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository this code runs from, with '-dirty' if tracked files changed."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - an absent optional package is just "not installed"
+        return None
+
+
+def machine_record() -> dict:
+    """Cores, CPU model and flags, memory, GPUs, Python/torch/transformers versions."""
+    import torch
+
+    record = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": _memory_bytes(),
+        **_cpuinfo(),
+        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "sklearn": _version("sklearn"),
+    }
+    return record
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command to rerun: `specdecpp` plus the arguments given (shell-quoted)."""
+    return shlex.join(["specdecpp", *(sys.argv[1:] if argv is None else argv)])

@@ -1,0 +1,299 @@
+"""Offline benchmark: one engine, every policy and knob on the same prompts and seeds.
+
+The loop is prompt-major (for each prompt, every configuration) so machine noise lands on
+all configurations alike. Every finished (prompt, configuration) is appended to a JSONL
+checkpoint; a restart skips those. Aggregates follow DESIGN.md: counts are summed over
+prompts and every rate is a ratio of sums; tokens/s = generated tokens / wall seconds;
+speedup = tokens/s over the `none` row at the same temperature.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams, SpecConfig
+from heads.prompts import Prompt
+from specdecpp.bench.peers import HF_DYNAMIC_THRESHOLD, HF_POLICIES, hf_assisted_generate
+
+log = logging.getLogger(__name__)
+
+ENGINE_POLICIES = ("none", "constant", "heuristic", "confidence", "specdec++")
+ALL_POLICIES = ENGINE_POLICIES + HF_POLICIES
+KNOB_NAMES = {
+    "none": None,
+    "constant": "k",
+    "heuristic": "k0",
+    "confidence": "p_min",
+    "specdec++": "threshold",
+    "hf-constant": "k",
+    "hf-dynamic": "confidence_threshold",
+    "hf-heuristic": "k0",
+}
+ROW_FIELDS = (
+    "policy", "knob_name", "knob", "temperature", "tokens_per_s", "speedup", "discard_rate", "verification_rate",
+    "acceptance_rate", "mean_candidate_length", "mean_accepted_length", "tokens_per_target_call", "prompts",
+    "generated_tokens", "proposed_tokens", "accepted_tokens", "discarded_tokens", "target_calls", "rounds",
+    "wall_seconds",
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One row of the table: a policy, its knob, a temperature."""
+
+    policy: str
+    knob: float | None
+    temperature: float
+
+    @property
+    def label(self) -> str:
+        knob = "" if self.knob is None else f" {KNOB_NAMES[self.policy]}={self.knob:g}"
+        return f"T={self.temperature:g} {self.policy}{knob}"
+
+    def spec(self, bounds: tuple[int, int]) -> SpecConfig:
+        """The engine's SpecConfig for this row (engine policies only)."""
+        fields: dict = {"policy": self.policy, "bounds": bounds}
+        if self.policy in ("constant", "heuristic"):
+            fields["k"] = int(self.knob)
+        elif self.policy == "confidence":
+            fields["p_min"] = float(self.knob)
+        elif self.policy == "specdec++":
+            fields["threshold"] = float(self.knob)
+        return SpecConfig.model_validate(fields)
+
+
+@dataclass
+class Sweep:
+    """Knob values per policy; `configs()` expands them over the temperatures."""
+
+    temperatures: tuple[float, ...] = (1.0, 0.0)
+    ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
+    heuristic_k: int = 4
+    p_mins: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+    hf_ks: tuple[int, ...] = (2, 4, 6)
+    hf_dynamic_threshold: float = HF_DYNAMIC_THRESHOLD
+    policies: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++", "hf-constant",
+                                 "hf-dynamic")
+    bounds: tuple[int, int] = (2, 20)
+
+    def configs(self) -> list[BenchConfig]:
+        knobs: dict[str, Iterable[float | None]] = {
+            "none": [None],
+            "constant": self.ks,
+            "heuristic": [self.heuristic_k],
+            "confidence": self.p_mins,
+            "specdec++": self.thresholds,
+            "hf-constant": self.hf_ks,
+            "hf-dynamic": [self.hf_dynamic_threshold],
+            "hf-heuristic": [self.heuristic_k],
+        }
+        unknown = set(self.policies) - set(ALL_POLICIES)
+        if unknown:
+            raise ValueError(f"unknown policies {sorted(unknown)}; choose from {', '.join(ALL_POLICIES)}")
+        if "none" not in self.policies:
+            raise ValueError("the `none` row (target alone) is required: every speedup is relative to it")
+        return [
+            BenchConfig(policy, knob, float(t))
+            for t in self.temperatures
+            for policy in ALL_POLICIES
+            if policy in self.policies
+            for knob in knobs[policy]
+        ]
+
+
+def record_key(config: BenchConfig, prompt_id: str) -> str:
+    return f"{config.temperature:g}|{config.policy}|{config.knob}|{prompt_id}"
+
+
+class Checkpoint:
+    """Append-only JSONL of finished (prompt, configuration) results, with a settings header.
+
+    Resuming with different settings (models, max_tokens, seeds...) would mix incomparable
+    numbers, so a mismatching header is an error.
+    """
+
+    def __init__(self, path: Path, settings: dict, fresh: bool = False) -> None:
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if fresh and path.exists():
+            path.unlink()
+        if path.exists():
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            header = lines[0].get("settings") if lines else None
+            if header != settings:
+                raise ValueError(
+                    f"{path} was written with other settings ({header}); use --fresh or another --output"
+                )
+            for record in lines[1:]:
+                self.records[record["key"]] = record
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def add(self, record: dict) -> None:
+        self.records[record["key"]] = record
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def run_engine(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
+               bounds: tuple[int, int]) -> dict:
+    """One request through our engine; its stats record plus the wall time around it."""
+    params = SamplingParams(temperature=config.temperature, seed=seed, max_tokens=max_tokens)
+    spec = config.spec(bounds)
+    start = time.perf_counter()
+    completion = engine.generate(prompt.messages, params, spec)
+    wall = time.perf_counter() - start
+    stats = dict(completion.stats)
+    stats["finish_reason"] = completion.finish_reason
+    stats["token_ids"] = completion.token_ids
+    return {"stats": stats, "wall_seconds": wall}
+
+
+def run_peer(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int) -> dict:
+    """One request through transformers' assisted generation on the engine's own models."""
+    assert engine.draft is not None
+    stats = hf_assisted_generate(
+        engine.target.model,
+        engine.draft.model,
+        engine.encode(prompt.messages),
+        config.policy,
+        config.knob,
+        config.temperature,
+        max_tokens,
+        seed,
+        engine.eos_token_ids,
+        engine.tokenizer.pad_token_id,
+    )
+    return {"stats": stats, "wall_seconds": stats["total_seconds"]}
+
+
+def run_one(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
+            bounds: tuple[int, int]) -> dict:
+    if config.policy in HF_POLICIES:
+        return run_peer(engine, prompt, config, max_tokens, seed)
+    return run_engine(engine, prompt, config, max_tokens, seed, bounds)
+
+
+def warm_up(engine: LLMEngine, configs: list[BenchConfig], bounds: tuple[int, int], prompt: Prompt) -> None:
+    """One short request per policy so first-call costs (allocations, kernels) hit no measured row."""
+    seen: set[str] = set()
+    for config in configs:
+        if config.policy in seen:
+            continue
+        seen.add(config.policy)
+        run_one(engine, prompt, config, max_tokens=8, seed=0, bounds=bounds)
+
+
+def run_offline(
+    engine: LLMEngine,
+    prompts: list[Prompt],
+    configs: list[BenchConfig],
+    max_tokens: int,
+    checkpoint: Checkpoint,
+    base_seed: int = 0,
+    bounds: tuple[int, int] = (2, 20),
+    warmup: bool = True,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run every (prompt, configuration) not yet in the checkpoint; return all records of this grid."""
+    todo = [(i, p, c) for i, p in enumerate(prompts) for c in configs if record_key(c, p.id) not in checkpoint]
+    total = len(prompts) * len(configs)
+    done = total - len(todo)
+    if done:
+        progress(f"resuming: {done}/{total} results already in {checkpoint.path}")
+    if todo and warmup:
+        warm_up(engine, configs, bounds, prompts[0])
+    started = time.perf_counter()
+    for n, (i, prompt, config) in enumerate(todo, start=1):
+        seed = base_seed + i  # one seed per prompt, the same for every configuration
+        result = run_one(engine, prompt, config, max_tokens, seed, bounds)
+        record = {
+            "key": record_key(config, prompt.id),
+            "prompt_id": prompt.id,
+            "prompt_index": i,
+            "seed": seed,
+            **asdict(config),
+            **result,
+        }
+        checkpoint.add(record)
+        elapsed = time.perf_counter() - started
+        eta = elapsed / n * (len(todo) - n)
+        s = result["stats"]
+        progress(
+            f"[{done + n}/{total}] prompt {i} ({prompt.id}) {config.label}: {s['generated_tokens']} tokens in "
+            f"{result['wall_seconds']:.1f}s ({s['generated_tokens'] / max(result['wall_seconds'], 1e-9):.2f} tok/s)"
+            f"  eta {eta / 60:.1f} min"
+        )
+    return [checkpoint.records[record_key(c, p.id)] for p in prompts for c in configs]
+
+
+# ----- aggregation ---------------------------------------------------------------------------
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _sum(records: list[dict], field: str) -> float | None:
+    values = [r["stats"].get(field) for r in records]
+    return None if any(v is None for v in values) else sum(values)
+
+
+def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
+    """One row per configuration, over the prompts every configuration finished.
+
+    Sums of counts over prompts; every rate is a ratio of those sums (DESIGN.md). A count a
+    peer cannot measure stays None, and so do the rates built on it.
+    """
+    by_config: dict[BenchConfig, dict[str, dict]] = {c: {} for c in configs}
+    for r in records:
+        config = BenchConfig(r["policy"], r["knob"], r["temperature"])
+        if config in by_config:
+            by_config[config][r["prompt_id"]] = r
+    common = set.intersection(*(set(v) for v in by_config.values())) if by_config else set()
+    rows = []
+    for config in configs:
+        rs = [r for pid, r in sorted(by_config[config].items()) if pid in common]
+        generated = _sum(rs, "generated_tokens") or 0
+        proposed, accepted = _sum(rs, "proposed_tokens"), _sum(rs, "accepted_tokens")
+        discarded = None if proposed is None or accepted is None else proposed - accepted
+        calls, rounds = _sum(rs, "target_calls"), _sum(rs, "rounds")
+        wall = sum(r["wall_seconds"] for r in rs)
+        speculates = config.policy != "none"
+        rows.append({
+            "policy": config.policy,
+            "knob_name": KNOB_NAMES[config.policy],
+            "knob": config.knob,
+            "temperature": config.temperature,
+            "tokens_per_s": _ratio(generated, wall),
+            "speedup": None,  # filled below
+            "discard_rate": _ratio(discarded, generated),
+            "verification_rate": _ratio(calls, generated),
+            "acceptance_rate": _ratio(accepted, proposed) if speculates else None,
+            "mean_candidate_length": _ratio(proposed, rounds),
+            "mean_accepted_length": _ratio(accepted, rounds),
+            "tokens_per_target_call": _ratio(generated, calls),
+            "prompts": len(rs),
+            "generated_tokens": generated,
+            "proposed_tokens": proposed,
+            "accepted_tokens": accepted,
+            "discarded_tokens": discarded,
+            "target_calls": calls,
+            "rounds": rounds,
+            "wall_seconds": wall,
+        })
+    baseline = {r["temperature"]: r["tokens_per_s"] for r in rows if r["policy"] == "none"}
+    for row in rows:
+        row["speedup"] = _ratio(row["tokens_per_s"], baseline.get(row["temperature"]))
+    return rows

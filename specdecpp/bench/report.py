@@ -1,0 +1,191 @@
+"""Results files: JSON (`meta` + `rows`), a markdown table, and PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# One colour and marker per policy across every plot.
+STYLE = {
+    "none": ("black", "*"),
+    "constant": ("tab:blue", "o"),
+    "heuristic": ("tab:purple", "D"),
+    "confidence": ("tab:green", "^"),
+    "specdec++": ("tab:red", "s"),
+    "hf-constant": ("tab:cyan", "v"),
+    "hf-dynamic": ("tab:orange", "P"),
+    "hf-heuristic": ("tab:brown", "X"),
+}
+
+
+def write_json(path: Path, rows: list[dict], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _knob(row: dict) -> str:
+    if row.get("knob") is None:
+        return "-"
+    return f"{row['knob_name']}={row['knob']:g}"
+
+
+def offline_markdown(rows: list[dict], meta: dict) -> str:
+    """One table per temperature; the best row of each policy in bold."""
+    out = [f"# Offline benchmark: {meta.get('dataset', '')}", ""]
+    out.append(_meta_lines(meta))
+    for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
+        rs = [r for r in rows if r["temperature"] == temperature]
+        best = {}
+        for r in rs:
+            if r["tokens_per_s"] is not None and r["tokens_per_s"] > best.get(r["policy"], (-1.0, None))[0]:
+                best[r["policy"]] = (r["tokens_per_s"], id(r))
+        out += ["", f"## temperature {temperature:g}", ""]
+        out.append("| policy | knob | tokens/s | speedup | discard rate | verification rate | acceptance rate "
+                   "| mean candidates | prompts | generated tokens |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rs:
+            bold = "**" if best.get(r["policy"], (None, None))[1] == id(r) and r["policy"] != "none" else ""
+            out.append(
+                f"| {r['policy']} | {_knob(r)} | {bold}{_fmt(r['tokens_per_s'], 2)}{bold} | "
+                f"{bold}{_fmt(r['speedup'], 2)}{bold} | {_fmt(r['discard_rate'])} | "
+                f"{_fmt(r['verification_rate'])} | {_fmt(r['acceptance_rate'])} | "
+                f"{_fmt(r['mean_candidate_length'], 2)} | {r['prompts']} | {r['generated_tokens']} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def _meta_lines(meta: dict) -> str:
+    machine = meta.get("machine", {})
+    parts = [
+        f"- command: `{meta.get('command', '')}`",
+        f"- git commit: `{meta.get('git_commit')}`",
+        f"- machine: {machine.get('cpu_count')} cores, {machine.get('cpu_model', '?')}, "
+        f"{(machine.get('memory_bytes') or 0) / 2**30:.0f} GiB; torch {machine.get('torch')}, "
+        f"transformers {machine.get('transformers')}",
+    ]
+    for key in ("models", "settings"):
+        if key in meta:
+            parts.append(f"- {key}: `{json.dumps(meta[key])}`")
+    for note in meta.get("notes", []):
+        parts.append(f"- {note}")
+    return "\n".join(parts)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
+    """Discard rate vs verification rate, one curve per policy (the paper's Figure 4).
+
+    Lower-left is better: fewer wasted draft tokens and fewer target calls per token.
+    """
+    plt = _plt()
+    temps = sorted({r["temperature"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
+    for ax, temperature in zip(axes[0], temps, strict=True):
+        for policy, (colour, marker) in STYLE.items():
+            pts = [
+                (r["discard_rate"], r["verification_rate"], r)
+                for r in rows
+                if r["policy"] == policy and r["temperature"] == temperature
+                and r["discard_rate"] is not None and r["verification_rate"] is not None
+            ]
+            if not pts:
+                continue
+            pts.sort(key=lambda p: p[0])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=policy,
+                    linestyle="-" if len(pts) > 1 else "none")
+            for x, y, r in pts:
+                if r["knob"] is not None:
+                    ax.annotate(f"{r['knob']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("discard rate (discarded draft tokens / generated tokens)")
+        ax.set_ylabel("verification rate (target calls / generated tokens)")
+        ax.set_title(f"{title} T={temperature:g}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_speedup(rows: list[dict], path: Path, title: str = "") -> None:
+    """Speedup over the target alone against each policy's knob (one panel per knob kind)."""
+    plt = _plt()
+    temps = sorted({r["temperature"] for r in rows}, reverse=True)
+    panels = [("k", ("constant", "hf-constant")), ("p_min", ("confidence",)), ("threshold", ("specdec++",))]
+    fig, axes = plt.subplots(len(temps), len(panels), figsize=(5 * len(panels), 3.8 * len(temps)), squeeze=False)
+    for row_axes, temperature in zip(axes, temps, strict=True):
+        singles = [r for r in rows if r["temperature"] == temperature
+                   and r["policy"] in ("heuristic", "hf-dynamic", "hf-heuristic") and r["speedup"] is not None]
+        for ax, (knob, policies) in zip(row_axes, panels, strict=True):
+            for policy in policies:
+                pts = sorted((r["knob"], r["speedup"]) for r in rows if r["policy"] == policy
+                             and r["temperature"] == temperature and r["speedup"] is not None)
+                if pts:
+                    colour, marker = STYLE[policy]
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=policy)
+            for r in singles:  # knob-free adaptive rows as horizontal references
+                colour, _ = STYLE[r["policy"]]
+                ax.axhline(r["speedup"], color=colour, linestyle="--", linewidth=1, label=r["policy"])
+            ax.axhline(1.0, color="black", linewidth=0.8, label="target alone")
+            ax.set_xlabel(knob)
+            ax.set_ylabel("speedup over target alone")
+            ax.set_title(f"{title} T={temperature:g}".strip())
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_offline_report(json_path: Path, rows: list[dict], meta: dict) -> list[Path]:
+    """JSON, markdown and the two plots next to each other; returns the paths written."""
+    stem = json_path.with_suffix("")
+    md, frontier, speedup = stem.with_suffix(".md"), Path(f"{stem}-frontier.png"), Path(f"{stem}-speedup.png")
+    write_json(json_path, rows, meta)
+    md.write_text(offline_markdown(rows, meta))
+    title = meta.get("dataset", "")
+    plot_frontier(rows, frontier, title)
+    plot_speedup(rows, speedup, title)
+    return [json_path, md, frontier, speedup]
+
+
+# ----- serving --------------------------------------------------------------------------------
+def serving_markdown(rows: list[dict], meta: dict) -> str:
+    out = ["# Serving benchmark", "", _meta_lines(meta), ""]
+    out.append("| policy | concurrency | rate | batching | requests | errors | output tok/s | req/s | TTFT p50 | "
+               "TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | acceptance | discard rate | verification rate |")
+    out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        out.append(
+            f"| {r.get('policy') or '-'} | {_fmt(r.get('concurrency'))} | {_fmt(r.get('request_rate'), 2)} | "
+            f"{r.get('batching') or '-'} | {r['requests']} | {r['errors']} | "
+            f"{_fmt(r['throughput_tokens_per_s'], 2)} | {_fmt(r['request_throughput'], 3)} | "
+            f"{_fmt(r['ttft_p50_s'], 2)} | {_fmt(r['ttft_p99_s'], 2)} | {_fmt(r['tpot_p50_s'], 3)} | "
+            f"{_fmt(r['itl_p50_s'], 3)} | {_fmt(r['itl_p99_s'], 3)} | {_fmt(r.get('acceptance_rate'))} | "
+            f"{_fmt(r.get('discard_rate'))} | {_fmt(r.get('verification_rate'))} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def write_serving_report(json_path: Path, rows: list[dict], meta: dict) -> list[Path]:
+    md = json_path.with_suffix(".md")
+    write_json(json_path, rows, meta)
+    md.write_text(serving_markdown(rows, meta))
+    return [json_path, md]

@@ -1,0 +1,284 @@
+"""`specdecpp bench offline|serving`: reproduce the paper's evaluation and measure the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from specdecpp.model_args import add_model_args, engine_config_from_args
+
+log = logging.getLogger(__name__)
+
+QUICK = {"num_prompts": 3, "max_tokens": 24, "ks": [2, 4], "p_mins": [0.4], "thresholds": [0.3], "hf_ks": [4]}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (offline policy sweep, serving load)", description=__doc__)
+    modes = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+
+    o = modes.add_parser("offline", help="every policy and knob on one dataset, in-process, plus transformers' "
+                         "assisted generation")
+    add_model_args(o)
+    _add_dataset_args(o, default_num=16)
+    o.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default: 128)")
+    o.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0], help="default: 1 0")
+    o.add_argument("--policies", nargs="+", help="subset of rows (default: all; `none` is always run)")
+    o.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8], help="constant k sweep")
+    o.add_argument("--heuristic-k", type=int, default=4, help="heuristic starting k (default: 4)")
+    o.add_argument("--p-mins", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8], help="confidence sweep")
+    o.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
+                   help="specdec++ threshold sweep")
+    o.add_argument("--bounds", type=int, nargs=2, default=[2, 20], metavar=("MIN", "MAX"),
+                   help="candidate length bounds of heuristic/confidence/specdec++ (default: 2 20, the paper's)")
+    o.add_argument("--hf-ks", type=int, nargs="+", default=[2, 4, 6], help="hf-constant k values")
+    o.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every configuration")
+    o.add_argument("--output", type=Path, default=Path("bench-results/offline.json"),
+                   help="results JSON; the .md, -frontier.png, -speedup.png and .checkpoint.jsonl sit next to it")
+    o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    o.add_argument("--fresh", action="store_true", help="discard the checkpoint instead of resuming")
+    o.add_argument("--quick", action="store_true",
+                   help=f"a smoke run in minutes: {QUICK['num_prompts']} prompts, {QUICK['max_tokens']} tokens, "
+                   "small sweeps")
+    o.set_defaults(func=run_offline_command)
+
+    s = modes.add_parser("serving", help="concurrent streaming clients against the HTTP API")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--base-url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
+    where.add_argument("--start-server", action="store_true", help="start `specdecpp serve` with the model flags")
+    s.add_argument("--api-key", help="bearer token for the server")
+    add_model_args(s)
+    _add_dataset_args(s, default_num=32)
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4], help="closed-loop clients per row")
+    s.add_argument("--request-rate", type=float, nargs="+",
+                   help="Poisson arrival rates (req/s), one row each (capped by the first --concurrency)")
+    s.add_argument("--num-requests", type=int, help="requests per row (default: 4 x concurrency, at least 4)")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--ignore-eos", action="store_true", help="every request generates exactly --max-tokens")
+    s.add_argument("--configs", nargs="+", default=["server-default"],
+                   help="speculation per row: 'server-default' or POLICY[:key=value,...], "
+                   "e.g. none constant:k=4 specdec++:threshold=0.3")
+    s.add_argument("--batching", help="label for the server's batching mode in the rows (default: from the server)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--output", type=Path, default=Path("bench-results/serving.json"))
+    s.add_argument("--quick", action="store_true", help="2 requests per row, 24 tokens")
+    s.set_defaults(func=run_serving_command)
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, default_num: int) -> None:
+    p.add_argument("--dataset", default="humaneval",
+                   help="humaneval | sharegpt (held-out split) | jsonl:PATH (lines with a 'prompt')")
+    p.add_argument("--num-prompts", type=int, default=default_num)
+
+
+def load_prompts(dataset: str, num: int, seed: int = 0) -> list:
+    """Prompts as chat requests (heads/prompts.py: one user message each).
+
+    HumanEval: `num` problems evenly spread over the 164, each "Complete the following Python
+    function." plus the problem in a code block. ShareGPT: first user turns of the held-out
+    split (never used to train the head), about 40% code requests.
+    """
+    from heads import prompts as sources
+
+    if dataset == "humaneval":
+        everything = sources.humaneval_prompts()
+        num = min(num, len(everything))
+        return [everything[round(i * len(everything) / num)] for i in range(num)]
+    if dataset == "sharegpt":
+        return sources.sharegpt_prompts(num, split="heldout", seed=seed)
+    if dataset.startswith("jsonl:"):
+        return sources.jsonl_prompts(dataset.removeprefix("jsonl:"), num)
+    raise ValueError(f"unknown dataset {dataset!r}: humaneval, sharegpt or jsonl:PATH")
+
+
+def _meta(args: argparse.Namespace, extra: dict) -> dict:
+    from specdecpp.bench.machine import command_line, git_commit, machine_record
+
+    return {
+        "command": command_line(getattr(args, "argv", None)),
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_record(),
+        "dataset": args.dataset,
+        **extra,
+    }
+
+
+# ----- offline ---------------------------------------------------------------------------------
+def run_offline_command(args: argparse.Namespace) -> int:
+    from engine.factory import build_engine, resolve_paths
+    from specdecpp.bench.offline import Checkpoint, Sweep, aggregate, run_offline
+    from specdecpp.bench.report import write_offline_report
+
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    policies = tuple(args.policies) if args.policies else Sweep().policies
+    if "none" not in policies:
+        policies = ("none", *policies)
+    config = engine_config_from_args(args)
+    target, draft, head = resolve_paths(config)
+    engine = build_engine(config)
+    if engine.draft is None:
+        raise ValueError("the offline benchmark compares speculation policies: it needs a draft model")
+    if engine.head is None and "specdec++" in policies:
+        if args.policies:
+            raise ValueError("specdec++ was asked for but no acceptance head is loaded (--head DIR)")
+        log.warning("no acceptance head: the specdec++ rows are skipped")
+        policies = tuple(p for p in policies if p != "specdec++")
+    sweep = Sweep(
+        temperatures=tuple(args.temperatures),
+        ks=tuple(args.ks),
+        heuristic_k=args.heuristic_k,
+        p_mins=tuple(args.p_mins),
+        thresholds=tuple(args.thresholds),
+        hf_ks=tuple(args.hf_ks),
+        policies=policies,
+        bounds=tuple(args.bounds),
+    )
+    configs = sweep.configs()
+    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+    models = {"target": target, "draft": draft, "head": head, "dtype": args.dtype}
+    settings = {
+        "dataset": args.dataset,
+        "prompt_ids": [p.id for p in prompts],
+        "max_tokens": args.max_tokens,
+        "seed": args.seed,
+        "bounds": list(args.bounds),
+        "models": models,
+    }
+    checkpoint_path = args.output.with_suffix(".checkpoint.jsonl")
+    checkpoint = Checkpoint(checkpoint_path, settings, fresh=args.fresh)
+    print(f"{len(prompts)} prompts x {len(configs)} configurations -> {args.output} "
+          f"(checkpoint {checkpoint_path})", file=sys.stderr)
+    records = run_offline(
+        engine, prompts, configs, args.max_tokens, checkpoint, base_seed=args.seed, bounds=tuple(args.bounds),
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    rows = aggregate(records, configs)
+    meta = _meta(args, {
+        "models": models,
+        "settings": {k: v for k, v in settings.items() if k not in ("models", "prompt_ids")},
+        "prompt_ids": settings["prompt_ids"],
+        "seeds": [args.seed + i for i in range(len(prompts))],
+        "sweep": {"temperatures": sweep.temperatures, "ks": sweep.ks, "heuristic_k": sweep.heuristic_k,
+                  "p_mins": sweep.p_mins, "thresholds": sweep.thresholds, "hf_ks": sweep.hf_ks},
+        "prompt_format": "chat template, one user message (heads/prompts.py)",
+        "notes": [
+            "tokens_per_s = generated tokens / wall seconds summed over prompts; speedup vs the `none` row "
+            "at the same temperature; rates are ratios of sums (DESIGN.md)",
+            "greedy_agreement: share of greedy (T=0) requests whose tokens equal the target alone's",
+        ],
+        "greedy_agreement": greedy_agreement(records),
+    })
+    for path in write_offline_report(args.output, rows, meta):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def greedy_agreement(records: list[dict]) -> dict[str, float]:
+    """Per policy: share of greedy requests with exactly the target-alone tokens (a losslessness check;
+    bf16 rounding differs between one-token and block forwards, so near but not always 1)."""
+    reference = {r["prompt_id"]: r["stats"].get("token_ids") for r in records
+                 if r["temperature"] == 0 and r["policy"] == "none"}
+    counts: dict[str, list[int]] = {}
+    for r in records:
+        if r["temperature"] != 0 or r["policy"] == "none" or r["prompt_id"] not in reference:
+            continue
+        same = int(r["stats"].get("token_ids") == reference[r["prompt_id"]])
+        counts.setdefault(r["policy"], []).append(same)
+    return {policy: sum(v) / len(v) for policy, v in counts.items()}
+
+
+# ----- serving ---------------------------------------------------------------------------------
+def parse_config(text: str) -> dict | None:
+    """'server-default' -> None; 'specdec++:threshold=0.3,bounds=2-20' -> a SpecConfig override dict."""
+    if text == "server-default":
+        return None
+    policy, _, rest = text.partition(":")
+    spec: dict = {"policy": policy}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key == "bounds":
+            spec[key] = [int(v) for v in value.split("-")]
+        elif key == "k":
+            spec[key] = int(value)
+        else:
+            spec[key] = float(value)
+    from engine.params import SpecConfig
+
+    SpecConfig.model_validate(spec)  # fail before any request is sent
+    return spec
+
+
+def _serve_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    for flag in ("target", "draft", "head", "dtype", "draft_dtype", "draft_device", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.target_devices:
+        out += ["--target-devices", *args.target_devices]
+    if args.api_key:
+        out += ["--api-key", args.api_key]
+    return out
+
+
+def run_serving_command(args: argparse.Namespace) -> int:
+    from specdecpp.bench.report import write_serving_report
+    from specdecpp.bench.serving import ServerProcess, bench_row, check_loopback, server_info
+
+    if args.quick:
+        args.max_tokens, args.num_requests, args.num_prompts = 24, 2, 4
+    specs = [parse_config(c) for c in args.configs]
+    prompts = [p.messages for p in load_prompts(args.dataset, args.num_prompts, args.seed)]
+    server = None
+    if args.start_server:
+        server = ServerProcess(_serve_args(args), args.output.with_suffix(".server.log"))
+        print(f"starting the server on {server.url} (log {server.log_path})", file=sys.stderr)
+        base_url = server.url
+    else:
+        base_url = args.base_url.rstrip("/")
+    check_loopback(base_url)
+    try:
+        if server is not None:
+            server.wait_healthy()
+        info = asyncio.run(server_info(base_url, args.api_key))
+        batching = args.batching or (info.get("specdec") or {}).get("batching") or info.get("batching") or "none"
+        # one unmeasured request: first-call costs stay out of the rows
+        model = info.get("id", "")
+        asyncio.run(bench_row(base_url, prompts[:1], 1, 8, args.temperature, 1, None, None, args.seed, args.api_key,
+                              model))
+        loads = [(c, None) for c in args.concurrency]
+        if args.request_rate:
+            loads = [(args.concurrency[0] if args.concurrency else None, r) for r in args.request_rate]
+        rows = []
+        for spec in specs:
+            for concurrency, rate in loads:
+                n = args.num_requests or max(4, 4 * (concurrency or 1))
+                print(f"row: {spec or 'server-default'} concurrency={concurrency} rate={rate} requests={n}",
+                      file=sys.stderr, flush=True)
+                row = asyncio.run(bench_row(base_url, prompts, n, args.max_tokens, args.temperature, concurrency,
+                                            rate, spec, args.seed, args.api_key, model, args.ignore_eos))
+                row["batching"] = batching
+                rows.append(row)
+                print(f"  {row['throughput_tokens_per_s'] or 0:.2f} tok/s, TTFT p50 {row['ttft_p50_s']}, "
+                      f"errors {row['errors']}", file=sys.stderr, flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    meta = _meta(args, {"base_url": base_url if not args.start_server else "started by the benchmark",
+                        "server": info, "num_prompts": len(prompts), "settings": {
+                            "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+                            "ignore_eos": args.ignore_eos}})
+    for path in write_serving_report(args.output, rows, meta):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,63 @@
+"""Results files: JSON with meta and rows, a markdown table per temperature, PNG plots."""
+
+from __future__ import annotations
+
+import json
+
+from specdecpp.bench.machine import machine_record
+from specdecpp.bench.report import write_offline_report, write_serving_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(policy: str, knob, temperature: float, tps: float, discard: float | None, verification: float | None):
+    return {"policy": policy, "knob_name": None if knob is None else "k", "knob": knob, "temperature": temperature,
+            "tokens_per_s": tps, "speedup": tps / 3.0, "discard_rate": discard, "verification_rate": verification,
+            "acceptance_rate": None if policy == "none" else 0.7, "mean_candidate_length": 3.0, "prompts": 2,
+            "generated_tokens": 100}
+
+
+ROWS = [
+    _row("none", None, 1.0, 3.0, 0.0, 1.0),
+    _row("constant", 2, 1.0, 5.0, 0.2, 0.4),
+    _row("constant", 4, 1.0, 6.0, 0.5, 0.3),
+    _row("specdec++", 0.3, 1.0, 6.5, 0.3, 0.3),
+    _row("heuristic", 4, 1.0, 5.5, 0.4, 0.35),
+    _row("hf-dynamic", 0.4, 1.0, 4.0, None, None),
+    _row("none", None, 0.0, 3.0, 0.0, 1.0),
+    _row("constant", 4, 0.0, 7.0, 0.3, 0.25),
+]
+
+
+def test_offline_report_files(tmp_path):
+    meta = {"command": "specdecpp bench offline --quick", "git_commit": "abc", "dataset": "humaneval",
+            "machine": machine_record()}
+    paths = write_offline_report(tmp_path / "offline-test.json", ROWS, meta)
+    assert [p.name for p in paths] == ["offline-test.json", "offline-test.md", "offline-test-frontier.png",
+                                       "offline-test-speedup.png"]
+    data = json.loads(paths[0].read_text())
+    assert data["rows"] == ROWS and data["meta"]["command"] == meta["command"]
+    md = paths[1].read_text()
+    assert "## temperature 1" in md and "## temperature 0" in md
+    assert md.count("| constant |") == 3
+    assert "| specdec++ | k=0.3 | **6.50** | **2.17** |" in md  # best row of its policy in bold
+    assert "| hf-dynamic | k=0.4 | **4.00** | **1.33** | - | - |" in md  # unmeasured rates print as '-'
+    assert "abc" in md and str(meta["machine"]["cpu_count"]) in md
+    for png in paths[2:]:
+        assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+def test_machine_record_names_the_environment():
+    record = machine_record()
+    assert record["cpu_count"] >= 1 and record["torch"] and record["transformers"]
+    assert "memory_bytes" in record
+
+
+def test_serving_report_files(tmp_path):
+    row = {"policy": "specdec++", "concurrency": 2, "request_rate": None, "batching": "none", "requests": 4,
+           "errors": 1, "throughput_tokens_per_s": 10.5, "request_throughput": 0.2, "ttft_p50_s": 0.5,
+           "ttft_p99_s": 0.9, "tpot_p50_s": 0.1, "itl_p50_s": 0.2, "itl_p99_s": 0.4, "acceptance_rate": 0.8,
+           "discard_rate": 0.1, "verification_rate": 0.3}
+    json_path, md = write_serving_report(tmp_path / "serving.json", [row], {"command": "x", "machine": {}})
+    assert json.loads(json_path.read_text())["rows"] == [row]
+    assert "| specdec++ | 2 | - | none | 4 | 1 | 10.50 |" in md.read_text()

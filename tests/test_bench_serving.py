@@ -1,0 +1,122 @@
+"""Serving benchmark: percentiles, summaries, counter diffs, and a run against a tiny live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import numpy as np
+import pytest
+from conftest import random_head
+from live_server import LiveServer, save_tiny_pair
+
+from server.metrics import ServerMetrics
+from specdecpp.bench.serving import (
+    RequestResult,
+    acceptance_from_counters,
+    bench_row,
+    check_loopback,
+    parse_counters,
+    parse_sse_data,
+    percentile,
+    summarize,
+)
+from specdecpp.cli import main
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_percentile_matches_numpy(n):
+    rng = random.Random(n)
+    values = [rng.expovariate(1.0) for _ in range(n)]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert percentile([], 50) is None
+
+
+def test_summarize_hand_made():
+    results = [
+        RequestResult(ok=True, output_tokens=5, ttft=1.0, latency=3.0, itls=[0.5, 0.5, 1.0]),
+        RequestResult(ok=True, output_tokens=3, ttft=2.0, latency=3.0, itls=[1.0]),
+        RequestResult(ok=False, error="HTTP 429: busy", latency=0.1),
+    ]
+    row = summarize(results, duration=4.0)
+    assert row["requests"] == 3 and row["completed"] == 2 and row["errors"] == 1
+    assert row["error_samples"] == ["HTTP 429: busy"]
+    assert row["output_tokens"] == 8
+    assert row["throughput_tokens_per_s"] == pytest.approx(2.0)
+    assert row["ttft_p50_s"] == pytest.approx(1.5)
+    assert row["tpot_p50_s"] == pytest.approx((0.5 + 0.5) / 2)  # (3-1)/4 and (3-2)/2
+    assert row["itl_p50_s"] == pytest.approx(0.75)  # gaps pooled over requests: 0.5 0.5 1 1
+    assert row["itl_p99_s"] == pytest.approx(1.0)
+
+
+def test_counter_diff_gives_paper_rates():
+    metrics = ServerMetrics()
+    stats = {"policy": "constant", "generated_tokens": 10, "proposed_tokens": 12, "accepted_tokens": 8,
+             "discarded_tokens": 4, "target_calls": 3, "candidate_lengths": [4, 4, 4], "accepted_lengths": [4, 2, 2],
+             "first_token_seconds": 0.1, "total_seconds": 1.0}
+    metrics.observe_request(stats, "stop")
+    before = parse_counters(metrics.render().decode())
+    metrics.observe_request(stats, "stop")
+    metrics.observe_request({**stats, "policy": "specdec++"}, "length")
+    after = parse_counters(metrics.render().decode())
+    assert after["generated_tokens"] == 30 and after["requests"] == 3
+    rates = acceptance_from_counters(before, after)
+    assert rates["server_counters"]["generated_tokens"] == 20
+    assert rates["acceptance_rate"] == pytest.approx(16 / 24)
+    assert rates["discard_rate"] == pytest.approx(8 / 20)
+    assert rates["verification_rate"] == pytest.approx(6 / 20)
+
+
+def test_sse_lines_and_loopback_only():
+    assert parse_sse_data('data: {"a": 1}') == {"a": 1}
+    assert parse_sse_data("data: [DONE]") == "[DONE]"
+    assert parse_sse_data(": keep-alive") is None
+    check_loopback("http://127.0.0.1:8000")
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://example.com:8000")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_pair, tokenizer):
+    root = tmp_path_factory.mktemp("bench-serving")
+    target, draft = tiny_pair
+    server = LiveServer(save_tiny_pair(root, target, draft, tokenizer, random_head(32, seed=3)), root / "server.log")
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_load_against_a_live_server(live):
+    prompts = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a cat sat"}]]
+    row = asyncio.run(bench_row(live.url, prompts, num_requests=4, max_tokens=8, temperature=1.0, concurrency=2,
+                                request_rate=None, specdec={"policy": "constant", "k": 2}))
+    assert row["completed"] == 4 and row["errors"] == 0, row["error_samples"]
+    assert 4 <= row["output_tokens"] <= 32
+    assert row["server_counters"]["generated_tokens"] == row["output_tokens"]  # the server saw what we counted
+    assert row["server_counters"]["draft_tokens"] > 0
+    assert 0.0 <= row["acceptance_rate"] <= 1.0
+    assert row["ttft_p50_s"] <= row["latency_p50_s"]
+    assert row["ttft_p50_s"] <= row["ttft_p90_s"] <= row["ttft_p99_s"]
+
+
+def test_cli_serving_writes_results(live, tmp_path):
+    out = tmp_path / "serving.json"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n{"prompt": "a cat sat"}\n')
+    code = main(["bench", "serving", "--base-url", live.url, "--quick", "--concurrency", "1", "2",
+                 "--dataset", f"jsonl:{prompts}",
+                 "--configs", "none", "specdec++:threshold=0.5", "--output", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [(r["policy"], r["concurrency"]) for r in data["rows"]] == [
+        ("none", 1), ("none", 2), ("specdec++", 1), ("specdec++", 2)]
+    errors = [r["error_samples"] for r in data["rows"]]
+    assert all(r["errors"] == 0 and r["requests"] == 2 for r in data["rows"]), errors
+    none = data["rows"][0]
+    assert none["server_counters"]["draft_tokens"] == 0 and none["verification_rate"] == 1.0
+    assert data["meta"]["machine"]["cpu_count"] >= 1 and "bench serving" in data["meta"]["command"]
+    assert out.with_suffix(".md").is_file()
