@@ -156,6 +156,24 @@ def test_streaming_matches_non_streaming(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_concurrent_requests_get_their_own_results(client):
+    """Events are routed by request id: concurrent (batched) greedy requests equal the sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["abc", "the quick", "hello world"][:MAX_QUEUE]
+
+    def run(i: int) -> str:
+        resp = client.completions.create(model=TARGET_NAME, prompt=prompts[i], max_tokens=10 + 5 * i, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert resp.usage.completion_tokens == 10 + 5 * i
+        return resp.choices[0].text
+
+    sequential = [run(i) for i in range(len(prompts))]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent = list(pool.map(run, range(len(prompts))))
+    assert concurrent == sequential
+
+
 def test_completion_stream_without_usage(client):
     chunks = list(client.completions.create(model=TARGET_NAME, prompt="abc", max_tokens=10, stream=True))
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
