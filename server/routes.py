@@ -22,7 +22,7 @@ from server.engine_client import READY, EngineClient, RequestHandle
 from server.errors import APIError
 from server.metrics import CONTENT_TYPE
 from server.protocol import ResponseBuilder, sse, stats_fields
-from server.schemas import ChatCompletionRequest, CompletionRequest, _Common
+from server.schemas import BaseCompletionRequest, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_SECONDS = 0.5
@@ -47,7 +47,7 @@ def _validation_error(exc: ValidationError, prefix: str | None = None) -> APIErr
                     "invalid_request")
 
 
-def _prepare(request: Request, body: _Common) -> tuple[dict, dict | None, dict]:
+def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[dict, dict | None, dict]:
     """Checks shared by both routes; returns (sampling, spec for the engine, spec used)."""
     for param, why in body.unsupported():
         raise APIError(400, why, param, "unsupported_parameter")
@@ -71,7 +71,7 @@ def _prepare(request: Request, body: _Common) -> tuple[dict, dict | None, dict]:
     return sampling.model_dump(), (spec.model_dump() if body.specdec else None), spec.model_dump()
 
 
-async def _run(request: Request, body: _Common, kind: str, prompt: object) -> Response:
+async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompt: object) -> Response:
     sampling, spec_for_engine, spec_used = _prepare(request, body)
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"

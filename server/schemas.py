@@ -44,7 +44,7 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class _Common(BaseModel):
+class BaseCompletionRequest(BaseModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -102,7 +102,7 @@ class _Common(BaseModel):
         return out
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(BaseCompletionRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -140,7 +140,7 @@ class ChatCompletionRequest(_Common):
         return out
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(BaseCompletionRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     logprobs: int | None = None
