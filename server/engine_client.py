@@ -227,7 +227,8 @@ class EngineClient:
                 return
             log.error("engine process %d exited (code %s); restarting", process.pid, process.exitcode)
             self.restarts += 1
-            self.state = RESTARTING  # at once, so no request slips in before the loop hears of it
+            if self.state != STOPPING:
+                self.state = RESTARTING  # at once, so no request slips in before the loop hears of it
             self._call(self._engine_lost, generation)
             if was_ready:
                 backoff = 1.0
@@ -270,7 +271,7 @@ class EngineClient:
         if kind == "ready":
             self.info = {k: v for k, v in message.items() if k != "type"}
             self._ready_generation = generation
-            if not self._stopping:
+            if self.state != STOPPING:
                 self._set_state(READY)
             return
         if kind == "error":
@@ -313,7 +314,7 @@ class EngineClient:
         self.metrics.running_requests.set(0)
         self._engine_waiting = 0
         self._update_queue_gauge()
-        if not self._stopping and self.state != READY:
+        if self.state not in (READY, STOPPING):
             self._set_state(RESTARTING)
 
     def _first_start_failed(self, exitcode: int | None) -> None:
