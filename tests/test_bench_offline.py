@@ -121,6 +121,14 @@ def test_unmeasured_counts_stay_null():
     assert row["speedup"] == pytest.approx(1.0)
 
 
+def test_greedy_sweep_can_be_smaller():
+    sweep = Sweep(temperatures=(1.0, 0.0), ks=(2, 3, 4), hf_ks=(3, 5), policies=("none", "constant", "hf-constant"),
+                  greedy_policies=("none", "constant", "hf-constant"), greedy_ks=(3,))
+    greedy = [(c.policy, c.knob) for c in sweep.configs() if c.temperature == 0]
+    assert greedy == [("none", None), ("constant", 3), ("hf-constant", 3)]
+    assert len([c for c in sweep.configs() if c.temperature == 1]) == 6
+
+
 def test_sweep_requires_the_baseline_and_known_policies():
     with pytest.raises(ValueError, match="none"):
         Sweep(policies=("constant",)).configs()

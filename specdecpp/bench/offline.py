@@ -82,6 +82,8 @@ class Sweep:
     policies: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++", "hf-constant",
                                  "hf-dynamic")
     bounds: tuple[int, int] = (2, 20)
+    greedy_policies: tuple[str, ...] | None = None  # a smaller set of rows at temperature 0 (None: the same)
+    greedy_ks: tuple[int, ...] | None = None  # constant / hf-constant k values at temperature 0 (None: the same)
 
     def configs(self) -> list[BenchConfig]:
         knobs: dict[str, Iterable[float | None]] = {
@@ -94,18 +96,23 @@ class Sweep:
             "hf-dynamic": [self.hf_dynamic_threshold],
             "hf-heuristic": [self.heuristic_k],
         }
-        unknown = set(self.policies) - set(ALL_POLICIES)
+        unknown = (set(self.policies) | set(self.greedy_policies or ())) - set(ALL_POLICIES)
         if unknown:
             raise ValueError(f"unknown policies {sorted(unknown)}; choose from {', '.join(ALL_POLICIES)}")
-        if "none" not in self.policies:
+        if "none" not in self.policies or (self.greedy_policies is not None and "none" not in self.greedy_policies):
             raise ValueError("the `none` row (target alone) is required: every speedup is relative to it")
-        return [
-            BenchConfig(policy, knob, float(t))
-            for t in self.temperatures
-            for policy in ALL_POLICIES
-            if policy in self.policies
-            for knob in knobs[policy]
-        ]
+        configs = []
+        for t in self.temperatures:
+            greedy = t == 0
+            policies = self.greedy_policies if greedy and self.greedy_policies is not None else self.policies
+            for policy in ALL_POLICIES:
+                if policy not in policies:
+                    continue
+                values = knobs[policy]
+                if greedy and self.greedy_ks is not None and policy in ("constant", "hf-constant"):
+                    values = [k for k in self.greedy_ks if policy == "constant" or k in self.hf_ks]
+                configs += [BenchConfig(policy, knob, float(t)) for knob in values]
+        return configs
 
 
 def record_key(config: BenchConfig, prompt_id: str) -> str:

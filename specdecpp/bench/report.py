@@ -91,13 +91,16 @@ def _plt():
 def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
     """Discard rate vs verification rate, one curve per policy (the paper's Figure 4).
 
-    Lower-left is better: fewer wasted draft tokens and fewer target calls per token.
+    Lower-left is better: fewer wasted draft tokens and fewer target calls per token. The
+    target alone (discard 0, verification 1) is left out, as in the paper.
     """
     plt = _plt()
     temps = sorted({r["temperature"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
     for ax, temperature in zip(axes[0], temps, strict=True):
         for policy, (colour, marker) in STYLE.items():
+            if policy == "none":
+                continue
             pts = [
                 (r["discard_rate"], r["verification_rate"], r)
                 for r in rows

@@ -13,6 +13,9 @@ from specdecpp.model_args import add_model_args, engine_config_from_args
 
 log = logging.getLogger(__name__)
 
+# Sweep defaults, and the smaller ones of --quick; a flag given explicitly wins over both.
+DEFAULTS = {"num_prompts": 16, "max_tokens": 128, "ks": [1, 2, 3, 4, 5, 6, 8], "p_mins": [0.2, 0.4, 0.6, 0.8],
+            "thresholds": [0.1, 0.2, 0.3, 0.5, 0.7, 0.9], "hf_ks": [2, 4, 6]}
 QUICK = {"num_prompts": 3, "max_tokens": 24, "ks": [2, 4], "p_mins": [0.4], "thresholds": [0.3], "hf_ks": [4]}
 
 
@@ -23,18 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     o = modes.add_parser("offline", help="every policy and knob on one dataset, in-process, plus transformers' "
                          "assisted generation")
     add_model_args(o)
-    _add_dataset_args(o, default_num=16)
-    o.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default: 128)")
+    _add_dataset_args(o, default_num=None)
+    o.add_argument("--max-tokens", type=int, help="new tokens per request (default: 128)")
     o.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0], help="default: 1 0")
     o.add_argument("--policies", nargs="+", help="subset of rows (default: all; `none` is always run)")
-    o.add_argument("--ks", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8], help="constant k sweep")
+    o.add_argument("--greedy-policies", nargs="+", help="rows at temperature 0 (default: the same as --policies)")
+    o.add_argument("--greedy-ks", type=int, nargs="+",
+                   help="constant k values at temperature 0 (hf-constant: those also in --hf-ks; default: --ks)")
+    o.add_argument("--ks", type=int, nargs="+", help="constant k sweep (default: 1 2 3 4 5 6 8)")
     o.add_argument("--heuristic-k", type=int, default=4, help="heuristic starting k (default: 4)")
-    o.add_argument("--p-mins", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8], help="confidence sweep")
-    o.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9],
-                   help="specdec++ threshold sweep")
+    o.add_argument("--p-mins", type=float, nargs="+", help="confidence sweep (default: 0.2 0.4 0.6 0.8)")
+    o.add_argument("--thresholds", type=float, nargs="+",
+                   help="specdec++ threshold sweep (default: 0.1 0.2 0.3 0.5 0.7 0.9)")
     o.add_argument("--bounds", type=int, nargs=2, default=[2, 20], metavar=("MIN", "MAX"),
                    help="candidate length bounds of heuristic/confidence/specdec++ (default: 2 20, the paper's)")
-    o.add_argument("--hf-ks", type=int, nargs="+", default=[2, 4, 6], help="hf-constant k values")
+    o.add_argument("--hf-ks", type=int, nargs="+", help="hf-constant k values (default: 2 4 6)")
     o.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every configuration")
     o.add_argument("--output", type=Path, default=Path("bench-results/offline.json"),
                    help="results JSON; the .md, -frontier.png, -speedup.png and .checkpoint.jsonl sit next to it")
@@ -42,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--fresh", action="store_true", help="discard the checkpoint instead of resuming")
     o.add_argument("--quick", action="store_true",
                    help=f"a smoke run in minutes: {QUICK['num_prompts']} prompts, {QUICK['max_tokens']} tokens, "
-                   "small sweeps")
+                   "small sweeps (explicit flags still win)")
     o.set_defaults(func=run_offline_command)
 
     s = modes.add_parser("serving", help="concurrent streaming clients against the HTTP API")
@@ -69,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=run_serving_command)
 
 
-def _add_dataset_args(p: argparse.ArgumentParser, default_num: int) -> None:
+def _add_dataset_args(p: argparse.ArgumentParser, default_num: int | None) -> None:
     p.add_argument("--dataset", default="humaneval",
                    help="humaneval | sharegpt (held-out split) | jsonl:PATH (lines with a 'prompt')")
     p.add_argument("--num-prompts", type=int, default=default_num)
@@ -114,8 +120,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
     from specdecpp.bench.offline import Checkpoint, Sweep, aggregate, run_offline
     from specdecpp.bench.report import write_offline_report
 
-    if args.quick:
-        for key, value in QUICK.items():
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
             setattr(args, key, value)
     if args.threads:
         import torch
@@ -134,6 +140,9 @@ def run_offline_command(args: argparse.Namespace) -> int:
             raise ValueError("specdec++ was asked for but no acceptance head is loaded (--head DIR)")
         log.warning("no acceptance head: the specdec++ rows are skipped")
         policies = tuple(p for p in policies if p != "specdec++")
+    greedy_policies = None
+    if args.greedy_policies:
+        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if p != "specdec++" or engine.head is not None)
     sweep = Sweep(
         temperatures=tuple(args.temperatures),
         ks=tuple(args.ks),
@@ -143,6 +152,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
         hf_ks=tuple(args.hf_ks),
         policies=policies,
         bounds=tuple(args.bounds),
+        greedy_policies=greedy_policies,
+        greedy_ks=tuple(args.greedy_ks) if args.greedy_ks else None,
     )
     configs = sweep.configs()
     prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
@@ -170,7 +181,9 @@ def run_offline_command(args: argparse.Namespace) -> int:
         "prompt_ids": settings["prompt_ids"],
         "seeds": [args.seed + i for i in range(len(prompts))],
         "sweep": {"temperatures": sweep.temperatures, "ks": sweep.ks, "heuristic_k": sweep.heuristic_k,
-                  "p_mins": sweep.p_mins, "thresholds": sweep.thresholds, "hf_ks": sweep.hf_ks},
+                  "p_mins": sweep.p_mins, "thresholds": sweep.thresholds, "hf_ks": sweep.hf_ks,
+                  "policies": sweep.policies, "greedy_policies": sweep.greedy_policies, "greedy_ks": sweep.greedy_ks},
+        "threads": __import__("torch").get_num_threads(),
         "prompt_format": "chat template, one user message (heads/prompts.py)",
         "notes": [
             "tokens_per_s = generated tokens / wall seconds summed over prompts; speedup vs the `none` row "
