@@ -18,7 +18,7 @@ from engine.policies import ProposalStep
 from engine.runner import ModelRunner, crop_cache
 from engine.sampling import processed_probs, raw_token_prob, sample, verify
 from engine.sequence import Sequence
-from heads.model import AcceptanceHead
+from heads.model import AcceptanceHead, draft_stats
 
 
 @dataclass
@@ -76,7 +76,13 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
             if asking:
                 assert head is not None
                 th = time.perf_counter()
-                probs = head.accept_prob(torch.stack([hidden[i][-1] for i in asking])).tolist()
+                stats = None
+                if head.uses_draft_stats:  # heads trained with the draft's view of y_s (heads/model.py)
+                    stats = draft_stats(
+                        torch.stack([forward[i][0].last_logits for i in asking]),
+                        torch.cat([forward[i][0].tokens[-1] for i in asking]),
+                    )
+                probs = head.accept_prob(torch.stack([hidden[i][-1] for i in asking]), stats).tolist()
                 head_seconds += time.perf_counter() - th
                 for i, prob in zip(asking, probs, strict=True):
                     forward[i][1].accept_prob = prob

@@ -12,7 +12,8 @@ For a batch of prompts (chat template applied):
    the draft's forward on a proposed token.
 
 Each shard is `shard-NNNNN.safetensors` (one row per response position: hidden [N, H] in
-bf16, p_acc, q_tok = q(d), p_tok = p(d), overlap = sum min(p, q), mask, draft/target tokens,
+bf16, p_acc, q_tok = q(d), p_tok = p(d), overlap = sum min(p, q), the draft's `draft_stats`
+(log q(d), entropy, log max q), mask, draft/target tokens,
 sequence index, position) plus `shard-NNNNN.json` (its prompts and counts). `manifest.json`
 lists finished shards; a rerun with the same arguments skips them.
 """
@@ -32,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from heads.model import DRAFT_FEATURES, draft_stats
 from heads.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -159,15 +161,19 @@ def label_batch(
     n = target_tokens.shape[0]
     d = torch.empty(n, dtype=torch.long)
     q_tok, p_tok, overlap = torch.empty(n), torch.empty(n), torch.empty(n)
+    stats = {name: torch.empty(n) for name in DRAFT_FEATURES}
     for s in range(0, n, logits_chunk):
         e = min(s + logits_chunk, n)
-        q = lm_head(h[s:e]).float().softmax(-1)
+        q_logits = lm_head(h[s:e]).float()
+        q = q_logits.softmax(-1)
         p = p_logits[s:e].softmax(-1)
         tok = torch.multinomial(q.cpu(), 1, generator=generator).to(q.device)
         d[s:e] = tok.squeeze(-1).cpu()
         q_tok[s:e] = q.gather(-1, tok).squeeze(-1).cpu()
         p_tok[s:e] = p.gather(-1, tok).squeeze(-1).cpu()
         overlap[s:e] = torch.minimum(p, q).sum(-1).cpu()
+        for name, value in draft_stats(q_logits, tok.squeeze(-1)).items():
+            stats[name][s:e] = value.cpu()
     p_acc = torch.where(q_tok > 0, (p_tok / q_tok.clamp_min(1e-30)).clamp(max=1.0), torch.ones_like(q_tok))
     mixed = torch.rand(n, generator=generator) < mixing_ratio
     target_cpu = target_tokens.cpu()
@@ -187,6 +193,7 @@ def label_batch(
         "q_tok": q_tok,
         "p_tok": p_tok,
         "overlap": overlap,
+        **stats,
         "mask": (~mixed).to(torch.uint8),
         "draft_token": d.to(torch.int32),
         "target_token": target_cpu.to(torch.int32),
@@ -374,7 +381,7 @@ def _empty_shard(hidden_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor
     f32, i32 = torch.float32, torch.int32
     return {
         "hidden": torch.empty(0, hidden_size, dtype=dtype),
-        **{k: torch.empty(0, dtype=f32) for k in ("p_acc", "q_tok", "p_tok", "overlap")},
+        **{k: torch.empty(0, dtype=f32) for k in ("p_acc", "q_tok", "p_tok", "overlap", *DRAFT_FEATURES)},
         "mask": torch.empty(0, dtype=torch.uint8),
         **{k: torch.empty(0, dtype=i32) for k in ("draft_token", "target_token", "position", "seq")},
     }

@@ -81,8 +81,14 @@ def unweight(a: torch.Tensor, w_reject: float) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def head_predictions(head: AcceptanceHead, hidden: torch.Tensor, batch: int = 4096) -> torch.Tensor:
-    return torch.cat([head.accept_prob(hidden[s : s + batch]).float().cpu() for s in range(0, len(hidden), batch)])
+def head_predictions(head: AcceptanceHead, data: dict[str, torch.Tensor], batch: int = 4096) -> torch.Tensor:
+    """The head's P(accepted) for every row of a data dict (hidden states and draft statistics)."""
+    hidden = data["hidden"]
+    out = []
+    for s in range(0, len(hidden), batch):
+        stats = {name: data[name][s : s + batch] for name in head.config.features}
+        out.append(head.accept_prob(hidden[s : s + batch], stats).float().cpu())
+    return torch.cat(out)
 
 
 def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
@@ -92,7 +98,7 @@ def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
     data = load_shards(data_dir)
     keep = data["mask"].bool()
     p_acc = data["p_acc"][keep]
-    a = head_predictions(head, data["hidden"][keep])
+    a = head_predictions(head, {k: v[keep] for k, v in data.items()})
     w = float(head.config.training.get("args", {}).get("w_reject", 1.0))
     predictors = {
         "head": a,

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from heads.data import finished_shards, load_shards, read_manifest
-from heads.model import AcceptanceHead, HeadConfig
+from heads.model import DRAFT_FEATURES, AcceptanceHead, HeadConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     patience: int = 4
     seed: int = 0
+    features: tuple[str, ...] = DRAFT_FEATURES  # () = the paper's hidden-state-only head
 
 
 def weighted_bce(logits: torch.Tensor, p_acc: torch.Tensor, w_reject: float) -> torch.Tensor:
@@ -60,12 +61,14 @@ def data_hash(directories: list[str | Path]) -> str:
     return h.hexdigest()
 
 
-def load_training_data(directories: list[str | Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """(hidden [N, H], p_acc [N], sequence key [N], summary) over the trained positions.
+def load_training_data(
+    directories: list[str | Path], features: tuple[str, ...] = DRAFT_FEATURES
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(hidden [N, H], features [N, F], p_acc [N], sequence key [N], summary) over the trained positions.
 
     Refuses evaluation-only data (HumanEval) and data from different drafts.
     """
-    hiddens, labels, keys = [], [], []
+    hiddens, feats, labels, keys = [], [], [], []
     summary: dict = {"data": [], "prompts": 0, "tokens": 0, "draft_id": None, "hidden_size": None}
     for i, directory in enumerate(directories):
         manifest = read_manifest(directory)
@@ -79,12 +82,17 @@ def load_training_data(directories: list[str | Path]) -> tuple[torch.Tensor, tor
         data = load_shards(directory)
         keep = data["mask"].bool()
         hiddens.append(data["hidden"][keep])
+        missing = [f for f in features if f not in data]
+        if missing:
+            raise ValueError(f"{directory} lacks the columns {missing}; regenerate it or train with fewer --features")
+        feats.append(torch.stack([data[f][keep].float() for f in features], dim=-1) if features else None)
         labels.append(data["p_acc"][keep].float())
         keys.append(data["seq"][keep].long() + i * 1_000_000_000)
         summary["data"].append(str(directory))
         summary["prompts"] += sum(s["prompts"] for s in manifest["shards"])
         summary["tokens"] += int(keep.sum())
-    return torch.cat(hiddens), torch.cat(labels), torch.cat(keys), summary
+    features_all = torch.cat(feats) if features else torch.empty(sum(len(x) for x in labels), 0)
+    return torch.cat(hiddens), features_all, torch.cat(labels), torch.cat(keys), summary
 
 
 def split_by_sequence(keys: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
@@ -105,12 +113,24 @@ def lr_at(step: int, total: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def mean_loss(head: AcceptanceHead, hidden: torch.Tensor, p_acc: torch.Tensor, w: float, batch: int = 4096) -> float:
+def mean_loss(
+    head: AcceptanceHead, hidden: torch.Tensor, feats: torch.Tensor, p_acc: torch.Tensor, w: float, batch: int = 4096
+) -> float:
     total = 0.0
     for s in range(0, len(hidden), batch):
-        logits = head(hidden[s : s + batch].float())
+        logits = head(hidden[s : s + batch].float(), feats[s : s + batch])
         total += float(weighted_bce(logits, p_acc[s : s + batch], w)) * len(logits)
     return total / max(1, len(hidden))
+
+
+def _standardise(head: AcceptanceHead, x: torch.Tensor, f: torch.Tensor) -> None:
+    """Set the head's input statistics from the training inputs."""
+    x = x.float()
+    head.input_mean.copy_(x.mean(0))
+    head.input_scale.copy_(1.0 / (x.std(0) + 1e-3))
+    if head.config.features:
+        head.feature_mean.copy_(f.mean(0))
+        head.feature_scale.copy_(1.0 / (f.std(0) + 1e-3))
 
 
 def train_head(
@@ -120,20 +140,33 @@ def train_head(
     config: TrainConfig,
     draft_id: str = "",
     extra: dict | None = None,
+    features: torch.Tensor | None = None,
 ) -> tuple[AcceptanceHead, dict]:
-    """Fit a head; return it (best validation epoch) and the training record for config.json."""
+    """Fit a head; return it (best validation epoch) and the training record for config.json.
+
+    `features` [N, F] holds the columns `config.features` (see `heads.model.draft_stats`).
+    """
     torch.manual_seed(config.seed)
+    if features is None:
+        features = torch.empty(len(hidden), 0)
+    if features.shape[-1] != len(config.features):
+        raise ValueError(f"{features.shape[-1]} feature columns for features {list(config.features)}")
     val = split_by_sequence(keys, config.val_fraction, config.seed)
-    x_tr, y_tr, x_va, y_va = hidden[~val], p_acc[~val], hidden[val], p_acc[val]
+    x_tr, f_tr, y_tr = hidden[~val], features[~val], p_acc[~val]
+    x_va, f_va, y_va = hidden[val], features[val], p_acc[val]
     if len(x_va) == 0:  # too little data to hold any out: validate on the training set
-        x_va, y_va = x_tr, y_tr
-    head = AcceptanceHead(HeadConfig(hidden_size=hidden.shape[-1], depth=config.depth, draft_id=draft_id))
+        x_va, f_va, y_va = x_tr, f_tr, y_tr
+    head_config = HeadConfig(
+        hidden_size=hidden.shape[-1], depth=config.depth, draft_id=draft_id, features=list(config.features)
+    )
+    head = AcceptanceHead(head_config)
+    _standardise(head, x_tr, f_tr)
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(x_tr) / config.batch_size))
     total_steps = steps_per_epoch * config.max_epochs
     g = torch.Generator().manual_seed(config.seed)
-    best = {"val_loss": mean_loss(head, x_va, y_va, config.w_reject), "epoch": 0}
+    best = {"val_loss": mean_loss(head, x_va, f_va, y_va, config.w_reject), "epoch": 0}
     best_state = {k: v.clone() for k, v in head.state_dict().items()}
     history = [{"epoch": 0, "val_loss": round(best["val_loss"], 5)}]
     log.info("training on %d tokens, validating on %d; initial val loss %.4f", len(x_tr), len(x_va), best["val_loss"])
@@ -145,14 +178,14 @@ def train_head(
             idx = order[s : s + config.batch_size]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, config)
-            loss = weighted_bce(head(x_tr[idx].float()), y_tr[idx], config.w_reject)
+            loss = weighted_bce(head(x_tr[idx].float(), f_tr[idx]), y_tr[idx], config.w_reject)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             running += float(loss.detach()) * len(idx)
             step += 1
         head.eval()
-        val_loss = mean_loss(head, x_va, y_va, config.w_reject)
+        val_loss = mean_loss(head, x_va, f_va, y_va, config.w_reject)
         head.train()
         train_loss = running / len(x_tr)
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5)})
@@ -188,7 +221,7 @@ def train_head(
 
 def train_from_dirs(directories: list[str | Path], out_dir: str | Path, config: TrainConfig) -> AcceptanceHead:
     """Load shards, train, save model.safetensors + config.json into `out_dir`."""
-    hidden, p_acc, keys, summary = load_training_data(directories)
+    hidden, features, p_acc, keys, summary = load_training_data(directories, config.features)
     sources = sorted({s for d in directories for s in read_manifest(d).get("sources", [])})
     extra = {
         "data": summary["data"],
@@ -198,7 +231,9 @@ def train_from_dirs(directories: list[str | Path], out_dir: str | Path, config: 
         "sources": sources,
         "target_id": read_manifest(directories[0]).get("target_id"),
     }
-    head, _ = train_head(hidden, p_acc, keys, config, draft_id=summary["draft_id"] or "", extra=extra)
+    head, _ = train_head(
+        hidden, p_acc, keys, config, draft_id=summary["draft_id"] or "", extra=extra, features=features
+    )
     head.save(out_dir)
     log.info("saved head to %s", out_dir)
     return head

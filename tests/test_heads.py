@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from heads.evaluate import binary_kl, expected_calibration_error, predictor_metrics, soft_auc, unweight
-from heads.model import AcceptanceHead, HeadConfig, HeadMismatchError, load_head
+from heads.model import DRAFT_FEATURES, AcceptanceHead, HeadConfig, HeadMismatchError, draft_stats, load_head
 from heads.train import TrainConfig, split_by_sequence, train_head, weighted_bce
 
 
@@ -34,7 +34,7 @@ def test_weighted_bce_matches_formula():
 
 def test_training_lowers_loss_and_beats_constant():
     x, p, keys = synthetic()
-    config = TrainConfig(depth=2, w_reject=3.0, lr=3e-3, batch_size=128, max_epochs=15, patience=5)
+    config = TrainConfig(depth=2, w_reject=3.0, lr=3e-3, batch_size=128, max_epochs=15, patience=5, features=())
     head, record = train_head(x, p, keys, config, draft_id="toy")
     history = record["history"]
     assert record["best_val_loss"] < history[0]["val_loss"]
@@ -63,12 +63,17 @@ def test_validation_split_keeps_sequences_whole():
 
 def test_save_load_round_trip(tmp_path):
     x, p, keys = synthetic(n_seq=20, hidden=8)
-    head, _ = train_head(x, p, keys, TrainConfig(depth=3, max_epochs=2, batch_size=64), draft_id="toy-draft")
+    feats = torch.randn(len(p), 3)
+    head, _ = train_head(x, p, keys, TrainConfig(max_epochs=2, batch_size=64), draft_id="toy-draft", features=feats)
     head.save(tmp_path)
     assert {f.name for f in tmp_path.iterdir()} == {"model.safetensors", "config.json"}
     loaded = load_head(tmp_path, hidden_size=8, draft_id="toy-draft")
     assert loaded.config.depth == 3 and loaded.config.training["args"]["w_reject"] == 6.0
-    assert torch.allclose(loaded.accept_prob(x), head.accept_prob(x))
+    stats = dict(zip(DRAFT_FEATURES, feats.unbind(-1), strict=True))
+    assert torch.allclose(loaded.accept_prob(x, stats), head.accept_prob(x, stats))
+    assert torch.equal(loaded.input_scale, head.input_scale) and loaded.config.features == list(DRAFT_FEATURES)
+    with pytest.raises(ValueError, match="log_draft_prob"):
+        loaded.accept_prob(x)  # a head with features needs the draft's statistics
     # independent blocks: distinct parameters per block
     assert len({id(b.linear.weight) for b in loaded.blocks}) == 3
 
@@ -124,3 +129,50 @@ def test_shipped_head_config_is_valid():
         head = load_head(config.parent, hidden_size=raw["hidden_size"], draft_id=raw["draft_id"])
         assert shipped_head_for(raw["draft_id"]) == config.parent
         assert head.config.training.get("data_hash")
+
+
+def test_draft_stats_and_features_help():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    stats = draft_stats(logits, torch.tensor([0, 2]))
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(stats["log_draft_prob"], probs[[0, 1], [0, 2]].log())
+    torch.testing.assert_close(stats["draft_entropy"], -(probs * probs.log()).sum(-1))
+    torch.testing.assert_close(stats["log_draft_max"], probs.max(-1).values.log())
+    # Acceptance driven by the draft's confidence, invisible in the hidden state: features help.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 16, generator=g)
+    feats = torch.randn(3000, 3, generator=g)
+    p = torch.sigmoid(2.0 * feats[:, 0] + 0.5)
+    keys = torch.arange(300).repeat_interleave(10)
+    config = TrainConfig(depth=1, max_epochs=8, batch_size=128, w_reject=1.0, lr=1e-2)
+    with_f, _ = train_head(x, p, keys, config, features=feats)
+    without, _ = train_head(
+        x, p, keys, TrainConfig(depth=1, max_epochs=8, batch_size=128, w_reject=1.0, lr=1e-2, features=())
+    )
+    test = keys >= 270
+    stats = dict(zip(DRAFT_FEATURES, feats[test].unbind(-1), strict=True))
+    auc_with = predictor_metrics(with_f.accept_prob(x[test], stats), p[test])["auc_reject"]
+    auc_without = predictor_metrics(without.accept_prob(x[test]), p[test])["auc_reject"]
+    assert auc_with > 0.75 > auc_without
+
+
+def test_engine_feeds_draft_stats_to_a_head_with_features(tiny_pair, tokenizer):
+    """The engine hands a features head the draft's view of each proposed token, as in training."""
+    from engine.llm_engine import LLMEngine
+    from engine.params import SamplingParams, SpecConfig
+
+    target, draft = tiny_pair
+    head = AcceptanceHead(HeadConfig(hidden_size=32, depth=1, draft_id="tiny", features=list(DRAFT_FEATURES)))
+    seen: list[dict] = []
+    original = head.accept_prob
+
+    def spy(hidden, stats=None):
+        seen.append(stats)
+        return original(hidden, stats)
+
+    head.accept_prob = spy
+    engine = LLMEngine(target, draft, tokenizer, head=head)
+    spec = SpecConfig(policy="specdec++", threshold=0.9, bounds=(2, 6))
+    engine.generate("hello", SamplingParams(temperature=1.0, seed=0, max_tokens=12), spec)
+    assert seen and all(s is not None and set(s) == set(DRAFT_FEATURES) for s in seen)
+    assert all(bool((s["log_draft_prob"] <= 0).all()) for s in seen)

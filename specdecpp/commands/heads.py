@@ -55,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of sequences held out for validation")
     t.add_argument("--patience", type=int, default=4, help="early stop after this many epochs without gain")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--features",
+        nargs="+",
+        default=["all"],
+        help="draft statistics the head also sees: any of log_draft_prob draft_entropy log_draft_max, "
+        "'all' (default) or 'none' (the paper's hidden-state-only head)",
+    )
     t.set_defaults(func=run_train)
 
     e = hs.add_parser("eval", help="binary KL, AUC and calibration: head vs draft confidence")
@@ -121,8 +128,16 @@ def run_gen_data(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from heads.model import DRAFT_FEATURES
     from heads.train import TrainConfig, train_from_dirs
 
+    features = tuple(args.features)
+    if features == ("all",):
+        features = DRAFT_FEATURES
+    elif features == ("none",):
+        features = ()
+    elif not set(features) <= set(DRAFT_FEATURES):
+        raise ValueError(f"--features: choose from {', '.join(DRAFT_FEATURES)}, 'all' or 'none'")
     config = TrainConfig(
         depth=args.depth,
         w_reject=args.w_reject,
@@ -134,6 +149,7 @@ def run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         patience=args.patience,
         seed=args.seed,
+        features=features,
     )
     head = train_from_dirs(args.data, args.out, config)
     record = head.config.training
