@@ -18,6 +18,7 @@ from engine.placement import (
     PlacementError,
     footprint,
     kv_bytes_per_token,
+    load_model_config,
     meta_model,
     plan_from_config,
     plan_placement,
@@ -212,3 +213,14 @@ def test_shard_device_map_fills_in_order_when_the_last_gpu_is_the_smallest():
     device_map = shard_device_map(model, {0: int(weights * 0.8), 1: int(weights * 0.35)})
     assert set(device_map.values()) == {0, 1}
     assert device_map["model.embed_tokens"] == 0 and device_map["lm_head"] == 1
+
+
+def test_footprint_of_a_gguf_file_matches_its_model(tmp_path):
+    # A quantized GGUF is sized as the dequantized model the loader builds: parameters x --dtype bytes.
+    from test_model_store import write_tiny_gguf
+
+    path = tmp_path / "tiny.gguf"
+    model = write_tiny_gguf(path)
+    fp = footprint(meta_model(load_model_config(str(path)), torch.bfloat16), max_model_len=100)
+    assert fp.weight_bytes == 2 * sum(p.numel() for p in model.parameters())
+    assert fp.extra_bytes == 100 * kv_bytes_per_token(model.config, 2)
