@@ -37,10 +37,48 @@ def _knob(row: dict) -> str:
     return f"{row['knob_name']}={row['knob']:g}"
 
 
+def best_row(rows: list[dict], policy: str, temperature: float) -> dict | None:
+    """The fastest row of `policy` at `temperature` (its best knob)."""
+    candidates = [r for r in rows if r["policy"] == policy and r["temperature"] == temperature
+                  and r["tokens_per_s"] is not None]
+    return max(candidates, key=lambda r: r["tokens_per_s"], default=None)
+
+
+def headline(rows: list[dict], temperature: float) -> list[dict]:
+    """Target alone, each policy at its best knob, and hf-constant at the best constant k."""
+    out = []
+    for policy in ("none", "constant", "heuristic", "confidence", "specdec++", "hf-dynamic", "hf-heuristic"):
+        row = best_row(rows, policy, temperature)
+        if row is not None:
+            out.append(row)
+    best_constant = best_row(rows, "constant", temperature)
+    if best_constant is not None:
+        same_k = [r for r in rows if r["policy"] == "hf-constant" and r["temperature"] == temperature
+                  and r["knob"] == best_constant["knob"]]
+        out += same_k or [r for r in [best_row(rows, "hf-constant", temperature)] if r is not None]
+    return out
+
+
+def headline_markdown(rows: list[dict], temperature: float) -> str:
+    """The short table for the README: best knob per policy, speedups, specdec++ over best constant."""
+    lines = ["| policy | best knob | tokens/s | speedup vs target alone | discard rate | verification rate |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in headline(rows, temperature):
+        lines.append(f"| {r['policy']} | {_knob(r)} | {_fmt(r['tokens_per_s'], 2)} | {_fmt(r['speedup'], 2)}x | "
+                     f"{_fmt(r['discard_rate'])} | {_fmt(r['verification_rate'])} |")
+    sdpp, constant = best_row(rows, "specdec++", temperature), best_row(rows, "constant", temperature)
+    if sdpp is not None and constant is not None and constant["tokens_per_s"]:
+        gain = sdpp["tokens_per_s"] / constant["tokens_per_s"] - 1
+        lines += ["", f"specdec++ (best threshold) vs best constant k: {gain:+.1%} tokens/s."]
+    return "\n".join(lines) + "\n"
+
+
 def offline_markdown(rows: list[dict], meta: dict) -> str:
-    """One table per temperature; the best row of each policy in bold."""
+    """A headline table and one full table per temperature; the best row of each policy in bold."""
     out = [f"# Offline benchmark: {meta.get('dataset', '')}", ""]
     out.append(_meta_lines(meta))
+    for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
+        out += ["", f"## headline, temperature {temperature:g}", "", headline_markdown(rows, temperature).rstrip()]
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["temperature"] == temperature]
         best = {}

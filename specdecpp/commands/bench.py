@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,7 +144,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
         policies = tuple(p for p in policies if p != "specdec++")
     greedy_policies = None
     if args.greedy_policies:
-        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if p != "specdec++" or engine.head is not None)
+        has_head = engine.head is not None
+        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if p != "specdec++" or has_head)
     sweep = Sweep(
         temperatures=tuple(args.temperatures),
         ks=tuple(args.ks),
@@ -249,13 +252,14 @@ def run_serving_command(args: argparse.Namespace) -> int:
     from specdecpp.bench.report import write_serving_report
     from specdecpp.bench.serving import ServerProcess, bench_row, check_loopback, server_info
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress lines
     if args.quick:
         args.max_tokens, args.num_requests, args.num_prompts = 24, 2, 4
     specs = [parse_config(c) for c in args.configs]
     prompts = [p.messages for p in load_prompts(args.dataset, args.num_prompts, args.seed)]
     server = None
     if args.start_server:
-        server = ServerProcess(_serve_args(args), args.output.with_suffix(".server.log"))
+        server = ServerProcess(_serve_args(args), Path(tempfile.gettempdir()) / f"specdecpp-bench-{os.getpid()}.log")
         print(f"starting the server on {server.url} (log {server.log_path})", file=sys.stderr)
         base_url = server.url
     else:
