@@ -142,7 +142,8 @@ def test_every_dashboard_query_returns_data(exported, tmp_path):
     for name, labels, value in exported:
         text = ",".join(f'{k}="{v}"' for k, v in sorted({**labels, "job": "specdecpp"}.items()))
         kind_gauge = name in ("specdec_queue_depth", "specdec_running_requests")
-        series.append({"series": f"{name}{{{text}}}", "values": f"{value:g}x40" if kind_gauge else f"0+{value:g}x40"})
+        v = f"{value:.12f}".rstrip("0").rstrip(".") or "0"  # no exponent: "1e+06" would read as a series step
+        series.append({"series": f"{name}{{{text}}}", "values": f"{v}x40" if kind_gauge else f"0+{v}x40"})
     # Grafana's variables as it would fill them: all policies, or one (regex-escaped, as Grafana does).
     fills = [{"$policy": ".*"}, {"$policy": re.escape("specdec++").replace("\\", "\\\\")}]
     rules, alerts = [], []
