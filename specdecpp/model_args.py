@@ -16,7 +16,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype")
     g.add_argument("--draft-dtype", choices=["bf16", "fp16", "fp32"], help="draft dtype (default: --dtype)")
     g.add_argument("--draft-device", help="device for the draft and head (default: GPU 0 or cpu)")
-    g.add_argument("--target-devices", nargs="+", help="devices for the target (several: sharded)")
+    g.add_argument("--target-devices", type=_device_list, metavar="DEV[,DEV...]",
+                   help="comma-separated devices for the target; several: sharded (e.g. cuda:1,cuda:2)")
     g.add_argument("--max-model-len", type=int, help="context limit (default: the target's)")
     b = parser.add_argument_group("batching")
     b.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (default: 8)")
@@ -26,6 +27,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="admission budget: sum of prompt + max_tokens over running requests (default: 131072)")
     b.add_argument("--no-batching", dest="batching", action="store_false",
                    help="give every running request its own forwards (round-robin) instead of one batch")
+
+
+def _device_list(value: str) -> list[str]:
+    devices = [d.strip() for d in value.split(",") if d.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated devices")
+    return devices
 
 
 def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = None) -> None:

@@ -242,7 +242,7 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
     if args.target_devices:
-        out += ["--target-devices", *args.target_devices]
+        out += ["--target-devices", ",".join(args.target_devices)]
     if args.api_key:
         out += ["--api-key", args.api_key]
     return out
