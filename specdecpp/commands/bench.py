@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -257,14 +258,17 @@ def run_serving_command(args: argparse.Namespace) -> int:
         args.max_tokens, args.num_requests, args.num_prompts = 24, 2, 4
     specs = [parse_config(c) for c in args.configs]
     prompts = [p.messages for p in load_prompts(args.dataset, args.num_prompts, args.seed)]
+    if args.base_url:
+        check_loopback(args.base_url)
     server = None
+    # A TERM (or an INT to a background job, which ignores INT) must still stop the server we started.
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.start_server:
         server = ServerProcess(_serve_args(args), Path(tempfile.gettempdir()) / f"specdecpp-bench-{os.getpid()}.log")
         print(f"starting the server on {server.url} (log {server.log_path})", file=sys.stderr)
         base_url = server.url
     else:
         base_url = args.base_url.rstrip("/")
-    check_loopback(base_url)
     try:
         if server is not None:
             server.wait_healthy()
@@ -292,6 +296,7 @@ def run_serving_command(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+        signal.signal(signal.SIGTERM, previous_handler)
     meta = _meta(args, {"base_url": base_url if not args.start_server else "started by the benchmark",
                         "server": info, "num_prompts": len(prompts), "settings": {
                             "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
