@@ -62,6 +62,10 @@ def test_resume_skips_finished_work(engine, tmp_path, monkeypatch):
     assert len(lines) == 1 + len(PROMPTS) * len(configs)  # header + one line per result
     path.write_text("\n".join(lines[:-2]) + "\n")  # as if killed two results before the end
 
+    partial = run_offline(engine, PROMPTS, configs, 8, Checkpoint(path, {"run": 2}), run=False, progress=quiet)
+    assert len(partial) == len(PROMPTS) * len(configs) - 2
+    assert {r["prompts"] for r in aggregate(partial, configs)} == {len(PROMPTS) - 1}  # only complete prompts
+
     calls = []
     real = offline.run_one
 

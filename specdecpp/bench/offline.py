@@ -84,6 +84,7 @@ class Sweep:
     bounds: tuple[int, int] = (2, 20)
     greedy_policies: tuple[str, ...] | None = None  # a smaller set of rows at temperature 0 (None: the same)
     greedy_ks: tuple[int, ...] | None = None  # constant / hf-constant k values at temperature 0 (None: the same)
+    greedy_thresholds: tuple[float, ...] | None = None  # specdec++ thresholds at temperature 0 (None: the same)
 
     def configs(self) -> list[BenchConfig]:
         knobs: dict[str, Iterable[float | None]] = {
@@ -111,6 +112,8 @@ class Sweep:
                 values = knobs[policy]
                 if greedy and self.greedy_ks is not None and policy in ("constant", "hf-constant"):
                     values = [k for k in self.greedy_ks if policy == "constant" or k in self.hf_ks]
+                if greedy and self.greedy_thresholds is not None and policy == "specdec++":
+                    values = self.greedy_thresholds
                 configs += [BenchConfig(policy, knob, float(t)) for knob in values]
         return configs
 
@@ -212,9 +215,16 @@ def run_offline(
     bounds: tuple[int, int] = (2, 20),
     warmup: bool = True,
     progress: Callable[[str], None] = print,
+    run: bool = True,
 ) -> list[dict]:
-    """Run every (prompt, configuration) not yet in the checkpoint; return all records of this grid."""
+    """Run every (prompt, configuration) not yet in the checkpoint; return the grid's finished records.
+
+    `run=False` only reads the checkpoint (a report from a partial run: `aggregate` keeps the
+    prompts every configuration finished).
+    """
     todo = [(i, p, c) for i, p in enumerate(prompts) for c in configs if record_key(c, p.id) not in checkpoint]
+    if not run:
+        todo = []
     total = len(prompts) * len(configs)
     done = total - len(todo)
     if done:
@@ -242,7 +252,8 @@ def run_offline(
             f"{result['wall_seconds']:.1f}s ({s['generated_tokens'] / max(result['wall_seconds'], 1e-9):.2f} tok/s)"
             f"  eta {eta / 60:.1f} min"
         )
-    return [checkpoint.records[record_key(c, p.id)] for p in prompts for c in configs]
+    keys = (record_key(c, p.id) for p in prompts for c in configs)
+    return [checkpoint.records[key] for key in keys if key in checkpoint]
 
 
 # ----- aggregation ---------------------------------------------------------------------------

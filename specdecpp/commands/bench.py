@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--greedy-policies", nargs="+", help="rows at temperature 0 (default: the same as --policies)")
     o.add_argument("--greedy-ks", type=int, nargs="+",
                    help="constant k values at temperature 0 (hf-constant: those also in --hf-ks; default: --ks)")
+    o.add_argument("--greedy-thresholds", type=float, nargs="+",
+                   help="specdec++ thresholds at temperature 0 (default: --thresholds)")
     o.add_argument("--ks", type=int, nargs="+", help="constant k sweep (default: 1 2 3 4 5 6 8)")
     o.add_argument("--heuristic-k", type=int, default=4, help="heuristic starting k (default: 4)")
     o.add_argument("--p-mins", type=float, nargs="+", help="confidence sweep (default: 0.2 0.4 0.6 0.8)")
@@ -48,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--output", type=Path, default=Path("bench-results/offline.json"),
                    help="results JSON; the .md, -frontier.png, -speedup.png and .checkpoint.jsonl sit next to it")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
+    o.add_argument("--report-only", action="store_true",
+                   help="no new requests: write the report from the checkpoint (prompts every row finished)")
     o.add_argument("--fresh", action="store_true", help="discard the checkpoint instead of resuming")
     o.add_argument("--quick", action="store_true",
                    help=f"a smoke run in minutes: {QUICK['num_prompts']} prompts, {QUICK['max_tokens']} tokens, "
@@ -120,7 +124,7 @@ def _meta(args: argparse.Namespace, extra: dict) -> dict:
 # ----- offline ---------------------------------------------------------------------------------
 def run_offline_command(args: argparse.Namespace) -> int:
     from engine.factory import build_engine, resolve_paths
-    from specdecpp.bench.offline import Checkpoint, Sweep, aggregate, run_offline
+    from specdecpp.bench.offline import Checkpoint, Sweep, aggregate, record_key, run_offline
     from specdecpp.bench.report import write_offline_report
 
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -158,6 +162,7 @@ def run_offline_command(args: argparse.Namespace) -> int:
         bounds=tuple(args.bounds),
         greedy_policies=greedy_policies,
         greedy_ks=tuple(args.greedy_ks) if args.greedy_ks else None,
+        greedy_thresholds=tuple(args.greedy_thresholds) if args.greedy_thresholds else None,
     )
     configs = sweep.configs()
     prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
@@ -176,17 +181,22 @@ def run_offline_command(args: argparse.Namespace) -> int:
           f"(checkpoint {checkpoint_path})", file=sys.stderr)
     records = run_offline(
         engine, prompts, configs, args.max_tokens, checkpoint, base_seed=args.seed, bounds=tuple(args.bounds),
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        progress=lambda line: print(line, file=sys.stderr, flush=True), run=not args.report_only,
     )
     rows = aggregate(records, configs)
+    finished = [i for i, p in enumerate(prompts) if all(record_key(c, p.id) in checkpoint for c in configs)]
+    if len(finished) < len(prompts):
+        print(f"the report covers the {len(finished)} of {len(prompts)} prompts that every row finished",
+              file=sys.stderr)
     meta = _meta(args, {
         "models": models,
         "settings": {k: v for k, v in settings.items() if k not in ("models", "prompt_ids")},
-        "prompt_ids": settings["prompt_ids"],
-        "seeds": [args.seed + i for i in range(len(prompts))],
+        "prompt_ids": [prompts[i].id for i in finished],
+        "seeds": [args.seed + i for i in finished],
         "sweep": {"temperatures": sweep.temperatures, "ks": sweep.ks, "heuristic_k": sweep.heuristic_k,
                   "p_mins": sweep.p_mins, "thresholds": sweep.thresholds, "hf_ks": sweep.hf_ks,
-                  "policies": sweep.policies, "greedy_policies": sweep.greedy_policies, "greedy_ks": sweep.greedy_ks},
+                  "policies": sweep.policies, "greedy_policies": sweep.greedy_policies, "greedy_ks": sweep.greedy_ks,
+                  "greedy_thresholds": sweep.greedy_thresholds},
         "threads": __import__("torch").get_num_threads(),
         "prompt_format": "chat template, one user message (heads/prompts.py)",
         "notes": [
