@@ -45,6 +45,7 @@ def test_rows_have_every_field_and_none_is_the_baseline(engine, tmp_path):
         assert row["tokens_per_s"] > 0
     for none in (r for r in rows if r["policy"] == "none"):
         assert none["speedup"] == 1.0
+        assert none["decode_tokens_per_s"] > 0 and none["decode_speedup"] == 1.0
         assert none["verification_rate"] == 1.0  # one target call per token
         assert none["discard_rate"] == 0.0
     for row in rows:  # speedup is relative to the none row of the same temperature
@@ -113,6 +114,21 @@ def test_aggregation_is_ratio_of_sums():
     assert rows["none"]["acceptance_rate"] is None
 
 
+def test_decode_rate_leaves_the_first_round_out():
+    none, k4 = BenchConfig("none", None, 1.0), BenchConfig("constant", 4, 1.0)
+    records = [
+        _record(none, "a", 10.0, generated_tokens=11, total_seconds=10.0, first_token_seconds=2.0,
+                first_round_tokens=1, proposed_tokens=0, accepted_tokens=0, target_calls=11, rounds=11),
+        _record(k4, "a", 5.0, generated_tokens=11, total_seconds=5.0, first_token_seconds=3.0,
+                first_round_tokens=5, proposed_tokens=12, accepted_tokens=8, target_calls=3, rounds=3),
+    ]
+    base, row = aggregate(records, [none, k4])
+    assert base["decode_tokens_per_s"] == pytest.approx(10 / 8.0)
+    assert row["decode_tokens_per_s"] == pytest.approx(6 / 2.0)
+    assert row["decode_speedup"] == pytest.approx(3.0 / 1.25)
+    assert row["speedup"] == pytest.approx((11 / 5.0) / (11 / 10.0))
+
+
 def test_unmeasured_counts_stay_null():
     none, peer = BenchConfig("none", None, 0.0), BenchConfig("hf-dynamic", 0.4, 0.0)
     records = [
@@ -151,6 +167,8 @@ def test_hf_peer_greedy_is_the_target_and_counts_add_up(engine):
         stats = hf_assisted_generate(engine.target.model, engine.draft.model, ids, policy, knob, 0.0, 16, 0,
                                      engine.eos_token_ids)
         assert stats["token_ids"] == ours_none.token_ids, policy
+        assert 0 < stats["first_token_seconds"] <= stats["total_seconds"]
+        assert stats["first_round_tokens"] == min(stats["accepted_lengths"][0] + 1, stats["generated_tokens"])
         assert stats["generated_tokens"] == len(ours_none.token_ids)
         assert stats["target_calls"] == stats["rounds"] == len(stats["candidate_lengths"])
         assert stats["proposed_tokens"] == sum(stats["candidate_lengths"])

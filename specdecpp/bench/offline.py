@@ -37,7 +37,8 @@ KNOB_NAMES = {
 }
 ROW_FIELDS = (
     "policy", "knob_name", "knob", "temperature", "tokens_per_s", "speedup", "discard_rate", "verification_rate",
-    "acceptance_rate", "mean_candidate_length", "mean_accepted_length", "tokens_per_target_call", "prompts",
+    "acceptance_rate", "mean_candidate_length", "mean_accepted_length", "tokens_per_target_call",
+    "decode_tokens_per_s", "decode_speedup", "prompts",
     "generated_tokens", "proposed_tokens", "accepted_tokens", "discarded_tokens", "target_calls", "rounds",
     "wall_seconds",
 )
@@ -166,6 +167,8 @@ def run_engine(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_token
     wall = time.perf_counter() - start
     stats = dict(completion.stats)
     stats["finish_reason"] = completion.finish_reason
+    if stats["accepted_lengths"]:  # the first round's tokens: its accepted drafts plus one, unless cut
+        stats["first_round_tokens"] = min(stats["accepted_lengths"][0] + 1, stats["generated_tokens"])
     stats["token_ids"] = completion.token_ids
     return {"stats": stats, "wall_seconds": wall}
 
@@ -288,6 +291,7 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
         discarded = None if proposed is None or accepted is None else proposed - accepted
         calls, rounds = _sum(rs, "target_calls"), _sum(rs, "rounds")
         wall = sum(r["wall_seconds"] for r in rs)
+        decode_tokens, decode_seconds = _decode_totals(rs)
         speculates = config.policy != "none"
         rows.append({
             "policy": config.policy,
@@ -302,6 +306,8 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
             "mean_candidate_length": _ratio(proposed, rounds),
             "mean_accepted_length": _ratio(accepted, rounds),
             "tokens_per_target_call": _ratio(generated, calls),
+            "decode_tokens_per_s": _ratio(decode_tokens, decode_seconds),
+            "decode_speedup": None,
             "prompts": len(rs),
             "generated_tokens": generated,
             "proposed_tokens": proposed,
@@ -311,7 +317,24 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
             "rounds": rounds,
             "wall_seconds": wall,
         })
-    baseline = {r["temperature"]: r["tokens_per_s"] for r in rows if r["policy"] == "none"}
-    for row in rows:
-        row["speedup"] = _ratio(row["tokens_per_s"], baseline.get(row["temperature"]))
+    for key in ("", "decode_"):
+        baseline = {r["temperature"]: r[f"{key}tokens_per_s"] for r in rows if r["policy"] == "none"}
+        for row in rows:
+            row[f"{key}speedup"] = _ratio(row[f"{key}tokens_per_s"], baseline.get(row["temperature"]))
     return rows
+
+
+def _decode_totals(records: list[dict]) -> tuple[float | None, float | None]:
+    """Tokens and seconds after each request's first round (which carries the prompt's prefill).
+
+    Short benchmark outputs make the prefill a large share of the wall time; this rate leaves
+    it out. None when any record lacks the first-round timing.
+    """
+    tokens = seconds = 0.0
+    for r in records:
+        s = r["stats"]
+        if s.get("first_token_seconds") is None or s.get("first_round_tokens") is None:
+            return None, None
+        tokens += s["generated_tokens"] - s["first_round_tokens"]
+        seconds += s["total_seconds"] - s["first_token_seconds"]
+    return tokens, seconds

@@ -44,6 +44,27 @@ def assistant_settings(policy: str, knob: float | None) -> dict:
     raise ValueError(f"unknown peer policy {policy!r}")
 
 
+class _FirstRoundTimer:
+    """A transformers streamer that notes when the first round's tokens arrive, and how many.
+
+    transformers puts the prompt first, then each round's accepted tokens.
+    """
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first_round_at: float | None = None
+        self.first_round_tokens = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.first_round_at = time.perf_counter()
+            self.first_round_tokens = int(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _record_rounds(rounds: list[tuple[int, int]]) -> Iterator[None]:
     """Record (candidates, kept) for every assisted round while the block runs."""
@@ -92,6 +113,7 @@ def hf_assisted_generate(
     rounds: list[tuple[int, int]] = []
     target_calls = [0]
     hook = target.register_forward_hook(lambda *_: target_calls.__setitem__(0, target_calls[0] + 1))
+    timer = _FirstRoundTimer()
     torch.manual_seed(seed)
     try:
         with _record_rounds(rounds), torch.inference_mode():
@@ -105,6 +127,7 @@ def hf_assisted_generate(
                 eos_token_id=eos,
                 pad_token_id=pad_token_id if pad_token_id is not None else eos[0],
                 repetition_penalty=1.0,
+                streamer=timer,
                 **sampling,
             )
             seconds = time.perf_counter() - start
@@ -131,6 +154,8 @@ def hf_assisted_generate(
         "candidate_lengths": [c for c, _ in rounds],
         "accepted_lengths": [min(c, kept) for c, kept in rounds],
         "total_seconds": seconds,
+        "first_token_seconds": None if timer.first_round_at is None else timer.first_round_at - start,
+        "first_round_tokens": min(timer.first_round_tokens, len(new_ids)),
         "finish_reason": finish,
         "token_ids": new_ids,
     }

@@ -61,11 +61,13 @@ def headline(rows: list[dict], temperature: float) -> list[dict]:
 
 def headline_markdown(rows: list[dict], temperature: float) -> str:
     """The short table for the README: best knob per policy, speedups, specdec++ over best constant."""
-    lines = ["| policy | best knob | tokens/s | speedup vs target alone | discard rate | verification rate |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| policy | best knob | tokens/s | speedup vs target alone | decode speedup | discard rate "
+             "| verification rate |",
+             "|---|---|---:|---:|---:|---:|---:|"]
     for r in headline(rows, temperature):
         lines.append(f"| {r['policy']} | {_knob(r)} | {_fmt(r['tokens_per_s'], 2)} | {_fmt(r['speedup'], 2)}x | "
-                     f"{_fmt(r['discard_rate'])} | {_fmt(r['verification_rate'])} |")
+                     f"{_fmt(r.get('decode_speedup'), 2)}x | {_fmt(r['discard_rate'])} | "
+                     f"{_fmt(r['verification_rate'])} |")
     sdpp, constant = best_row(rows, "specdec++", temperature), best_row(rows, "constant", temperature)
     if sdpp is not None and constant is not None and constant["tokens_per_s"]:
         gain = sdpp["tokens_per_s"] / constant["tokens_per_s"] - 1
@@ -86,14 +88,15 @@ def offline_markdown(rows: list[dict], meta: dict) -> str:
             if r["tokens_per_s"] is not None and r["tokens_per_s"] > best.get(r["policy"], (-1.0, None))[0]:
                 best[r["policy"]] = (r["tokens_per_s"], id(r))
         out += ["", f"## temperature {temperature:g}", ""]
-        out.append("| policy | knob | tokens/s | speedup | discard rate | verification rate | acceptance rate "
-                   "| mean candidates | prompts | generated tokens |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("| policy | knob | tokens/s | speedup | decode speedup | discard rate | verification rate "
+                   "| acceptance rate | mean candidates | prompts | generated tokens |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rs:
             bold = "**" if best.get(r["policy"], (None, None))[1] == id(r) and r["policy"] != "none" else ""
             out.append(
                 f"| {r['policy']} | {_knob(r)} | {bold}{_fmt(r['tokens_per_s'], 2)}{bold} | "
-                f"{bold}{_fmt(r['speedup'], 2)}{bold} | {_fmt(r['discard_rate'])} | "
+                f"{bold}{_fmt(r['speedup'], 2)}{bold} | {_fmt(r.get('decode_speedup'), 2)} | "
+                f"{_fmt(r['discard_rate'])} | "
                 f"{_fmt(r['verification_rate'])} | {_fmt(r['acceptance_rate'])} | "
                 f"{_fmt(r['mean_candidate_length'], 2)} | {r['prompts']} | {r['generated_tokens']} |"
             )
