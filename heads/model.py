@@ -74,6 +74,7 @@ class AcceptanceHead(nn.Module):
         self.register_buffer("input_scale", torch.ones(h))
         self.blocks = nn.ModuleList(ResidualBlock(h) for _ in range(config.depth))
         self.out = nn.Linear(h, 2)
+        nn.init.zeros_(self.out.weight)  # starts as a constant predictor; training adds what the input tells
         if f:
             self.register_buffer("feature_mean", torch.zeros(f))
             self.register_buffer("feature_scale", torch.ones(f))

@@ -9,7 +9,8 @@ earlier (the paper's best w_reject is 6).
 
 Validation: a fixed fraction of *sequences* (not tokens: neighbouring tokens are correlated)
 is held out; the epoch with the lowest validation loss is kept, and training stops after
-`patience` epochs without improvement. AdamW, linear warmup then cosine decay.
+`patience` epochs without improvement. AdamW (the feature weights with their own, larger
+learning rate), linear warmup then cosine decay.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class TrainConfig:
     depth: int = 3
     w_reject: float = 6.0
     lr: float = 1e-3
+    feature_lr: float = 1e-2  # the few feature weights need larger steps than the H-wide hidden path
     weight_decay: float = 0.01
-    batch_size: int = 512
+    batch_size: int = 128
     max_epochs: int = 30
     warmup: float = 0.05  # share of all steps
     val_fraction: float = 0.1
@@ -104,12 +106,13 @@ def split_by_sequence(keys: torch.Tensor, val_fraction: float, seed: int) -> tor
     return torch.isin(keys, val_keys)
 
 
-def lr_at(step: int, total: int, config: TrainConfig) -> float:
-    warm = max(1, int(total * config.warmup))
+def lr_scale(step: int, total: int, warmup: float) -> float:
+    """Learning-rate multiplier: linear warmup over `warmup` of the steps, then cosine to 0."""
+    warm = max(1, int(total * warmup))
     if step < warm:
-        return config.lr * (step + 1) / warm
+        return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 @torch.no_grad()
@@ -162,7 +165,12 @@ def train_head(
     head = AcceptanceHead(head_config)
     _standardise(head, x_tr, f_tr)
     head.train()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    feature_params = list(head.feature_out.parameters()) if config.features else []
+    hidden_params = [p for p in head.parameters() if all(p is not q for q in feature_params)]
+    groups = [{"params": hidden_params, "base_lr": config.lr}]
+    if feature_params:
+        groups.append({"params": feature_params, "base_lr": config.feature_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(x_tr) / config.batch_size))
     total_steps = steps_per_epoch * config.max_epochs
     g = torch.Generator().manual_seed(config.seed)
@@ -177,7 +185,7 @@ def train_head(
         for s in range(0, len(order), config.batch_size):
             idx = order[s : s + config.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, config)
+                group["lr"] = group["base_lr"] * lr_scale(step, total_steps, config.warmup)
             loss = weighted_bce(head(x_tr[idx].float(), f_tr[idx]), y_tr[idx], config.w_reject)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -47,9 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="head directory to write (model.safetensors + config.json)")
     t.add_argument("--depth", type=int, default=3, help="residual blocks")
     t.add_argument("--w-reject", type=float, default=6.0, help="weight of the reject class in the loss")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate of the hidden-state path")
+    t.add_argument("--feature-lr", type=float, default=1e-2, help="learning rate of the feature weights")
     t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--batch-size", type=int, default=512)
+    t.add_argument("--batch-size", type=int, default=128, help="tokens per step")
     t.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     t.add_argument("--warmup", type=float, default=0.05, help="share of steps with linear warmup")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of sequences held out for validation")
@@ -142,6 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
         depth=args.depth,
         w_reject=args.w_reject,
         lr=args.lr,
+        feature_lr=args.feature_lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         max_epochs=args.epochs,
