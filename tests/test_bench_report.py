@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specdecpp.bench.machine import machine_record
-from specdecpp.bench.report import write_offline_report, write_serving_report
+from specdecpp.bench.report import merge_offline, write_offline_report, write_serving_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,6 +48,25 @@ def test_offline_report_files(tmp_path):
     assert "abc" in md and str(meta["machine"]["cpu_count"]) in md
     for png in paths[2:]:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+def test_merge_keeps_each_runs_speedup(tmp_path):
+    meta = {"dataset": "humaneval", "settings": {"max_tokens": 8, "seed": 0}, "prompt_ids": ["a"], "command": "x",
+            "git_commit": "abc", "created": "now", "machine": {}}
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    write_offline_report(first, ROWS[:3], meta)
+    write_offline_report(second, [_row("none", None, 1.0, 2.0, 0.0, 1.0), _row("constant", 4, 1.0, 5.0, 0.4, 0.3)],
+                         meta)
+    rows, merged = merge_offline([first, second])
+    assert [(r["policy"], r["knob"], r["run"]) for r in rows] == [
+        ("none", None, "second"), ("constant", 2, "first"), ("constant", 4, "second")]
+    assert [r["run"] for r in merged["runs"]] == ["first", "second"]
+    write_offline_report(tmp_path / "merged.json", rows, merged)
+    assert "| second |" in (tmp_path / "merged.md").read_text()
+    other = tmp_path / "other.json"
+    write_offline_report(other, ROWS[:1], {**meta, "prompt_ids": ["b"]})
+    with pytest.raises(ValueError, match="prompt_ids"):
+        merge_offline([first, other])
 
 
 def test_machine_record_names_the_environment():

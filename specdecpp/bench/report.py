@@ -88,9 +88,10 @@ def offline_markdown(rows: list[dict], meta: dict) -> str:
             if r["tokens_per_s"] is not None and r["tokens_per_s"] > best.get(r["policy"], (-1.0, None))[0]:
                 best[r["policy"]] = (r["tokens_per_s"], id(r))
         out += ["", f"## temperature {temperature:g}", ""]
+        runs = any("run" in r for r in rs)
         out.append("| policy | knob | tokens/s | speedup | decode speedup | discard rate | verification rate "
-                   "| acceptance rate | mean candidates | prompts | generated tokens |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                   "| acceptance rate | mean candidates | prompts | generated tokens |" + (" run |" if runs else ""))
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if runs else ""))
         for r in rs:
             bold = "**" if best.get(r["policy"], (None, None))[1] == id(r) and r["policy"] != "none" else ""
             out.append(
@@ -99,15 +100,17 @@ def offline_markdown(rows: list[dict], meta: dict) -> str:
                 f"{_fmt(r['discard_rate'])} | "
                 f"{_fmt(r['verification_rate'])} | {_fmt(r['acceptance_rate'])} | "
                 f"{_fmt(r['mean_candidate_length'], 2)} | {r['prompts']} | {r['generated_tokens']} |"
+                + (f" {r.get('run', '-')} |" if runs else "")
             )
     return "\n".join(out) + "\n"
 
 
 def _meta_lines(meta: dict) -> str:
     machine = meta.get("machine", {})
-    parts = [
-        f"- command: `{meta.get('command', '')}`",
-        f"- git commit: `{meta.get('git_commit')}`",
+    parts = [f"- command: `{meta.get('command', '')}`", f"- git commit: `{meta.get('git_commit')}`"]
+    if "runs" in meta:
+        parts = [f"- run `{r['run']}`: `{r['command']}` at `{r['git_commit']}` ({r['created']})" for r in meta["runs"]]
+    parts += [
         f"- machine: {machine.get('cpu_count')} cores, {machine.get('cpu_model', '?')}, "
         f"{(machine.get('memory_bytes') or 0) / 2**30:.0f} GiB; torch {machine.get('torch')}, "
         f"transformers {machine.get('transformers')}",
@@ -160,7 +163,8 @@ def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
         ax.set_ylabel("verification rate (target calls / generated tokens)")
         ax.set_title(f"{title} T={temperature:g}".strip())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -208,6 +212,47 @@ def write_offline_report(json_path: Path, rows: list[dict], meta: dict) -> list[
     plot_frontier(rows, frontier, title)
     plot_speedup(rows, speedup, title)
     return [json_path, md, frontier, speedup]
+
+
+def merge_offline(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Rows of several offline results on the same prompts, seeds and max_tokens, as one table.
+
+    Each row keeps its own run's speedup (relative to that run's `none` row) and says which
+    run it came from (`run`); a (policy, knob, temperature) present in several inputs is taken
+    from the last. Rates are counts, not timings, so the frontier compares across runs.
+    """
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    keys = [("dataset",), ("settings", "max_tokens"), ("settings", "seed"), ("prompt_ids",)]
+    for key in keys:
+        values = {json.dumps(_get(r["meta"], key)) for r in results}
+        if len(values) > 1:
+            raise ValueError(f"cannot merge runs with different {'.'.join(key)}: {sorted(values)}")
+    merged: dict[tuple, dict] = {}
+    for path, result in zip(paths, results, strict=True):
+        for row in result["rows"]:
+            merged[(row["policy"], row["knob"], row["temperature"])] = {**row, "run": Path(path).stem}
+    order = {p: i for i, p in enumerate(STYLE)}
+    rows = sorted(merged.values(), key=lambda r: (-r["temperature"], order.get(r["policy"], 99),
+                                                   r["knob"] if r["knob"] is not None else -1))
+    first = results[-1]["meta"]
+    meta = {
+        **{k: first[k] for k in ("dataset", "settings", "prompt_ids", "seeds", "models", "machine") if k in first},
+        "runs": [{"run": Path(p).stem, **{k: r["meta"].get(k) for k in ("command", "git_commit", "created",
+                                                                       "threads", "sweep")}}
+                 for p, r in zip(paths, results, strict=True)],
+        "notes": [
+            "rows come from several runs (`run`); each row's speedup is relative to the `none` row of its own run",
+            *first.get("notes", [])[:1],
+        ],
+        "greedy_agreement": [r["meta"].get("greedy_agreement") for r in results],
+    }
+    return rows, meta
+
+
+def _get(data: dict, key: tuple) -> object:
+    for part in key:
+        data = (data or {}).get(part)
+    return data
 
 
 # ----- serving --------------------------------------------------------------------------------

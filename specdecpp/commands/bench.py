@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "small sweeps (explicit flags still win)")
     o.set_defaults(func=run_offline_command)
 
+    m = modes.add_parser("merge", help="one offline report from several runs on the same prompts and seeds")
+    m.add_argument("inputs", nargs="+", type=Path, help="offline results JSON files (later ones win on duplicates)")
+    m.add_argument("--output", type=Path, required=True)
+    m.set_defaults(func=run_merge_command)
+
     s = modes.add_parser("serving", help="concurrent streaming clients against the HTTP API")
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
@@ -223,6 +228,17 @@ def greedy_agreement(records: list[dict]) -> dict[str, float]:
         same = int(r["stats"].get("token_ids") == reference[r["prompt_id"]])
         counts.setdefault(r["policy"], []).append(same)
     return {policy: sum(v) / len(v) for policy, v in counts.items()}
+
+
+def run_merge_command(args: argparse.Namespace) -> int:
+    from specdecpp.bench.machine import command_line
+    from specdecpp.bench.report import merge_offline, write_offline_report
+
+    rows, meta = merge_offline(args.inputs)
+    meta["command"] = command_line(getattr(args, "argv", None))
+    for path in write_offline_report(args.output, rows, meta):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
 
 
 # ----- serving ---------------------------------------------------------------------------------
