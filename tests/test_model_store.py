@@ -270,3 +270,19 @@ def test_cli_list_and_check_directory(home, tiny_gguf, capsys):
     report = capsys.readouterr().out
     assert "vocab_size: 262" in report and "chat_template: True" in report and "quantization: None" in report
     assert cli_main(["models", "convert", str(home)]) == 2  # not a model directory: a clear error
+
+
+def test_default_pair_is_what_the_factory_uses(home, fake_index, monkeypatch):
+    from engine.config import EngineConfig
+    from engine.factory import resolve_paths
+
+    source, calls = fake_index
+    target = GGUFSource(**{**source.__dict__, "identity": "Tiny-Target"})
+    draft = GGUFSource(**{**source.__dict__, "identity": "Tiny-Draft"})
+    monkeypatch.setattr(model_store, "DEFAULT_TARGET", target)
+    monkeypatch.setattr(model_store, "DEFAULT_DRAFT", draft)
+    target_dir, draft_dir = model_store.ensure_default_pair()
+    assert (model_identity(str(target_dir)), model_identity(str(draft_dir))) == ("Tiny-Target", "Tiny-Draft")
+    assert resolve_paths(EngineConfig(head="none")) == (str(target_dir), str(draft_dir), None)
+    assert resolve_paths(EngineConfig(draft="none", head="none")) == (str(target_dir), None, None)
+    assert len(calls) == 2 * source.parts  # each model pulled once, the factory found both cached
