@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, one per core)")
     o.add_argument("--report-only", action="store_true",
                    help="no new requests: write the report from the checkpoint (prompts every row finished)")
+    o.add_argument("--limit-prompts", type=int,
+                   help="only the first N of the --num-prompts prompts (e.g. to report two stopped runs on the "
+                   "same prompts)")
     o.add_argument("--fresh", action="store_true", help="discard the checkpoint instead of resuming")
     o.add_argument("--quick", action="store_true",
                    help=f"a smoke run in minutes: {QUICK['num_prompts']} prompts, {QUICK['max_tokens']} tokens, "
@@ -182,6 +185,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
     }
     checkpoint_path = args.output.with_suffix(".checkpoint.jsonl")
     checkpoint = Checkpoint(checkpoint_path, settings, fresh=args.fresh)
+    if args.limit_prompts:  # the loop is prompt-major, so a stopped run finished a prefix of the prompts
+        prompts = prompts[: args.limit_prompts]
     print(f"{len(prompts)} prompts x {len(configs)} configurations -> {args.output} "
           f"(checkpoint {checkpoint_path})", file=sys.stderr)
     records = run_offline(
