@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,17 @@ def test_engine_feeds_draft_stats_to_a_head_with_features(tiny_pair, tokenizer):
     engine.generate("hello", SamplingParams(temperature=1.0, seed=0, max_tokens=12), spec)
     assert seen and all(s is not None and set(s) == set(DRAFT_FEATURES) for s in seen)
     assert all(bool((s["log_draft_prob"] <= 0).all()) for s in seen)
+
+
+@pytest.mark.slow
+def test_default_pair_picks_the_shipped_head():
+    """With the default pair, the engine's default head is the shipped one, and it fits the draft."""
+    from engine.config import EngineConfig
+    from engine.factory import resolve_paths
+    from engine.loader import model_identity
+    from heads.shipped import SHIPPED_DIR
+
+    _, draft, head = resolve_paths(EngineConfig())
+    assert head is not None and head.startswith(str(SHIPPED_DIR))
+    config = json.loads((Path(draft) / "config.json").read_text())
+    load_head(head, hidden_size=config["hidden_size"], draft_id=model_identity(draft))
