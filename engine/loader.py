@@ -76,7 +76,7 @@ def check_vocabularies(
     draft_tok: PreTrainedTokenizerBase,
 ) -> None:
     """Refuse a pair whose tokenizers or output vocabularies differ."""
-    tv, dv = target.get_output_embeddings().weight.shape[0], draft.get_output_embeddings().weight.shape[0]
+    tv, dv = target.get_output_embeddings().out_features, draft.get_output_embeddings().out_features
     if tv != dv:
         raise VocabularyMismatchError(f"vocabulary sizes differ: target has {tv} logits, draft has {dv}")
     if target_tok.get_vocab() != draft_tok.get_vocab():

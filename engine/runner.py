@@ -13,20 +13,28 @@ own cache. The copy is tiny next to reading the weights, and rollback stays per 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from engine.cpu_linear import pack_linears
+
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, pack_cpu_linears: bool = True) -> None:
         self.model = model.eval()
+        if pack_cpu_linears:
+            pack_linears(model)  # CPU only: about 2x faster decoding, identical results (engine/cpu_linear.py)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.hidden_size: int = model.config.hidden_size
-        self.vocab_size: int = self.lm_head.weight.shape[0]
+        self.vocab_size: int = self.lm_head.out_features
+        # Under a device map the LM head may sit on another device than the first layer.
+        self.lm_head_device = next(itertools.chain(self.lm_head.parameters(), self.lm_head.buffers())).device
         self.num_layers: int = model.config.num_hidden_layers
 
     def new_cache(self) -> DynamicCache:
@@ -42,7 +50,7 @@ class ModelRunner:
         """
         out = self.decoder(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -num_logits:]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.device))
+        logits = self.lm_head(hidden.to(self.lm_head_device))
         return hidden, logits
 
     @torch.inference_mode()
@@ -86,7 +94,7 @@ class ModelRunner:
                 cache.update(layer.keys[i : i + 1, :, past : past + n], layer.values[i : i + 1, :, past : past + n],
                              layer_idx)
         rows = [out.last_hidden_state[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits, strict=True))]
-        flat = self.lm_head(torch.cat(rows).to(self.lm_head.weight.device))
+        flat = self.lm_head(torch.cat(rows).to(self.lm_head_device))
         return rows, list(flat.split(list(num_logits)))
 
     def _stacked_cache(self, caches: list[DynamicCache], cached: list[int], past: int) -> DynamicCache:
