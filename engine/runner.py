@@ -50,8 +50,12 @@ class ModelRunner:
         """
         out = self.decoder(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -num_logits:]
-        logits = self.lm_head(hidden.to(self.lm_head_device))
-        return hidden, logits
+        return hidden, self.logits(hidden)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final hidden states [..., H] -> [..., V]."""
+        return self.lm_head(hidden.to(self.lm_head_device))
 
     @torch.inference_mode()
     def forward_batch(
@@ -62,10 +66,24 @@ class ModelRunner:
 
         Token tensors may stay on the device: nothing here waits for the device.
         """
+        rows = self.hidden_batch(feeds, caches, num_logits)
+        flat = self.logits(torch.cat(rows))
+        return rows, list(flat.split(list(num_logits)))
+
+    @torch.inference_mode()
+    def hidden_batch(
+        self, feeds: list[torch.Tensor | list[int]], caches: list[DynamicCache], num_hidden: list[int]
+    ) -> list[torch.Tensor]:
+        """`forward_batch` without the LM head: per-row final hidden states [n_i, H].
+
+        The head policies decide from the hidden state whether a sequence goes on proposing;
+        only those that do need logits, so the LM head (a large share of a small draft's
+        weights) runs after the decision, on their rows alone.
+        """
         feeds = [torch.as_tensor(f, dtype=torch.long, device=self.device) for f in feeds]
         if len(feeds) == 1:
-            hidden, logits = self.forward(feeds[0].unsqueeze(0), caches[0], num_logits[0])
-            return [hidden[0]], [logits[0]]
+            out = self.decoder(input_ids=feeds[0].unsqueeze(0), past_key_values=caches[0], use_cache=True)
+            return [out.last_hidden_state[0, -num_hidden[0]:]]
         lengths = [len(f) for f in feeds]
         cached = [c.get_seq_length() for c in caches]
         batch, width, past = len(feeds), max(lengths), max(cached)
@@ -93,9 +111,7 @@ class ModelRunner:
             for i, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
                 cache.update(layer.keys[i : i + 1, :, past : past + n], layer.values[i : i + 1, :, past : past + n],
                              layer_idx)
-        rows = [out.last_hidden_state[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_logits, strict=True))]
-        flat = self.lm_head(torch.cat(rows).to(self.lm_head_device))
-        return rows, list(flat.split(list(num_logits)))
+        return [out.last_hidden_state[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_hidden, strict=True))]
 
     def _stacked_cache(self, caches: list[DynamicCache], cached: list[int], past: int) -> DynamicCache:
         """One batch cache: each row's keys/values right-padded with zeros to `past`."""

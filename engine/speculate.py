@@ -69,7 +69,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
             forward.append((p, step))
         if forward:
             # The forward on y_s is needed for the next proposal anyway; its hidden state feeds the head.
-            hidden, logits = draft.forward_batch(
+            hidden = draft.hidden_batch(
                 [p.tokens[-1] for p, _ in forward], [p.seq.draft_cache for p, _ in forward], [1] * len(forward)
             )
             asking = [i for i, (p, step) in enumerate(forward) if p.seq.policy.uses_head and step.index > 1]
@@ -86,11 +86,17 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
                 head_seconds += time.perf_counter() - th
                 for i, prob in zip(asking, probs, strict=True):
                     forward[i][1].accept_prob = prob
-            for (p, step), row in zip(forward, logits, strict=True):
+            going_on = []
+            for i, (p, step) in enumerate(forward):
                 p.seq.draft_cached += 1
-                p.last_logits = row[-1]
                 if p.seq.policy.uses_head and p.seq.policy.should_stop(step):
-                    p.done = True
+                    p.done = True  # y_s is in the draft cache; its logits are never needed
+                else:
+                    going_on.append(i)
+            if going_on:
+                logits = draft.logits(torch.stack([hidden[i][-1] for i in going_on]))
+                for i, row in zip(going_on, logits, strict=True):
+                    forward[i][0].last_logits = row
         active = [p for p in active if not p.done]
     elapsed = time.perf_counter() - t0
     for p in proposals:

@@ -17,6 +17,7 @@ arrived in between, so a new request or an abort waits at most one step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -55,6 +56,7 @@ def _build(config: dict) -> tuple[Any, dict]:
         "head": head,
         "max_model_len": engine.max_model_len,
         "default_spec": engine.default_spec.model_dump(),
+        "scheduler": dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...
     }
     return engine, info
 

@@ -20,6 +20,7 @@ from specdecpp.bench.serving import (
     parse_counters,
     parse_sse_data,
     percentile,
+    scrape,
     summarize,
 )
 from specdecpp.cli import main
@@ -79,10 +80,15 @@ def test_sse_lines_and_loopback_only():
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, tiny_pair, tokenizer):
+def tiny_paths(tmp_path_factory, tiny_pair, tokenizer):
     root = tmp_path_factory.mktemp("bench-serving")
     target, draft = tiny_pair
-    server = LiveServer(save_tiny_pair(root, target, draft, tokenizer, random_head(32, seed=3)), root / "server.log")
+    return save_tiny_pair(root, target, draft, tokenizer, random_head(32, seed=3))
+
+
+@pytest.fixture(scope="module")
+def live(tiny_paths):
+    server = LiveServer(tiny_paths, tiny_paths["head"].parent / "server.log")
     try:
         server.wait_healthy()
         yield server
@@ -107,16 +113,42 @@ def test_cli_serving_writes_results(live, tmp_path):
     out = tmp_path / "serving.json"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hello there"}\n{"prompt": "a cat sat"}\n')
-    code = main(["bench", "serving", "--base-url", live.url, "--quick", "--concurrency", "1", "2",
-                 "--dataset", f"jsonl:{prompts}",
-                 "--configs", "none", "specdec++:threshold=0.5", "--output", str(out)])
+    argv = ["bench", "serving", "--base-url", live.url, "--quick", "--concurrency", "1", "2",
+            "--dataset", f"jsonl:{prompts}", "--baseline",
+            "--configs", "none", "specdec++:threshold=0.5", "--output", str(out)]
+    code = main(argv)
     assert code == 0
     data = json.loads(out.read_text())
-    assert [(r["policy"], r["concurrency"]) for r in data["rows"]] == [
-        ("none", 1), ("none", 2), ("specdec++", 1), ("specdec++", 2)]
+    assert [(r["policy"], r["concurrency"], r["baseline"]) for r in data["rows"]] == [
+        ("none", 1, True), ("none", 1, False), ("none", 2, False), ("specdec++", 1, False), ("specdec++", 2, False)]
+    assert [r["throughput_vs_concurrency_1"] for r in data["rows"][1:4:2]] == [1.0, 1.0]
+    assert all(r["slowest_request_vs_target_alone"] > 0 for r in data["rows"])
+    assert data["meta"]["server"]["None"]["specdec"]["scheduler"]["batching"] is True
     errors = [r["error_samples"] for r in data["rows"]]
     assert all(r["errors"] == 0 and r["requests"] == 2 for r in data["rows"]), errors
     none = data["rows"][0]
     assert none["server_counters"]["draft_tokens"] == 0 and none["verification_rate"] == 1.0
     assert data["meta"]["machine"]["cpu_count"] >= 1 and "bench serving" in data["meta"]["command"]
     assert out.with_suffix(".md").is_file()
+
+    # The same command again resumes from the checkpoint: same rows, no request sent.
+    before = asyncio.run(scrape(live.url))
+    assert main(argv) == 0
+    assert asyncio.run(scrape(live.url))["generated_tokens"] == before["generated_tokens"]
+    assert json.loads(out.read_text())["rows"] == data["rows"]
+
+
+def test_cli_serving_batching_modes(tiny_paths, tmp_path):
+    """One server per batching mode, started by the benchmark; rows labelled by mode."""
+    out = tmp_path / "serving.json"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n{"prompt": "a cat sat"}\n')
+    code = main(["bench", "serving", "--start-server", "--target", str(tiny_paths["target"]),
+                 "--draft", str(tiny_paths["draft"]), "--head", str(tiny_paths["head"]), "--dtype", "fp32",
+                 "--batching-modes", "on", "off", "--quick", "--concurrency", "2", "--dataset", f"jsonl:{prompts}",
+                 "--configs", "constant:k=2", "--output", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [(r["batching"], r["concurrency"], r["errors"]) for r in data["rows"]] == [("on", 2, 0), ("off", 2, 0)]
+    assert data["meta"]["server"]["on"]["specdec"]["scheduler"]["batching"] is True
+    assert data["meta"]["server"]["off"]["specdec"]["scheduler"]["batching"] is False

@@ -44,6 +44,11 @@ class RequestResult:
             return None
         return (self.latency - self.ttft) / (self.output_tokens - 1)
 
+    @property
+    def tokens_per_s(self) -> float | None:
+        """This request's own output rate, prefill included (what one user sees)."""
+        return self.output_tokens / self.latency if self.latency > 0 and self.output_tokens else None
+
 
 def check_loopback(base_url: str) -> None:
     host = urlparse(base_url).hostname
@@ -205,11 +210,14 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
         "tpot": [r.tpot for r in ok if r.tpot is not None],
         "itl": [gap for r in ok for gap in r.itls],
         "latency": [r.latency for r in ok],
+        "request_tokens_per_s": [r.tokens_per_s for r in ok if r.tokens_per_s is not None],
     }
     for name, values in series.items():
-        row[f"{name}_mean_s"] = sum(values) / len(values) if values else None
+        unit = "" if name.endswith("_per_s") else "_s"
+        row[f"{name}_mean{unit}"] = sum(values) / len(values) if values else None
         for q in (50, 90, 99):
-            row[f"{name}_p{q}_s"] = percentile(values, q)
+            row[f"{name}_p{q}{unit}"] = percentile(values, q)
+    row["request_tokens_per_s_min"] = min(series["request_tokens_per_s"], default=None)
     return row
 
 

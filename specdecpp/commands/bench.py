@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -84,8 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="speculation per row: 'server-default' or POLICY[:key=value,...], "
                    "e.g. none constant:k=4 specdec++:threshold=0.3")
     s.add_argument("--batching", help="label for the server's batching mode in the rows (default: from the server)")
+    s.add_argument("--batching-modes", nargs="+", choices=["on", "off"],
+                   help="with --start-server: one server per mode (off = --no-batching), every row under each")
+    s.add_argument("--baseline", action="store_true",
+                   help="first a target-alone row (policy none, concurrency 1): each row then reports its slowest "
+                   "request's tokens/s over the target alone's")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--output", type=Path, default=Path("bench-results/serving.json"))
+    s.add_argument("--fresh", action="store_true", help="discard the checkpoint instead of resuming")
     s.add_argument("--quick", action="store_true", help="2 requests per row, 24 tokens")
     s.set_defaults(func=run_serving_command)
 
@@ -281,22 +288,68 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
 
 
 def run_serving_command(args: argparse.Namespace) -> int:
+    """Rows are (batching mode, config, load); each finished row goes to a checkpoint, so a rerun
+    of the same command resumes (a server is started only for a mode with rows left)."""
+    from specdecpp.bench.offline import Checkpoint
     from specdecpp.bench.report import write_serving_report
-    from specdecpp.bench.serving import ServerProcess, bench_row, check_loopback, server_info
+    from specdecpp.bench.serving import check_loopback
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress lines
     if args.quick:
         args.max_tokens, args.num_requests, args.num_prompts = 24, 2, 4
+    if args.batching_modes and not args.start_server:
+        raise SystemExit("--batching-modes starts its own servers: use it with --start-server")
     specs = [parse_config(c) for c in args.configs]
     prompts = [p.messages for p in load_prompts(args.dataset, args.num_prompts, args.seed)]
     if args.base_url:
         check_loopback(args.base_url)
-    server = None
-    # A TERM (or an INT to a background job, which ignores INT) must still stop the server we started.
+    loads = [(c, None) for c in args.concurrency]
+    if args.request_rate:
+        loads = [(args.concurrency[0] if args.concurrency else None, r) for r in args.request_rate]
+    settings = {"dataset": args.dataset, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
+                "temperature": args.temperature, "seed": args.seed, "ignore_eos": args.ignore_eos,
+                "num_requests": args.num_requests, "server": _serve_args(args) if args.start_server else args.base_url}
+    checkpoint = Checkpoint(args.output.with_name(args.output.stem + ".checkpoint.jsonl"), settings, args.fresh)
+    modes: list[str | None] = list(args.batching_modes or [None])
+    plan = []  # (mode, key, spec, concurrency, rate, num_requests, is_baseline)
+    for m, mode in enumerate(modes):
+        if args.baseline and m == 0:
+            plan.append((mode, f"{mode}|baseline", {"policy": "none"}, 1, None, args.num_requests or 4, True))
+        for spec in specs:
+            for concurrency, rate in loads:
+                n = args.num_requests or max(4, 4 * (concurrency or 1))
+                key = f"{mode}|{json.dumps(spec)}|{concurrency}|{rate}"
+                plan.append((mode, key, spec, concurrency, rate, n, False))
+    servers: dict[str, dict] = {}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        for mode in modes:
+            todo = [item for item in plan if item[0] == mode and item[1] not in checkpoint]
+            if todo:
+                servers[str(mode)] = _serve_rows(args, mode, todo, prompts, checkpoint)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+    rows = [checkpoint.records[item[1]]["row"] for item in plan]
+    _compare_rows(rows)
+    servers = servers or {k: v for r in checkpoint.records.values() for k, v in r.get("server", {}).items()}
+    meta = _meta(args, {"base_url": args.base_url or "started by the benchmark", "server": servers,
+                        "num_prompts": len(prompts), "settings": settings})
+    for path in write_serving_report(args.output, rows, meta):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list, prompts: list, checkpoint) -> dict:
+    """Run `todo` rows against one server (started for `mode`, or the --base-url one); returns its card."""
+    from specdecpp.bench.serving import ServerProcess, bench_row, server_info
+
+    server = None
     if args.start_server:
-        server = ServerProcess(_serve_args(args), Path(tempfile.gettempdir()) / f"specdecpp-bench-{os.getpid()}.log")
-        print(f"starting the server on {server.url} (log {server.log_path})", file=sys.stderr)
+        extra = ["--no-batching"] if mode == "off" else []
+        log_path = Path(tempfile.gettempdir()) / f"specdecpp-bench-{os.getpid()}-{mode or 'server'}.log"
+        server = ServerProcess(_serve_args(args) + extra, log_path)
+        print(f"starting the server (batching {mode or 'as configured'}) on {server.url} (log {log_path})",
+              file=sys.stderr)
         base_url = server.url
     else:
         base_url = args.base_url.rstrip("/")
@@ -304,34 +357,40 @@ def run_serving_command(args: argparse.Namespace) -> int:
         if server is not None:
             server.wait_healthy()
         info = asyncio.run(server_info(base_url, args.api_key))
-        batching = args.batching or (info.get("specdec") or {}).get("batching") or info.get("batching") or "none"
-        # one unmeasured request: first-call costs stay out of the rows
+        scheduler = (info.get("specdec") or {}).get("scheduler") or {}
+        batching = mode or args.batching or {True: "on", False: "off"}.get(scheduler.get("batching"), "unknown")
         model = info.get("id", "")
+        # one unmeasured request: first-call costs stay out of the rows
         asyncio.run(bench_row(base_url, prompts[:1], 1, 8, args.temperature, 1, None, None, args.seed, args.api_key,
                               model))
-        loads = [(c, None) for c in args.concurrency]
-        if args.request_rate:
-            loads = [(args.concurrency[0] if args.concurrency else None, r) for r in args.request_rate]
-        rows = []
-        for spec in specs:
-            for concurrency, rate in loads:
-                n = args.num_requests or max(4, 4 * (concurrency or 1))
-                print(f"row: {spec or 'server-default'} concurrency={concurrency} rate={rate} requests={n}",
-                      file=sys.stderr, flush=True)
-                row = asyncio.run(bench_row(base_url, prompts, n, args.max_tokens, args.temperature, concurrency,
-                                            rate, spec, args.seed, args.api_key, model, args.ignore_eos))
-                row["batching"] = batching
-                rows.append(row)
-                print(f"  {row['throughput_tokens_per_s'] or 0:.2f} tok/s, TTFT p50 {row['ttft_p50_s']}, "
-                      f"errors {row['errors']}", file=sys.stderr, flush=True)
+        for _, key, spec, concurrency, rate, n, is_baseline in todo:
+            print(f"row: batching={batching} {spec or 'server-default'} concurrency={concurrency} rate={rate} "
+                  f"requests={n}", file=sys.stderr, flush=True)
+            row = asyncio.run(bench_row(base_url, prompts, n, args.max_tokens, args.temperature, concurrency,
+                                        rate, spec, args.seed, args.api_key, model, args.ignore_eos))
+            row["batching"] = batching
+            row["baseline"] = is_baseline
+            checkpoint.add({"key": key, "row": row, "server": {str(mode): info}})
+            print(f"  {row['throughput_tokens_per_s'] or 0:.2f} tok/s, TTFT p50 {row['ttft_p50_s']}, "
+                  f"errors {row['errors']}", file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.stop()
-        signal.signal(signal.SIGTERM, previous_handler)
-    meta = _meta(args, {"base_url": base_url if not args.start_server else "started by the benchmark",
-                        "server": info, "num_prompts": len(prompts), "settings": {
-                            "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-                            "ignore_eos": args.ignore_eos}})
-    for path in write_serving_report(args.output, rows, meta):
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
+    return info
+
+
+def _compare_rows(rows: list[dict]) -> None:
+    """Ratios between rows of one run: throughput over the same config's concurrency-1 row (same
+    batching mode), and the slowest request's tokens/s over the target alone's mean (baseline row)."""
+    baseline = next((r for r in rows if r.get("baseline")), None)
+    alone = baseline.get("request_tokens_per_s_mean") if baseline else None
+    for row in rows:
+        single = next((r for r in rows if not r.get("baseline") and r.get("batching") == row.get("batching")
+                       and r.get("specdec") == row.get("specdec") and r.get("concurrency") == 1
+                       and r.get("request_rate") is None), None)
+        ratio = None
+        if single and single.get("throughput_tokens_per_s") and row.get("throughput_tokens_per_s") is not None:
+            ratio = row["throughput_tokens_per_s"] / single["throughput_tokens_per_s"]
+        row["throughput_vs_concurrency_1"] = ratio
+        slowest = row.get("request_tokens_per_s_min")
+        row["slowest_request_vs_target_alone"] = slowest / alone if slowest is not None and alone else None
