@@ -86,17 +86,25 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
                 head_seconds += time.perf_counter() - th
                 for i, prob in zip(asking, probs, strict=True):
                     forward[i][1].accept_prob = prob
-            going_on = []
+            going_on, final = [], []
             for i, (p, step) in enumerate(forward):
                 p.seq.draft_cached += 1
                 if p.seq.policy.uses_head and p.seq.policy.should_stop(step):
-                    p.done = True  # y_s is in the draft cache; its logits are never needed
+                    p.done = True  # y_s is in the draft cache
+                    if p.seq.spec.free_final_token and len(p.tokens) < p.budget:
+                        final.append(i)  # the forward on y_s is paid for: its logits give y_{s+1}
                 else:
                     going_on.append(i)
-            if going_on:
-                logits = draft.logits(torch.stack([hidden[i][-1] for i in going_on]))
-                for i, row in zip(going_on, logits, strict=True):
+            if going_on or final:
+                rows = going_on + final
+                logits = draft.logits(torch.stack([hidden[i][-1] for i in rows]))
+                for i, row in zip(rows, logits, strict=True):
                     forward[i][0].last_logits = row
+                for i in final:
+                    p = forward[i][0]
+                    q = processed_probs(p.last_logits.unsqueeze(0), p.seq.params)
+                    p.tokens.append(sample(q, p.seq.draft_generator))
+                    p.draft_probs.append(q[0])
         active = [p for p in active if not p.done]
     elapsed = time.perf_counter() - t0
     for p in proposals:

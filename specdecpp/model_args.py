@@ -43,11 +43,15 @@ def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = 
     g.add_argument("--threshold", type=float, help="specdec++ stop threshold in (0, 1)")
     g.add_argument("--bounds", type=int, nargs=2, metavar=("MIN", "MAX"), help="candidate length bounds")
     g.add_argument("--p-min", type=float, help="confidence policy: stop below this draft probability")
+    g.add_argument("--no-free-final-token", dest="free_final_token", action="store_false", default=None,
+                   help="specdec++: end the round at the token the head stopped on (the paper's rule exactly), "
+                   "instead of proposing one more from the logits already computed")
 
 
 def spec_from_args(args: argparse.Namespace) -> SpecConfig:
     """A validated SpecConfig from the flags given (others keep their defaults)."""
-    fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min}
+    fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min,
+              "free_final_token": getattr(args, "free_final_token", None)}
     if args.bounds is not None:
         fields["bounds"] = tuple(args.bounds)
     return SpecConfig.model_validate({k: v for k, v in fields.items() if v is not None})

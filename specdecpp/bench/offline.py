@@ -23,7 +23,8 @@ from specdecpp.bench.peers import HF_DYNAMIC_THRESHOLD, HF_POLICIES, hf_assisted
 
 log = logging.getLogger(__name__)
 
-ENGINE_POLICIES = ("none", "constant", "heuristic", "confidence", "specdec++")
+# `specdec++-exact`: the paper's rule exactly (SpecConfig.free_final_token off), beside ours.
+ENGINE_POLICIES = ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-exact")
 ALL_POLICIES = ENGINE_POLICIES + HF_POLICIES
 KNOB_NAMES = {
     "none": None,
@@ -31,6 +32,7 @@ KNOB_NAMES = {
     "heuristic": "k0",
     "confidence": "p_min",
     "specdec++": "threshold",
+    "specdec++-exact": "threshold",
     "hf-constant": "k",
     "hf-dynamic": "confidence_threshold",
     "hf-heuristic": "k0",
@@ -64,8 +66,10 @@ class BenchConfig:
             fields["k"] = int(self.knob)
         elif self.policy == "confidence":
             fields["p_min"] = float(self.knob)
-        elif self.policy == "specdec++":
+        elif self.policy in ("specdec++", "specdec++-exact"):
             fields["threshold"] = float(self.knob)
+            fields["policy"] = "specdec++"
+            fields["free_final_token"] = self.policy == "specdec++"
         return SpecConfig.model_validate(fields)
 
 
@@ -94,6 +98,7 @@ class Sweep:
             "heuristic": [self.heuristic_k],
             "confidence": self.p_mins,
             "specdec++": self.thresholds,
+            "specdec++-exact": self.thresholds,
             "hf-constant": self.hf_ks,
             "hf-dynamic": [self.hf_dynamic_threshold],
             "hf-heuristic": [self.heuristic_k],
@@ -113,7 +118,7 @@ class Sweep:
                 values = knobs[policy]
                 if greedy and self.greedy_ks is not None and policy in ("constant", "hf-constant"):
                     values = [k for k in self.greedy_ks if policy == "constant" or k in self.hf_ks]
-                if greedy and self.greedy_thresholds is not None and policy == "specdec++":
+                if greedy and self.greedy_thresholds is not None and policy.startswith("specdec++"):
                     values = self.greedy_thresholds
                 configs += [BenchConfig(policy, knob, float(t)) for knob in values]
         return configs

@@ -12,6 +12,7 @@ STYLE = {
     "heuristic": ("tab:purple", "D"),
     "confidence": ("tab:green", "^"),
     "specdec++": ("tab:red", "s"),
+    "specdec++-exact": ("tab:pink", "D"),
     "hf-constant": ("tab:cyan", "v"),
     "hf-dynamic": ("tab:orange", "P"),
     "hf-heuristic": ("tab:brown", "X"),
@@ -47,7 +48,8 @@ def best_row(rows: list[dict], policy: str, temperature: float) -> dict | None:
 def headline(rows: list[dict], temperature: float) -> list[dict]:
     """Target alone, each policy at its best knob, and hf-constant at the best constant k."""
     out = []
-    for policy in ("none", "constant", "heuristic", "confidence", "specdec++", "hf-dynamic", "hf-heuristic"):
+    for policy in ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-exact", "hf-dynamic",
+                   "hf-heuristic"):
         row = best_row(rows, policy, temperature)
         if row is not None:
             out.append(row)
@@ -175,7 +177,8 @@ def plot_speedup(rows: list[dict], path: Path, title: str = "") -> None:
     """Speedup over the target alone against each policy's knob (one panel per knob kind)."""
     plt = _plt()
     temps = sorted({r["temperature"] for r in rows}, reverse=True)
-    panels = [("k", ("constant", "hf-constant")), ("p_min", ("confidence",)), ("threshold", ("specdec++",))]
+    panels = [("k", ("constant", "hf-constant")), ("p_min", ("confidence",)),
+              ("threshold", ("specdec++", "specdec++-exact"))]
     fig, axes = plt.subplots(len(temps), len(panels), figsize=(5 * len(panels), 3.8 * len(temps)), squeeze=False)
     for row_axes, temperature in zip(axes, temps, strict=True):
         singles = [r for r in rows if r["temperature"] == temperature

@@ -161,11 +161,11 @@ def run_offline_command(args: argparse.Namespace) -> int:
         if args.policies:
             raise ValueError("specdec++ was asked for but no acceptance head is loaded (--head DIR)")
         log.warning("no acceptance head: the specdec++ rows are skipped")
-        policies = tuple(p for p in policies if p != "specdec++")
+        policies = tuple(p for p in policies if not p.startswith("specdec++"))
     greedy_policies = None
     if args.greedy_policies:
         has_head = engine.head is not None
-        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if p != "specdec++" or has_head)
+        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if not p.startswith("specdec++") or has_head)
     sweep = Sweep(
         temperatures=tuple(args.temperatures),
         ks=tuple(args.ks),
