@@ -77,7 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4], help="closed-loop clients per row")
     s.add_argument("--request-rate", type=float, nargs="+",
                    help="Poisson arrival rates (req/s), one row each (capped by the first --concurrency)")
-    s.add_argument("--num-requests", type=int, help="requests per row (default: 4 x concurrency, at least 4)")
+    s.add_argument("--num-requests", type=int, help="requests per row (default: --requests-per-client x concurrency, "
+                   "at least 4)")
+    s.add_argument("--requests-per-client", type=int, default=4, help="default: 4")
     s.add_argument("--max-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--ignore-eos", action="store_true", help="every request generates exactly --max-tokens")
@@ -308,7 +310,8 @@ def run_serving_command(args: argparse.Namespace) -> int:
         loads = [(args.concurrency[0] if args.concurrency else None, r) for r in args.request_rate]
     settings = {"dataset": args.dataset, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
                 "temperature": args.temperature, "seed": args.seed, "ignore_eos": args.ignore_eos,
-                "num_requests": args.num_requests, "server": _serve_args(args) if args.start_server else args.base_url}
+                "num_requests": args.num_requests, "requests_per_client": args.requests_per_client,
+                "server": _serve_args(args) if args.start_server else args.base_url}
     checkpoint = Checkpoint(args.output.with_name(args.output.stem + ".checkpoint.jsonl"), settings, args.fresh)
     modes: list[str | None] = list(args.batching_modes or [None])
     plan = []  # (mode, key, spec, concurrency, rate, num_requests, is_baseline)
@@ -317,7 +320,7 @@ def run_serving_command(args: argparse.Namespace) -> int:
             plan.append((mode, f"{mode}|baseline", {"policy": "none"}, 1, None, args.num_requests or 4, True))
         for spec in specs:
             for concurrency, rate in loads:
-                n = args.num_requests or max(4, 4 * (concurrency or 1))
+                n = args.num_requests or max(4, args.requests_per_client * (concurrency or 1))
                 key = f"{mode}|{json.dumps(spec)}|{concurrency}|{rate}"
                 plan.append((mode, key, spec, concurrency, rate, n, False))
     servers: dict[str, dict] = {}
