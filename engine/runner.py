@@ -48,9 +48,13 @@ class ModelRunner:
 
         `n = num_logits` last positions; the cache grows by T.
         """
-        out = self.decoder(input_ids=input_ids.to(self.device), past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -num_logits:]
+        hidden = self._decode(input_ids.to(self.device), cache, num_logits)
         return hidden, self.logits(hidden)
+
+    def _decode(self, input_ids: torch.Tensor, cache: DynamicCache, num_hidden: int) -> torch.Tensor:
+        """One sequence [1, T] through the decoder -> final hidden states [1, n, H] of its last n positions."""
+        out = self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[:, -num_hidden:]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,7 @@ class ModelRunner:
         """
         feeds = [torch.as_tensor(f, dtype=torch.long, device=self.device) for f in feeds]
         if len(feeds) == 1:
-            out = self.decoder(input_ids=feeds[0].unsqueeze(0), past_key_values=caches[0], use_cache=True)
-            return [out.last_hidden_state[0, -num_hidden[0]:]]
+            return [self._decode(feeds[0].unsqueeze(0), caches[0], num_hidden[0])[0]]
         lengths = [len(f) for f in feeds]
         cached = [c.get_seq_length() for c in caches]
         batch, width, past = len(feeds), max(lengths), max(cached)

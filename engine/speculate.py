@@ -33,6 +33,15 @@ class Proposal:
     done: bool = False
 
 
+def draw(p: Proposal) -> torch.Tensor:
+    """Sample the next candidate from the draft's last logits; record it and the q it came from."""
+    q = processed_probs(p.last_logits.unsqueeze(0), p.seq.params)
+    token = sample(q, p.seq.draft_generator)
+    p.tokens.append(token)
+    p.draft_probs.append(q[0])
+    return token
+
+
 def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead | None) -> None:
     """Draft candidates for every sequence, batching the draft forwards across sequences."""
     if not proposals:
@@ -52,11 +61,8 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
     while active:
         forward: list[tuple[Proposal, ProposalStep]] = []
         for p in active:
-            seq, policy = p.seq, p.seq.policy
-            q = processed_probs(p.last_logits.unsqueeze(0), seq.params)
-            token = sample(q, seq.draft_generator)
-            p.tokens.append(token)
-            p.draft_probs.append(q[0])
+            policy = p.seq.policy
+            token = draw(p)
             step = ProposalStep(index=len(p.tokens), draft_prob=1.0)
             if len(p.tokens) >= p.budget:
                 p.done = True
@@ -101,10 +107,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
                 for i, row in zip(rows, logits, strict=True):
                     forward[i][0].last_logits = row
                 for i in final:
-                    p = forward[i][0]
-                    q = processed_probs(p.last_logits.unsqueeze(0), p.seq.params)
-                    p.tokens.append(sample(q, p.seq.draft_generator))
-                    p.draft_probs.append(q[0])
+                    draw(forward[i][0])
         active = [p for p in active if not p.done]
     elapsed = time.perf_counter() - t0
     for p in proposals:

@@ -51,7 +51,7 @@ def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = 
 def spec_from_args(args: argparse.Namespace) -> SpecConfig:
     """A validated SpecConfig from the flags given (others keep their defaults)."""
     fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min,
-              "free_final_token": getattr(args, "free_final_token", None)}
+              "free_final_token": args.free_final_token}
     if args.bounds is not None:
         fields["bounds"] = tuple(args.bounds)
     return SpecConfig.model_validate({k: v for k, v in fields.items() if v is not None})

@@ -5,18 +5,22 @@ the head on the GPU. Skipped where no GPU is visible (CI has none); run it on a 
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 from conftest import perturbed, random_head
 from test_engine_batching import MIXED, run_all
-from test_engine_distribution import PROMPT, SAMPLES, VOCAB, chi_square_pvalue
+from test_engine_distribution import (
+    SAMPLES,
+    T1,
+    VOCAB,
+    chi_square_pvalue,
+    exact_two_token_distribution,
+    sample_two_tokens,
+)
 from tiny import char_tokenizer, tiny_model
 
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
-from engine.sampling import processed_probs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = "cuda"
@@ -72,29 +76,10 @@ def small_vocab_engine():
     return LLMEngine(target, draft, tokenizer, head=random_head(16, seed=3))
 
 
-def exact_two_token_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
-    model = engine.target.model
-    with torch.no_grad():
-        p1 = processed_probs(model(torch.tensor([PROMPT], device=CUDA)).logits[0, -1], params).cpu()
-        out = {}
-        for t1 in range(VOCAB):
-            if p1[t1] == 0:
-                continue
-            logits = model(torch.tensor([PROMPT + [t1]], device=CUDA)).logits[0, -1]
-            p2 = processed_probs(logits, params).cpu()
-            for t2 in range(VOCAB):
-                out[(t1, t2)] = float(p1[t1] * p2[t2])
-    return out
-
-
 @pytest.mark.parametrize("spec", [SpecConfig(policy="constant", k=3),
                                   SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6))],
                          ids=lambda s: s.policy)
 def test_sampled_distribution_on_cuda(small_vocab_engine, spec):
-    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
-    counts: Counter = Counter()
-    for seed in range(SAMPLES):
-        out = small_vocab_engine.generate(PROMPT, params.model_copy(update={"seed": seed}), spec)
-        counts[tuple(out.token_ids[:2])] += 1
-    expected = exact_two_token_distribution(small_vocab_engine, params)
+    counts = sample_two_tokens(small_vocab_engine, T1, spec)
+    expected = exact_two_token_distribution(small_vocab_engine, T1)
     assert chi_square_pvalue(counts, expected, SAMPLES) > 1e-3

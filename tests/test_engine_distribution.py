@@ -36,14 +36,14 @@ def engine():
 
 
 def exact_two_token_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
-    model = engine.target.model
+    model, device = engine.target.model, engine.target.device
     with torch.no_grad():
-        p1 = processed_probs(model(torch.tensor([PROMPT])).logits[0, -1], params)
+        p1 = processed_probs(model(torch.tensor([PROMPT], device=device)).logits[0, -1], params)
         out = {}
         for t1 in range(VOCAB):
             if p1[t1] == 0:
                 continue
-            p2 = processed_probs(model(torch.tensor([PROMPT + [t1]])).logits[0, -1], params)
+            p2 = processed_probs(model(torch.tensor([PROMPT + [t1]], device=device)).logits[0, -1], params)
             for t2 in range(VOCAB):
                 out[(t1, t2)] = float(p1[t1] * p2[t2])
     return out

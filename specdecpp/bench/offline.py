@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # `specdec++-exact`: the paper's rule exactly (SpecConfig.free_final_token off), beside ours.
 ENGINE_POLICIES = ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-exact")
+HEAD_POLICIES = ("specdec++", "specdec++-exact")  # rows that need an acceptance head
 ALL_POLICIES = ENGINE_POLICIES + HF_POLICIES
 KNOB_NAMES = {
     "none": None,
@@ -66,7 +67,7 @@ class BenchConfig:
             fields["k"] = int(self.knob)
         elif self.policy == "confidence":
             fields["p_min"] = float(self.knob)
-        elif self.policy in ("specdec++", "specdec++-exact"):
+        elif self.policy in HEAD_POLICIES:
             fields["threshold"] = float(self.knob)
             fields["policy"] = "specdec++"
             fields["free_final_token"] = self.policy == "specdec++"
@@ -97,8 +98,7 @@ class Sweep:
             "constant": self.ks,
             "heuristic": [self.heuristic_k],
             "confidence": self.p_mins,
-            "specdec++": self.thresholds,
-            "specdec++-exact": self.thresholds,
+            **{policy: self.thresholds for policy in HEAD_POLICIES},
             "hf-constant": self.hf_ks,
             "hf-dynamic": [self.hf_dynamic_threshold],
             "hf-heuristic": [self.heuristic_k],
@@ -118,7 +118,7 @@ class Sweep:
                 values = knobs[policy]
                 if greedy and self.greedy_ks is not None and policy in ("constant", "hf-constant"):
                     values = [k for k in self.greedy_ks if policy == "constant" or k in self.hf_ks]
-                if greedy and self.greedy_thresholds is not None and policy.startswith("specdec++"):
+                if greedy and self.greedy_thresholds is not None and policy in HEAD_POLICIES:
                     values = self.greedy_thresholds
                 configs += [BenchConfig(policy, knob, float(t)) for knob in values]
         return configs

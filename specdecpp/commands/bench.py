@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from specdecpp.model_args import add_model_args, engine_config_from_args
 
@@ -141,7 +142,7 @@ def _meta(args: argparse.Namespace, extra: dict) -> dict:
 # ----- offline ---------------------------------------------------------------------------------
 def run_offline_command(args: argparse.Namespace) -> int:
     from engine.factory import build_engine, resolve_paths
-    from specdecpp.bench.offline import Checkpoint, Sweep, aggregate, record_key, run_offline
+    from specdecpp.bench.offline import HEAD_POLICIES, Checkpoint, Sweep, aggregate, record_key, run_offline
     from specdecpp.bench.report import write_offline_report
 
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -159,15 +160,15 @@ def run_offline_command(args: argparse.Namespace) -> int:
     engine = build_engine(config)
     if engine.draft is None:
         raise ValueError("the offline benchmark compares speculation policies: it needs a draft model")
-    if engine.head is None and "specdec++" in policies:
+    if engine.head is None and set(HEAD_POLICIES) & set(policies):
         if args.policies:
             raise ValueError("specdec++ was asked for but no acceptance head is loaded (--head DIR)")
         log.warning("no acceptance head: the specdec++ rows are skipped")
-        policies = tuple(p for p in policies if not p.startswith("specdec++"))
+        policies = tuple(p for p in policies if p not in HEAD_POLICIES)
     greedy_policies = None
     if args.greedy_policies:
         has_head = engine.head is not None
-        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if not p.startswith("specdec++") or has_head)
+        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if p not in HEAD_POLICIES or has_head)
     sweep = Sweep(
         temperatures=tuple(args.temperatures),
         ks=tuple(args.ks),
@@ -289,6 +290,18 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+class ServingRow(NamedTuple):
+    """One planned row of `bench serving`; `key` names it in the checkpoint."""
+
+    mode: str | None  # batching mode of the server it runs on (None: the server as configured)
+    key: str
+    spec: dict | None
+    concurrency: int | None
+    rate: float | None
+    requests: int
+    baseline: bool
+
+
 def run_serving_command(args: argparse.Namespace) -> int:
     """Rows are (batching mode, config, load); each finished row goes to a checkpoint, so a rerun
     of the same command resumes (a server is started only for a mode with rows left)."""
@@ -314,27 +327,27 @@ def run_serving_command(args: argparse.Namespace) -> int:
                 "server": _serve_args(args) if args.start_server else args.base_url}
     checkpoint = Checkpoint(args.output.with_name(args.output.stem + ".checkpoint.jsonl"), settings, args.fresh)
     modes: list[str | None] = list(args.batching_modes or [None])
-    plan = []  # (mode, key, spec, concurrency, rate, num_requests, is_baseline)
+    plan: list[ServingRow] = []
     for m, mode in enumerate(modes):
         if args.baseline and m == 0:
-            plan.append((mode, f"{mode}|baseline", {"policy": "none"}, 1, None, args.num_requests or 4, True))
+            plan.append(ServingRow(mode, f"{mode}|baseline", {"policy": "none"}, 1, None, args.num_requests or 4, True))
         for spec in specs:
             for concurrency, rate in loads:
                 n = args.num_requests or max(4, args.requests_per_client * (concurrency or 1))
-                key = f"{mode}|{json.dumps(spec)}|{concurrency}|{rate}"
-                plan.append((mode, key, spec, concurrency, rate, n, False))
-    servers: dict[str, dict] = {}
+                plan.append(ServingRow(mode, f"{mode}|{json.dumps(spec)}|{concurrency}|{rate}", spec, concurrency,
+                                       rate, n, False))
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         for mode in modes:
-            todo = [item for item in plan if item[0] == mode and item[1] not in checkpoint]
+            todo = [row for row in plan if row.mode == mode and row.key not in checkpoint]
             if todo:
-                servers[str(mode)] = _serve_rows(args, mode, todo, prompts, checkpoint)
+                _serve_rows(args, mode, todo, prompts, checkpoint)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    rows = [checkpoint.records[item[1]]["row"] for item in plan]
+    records = [checkpoint.records[row.key] for row in plan]
+    rows = [record["row"] for record in records]
     _compare_rows(rows)
-    servers = servers or {k: v for r in checkpoint.records.values() for k, v in r.get("server", {}).items()}
+    servers = {mode: card for record in records for mode, card in record["server"].items()}  # this run's and resumed
     meta = _meta(args, {"base_url": args.base_url or "started by the benchmark", "server": servers,
                         "num_prompts": len(prompts), "settings": settings})
     for path in write_serving_report(args.output, rows, meta):
@@ -342,8 +355,10 @@ def run_serving_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list, prompts: list, checkpoint) -> dict:
-    """Run `todo` rows against one server (started for `mode`, or the --base-url one); returns its card."""
+def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list[ServingRow], prompts: list,
+                checkpoint) -> None:
+    """Run `todo` rows against one server (started for `mode`, or the --base-url one); each finished row
+    goes to the checkpoint with the server's model card."""
     from specdecpp.bench.serving import ServerProcess, bench_row, server_info
 
     server = None
@@ -366,20 +381,20 @@ def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list, prompts:
         # one unmeasured request: first-call costs stay out of the rows
         asyncio.run(bench_row(base_url, prompts[:1], 1, 8, args.temperature, 1, None, None, args.seed, args.api_key,
                               model))
-        for _, key, spec, concurrency, rate, n, is_baseline in todo:
-            print(f"row: batching={batching} {spec or 'server-default'} concurrency={concurrency} rate={rate} "
-                  f"requests={n}", file=sys.stderr, flush=True)
-            row = asyncio.run(bench_row(base_url, prompts, n, args.max_tokens, args.temperature, concurrency,
-                                        rate, spec, args.seed, args.api_key, model, args.ignore_eos))
+        for planned in todo:
+            print(f"row: batching={batching} {planned.spec or 'server-default'} concurrency={planned.concurrency} "
+                  f"rate={planned.rate} requests={planned.requests}", file=sys.stderr, flush=True)
+            row = asyncio.run(bench_row(base_url, prompts, planned.requests, args.max_tokens, args.temperature,
+                                        planned.concurrency, planned.rate, planned.spec, args.seed, args.api_key,
+                                        model, args.ignore_eos))
             row["batching"] = batching
-            row["baseline"] = is_baseline
-            checkpoint.add({"key": key, "row": row, "server": {str(mode): info}})
+            row["baseline"] = planned.baseline
+            checkpoint.add({"key": planned.key, "row": row, "server": {str(mode): info}})
             print(f"  {row['throughput_tokens_per_s'] or 0:.2f} tok/s, TTFT p50 {row['ttft_p50_s']}, "
                   f"errors {row['errors']}", file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.stop()
-    return info
 
 
 def _compare_rows(rows: list[dict]) -> None:
