@@ -4,11 +4,13 @@ It returns the final hidden state (after the final norm) of the positions we nee
 their logits, straight from the forward pass already made: no `output_hidden_states`,
 and the LM head runs only on the positions whose logits are used.
 
-Batching: every sequence owns a `DynamicCache` of its own length. `forward_batch` lays the
-caches side by side (right-padded to the longest), appends each row's new tokens after the
-padding, and masks with a 4D mask so a row sees only its own cache and its own causal
-prefix; positions are explicit. After the pass each row's new keys/values go back into its
-own cache. The copy is tiny next to reading the weights, and rollback stays per sequence.
+Batching: every sequence owns a `DynamicCache` of its own length. `forward_batch` packs the
+batch ragged, like vLLM's flattened batches: one row holding every sequence's new tokens back
+to back (no padding: on a compute-bound device a padded slot costs as much as a real token),
+attending to one cache made of every sequence's keys/values back to back, with a 4D mask so
+each token sees only its own sequence's cache and causal prefix; positions are explicit.
+After the pass each sequence's new keys/values go back into its own cache. The copies are
+small next to reading the weights, and rollback stays per sequence.
 """
 
 from __future__ import annotations
@@ -89,51 +91,41 @@ class ModelRunner:
             return [self._decode(feeds[0].unsqueeze(0), caches[0], num_hidden[0])[0]]
         lengths = [len(f) for f in feeds]
         cached = [c.get_seq_length() for c in caches]
-        batch, width, past = len(feeds), max(lengths), max(cached)
-        input_ids = torch.zeros(batch, width, dtype=torch.long, device=self.device)
-        positions = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, 1, width, past + width, dtype=torch.bool)
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        for i, (feed, n, c) in enumerate(zip(feeds, lengths, cached, strict=True)):
-            input_ids[i, :n] = feed
-            positions[i] = torch.arange(c, c + width)
-            mask[i, 0, :, :c] = True
-            mask[i, 0, :, past:] = causal
-            mask[i, 0, :, past + n :] = False
-            # Padding queries look at themselves only, so no row is all-masked (NaN-free).
-            mask[i, 0, torch.arange(n, width), past + torch.arange(n, width)] = True
-        batch_cache = self._stacked_cache(caches, cached, past)
+        past, total = sum(cached), sum(lengths)
+        key_starts = list(itertools.accumulate(cached, initial=0))
+        query_starts = list(itertools.accumulate(lengths, initial=0))
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, lengths, strict=True)])
+        mask = torch.zeros(1, 1, total, past + total, dtype=torch.bool)
+        for i, (n, c) in enumerate(zip(lengths, cached, strict=True)):
+            rows = slice(query_starts[i], query_starts[i] + n)
+            mask[0, 0, rows, key_starts[i] : key_starts[i] + c] = True
+            own = past + query_starts[i]
+            mask[0, 0, rows, own : own + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        batch_cache = self._packed_cache(caches, past)
         out = self.decoder(
-            input_ids=input_ids,
+            input_ids=torch.cat(feeds).unsqueeze(0),
             attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
+            position_ids=positions.unsqueeze(0).to(self.device),
             past_key_values=batch_cache,
             use_cache=True,
         )
         for layer_idx, layer in enumerate(batch_cache.layers):
-            for i, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
-                cache.update(layer.keys[i : i + 1, :, past : past + n], layer.values[i : i + 1, :, past : past + n],
-                             layer_idx)
-        return [out.last_hidden_state[i, n - k : n] for i, (n, k) in enumerate(zip(lengths, num_hidden, strict=True))]
+            for cache, n, q in zip(caches, lengths, query_starts[:-1], strict=True):
+                new = slice(past + q, past + q + n)
+                cache.update(layer.keys[:, :, new], layer.values[:, :, new], layer_idx)
+        hidden = out.last_hidden_state[0]
+        return [hidden[q + n - k : q + n] for q, n, k in zip(query_starts[:-1], lengths, num_hidden, strict=True)]
 
-    def _stacked_cache(self, caches: list[DynamicCache], cached: list[int], past: int) -> DynamicCache:
-        """One batch cache: each row's keys/values right-padded with zeros to `past`."""
+    def _packed_cache(self, caches: list[DynamicCache], past: int) -> DynamicCache:
+        """One cache holding every row's keys/values back to back along the sequence axis."""
         batch_cache = self.new_cache()
         if past == 0:
             return batch_cache
         for layer_idx in range(self.num_layers):
-            keys, values = [], []
-            for cache, c in zip(caches, cached, strict=True):
-                if c == 0:
-                    ref = next(x for x, n in zip(caches, cached, strict=True) if n > 0).layers[layer_idx].keys
-                    keys.append(ref.new_zeros(1, ref.shape[1], past, ref.shape[3]))
-                    values.append(ref.new_zeros(1, ref.shape[1], past, ref.shape[3]))
-                    continue
-                layer = cache.layers[layer_idx]
-                pad = (0, 0, 0, past - c)
-                keys.append(torch.nn.functional.pad(layer.keys, pad))
-                values.append(torch.nn.functional.pad(layer.values, pad))
-            batch_cache.update(torch.cat(keys), torch.cat(values), layer_idx)
+            layers = [c.layers[layer_idx] for c in caches if c.get_seq_length() > 0]
+            keys = torch.cat([layer.keys for layer in layers], dim=2)
+            values = torch.cat([layer.values for layer in layers], dim=2)
+            batch_cache.update(keys, values, layer_idx)
         return batch_cache
 
 

@@ -36,22 +36,29 @@ def run_all(engine: LLMEngine, requests: list[tuple[str, str, SamplingParams, Sp
     return outputs
 
 
-def test_forward_batch_matches_single_forwards(tiny_pair):
+@pytest.mark.parametrize("fresh_row", [False, True], ids=["all-cached", "one-fresh-row"])
+def test_forward_batch_matches_single_forwards(tiny_pair, fresh_row):
+    """Ragged batches (different cached and new lengths, an empty cache) equal one forward per row,
+    twice in a row, so the caches written back by the first batch are right too."""
     runner = ModelRunner(tiny_pair[0])
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
     batch_caches, ref_caches = [runner.new_cache() for _ in prompts], [runner.new_cache() for _ in prompts]
-    for p, b, r in zip(prompts, batch_caches, ref_caches, strict=True):
+    for i, (p, b, r) in enumerate(zip(prompts, batch_caches, ref_caches, strict=True)):
+        if fresh_row and i == 1:
+            continue  # this row's cache stays empty: it joins the batch with its whole prompt
         runner.forward(torch.tensor([p[:-2]]), b)
         runner.forward(torch.tensor([p[:-2]]), r)
-    feeds = [p[-2:] for p in prompts]
-    feeds[1] = [9, 3, 4, 5]
-    _, logits = runner.forward_batch(feeds, batch_caches, [2, 4, 1])
-    for i, (feed, ref) in enumerate(zip(feeds, ref_caches, strict=True)):
-        _, ref_logits = runner.forward(torch.tensor([feed]), ref, num_logits=[2, 4, 1][i])
-        torch.testing.assert_close(logits[i], ref_logits[0], atol=1e-5, rtol=1e-4)
-        assert batch_caches[i].get_seq_length() == ref.get_seq_length()
-        for layer, ref_layer in zip(batch_caches[i].layers, ref.layers, strict=True):
-            torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-4)
+    for feeds, num in (([[5, 6], [9, 3, 4, 5], [17, 18]], [2, 4, 1]), ([[3], [4, 5, 6], [7, 8]], [1, 3, 2])):
+        if fresh_row and batch_caches[1].get_seq_length() == 0:
+            feeds[1] = prompts[1] + [3, 4, 5]  # the same number of logits asked for
+        _, logits = runner.forward_batch(feeds, batch_caches, num)
+        for i, (feed, ref) in enumerate(zip(feeds, ref_caches, strict=True)):
+            _, ref_logits = runner.forward(torch.tensor([feed]), ref, num_logits=num[i])
+            torch.testing.assert_close(logits[i], ref_logits[0], atol=1e-5, rtol=1e-4)
+            assert batch_caches[i].get_seq_length() == ref.get_seq_length()
+            for layer, ref_layer in zip(batch_caches[i].layers, ref.layers, strict=True):
+                torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(layer.values, ref_layer.values, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("batching", [True, False], ids=["batched", "round-robin"])

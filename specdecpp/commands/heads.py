@@ -89,6 +89,7 @@ def run_gen_data(args: argparse.Namespace) -> int:
     import torch
 
     from engine.config import EngineConfig
+    from engine.cpu_linear import pack_linears
     from engine.factory import resolve_paths
     from engine.loader import eos_token_ids, load_model, load_tokenizer, model_identity, parse_dtype
     from heads.data import GenConfig, generate_dataset
@@ -106,6 +107,8 @@ def run_gen_data(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(target_spec)
     target = load_model(target_spec, dtype, device=device)
     draft = load_model(draft_spec, dtype, device=device)
+    for model in (target, draft):
+        pack_linears(model)  # CPU only, bit-identical: the same data, generated faster (engine/cpu_linear.py)
     config = GenConfig(
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
