@@ -21,6 +21,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # prefill chunk size (tokens per forward for a new prompt)
     kv_cache_tokens: int = 131072  # admission budget: sum of prompt + max_tokens over running sequences
     batching: bool = True  # False: each running sequence gets its own forwards (round-robin)
+    spec_disable_batch_size: int | None = None  # rounds with this many sequences or more skip the draft
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:

@@ -84,5 +84,6 @@ def build_engine(config: EngineConfig) -> LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             kv_cache_tokens=config.kv_cache_tokens,
             batching=config.batching,
+            spec_disable_batch_size=config.spec_disable_batch_size,
         ),
     )

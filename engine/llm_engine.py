@@ -167,16 +167,17 @@ class LLMEngine:
         round for every sequence ready to decode (batched, or one by one with batching off)."""
         events: list[TokenEvent] = []
         self.scheduler.admit()
+        chunk = self.scheduler.config.max_num_batched_tokens
         seq = self.scheduler.next_prefill()
         if seq is not None:
             try:
-                chunk = self.scheduler.config.max_num_batched_tokens
                 seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk)
             except Exception as exc:  # a failing request must not take the engine down
                 events.extend(self._fail([seq], exc))
         for group in self.scheduler.decode_groups():
             try:
-                outputs = run_round(group, self.target, self.draft, self.head)
+                speculate = self.scheduler.speculation_allowed(group)
+                outputs = run_round(group, self.target, self.draft, self.head, speculate, max_draft_feed=chunk)
             except Exception as exc:
                 events.extend(self._fail(group, exc))
                 continue

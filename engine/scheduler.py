@@ -21,6 +21,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     kv_cache_tokens: int = 131072
     batching: bool = True  # False: every sequence gets its own forwards (round-robin)
+    # Rounds of this many sequences or more run the target alone (vLLM's
+    # speculative_disable_by_batch_size): once a batch makes verification compute-bound, every
+    # candidate row costs about as much as a plain decoding row, so speculation stops paying.
+    spec_disable_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -29,6 +33,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 16")
         if self.kv_cache_tokens < 1:
             raise ValueError("kv_cache_tokens must be >= 1")
+        if self.spec_disable_batch_size is not None and self.spec_disable_batch_size < 2:
+            raise ValueError("spec_disable_batch_size must be >= 2 (or None: always speculate)")
 
 
 class Scheduler:
@@ -74,3 +80,8 @@ class Scheduler:
         if not ready:
             return []
         return [ready] if self.config.batching else [[s] for s in ready]
+
+    def speculation_allowed(self, group: list[Sequence]) -> bool:
+        """Whether a round over `group` may use the draft (see `spec_disable_batch_size`)."""
+        limit = self.config.spec_disable_batch_size
+        return limit is None or len(group) < limit

@@ -116,14 +116,32 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
 
 
 def run_round(
-    seqs: list[Sequence], target: ModelRunner, draft: ModelRunner | None, head: AcceptanceHead | None
+    seqs: list[Sequence],
+    target: ModelRunner,
+    draft: ModelRunner | None,
+    head: AcceptanceHead | None,
+    speculate: bool = True,
+    max_draft_feed: int | None = None,
 ) -> list[list[int]]:
     """One round for every sequence in `seqs`; appends their new tokens (stop conditions applied)
-    and returns them, one list per sequence."""
+    and returns them, one list per sequence.
+
+    With `speculate` False (a large batch) the target decodes one token per sequence alone and
+    the draft falls behind. It catches up when speculation resumes: in the first forward of the
+    next proposal, or, when it lags by more than `max_draft_feed` tokens, by chunks of that size
+    first (without proposing meanwhile), so catching up stalls the batch no longer than a prefill
+    chunk would.
+    """
     proposals = []
+    lagging: list[Sequence] = []
     for seq in seqs:
-        budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0
+        budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None and speculate else 0
+        if budget > 0 and max_draft_feed is not None and draft_lag(seq) > max_draft_feed:
+            lagging.append(seq)
+            budget = 0
         proposals.append(Proposal(seq, max(budget, 0)))
+    if lagging:
+        catch_up_draft(lagging, draft, max_draft_feed)
     propose([p for p in proposals if p.budget > 0], draft, head)
 
     # Verify: one target forward over each sequence's uncached tokens plus all its candidates.
@@ -171,6 +189,25 @@ def run_round(
                 crop_cache(seq.draft_cache, seq.draft_cached)
         results.append(new_tokens)
     return results
+
+
+def draft_lag(seq: Sequence) -> int:
+    """Tokens of the sequence the draft cache does not hold yet."""
+    return len(seq.prompt_ids) + len(seq.output_ids) - (seq.draft_cached if seq.draft_cache is not None else 0)
+
+
+def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None:
+    """Feed each sequence's draft cache its next `chunk` missing tokens, in one batched forward."""
+    t0 = time.perf_counter()
+    for seq in seqs:
+        if seq.draft_cache is None:
+            seq.draft_cache, seq.draft_cached = draft.new_cache(), 0
+    feeds = [seq.all_ids[seq.draft_cached : seq.draft_cached + chunk] for seq in seqs]
+    draft.hidden_batch(feeds, [seq.draft_cache for seq in seqs], [1] * len(seqs))
+    elapsed = time.perf_counter() - t0
+    for seq, feed in zip(seqs, feeds, strict=True):
+        seq.draft_cached += len(feed)
+        seq.stats.draft_seconds += elapsed
 
 
 def speculation_round(

@@ -27,6 +27,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="admission budget: sum of prompt + max_tokens over running requests (default: 131072)")
     b.add_argument("--no-batching", dest="batching", action="store_false",
                    help="give every running request its own forwards (round-robin) instead of one batch")
+    b.add_argument("--speculative-disable-by-batch-size", dest="spec_disable_batch_size", type=int, metavar="N",
+                   help="rounds with N or more sequences run the target alone (no draft): where verifying many "
+                   "candidates for a large batch costs more than it saves (default: always speculate)")
 
 
 def _device_list(value: str) -> list[str]:
@@ -71,5 +74,6 @@ def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig |
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_tokens=args.kv_cache_tokens,
         batching=args.batching,
+        spec_disable_batch_size=args.spec_disable_batch_size,
         default_spec=default_spec or SpecConfig(),
     )

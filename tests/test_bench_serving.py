@@ -152,3 +152,18 @@ def test_cli_serving_batching_modes(tiny_paths, tmp_path):
     assert [(r["batching"], r["concurrency"], r["errors"]) for r in data["rows"]] == [("on", 2, 0), ("off", 2, 0)]
     assert data["meta"]["server"]["on"]["specdec"]["scheduler"]["batching"] is True
     assert data["meta"]["server"]["off"]["specdec"]["scheduler"]["batching"] is False
+
+
+def test_started_server_gets_the_batching_flags():
+    """`bench serving --start-server` passes the scheduler flags on to the server it starts."""
+    from specdecpp.cli import build_parser
+    from specdecpp.commands.bench import _serve_args
+
+    args = build_parser().parse_args(["bench", "serving", "--start-server", "--max-num-seqs", "3",
+                                      "--max-num-batched-tokens", "64", "--speculative-disable-by-batch-size", "4"])
+    flags = _serve_args(args)
+    for flag, value in (("--max-num-seqs", "3"), ("--max-num-batched-tokens", "64"),
+                        ("--speculative-disable-by-batch-size", "4")):
+        assert flags[flags.index(flag) + 1] == value
+    serve = build_parser().parse_args(["serve", *flags])
+    assert (serve.max_num_seqs, serve.max_num_batched_tokens, serve.spec_disable_batch_size) == (3, 64, 4)

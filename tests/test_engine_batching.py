@@ -134,3 +134,46 @@ def test_long_prefill_is_chunked(tiny_pair, tokenizer):
         steps_until_long_decodes += 1
     assert steps_until_long_decodes >= 100 // 16
 
+
+
+def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer, monkeypatch):
+    """Rounds of >= 3 sequences run the target alone; once the batch shrinks the draft catches up
+    (in chunks of max_num_batched_tokens when it lags further) and speculation resumes."""
+    import engine.speculate as speculate
+
+    target, draft = tiny_pair
+    head = random_head(target.config.hidden_size)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    spec = SpecConfig(policy="constant", k=3)
+    prompts = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit amet"]
+    alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
+    reference = {f"r{i}": alone.generate(p, params, SpecConfig(policy="none")).token_ids for i, p in enumerate(prompts)}
+    catch_ups = []
+    real_catch_up = speculate.catch_up_draft
+    monkeypatch.setattr(speculate, "catch_up_draft",
+                        lambda seqs, d, chunk: (catch_ups.append(len(seqs)), real_catch_up(seqs, d, chunk)))
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, spec_disable_batch_size=3)
+    engine = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=config)
+    stats = {}
+    requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 24 if i < 2 else 64}), spec)
+                for i, p in enumerate(prompts)]
+    for rid, prompt, p, s in requests:
+        engine.add_request(rid, prompt, p, s)
+    outputs: dict[str, list[int]] = {rid: [] for rid, *_ in requests}
+    while engine.has_unfinished():
+        for event in engine.step():
+            assert event.error is None, event.error
+            outputs[event.request_id].extend(event.token_ids)
+            if event.finished:
+                stats[event.request_id] = event.stats
+    for rid, _, p, _ in requests:
+        assert outputs[rid] == reference[rid][: p.max_tokens], rid
+    long = stats["r2"]["candidate_lengths"]
+    assert long[0] == 0 and 0 in long and max(long) == 3  # target alone while batched, then speculating
+    assert catch_ups, "the long request lagged by more than a chunk: it must catch up in chunks"
+    assert not engine.has_unfinished()
+
+
+def test_spec_disable_batch_size_validated():
+    with pytest.raises(ValueError, match="spec_disable_batch_size"):
+        SchedulerConfig(spec_disable_batch_size=1)

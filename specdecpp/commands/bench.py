@@ -279,10 +279,14 @@ def parse_config(text: str) -> dict | None:
 
 def _serve_args(args: argparse.Namespace) -> list[str]:
     out = []
-    for flag in ("target", "draft", "head", "dtype", "draft_dtype", "draft_device", "max_model_len"):
-        value = getattr(args, flag)
+    flags = {name: f"--{name.replace('_', '-')}" for name in (
+        "target", "draft", "head", "dtype", "draft_dtype", "draft_device", "max_model_len",
+        "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens")}
+    flags["spec_disable_batch_size"] = "--speculative-disable-by-batch-size"
+    for name, flag in flags.items():
+        value = getattr(args, name)
         if value is not None:
-            out += [f"--{flag.replace('_', '-')}", str(value)]
+            out += [flag, str(value)]
     if args.target_devices:
         out += ["--target-devices", ",".join(args.target_devices)]
     if args.api_key:
