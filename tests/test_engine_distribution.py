@@ -108,3 +108,17 @@ def test_wrong_acceptance_rule_is_detected(engine, monkeypatch):
     counts = sample_two_tokens(engine, params, SpecConfig(policy="constant", k=3))
     pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, params), SAMPLES)
     assert pvalue < 1e-6
+
+
+def test_sample_follows_the_distribution_row_by_row():
+    """The inverse-CDF sampler: each row of a batch by its own distribution, never a zero-probability
+    token (zeros at the ends and inside), unnormalised rows allowed."""
+    probs = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 1.5]])
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.stack([sample(probs, generator) for _ in range(n)])  # [n, 2]
+    for row in range(2):
+        expected = probs[row] / probs[row].sum()
+        counts = Counter(draws[:, row].tolist())
+        pvalue = chi_square_pvalue(counts, {i: float(p) for i, p in enumerate(expected)}, n)
+        assert pvalue > 1e-3, (row, counts)
