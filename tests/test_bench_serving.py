@@ -167,3 +167,6 @@ def test_started_server_gets_the_batching_flags():
         assert flags[flags.index(flag) + 1] == value
     serve = build_parser().parse_args(["serve", *flags])
     assert (serve.max_num_seqs, serve.max_num_batched_tokens, serve.spec_disable_batch_size) == (3, 64, 4)
+    assert serve.batching and "--no-batching" not in flags
+    off = _serve_args(build_parser().parse_args(["bench", "serving", "--start-server", "--no-batching"]))
+    assert build_parser().parse_args(["serve", *off]).batching is False

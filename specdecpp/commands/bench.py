@@ -87,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--configs", nargs="+", default=["server-default"],
                    help="speculation per row: 'server-default' or POLICY[:key=value,...], "
                    "e.g. none constant:k=4 specdec++:threshold=0.3")
-    s.add_argument("--batching", help="label for the server's batching mode in the rows (default: from the server)")
+    s.add_argument("--batching-label", help="label for the server's batching mode in the rows (default: from the "
+                   "server's model card)")
     s.add_argument("--batching-modes", nargs="+", choices=["on", "off"],
                    help="with --start-server: one server per mode (off = --no-batching), every row under each")
     s.add_argument("--baseline", action="store_true",
@@ -287,6 +288,8 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             out += [flag, str(value)]
+    if not args.batching and not args.batching_modes:  # --no-batching (modes add their own flag)
+        out.append("--no-batching")
     if args.target_devices:
         out += ["--target-devices", ",".join(args.target_devices)]
     if args.api_key:
@@ -380,7 +383,7 @@ def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list[ServingRo
             server.wait_healthy()
         info = asyncio.run(server_info(base_url, args.api_key))
         scheduler = (info.get("specdec") or {}).get("scheduler") or {}
-        batching = mode or args.batching or {True: "on", False: "off"}.get(scheduler.get("batching"), "unknown")
+        batching = mode or args.batching_label or {True: "on", False: "off"}.get(scheduler.get("batching"), "unknown")
         model = info.get("id", "")
         # one unmeasured request: first-call costs stay out of the rows
         asyncio.run(bench_row(base_url, prompts[:1], 1, 8, args.temperature, 1, None, None, args.seed, args.api_key,
