@@ -171,7 +171,9 @@ class LLMEngine:
         seq = self.scheduler.next_prefill()
         if seq is not None:
             try:
-                seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk)
+                # A request joining a batch too large to speculate skips the draft's prefill.
+                with_draft = self.scheduler.speculation_allowed(self.scheduler.running)
+                seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk, with_draft)
             except Exception as exc:  # a failing request must not take the engine down
                 events.extend(self._fail([seq], exc))
         for group in self.scheduler.decode_groups():

@@ -217,14 +217,19 @@ def speculation_round(
     return run_round([seq], target, draft, head)[0]
 
 
-def prefill_chunk(seq: Sequence, target: ModelRunner, draft: ModelRunner | None, chunk: int) -> bool:
+def prefill_chunk(
+    seq: Sequence, target: ModelRunner, draft: ModelRunner | None, chunk: int, with_draft: bool = True
+) -> bool:
     """Feed the next `chunk` prompt tokens (all but the last) to the target and draft caches.
 
     Returns True when the prompt is prefilled; the last prompt token goes into the first round.
+    `with_draft` False (speculation is off for the batch it joins) leaves the draft cache to be
+    filled only if speculation resumes (`catch_up_draft`, then the first proposal).
     """
     goal = len(seq.prompt_ids) - 1
+    with_draft = with_draft and draft is not None and seq.spec.speculates
     for runner, attr in ((target, "target"), (draft, "draft")):
-        if runner is None or (attr == "draft" and not seq.spec.speculates):
+        if runner is None or (attr == "draft" and not with_draft):
             continue
         if getattr(seq, f"{attr}_cache") is None:
             setattr(seq, f"{attr}_cache", runner.new_cache())
@@ -241,5 +246,4 @@ def prefill_chunk(seq: Sequence, target: ModelRunner, draft: ModelRunner | None,
                 seq.stats.target_seconds += elapsed
             else:
                 seq.stats.draft_seconds += elapsed
-    done = seq.target_cached >= goal and (draft is None or not seq.spec.speculates or seq.draft_cached >= goal)
-    return done
+    return seq.target_cached >= goal and (not with_draft or seq.draft_cached >= goal)

@@ -137,8 +137,9 @@ def test_long_prefill_is_chunked(tiny_pair, tokenizer):
 
 
 def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer, monkeypatch):
-    """Rounds of >= 3 sequences run the target alone; once the batch shrinks the draft catches up
-    (in chunks of max_num_batched_tokens when it lags further) and speculation resumes."""
+    """Rounds of >= 3 sequences run the target alone and requests joining them skip the draft's
+    prefill; once the batch shrinks the draft catches up (in chunks of max_num_batched_tokens when
+    it lags further) and speculation resumes."""
     import engine.speculate as speculate
 
     target, draft = tiny_pair
@@ -160,7 +161,11 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
     for rid, prompt, p, s in requests:
         engine.add_request(rid, prompt, p, s)
     outputs: dict[str, list[int]] = {rid: [] for rid, *_ in requests}
+    first_step = True
     while engine.has_unfinished():
+        if not first_step:
+            assert engine.requests["r2"].draft_cache is None or catch_ups  # joined a batch of 3: no draft prefill
+        first_step = False
         for event in engine.step():
             assert event.error is None, event.error
             outputs[event.request_id].extend(event.token_ids)
