@@ -136,6 +136,8 @@ def run_round(
     lagging: list[Sequence] = []
     for seq in seqs:
         budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None and speculate else 0
+        if budget > 0 and draft_lag(seq) > seq.remaining_tokens:
+            budget = 0  # catching the draft up would cost more than speculating could save
         if budget > 0 and max_draft_feed is not None and draft_lag(seq) > max_draft_feed:
             lagging.append(seq)
             budget = 0

@@ -139,12 +139,12 @@ def test_long_prefill_is_chunked(tiny_pair, tokenizer):
 def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer, monkeypatch):
     """Rounds of >= 3 sequences run the target alone and requests joining them skip the draft's
     prefill; once the batch shrinks the draft catches up (in chunks of max_num_batched_tokens when
-    it lags further) and speculation resumes."""
+    it lags further) and speculation resumes for a request with more tokens left than the draft lags."""
     import engine.speculate as speculate
 
     target, draft = tiny_pair
     head = random_head(target.config.hidden_size)
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
     spec = SpecConfig(policy="constant", k=3)
     prompts = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit amet"]
     alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
@@ -156,7 +156,7 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, spec_disable_batch_size=3)
     engine = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=config)
     stats = {}
-    requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 24 if i < 2 else 64}), spec)
+    requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 24 if i < 2 else 120}), spec)
                 for i, p in enumerate(prompts)]
     for rid, prompt, p, s in requests:
         engine.add_request(rid, prompt, p, s)
