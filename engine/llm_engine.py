@@ -172,7 +172,7 @@ class LLMEngine:
         if seq is not None:
             try:
                 # A request joining a batch too large to speculate skips the draft's prefill.
-                with_draft = self.scheduler.speculation_allowed(self.scheduler.running)
+                with_draft = self.scheduler.draft_prefill_useful()
                 seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk, with_draft)
             except Exception as exc:  # a failing request must not take the engine down
                 events.extend(self._fail([seq], exc))

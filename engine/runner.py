@@ -101,7 +101,7 @@ class ModelRunner:
             mask[0, 0, rows, key_starts[i] : key_starts[i] + c] = True
             own = past + query_starts[i]
             mask[0, 0, rows, own : own + n] = torch.ones(n, n, dtype=torch.bool).tril()
-        batch_cache = self._packed_cache(caches, past)
+        batch_cache = self._packed_cache(caches, cached)
         out = self.decoder(
             input_ids=torch.cat(feeds).unsqueeze(0),
             attention_mask=mask.to(self.device),
@@ -116,13 +116,14 @@ class ModelRunner:
         hidden = out.last_hidden_state[0]
         return [hidden[q + n - k : q + n] for q, n, k in zip(query_starts[:-1], lengths, num_hidden, strict=True)]
 
-    def _packed_cache(self, caches: list[DynamicCache], past: int) -> DynamicCache:
-        """One cache holding every row's keys/values back to back along the sequence axis."""
+    def _packed_cache(self, caches: list[DynamicCache], cached: list[int]) -> DynamicCache:
+        """One cache holding every row's keys/values (`cached[i]` of row i) back to back along the sequence axis."""
         batch_cache = self.new_cache()
-        if past == 0:
+        filled = [c for c, n in zip(caches, cached, strict=True) if n > 0]
+        if not filled:
             return batch_cache
         for layer_idx in range(self.num_layers):
-            layers = [c.layers[layer_idx] for c in caches if c.get_seq_length() > 0]
+            layers = [c.layers[layer_idx] for c in filled]
             keys = torch.cat([layer.keys for layer in layers], dim=2)
             values = torch.cat([layer.values for layer in layers], dim=2)
             batch_cache.update(keys, values, layer_idx)

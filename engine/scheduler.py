@@ -81,6 +81,11 @@ class Scheduler:
             return []
         return [ready] if self.config.batching else [[s] for s in ready]
 
+    def draft_prefill_useful(self) -> bool:
+        """Whether a sequence prefilled now joins rounds that may use the draft: with batching off
+        every round is a group of one; with it on, the running batch decides."""
+        return not self.config.batching or self.speculation_allowed(self.running)
+
     def speculation_allowed(self, group: list[Sequence]) -> bool:
         """Whether a round over `group` may use the draft (see `spec_disable_batch_size`)."""
         limit = self.config.spec_disable_batch_size

@@ -49,8 +49,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead 
     t0 = time.perf_counter()
     head_seconds = 0.0
     for p in proposals:
-        if p.seq.draft_cache is None:
-            p.seq.draft_cache, p.seq.draft_cached = draft.new_cache(), 0
+        ensure_draft_cache(p.seq, draft)
         p.seq.policy.start_round()
     feeds = [p.seq.all_ids[p.seq.draft_cached :] for p in proposals]
     _, logits = draft.forward_batch(feeds, [p.seq.draft_cache for p in proposals], [1] * len(proposals))
@@ -136,9 +135,10 @@ def run_round(
     lagging: list[Sequence] = []
     for seq in seqs:
         budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None and speculate else 0
-        if budget > 0 and draft_lag(seq) > seq.remaining_tokens:
+        lag = draft_lag(seq) if budget > 0 else 0
+        if lag > seq.remaining_tokens:
             budget = 0  # catching the draft up would cost more than speculating could save
-        if budget > 0 and max_draft_feed is not None and draft_lag(seq) > max_draft_feed:
+        elif max_draft_feed is not None and lag > max_draft_feed:
             lagging.append(seq)
             budget = 0
         proposals.append(Proposal(seq, max(budget, 0)))
@@ -194,16 +194,20 @@ def run_round(
 
 
 def draft_lag(seq: Sequence) -> int:
-    """Tokens of the sequence the draft cache does not hold yet."""
-    return len(seq.prompt_ids) + len(seq.output_ids) - (seq.draft_cached if seq.draft_cache is not None else 0)
+    """Tokens of the sequence the draft cache does not hold yet (`draft_cached` is 0 without a cache)."""
+    return len(seq.prompt_ids) + len(seq.output_ids) - seq.draft_cached
+
+
+def ensure_draft_cache(seq: Sequence, draft: ModelRunner) -> None:
+    if seq.draft_cache is None:
+        seq.draft_cache, seq.draft_cached = draft.new_cache(), 0
 
 
 def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None:
     """Feed each sequence's draft cache its next `chunk` missing tokens, in one batched forward."""
     t0 = time.perf_counter()
     for seq in seqs:
-        if seq.draft_cache is None:
-            seq.draft_cache, seq.draft_cached = draft.new_cache(), 0
+        ensure_draft_cache(seq, draft)
     feeds = [seq.all_ids[seq.draft_cached : seq.draft_cached + chunk] for seq in seqs]
     draft.hidden_batch(feeds, [seq.draft_cache for seq in seqs], [1] * len(seqs))
     elapsed = time.perf_counter() - t0
