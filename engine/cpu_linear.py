@@ -7,6 +7,17 @@ fast, with bit-identical results (measured on the default pair: every projection
 151,936-row LM head). That is what inductor's CPU "freezing" does; here it is done
 explicitly, module by module, so the model stays an ordinary Hugging Face model.
 
+Wide inputs (prefill chunks, verification of large batches) are the opposite case: compute-
+bound, and on CPUs without AMX oneDNN's bf16 GEMM runs at about half its fp32 speed (measured
+here, AVX-512 BF16: an 8,960x1,536 projection over 200 rows takes 36-45 ms in bf16, 19-24 ms
+in fp32; at 16 rows they tie, at 1-4 rows bf16 is twice as fast). So a bf16 layer may also
+keep an fp32 copy of its weight, used from `FP32_MIN_ROWS` rows on. Activations and weights
+are bf16 values, so every product is exact in fp32 and the sum is rounded to bf16 once, as
+the bf16 kernel does: the two paths differ only in summation order, like two bf16 kernels
+blocked for different row counts. The copy costs twice the layer's bf16 bytes, so `auto`
+makes it only where it fits in well under half of the memory available (`fp32_copy_plan`);
+the LM head never gets one (it only sees the few positions whose logits are used).
+
 Only whole-CPU models in bf16 or fp32 are packed; CUDA models and models split by
 accelerate hooks are left alone.
 """
@@ -21,26 +32,40 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
+FP32_MIN_ROWS = 24  # rows from which a bf16 layer's fp32 copy is faster (measured crossover: 16-32)
+FP32_COPY_MODES = ("auto", "on", "off")
+FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this share of the available memory
 
 
 class PackedLinear(nn.Module):
     """`nn.Linear` whose weight lives in oneDNN's pre-packed layout (inference only)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, fp32_copy: bool = False) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        weight = linear.weight.detach()
         # The batch-size hint only picks oneDNN's blocking; any number of rows works.
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         self.register_buffer("packed_weight", packed, persistent=False)
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias, persistent=False)
+        self.fp32_copy = fp32_copy and weight.dtype == torch.bfloat16
+        if self.fp32_copy:
+            packed32 = torch.ops.mkldnn._reorder_linear_weight(weight.float(), 128)
+            self.register_buffer("packed_weight_fp32", packed32, persistent=False)
+            self.register_buffer("bias_fp32", None if bias is None else bias.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
+        x = x.contiguous()
+        if self.fp32_copy and x.numel() >= FP32_MIN_ROWS * self.in_features:
+            out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed_weight_fp32, self.bias_fp32, "none", [], "")
+            return out.to(x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN"
+        fp32 = f", fp32 copy from {FP32_MIN_ROWS} rows" if self.fp32_copy else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed=oneDNN{fp32}"
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -58,20 +83,65 @@ def can_pack(model: nn.Module) -> bool:
     return not any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
-def pack_linears(model: nn.Module) -> int:
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> bool:
+    """Whether `pack_linears` should give the bf16 layers of `model` an fp32 copy (see module doc)."""
+    if mode not in FP32_COPY_MODES:
+        raise ValueError(f"fp32 copy mode {mode!r}: expected one of {', '.join(FP32_COPY_MODES)}")
+    candidates = _fp32_candidates(model)
+    if mode == "off" or not candidates:
+        return False
+    extra = sum(linear.weight.numel() * 4 for linear in candidates)
+    if mode == "on":
+        return True
+    available = available_memory_bytes()
+    fits = available is not None and extra <= FP32_COPY_MEMORY_SHARE * available
+    log.info(
+        "fp32 copies for wide GEMMs: %s (%.1f GB; %s GB available)",
+        "on" if fits else "off",
+        extra / 1e9,
+        "unknown" if available is None else f"{available / 1e9:.1f}",
+    )
+    return fits
+
+
+def _fp32_candidates(model: nn.Module) -> list[nn.Linear]:
+    """The unpacked bf16 linears that would get an fp32 copy: all but the LM head."""
+    if not can_pack(model):
+        return []
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [
+        m for m in model.modules() if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m is not head
+    ]
+
+
+def pack_linears(model: nn.Module, fp32_copies: str = "off") -> int:
     """Replace every `nn.Linear` of a CPU model by a `PackedLinear`, in place; returns how many.
 
-    A tied LM head keeps its embedding (the embedding still reads the original weight).
-    Idempotent: packed layers are skipped.
+    `fp32_copies` ("auto", "on", "off"): whether bf16 layers other than the LM head also keep an
+    fp32 copy for wide inputs (see the module doc). A tied LM head keeps its embedding (the
+    embedding still reads the original weight). Idempotent: packed layers are skipped.
     """
     if not can_pack(model):
         return 0
+    with_copy = {id(m) for m in _fp32_candidates(model)} if fp32_copy_plan(model, fp32_copies) else set()
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in PACKABLE_DTYPES:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, fp32_copy=id(child) in with_copy))
                 replaced += 1
     if replaced:
-        log.info("packed %d linear layers for oneDNN", replaced)
+        log.info("packed %d linear layers for oneDNN (%d with fp32 copies)", replaced, len(with_copy))
     return replaced

@@ -86,4 +86,5 @@ def build_engine(config: EngineConfig) -> LLMEngine:
             batching=config.batching,
             spec_disable_batch_size=config.spec_disable_batch_size,
         ),
+        cpu_fp32_gemm=config.cpu_fp32_gemm,
     )

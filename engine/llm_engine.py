@@ -48,6 +48,7 @@ class LLMEngine:
         max_model_len: int | None = None,
         default_spec: SpecConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
+        cpu_fp32_gemm: str = "auto",
     ) -> None:
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
@@ -55,8 +56,8 @@ class LLMEngine:
             raise ValueError(
                 f"head hidden size {head.config.hidden_size} != draft hidden size {draft.config.hidden_size}"
             )
-        self.target = ModelRunner(target)
-        self.draft = ModelRunner(draft) if draft is not None else None
+        self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm)
+        self.draft = ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm) if draft is not None else None
         self.head = head.to(self.draft.device) if head is not None and self.draft is not None else head
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(target, tokenizer)

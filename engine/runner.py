@@ -24,10 +24,12 @@ from engine.cpu_linear import pack_linears
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, pack_cpu_linears: bool = True) -> None:
+    def __init__(self, model: PreTrainedModel, pack_cpu_linears: bool = True, cpu_fp32_gemm: str = "auto") -> None:
         self.model = model.eval()
         if pack_cpu_linears:
-            pack_linears(model)  # CPU only: about 2x faster decoding, identical results (engine/cpu_linear.py)
+            # CPU only: about 2x faster decoding, identical results; with fp32 copies (`cpu_fp32_gemm`),
+            # about 2x faster prefill where bf16 GEMMs are slow (engine/cpu_linear.py).
+            pack_linears(model, fp32_copies=cpu_fp32_gemm)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.config = model.config

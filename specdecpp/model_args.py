@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from engine.config import EngineConfig
+from engine.cpu_linear import FP32_COPY_MODES
 from engine.params import POLICY_NAMES, SpecConfig
 
 
@@ -30,6 +31,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--speculative-disable-by-batch-size", dest="spec_disable_batch_size", type=int, metavar="N",
                    help="rounds with N or more sequences run the target alone (no draft): where verifying many "
                    "candidates for a large batch costs more than it saves (default: always speculate)")
+    g.add_argument("--cpu-fp32-gemm", choices=FP32_COPY_MODES, default="auto",
+                   help="bf16 models on the CPU: keep an fp32 copy of each linear layer (not the LM head) for "
+                   "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; "
+                   "costs twice the bf16 weights in memory. auto: only if that fits in half the available "
+                   "memory (default: auto)")
 
 
 def _device_list(value: str) -> list[str]:
@@ -75,5 +81,6 @@ def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig |
         kv_cache_tokens=args.kv_cache_tokens,
         batching=args.batching,
         spec_disable_batch_size=args.spec_disable_batch_size,
+        cpu_fp32_gemm=args.cpu_fp32_gemm,
         default_spec=default_spec or SpecConfig(),
     )

@@ -282,7 +282,7 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
     out = []
     flags = {name: f"--{name.replace('_', '-')}" for name in (
         "target", "draft", "head", "dtype", "draft_dtype", "draft_device", "max_model_len",
-        "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens")}
+        "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "cpu_fp32_gemm")}
     flags["spec_disable_batch_size"] = "--speculative-disable-by-batch-size"
     for name, flag in flags.items():
         value = getattr(args, name)

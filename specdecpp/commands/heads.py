@@ -108,7 +108,8 @@ def run_gen_data(args: argparse.Namespace) -> int:
     target = load_model(target_spec, dtype, device=device)
     draft = load_model(draft_spec, dtype, device=device)
     for model in (target, draft):
-        pack_linears(model)  # CPU only, bit-identical: the same data, generated faster (engine/cpu_linear.py)
+        # CPU only: the same data up to summation order, generated faster (engine/cpu_linear.py)
+        pack_linears(model, fp32_copies="auto")
     config = GenConfig(
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
