@@ -22,6 +22,7 @@ class EngineConfig:
     kv_cache_tokens: int = 131072  # admission budget: sum of prompt + max_tokens over running sequences
     batching: bool = True  # False: each running sequence gets its own forwards (round-robin)
     spec_disable_batch_size: int | None = None  # rounds with this many sequences or more skip the draft
+    spec_batch_candidates: int | None = None  # candidates per round over the whole batch (see SchedulerConfig)
     cpu_fp32_gemm: str = "auto"  # bf16 CPU models: fp32 weight copies for wide GEMMs (engine/cpu_linear.py)
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 

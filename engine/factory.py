@@ -85,6 +85,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
             kv_cache_tokens=config.kv_cache_tokens,
             batching=config.batching,
             spec_disable_batch_size=config.spec_disable_batch_size,
+            spec_batch_candidates=config.spec_batch_candidates,
         ),
         cpu_fp32_gemm=config.cpu_fp32_gemm,
     )

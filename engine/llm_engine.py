@@ -179,8 +179,8 @@ class LLMEngine:
                 events.extend(self._fail([seq], exc))
         for group in self.scheduler.decode_groups():
             try:
-                speculate = self.scheduler.speculation_allowed(group)
-                outputs = run_round(group, self.target, self.draft, self.head, speculate, max_draft_feed=chunk)
+                cap = self.scheduler.candidate_cap(group)
+                outputs = run_round(group, self.target, self.draft, self.head, cap, max_draft_feed=chunk)
             except Exception as exc:
                 events.extend(self._fail(group, exc))
                 continue

@@ -25,6 +25,10 @@ class SchedulerConfig:
     # speculative_disable_by_batch_size): once a batch makes verification compute-bound, every
     # candidate row costs about as much as a plain decoding row, so speculation stops paying.
     spec_disable_batch_size: int | None = None
+    # Candidates of one round, all its sequences together: each of b sequences proposes at most
+    # spec_batch_candidates // b (its policy may stop sooner); 0 per sequence = the target alone.
+    # Verifying is compute-bound once a batch is large, so each sequence's share shrinks with b.
+    spec_batch_candidates: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -35,6 +39,8 @@ class SchedulerConfig:
             raise ValueError("kv_cache_tokens must be >= 1")
         if self.spec_disable_batch_size is not None and self.spec_disable_batch_size < 2:
             raise ValueError("spec_disable_batch_size must be >= 2 (or None: always speculate)")
+        if self.spec_batch_candidates is not None and self.spec_batch_candidates < 1:
+            raise ValueError("spec_batch_candidates must be >= 1 (or None: no budget)")
 
 
 class Scheduler:
@@ -87,6 +93,14 @@ class Scheduler:
         return not self.config.batching or self.speculation_allowed(self.running)
 
     def speculation_allowed(self, group: list[Sequence]) -> bool:
-        """Whether a round over `group` may use the draft (see `spec_disable_batch_size`)."""
+        """Whether a round over `group` may use the draft."""
+        return self.candidate_cap(group) != 0
+
+    def candidate_cap(self, group: list[Sequence]) -> int | None:
+        """Most candidates each sequence of a round over `group` may propose: None for no cap, 0 for
+        the target alone (see `spec_disable_batch_size` and `spec_batch_candidates`)."""
         limit = self.config.spec_disable_batch_size
-        return limit is None or len(group) < limit
+        if limit is not None and len(group) >= limit:
+            return 0
+        total = self.config.spec_batch_candidates
+        return None if total is None else total // max(1, len(group))

@@ -119,13 +119,14 @@ def run_round(
     target: ModelRunner,
     draft: ModelRunner | None,
     head: AcceptanceHead | None,
-    speculate: bool = True,
+    candidate_cap: int | None = None,
     max_draft_feed: int | None = None,
 ) -> list[list[int]]:
     """One round for every sequence in `seqs`; appends their new tokens (stop conditions applied)
     and returns them, one list per sequence.
 
-    With `speculate` False (a large batch) the target decodes one token per sequence alone and
+    `candidate_cap` bounds every sequence's candidates this round (the scheduler's share of a
+    batch's budget). At 0 (a large batch) the target decodes one token per sequence alone and
     the draft falls behind. It catches up when speculation resumes: in the first forward of the
     next proposal, or, when it lags by more than `max_draft_feed` tokens, by chunks of that size
     first (without proposing meanwhile), so catching up stalls the batch no longer than a prefill
@@ -134,7 +135,9 @@ def run_round(
     proposals = []
     lagging: list[Sequence] = []
     for seq in seqs:
-        budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None and speculate else 0
+        budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0
+        if candidate_cap is not None:
+            budget = min(budget, candidate_cap)
         lag = draft_lag(seq) if budget > 0 else 0
         if lag > seq.remaining_tokens:
             budget = 0  # catching the draft up would cost more than speculating could save

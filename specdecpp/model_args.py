@@ -31,6 +31,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--speculative-disable-by-batch-size", dest="spec_disable_batch_size", type=int, metavar="N",
                    help="rounds with N or more sequences run the target alone (no draft): where verifying many "
                    "candidates for a large batch costs more than it saves (default: always speculate)")
+    b.add_argument("--speculative-batch-candidates", dest="spec_batch_candidates", type=int, metavar="N",
+                   help="candidates of one batched round, all sequences together: each of b sequences proposes "
+                   "at most N // b (its policy may stop sooner), none once b > N. Verification gets "
+                   "compute-bound as the batch grows, so each sequence's share shrinks (default: no budget)")
     g.add_argument("--cpu-fp32-gemm", choices=FP32_COPY_MODES, default="auto",
                    help="bf16 models on the CPU: keep an fp32 copy of each linear layer (not the LM head) for "
                    "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; "
@@ -81,6 +85,7 @@ def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig |
         kv_cache_tokens=args.kv_cache_tokens,
         batching=args.batching,
         spec_disable_batch_size=args.spec_disable_batch_size,
+        spec_batch_candidates=args.spec_batch_candidates,
         cpu_fp32_gemm=args.cpu_fp32_gemm,
         default_spec=default_spec or SpecConfig(),
     )

@@ -123,6 +123,13 @@ def test_cli_serving_writes_results(live, tmp_path):
         ("none", 1, True), ("none", 1, False), ("none", 2, False), ("specdec++", 1, False), ("specdec++", 2, False)]
     assert [r["throughput_vs_concurrency_1"] for r in data["rows"][1:4:2]] == [1.0, 1.0]
     assert all(r["slowest_request_vs_target_alone"] > 0 for r in data["rows"])
+    # Against the target alone under the same load: the none rows compare with themselves.
+    assert [r["throughput_vs_target_alone_same_load"] for r in data["rows"][1:3]] == [1.0, 1.0]
+    spec_c2 = data["rows"][4]
+    assert spec_c2["throughput_vs_target_alone_same_load"] == pytest.approx(
+        spec_c2["throughput_tokens_per_s"] / data["rows"][2]["throughput_tokens_per_s"])
+    assert spec_c2["slowest_request_vs_target_alone_same_load"] == pytest.approx(
+        spec_c2["request_tokens_per_s_min"] / data["rows"][2]["request_tokens_per_s_mean"])
     assert data["meta"]["server"]["None"]["specdec"]["scheduler"]["batching"] is True
     errors = [r["error_samples"] for r in data["rows"]]
     assert all(r["errors"] == 0 and r["requests"] == 2 for r in data["rows"]), errors
@@ -160,13 +167,16 @@ def test_started_server_gets_the_batching_flags():
     from specdecpp.commands.bench import _serve_args
 
     args = build_parser().parse_args(["bench", "serving", "--start-server", "--max-num-seqs", "3",
-                                      "--max-num-batched-tokens", "64", "--speculative-disable-by-batch-size", "4"])
+                                      "--max-num-batched-tokens", "64", "--speculative-disable-by-batch-size", "4",
+                                      "--speculative-batch-candidates", "8", "--cpu-fp32-gemm", "off"])
     flags = _serve_args(args)
     for flag, value in (("--max-num-seqs", "3"), ("--max-num-batched-tokens", "64"),
-                        ("--speculative-disable-by-batch-size", "4")):
+                        ("--speculative-disable-by-batch-size", "4"), ("--speculative-batch-candidates", "8"),
+                        ("--cpu-fp32-gemm", "off")):
         assert flags[flags.index(flag) + 1] == value
     serve = build_parser().parse_args(["serve", *flags])
     assert (serve.max_num_seqs, serve.max_num_batched_tokens, serve.spec_disable_batch_size) == (3, 64, 4)
+    assert (serve.spec_batch_candidates, serve.cpu_fp32_gemm) == (8, "off")
     assert serve.batching and "--no-batching" not in flags
     off = _serve_args(build_parser().parse_args(["bench", "serving", "--start-server", "--no-batching"]))
     assert build_parser().parse_args(["serve", *off]).batching is False

@@ -182,3 +182,42 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
 def test_spec_disable_batch_size_validated():
     with pytest.raises(ValueError, match="spec_disable_batch_size"):
         SchedulerConfig(spec_disable_batch_size=1)
+    with pytest.raises(ValueError, match="spec_batch_candidates"):
+        SchedulerConfig(spec_batch_candidates=0)
+
+
+def test_batch_candidate_budget_splits_over_the_batch_and_stays_lossless(tiny_pair, tokenizer):
+    """--speculative-batch-candidates 5: three sequences propose at most 1 each, two at most 2,
+    one alone up to its policy's 4; with six the target runs alone. Greedy outputs stay the
+    target's whatever the share."""
+    target, draft = tiny_pair
+    head = random_head(target.config.hidden_size)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    spec = SpecConfig(policy="constant", k=4)
+    prompts = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit amet"]
+    alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
+    reference = {f"r{i}": alone.generate(p, params, SpecConfig(policy="none")).token_ids for i, p in enumerate(prompts)}
+    config = SchedulerConfig(max_num_seqs=3, spec_batch_candidates=5)
+    engine = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=config)
+    assert [engine.scheduler.candidate_cap([None] * b) for b in (1, 2, 3, 6)] == [5, 2, 1, 0]
+    requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 12 * (i + 1)}), spec)
+                for i, p in enumerate(prompts)]
+    outputs: dict[str, list[int]] = {rid: [] for rid, *_ in requests}
+    stats = {}
+    for rid, prompt, p, s in requests:
+        engine.add_request(rid, prompt, p, s)
+    while engine.has_unfinished():
+        running = len([s for s in engine.scheduler.running if s.prefilled])
+        for event in engine.step():
+            assert event.error is None, event.error
+            outputs[event.request_id].extend(event.token_ids)
+            if event.finished:
+                stats[event.request_id] = event.stats
+        assert running <= 3
+    for rid, _, p, _ in requests:
+        assert outputs[rid] == reference[rid][: p.max_tokens], rid
+    lengths = {rid: s["candidate_lengths"] for rid, s in stats.items()}
+    # One prefill per step: r0 decodes alone, then beside r1, then beside both until it finishes.
+    assert lengths["r0"][:2] == [4, 2] and max(lengths["r0"][2:]) == 1
+    assert max(lengths["r1"]) == 2 and lengths["r1"].count(2) > 1  # beside r0 first, again once r0 left
+    assert lengths["r2"][0] == 1 and max(lengths["r2"]) == 4  # alone at the end: its policy's k

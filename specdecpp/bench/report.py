@@ -263,19 +263,24 @@ def serving_markdown(rows: list[dict], meta: dict) -> str:
     out = ["# Serving benchmark", "", _meta_lines(meta), ""]
     out.append("`x c=1`: output tokens/s over the same policy's concurrency-1 row with the same batching mode. "
                "`slowest / alone`: the slowest request's own tokens/s over the mean request's tokens/s of the "
-               "target alone (the baseline row), both prefill included.")
+               "target alone (the baseline row), both prefill included. `vs none, same load` (throughput) and "
+               "`slowest vs none, same load`: over the target alone's row at the same concurrency and batching "
+               "mode, where the run has one: what the same traffic would get without speculation.")
     out.append("")
     out.append("| policy | concurrency | rate | batching | requests | errors | output tok/s | x c=1 | slowest / alone "
+               "| vs none, same load | slowest vs none, same load "
                "| req/s | TTFT p50 | TTFT p99 | TPOT p50 | ITL p50 | ITL p99 | acceptance | discard rate "
                "| verification rate |")
-    out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         policy = (r.get("policy") or "-") + (" (baseline)" if r.get("baseline") else "")
         out.append(
             f"| {policy} | {_fmt(r.get('concurrency'))} | {_fmt(r.get('request_rate'), 2)} | "
             f"{r.get('batching') or '-'} | {r['requests']} | {r['errors']} | "
             f"{_fmt(r['throughput_tokens_per_s'], 2)} | {_fmt(r.get('throughput_vs_concurrency_1'), 2)} | "
-            f"{_fmt(r.get('slowest_request_vs_target_alone'), 2)} | {_fmt(r['request_throughput'], 3)} | "
+            f"{_fmt(r.get('slowest_request_vs_target_alone'), 2)} | "
+            f"{_fmt(r.get('throughput_vs_target_alone_same_load'), 2)} | "
+            f"{_fmt(r.get('slowest_request_vs_target_alone_same_load'), 2)} | {_fmt(r['request_throughput'], 3)} | "
             f"{_fmt(r['ttft_p50_s'], 2)} | {_fmt(r['ttft_p99_s'], 2)} | {_fmt(r['tpot_p50_s'], 3)} | "
             f"{_fmt(r['itl_p50_s'], 3)} | {_fmt(r['itl_p99_s'], 3)} | {_fmt(r.get('acceptance_rate'))} | "
             f"{_fmt(r.get('discard_rate'))} | {_fmt(r.get('verification_rate'))} |"

@@ -284,6 +284,7 @@ def _serve_args(args: argparse.Namespace) -> list[str]:
         "target", "draft", "head", "dtype", "draft_dtype", "draft_device", "max_model_len",
         "max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "cpu_fp32_gemm")}
     flags["spec_disable_batch_size"] = "--speculative-disable-by-batch-size"
+    flags["spec_batch_candidates"] = "--speculative-batch-candidates"
     for name, flag in flags.items():
         value = getattr(args, name)
         if value is not None:
@@ -406,10 +407,21 @@ def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list[ServingRo
 
 def _compare_rows(rows: list[dict]) -> None:
     """Ratios between rows of one run: throughput over the same config's concurrency-1 row (same
-    batching mode), and the slowest request's tokens/s over the target alone's mean (baseline row)."""
+    batching mode); the slowest request's tokens/s over the target alone's mean (baseline row);
+    and, where the run has a target-alone (`none`) row under the same load (concurrency, rate,
+    batching mode), throughput and slowest request over that row's: what the same traffic would
+    get from the target alone."""
     baseline = next((r for r in rows if r.get("baseline")), None)
     alone = baseline.get("request_tokens_per_s_mean") if baseline else None
     for row in rows:
+        load = [row.get(k) for k in ("batching", "concurrency", "request_rate")]
+        same_load = next((r for r in rows if not r.get("baseline") and r.get("policy") == "none"
+                          and [r.get(k) for k in ("batching", "concurrency", "request_rate")] == load), None)
+        row["throughput_vs_target_alone_same_load"] = _ratio(row, same_load, "throughput_tokens_per_s")
+        row["slowest_request_vs_target_alone_same_load"] = (
+            row["request_tokens_per_s_min"] / same_load["request_tokens_per_s_mean"]
+            if same_load and row.get("request_tokens_per_s_min") is not None
+            and same_load.get("request_tokens_per_s_mean") else None)
         single = next((r for r in rows if not r.get("baseline") and r.get("batching") == row.get("batching")
                        and r.get("specdec") == row.get("specdec") and r.get("concurrency") == 1
                        and r.get("request_rate") is None), None)
@@ -419,3 +431,9 @@ def _compare_rows(rows: list[dict]) -> None:
         row["throughput_vs_concurrency_1"] = ratio
         slowest = row.get("request_tokens_per_s_min")
         row["slowest_request_vs_target_alone"] = slowest / alone if slowest is not None and alone else None
+
+
+def _ratio(row: dict, other: dict | None, key: str) -> float | None:
+    if other is None or row.get(key) is None or not other.get(key):
+        return None
+    return row[key] / other[key]
