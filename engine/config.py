@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 from engine.params import SpecConfig
 
+CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/cpu_linear.py
+
 
 @dataclass
 class EngineConfig:

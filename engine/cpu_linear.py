@@ -29,11 +29,13 @@ import logging
 import torch
 from torch import nn
 
+from engine.config import CPU_FP32_GEMM_MODES
+
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 FP32_MIN_ROWS = 24  # rows from which a bf16 layer's fp32 copy is faster (measured crossover: 16-32)
-FP32_COPY_MODES = ("auto", "on", "off")
+FP32_COPY_MODES = CPU_FP32_GEMM_MODES
 FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this share of the available memory
 
 

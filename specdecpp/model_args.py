@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.config import EngineConfig
-from engine.cpu_linear import FP32_COPY_MODES
+from engine.config import CPU_FP32_GEMM_MODES, EngineConfig
 from engine.params import POLICY_NAMES, SpecConfig
 
 
@@ -35,7 +34,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="candidates of one batched round, all sequences together: each of b sequences proposes "
                    "at most N // b (its policy may stop sooner), none once b > N. Verification gets "
                    "compute-bound as the batch grows, so each sequence's share shrinks (default: no budget)")
-    g.add_argument("--cpu-fp32-gemm", choices=FP32_COPY_MODES, default="auto",
+    g.add_argument("--cpu-fp32-gemm", choices=CPU_FP32_GEMM_MODES, default="auto",
                    help="bf16 models on the CPU: keep an fp32 copy of each linear layer (not the LM head) for "
                    "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; "
                    "costs twice the bf16 weights in memory. auto: only if that fits in half the available "
