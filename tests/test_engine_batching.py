@@ -136,6 +136,19 @@ def test_long_prefill_is_chunked(tiny_pair, tokenizer):
 
 
 
+PROMPTS_3 = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit amet"]
+
+
+def _greedy_references(tiny_pair, tokenizer, max_tokens: int) -> tuple:
+    """(head, greedy params, {"r0".."r2": the target alone's tokens}) for PROMPTS_3, each run alone."""
+    target, draft = tiny_pair
+    head = random_head(target.config.hidden_size)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
+    none = SpecConfig(policy="none")
+    return head, params, {f"r{i}": alone.generate(p, params, none).token_ids for i, p in enumerate(PROMPTS_3)}
+
+
 def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer, monkeypatch):
     """Rounds of >= 3 sequences run the target alone and requests joining them skip the draft's
     prefill; once the batch shrinks the draft catches up (in chunks of max_num_batched_tokens when
@@ -143,12 +156,8 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
     import engine.speculate as speculate
 
     target, draft = tiny_pair
-    head = random_head(target.config.hidden_size)
-    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    head, params, reference = _greedy_references(tiny_pair, tokenizer, max_tokens=120)
     spec = SpecConfig(policy="constant", k=3)
-    prompts = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit amet"]
-    alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
-    reference = {f"r{i}": alone.generate(p, params, SpecConfig(policy="none")).token_ids for i, p in enumerate(prompts)}
     catch_ups = []
     real_catch_up = speculate.catch_up_draft
     monkeypatch.setattr(speculate, "catch_up_draft",
@@ -157,7 +166,7 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
     engine = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=config)
     stats = {}
     requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 24 if i < 2 else 120}), spec)
-                for i, p in enumerate(prompts)]
+                for i, p in enumerate(PROMPTS_3)]
     for rid, prompt, p, s in requests:
         engine.add_request(rid, prompt, p, s)
     outputs: dict[str, list[int]] = {rid: [] for rid, *_ in requests}
@@ -191,17 +200,13 @@ def test_batch_candidate_budget_splits_over_the_batch_and_stays_lossless(tiny_pa
     one alone up to its policy's 4; with six the target runs alone. Greedy outputs stay the
     target's whatever the share."""
     target, draft = tiny_pair
-    head = random_head(target.config.hidden_size)
-    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    head, params, reference = _greedy_references(tiny_pair, tokenizer, max_tokens=40)
     spec = SpecConfig(policy="constant", k=4)
-    prompts = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit amet"]
-    alone = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=SchedulerConfig(max_num_seqs=1))
-    reference = {f"r{i}": alone.generate(p, params, SpecConfig(policy="none")).token_ids for i, p in enumerate(prompts)}
     config = SchedulerConfig(max_num_seqs=3, spec_batch_candidates=5)
     engine = LLMEngine(target, draft, tokenizer, head=head, scheduler_config=config)
     assert [engine.scheduler.candidate_cap([None] * b) for b in (1, 2, 3, 6)] == [5, 2, 1, 0]
     requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 12 * (i + 1)}), spec)
-                for i, p in enumerate(prompts)]
+                for i, p in enumerate(PROMPTS_3)]
     outputs: dict[str, list[int]] = {rid: [] for rid, *_ in requests}
     stats = {}
     for rid, prompt, p, s in requests:
