@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 FP32_MIN_ROWS = 24  # rows from which a bf16 layer's fp32 copy is faster (measured crossover: 16-32)
-FP32_COPY_MODES = CPU_FP32_GEMM_MODES
 FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this share of the available memory
 
 
@@ -97,16 +96,17 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> bool:
-    """Whether `pack_linears` should give the bf16 layers of `model` an fp32 copy (see module doc)."""
-    if mode not in FP32_COPY_MODES:
-        raise ValueError(f"fp32 copy mode {mode!r}: expected one of {', '.join(FP32_COPY_MODES)}")
+def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> list[nn.Linear]:
+    """The bf16 layers of `model` that `pack_linears` should give an fp32 copy (see module doc):
+    all but the LM head, or none."""
+    if mode not in CPU_FP32_GEMM_MODES:
+        raise ValueError(f"fp32 copy mode {mode!r}: expected one of {', '.join(CPU_FP32_GEMM_MODES)}")
     candidates = _fp32_candidates(model)
     if mode == "off" or not candidates:
-        return False
-    extra = sum(linear.weight.numel() * 4 for linear in candidates)
+        return []
     if mode == "on":
-        return True
+        return candidates
+    extra = sum(linear.weight.numel() * 4 for linear in candidates)
     available = available_memory_bytes()
     fits = available is not None and extra <= FP32_COPY_MEMORY_SHARE * available
     log.info(
@@ -115,7 +115,7 @@ def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> bool:
         extra / 1e9,
         "unknown" if available is None else f"{available / 1e9:.1f}",
     )
-    return fits
+    return candidates if fits else []
 
 
 def _fp32_candidates(model: nn.Module) -> list[nn.Linear]:
@@ -137,7 +137,7 @@ def pack_linears(model: nn.Module, fp32_copies: str = "off") -> int:
     """
     if not can_pack(model):
         return 0
-    with_copy = {id(m) for m in _fp32_candidates(model)} if fp32_copy_plan(model, fp32_copies) else set()
+    with_copy = {id(m) for m in fp32_copy_plan(model, fp32_copies)}
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -90,11 +90,7 @@ class Scheduler:
     def draft_prefill_useful(self) -> bool:
         """Whether a sequence prefilled now joins rounds that may use the draft: with batching off
         every round is a group of one; with it on, the running batch decides."""
-        return not self.config.batching or self.speculation_allowed(self.running)
-
-    def speculation_allowed(self, group: list[Sequence]) -> bool:
-        """Whether a round over `group` may use the draft."""
-        return self.candidate_cap(group) != 0
+        return not self.config.batching or self.candidate_cap(self.running) != 0
 
     def candidate_cap(self, group: list[Sequence]) -> int | None:
         """Most candidates each sequence of a round over `group` may propose: None for no cap, 0 for

@@ -411,29 +411,25 @@ def _compare_rows(rows: list[dict]) -> None:
     and, where the run has a target-alone (`none`) row under the same load (concurrency, rate,
     batching mode), throughput and slowest request over that row's: what the same traffic would
     get from the target alone."""
+    def load(r: dict) -> list:
+        return [r.get(k) for k in ("batching", "concurrency", "request_rate")]
+
     baseline = next((r for r in rows if r.get("baseline")), None)
-    alone = baseline.get("request_tokens_per_s_mean") if baseline else None
     for row in rows:
-        load = [row.get(k) for k in ("batching", "concurrency", "request_rate")]
         same_load = next((r for r in rows if not r.get("baseline") and r.get("policy") == "none"
-                          and [r.get(k) for k in ("batching", "concurrency", "request_rate")] == load), None)
-        row["throughput_vs_target_alone_same_load"] = _ratio(row, same_load, "throughput_tokens_per_s")
-        row["slowest_request_vs_target_alone_same_load"] = (
-            row["request_tokens_per_s_min"] / same_load["request_tokens_per_s_mean"]
-            if same_load and row.get("request_tokens_per_s_min") is not None
-            and same_load.get("request_tokens_per_s_mean") else None)
+                          and load(r) == load(row)), None)
         single = next((r for r in rows if not r.get("baseline") and r.get("batching") == row.get("batching")
                        and r.get("specdec") == row.get("specdec") and r.get("concurrency") == 1
                        and r.get("request_rate") is None), None)
-        ratio = None
-        if single and single.get("throughput_tokens_per_s") and row.get("throughput_tokens_per_s") is not None:
-            ratio = row["throughput_tokens_per_s"] / single["throughput_tokens_per_s"]
-        row["throughput_vs_concurrency_1"] = ratio
-        slowest = row.get("request_tokens_per_s_min")
-        row["slowest_request_vs_target_alone"] = slowest / alone if slowest is not None and alone else None
+        tput, slowest, mean = "throughput_tokens_per_s", "request_tokens_per_s_min", "request_tokens_per_s_mean"
+        row["throughput_vs_concurrency_1"] = _ratio(row, tput, single, tput)
+        row["slowest_request_vs_target_alone"] = _ratio(row, slowest, baseline, mean)
+        row["throughput_vs_target_alone_same_load"] = _ratio(row, tput, same_load, tput)
+        row["slowest_request_vs_target_alone_same_load"] = _ratio(row, slowest, same_load, mean)
 
 
-def _ratio(row: dict, other: dict | None, key: str) -> float | None:
-    if other is None or row.get(key) is None or not other.get(key):
+def _ratio(row: dict, key: str, other: dict | None, other_key: str) -> float | None:
+    """row[key] / other[other_key], or None where either is missing (or the divisor is 0)."""
+    if other is None or row.get(key) is None or not other.get(other_key):
         return None
-    return row[key] / other[key]
+    return row[key] / other[other_key]
