@@ -14,6 +14,7 @@ class EngineConfig:
     target: str | None = None  # None: the default pair (pulled on first use)
     draft: str | None = None  # None with target None: the default draft; "" or "none": no draft
     head: str | None = None  # None: the shipped head for the default draft, if any; "none": no head
+    extra_heads: tuple[tuple[str, str], ...] = ()  # (name, directory): heads a request picks with specdec.head
     dtype: str = "bf16"
     draft_dtype: str | None = None  # defaults to dtype
     draft_device: str | None = None  # None: planned (GPU 0 if any, else CPU)
@@ -37,4 +38,5 @@ class EngineConfig:
     def from_dict(cls, data: dict) -> EngineConfig:
         data = dict(data)
         data["default_spec"] = SpecConfig.model_validate(data.get("default_spec") or {})
+        data["extra_heads"] = tuple(tuple(pair) for pair in data.get("extra_heads") or ())
         return cls(**data)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.loader import load_model, load_tokenizer, model_identity, parse_dtype
 from engine.scheduler import SchedulerConfig
 from heads.model import load_head
@@ -53,20 +53,24 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         max_memory=placement.target_max_memory,
     )
     tokenizer = load_tokenizer(target_spec)
-    draft = draft_tokenizer = head = None
+    draft = draft_tokenizer = None
+    heads: dict = {}
     if draft_spec is not None:
         log.info("loading draft %s on %s", draft_spec, placement.draft_device)
         draft = load_model(draft_spec, draft_dtype, device=placement.draft_device)
         draft_tokenizer = load_tokenizer(draft_spec)
-        if head_spec is not None:
-            head = load_head(
-                Path(head_spec),
+        named = [(DEFAULT_HEAD, head_spec)] if head_spec is not None else []
+        for name, directory in named + list(config.extra_heads):
+            heads[name] = load_head(
+                Path(directory),
                 hidden_size=draft.config.hidden_size,
                 draft_id=model_identity(draft_spec),
                 device=placement.draft_device,
             )
+            log.info("acceptance head %r from %s (judges %s the draft's forward on a candidate)",
+                     name, directory, heads[name].timing)
     spec = config.default_spec
-    if head is None and spec.policy == "specdec++":
+    if DEFAULT_HEAD not in heads and spec.policy == "specdec++":
         log.warning("no acceptance head: the default policy falls back to constant k=%d", spec.k)
         spec = spec.model_copy(update={"policy": "constant" if draft is not None else "none"})
     if draft is None:
@@ -75,7 +79,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         target,
         draft,
         tokenizer,
-        head=head,
+        heads=heads,
         draft_tokenizer=draft_tokenizer,
         max_model_len=config.max_model_len,
         default_spec=spec,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,11 +22,12 @@ from engine.policies import make_policy
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
-from engine.speculate import prefill_chunk, run_round
+from engine.speculate import RoundRecord, prefill_chunk, run_round
 from engine.stats import RequestStats
 from heads.model import AcceptanceHead
 
 Prompt = str | list[int] | list[dict]
+DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)
 
 
 class RequestError(ValueError):
@@ -43,7 +45,7 @@ class LLMEngine:
         target: PreTrainedModel,
         draft: PreTrainedModel | None,
         tokenizer: PreTrainedTokenizerBase,
-        head: AcceptanceHead | None = None,
+        heads: dict[str, AcceptanceHead] | None = None,
         draft_tokenizer: PreTrainedTokenizerBase | None = None,
         max_model_len: int | None = None,
         default_spec: SpecConfig | None = None,
@@ -52,18 +54,19 @@ class LLMEngine:
     ) -> None:
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
-        if head is not None and draft is not None and head.config.hidden_size != draft.config.hidden_size:
-            raise ValueError(
-                f"head hidden size {head.config.hidden_size} != draft hidden size {draft.config.hidden_size}"
-            )
+        heads = dict(heads or {})
+        for name, head in heads.items():
+            if draft is None or head.config.hidden_size != draft.config.hidden_size:
+                raise ValueError(f"head {name!r} (hidden size {head.config.hidden_size}) does not fit the draft")
         self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm)
         self.draft = ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm) if draft is not None else None
-        self.head = head.to(self.draft.device) if head is not None and self.draft is not None else head
+        self.heads = {name: head.to(self.draft.device) for name, head in heads.items()}
+        self.recorder: Callable[[RoundRecord], None] | None = None  # set to log every verified round
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(target, tokenizer)
         limit = getattr(target.config, "max_position_embeddings", None) or 32768
         self.max_model_len = min(max_model_len or limit, limit)
-        self.default_spec = default_spec or SpecConfig(policy="constant" if head is None else "specdec++")
+        self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
 
@@ -94,8 +97,11 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         if spec.speculates and self.draft is None:
             raise RequestError(f"policy {spec.policy!r} needs a draft model; none is loaded", "specdec")
-        if spec.policy == "specdec++" and self.head is None:
-            raise RequestError("policy 'specdec++' needs an acceptance head; none is loaded", "specdec")
+        head = self.heads.get(spec.head or DEFAULT_HEAD) if spec.policy == "specdec++" else None
+        if spec.policy == "specdec++" and head is None:
+            loaded = ", ".join(sorted(self.heads)) or "none is loaded"
+            raise RequestError(f"policy 'specdec++' needs an acceptance head {spec.head or DEFAULT_HEAD!r}; "
+                               f"heads: {loaded}", "specdec.head")
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
@@ -125,7 +131,8 @@ class LLMEngine:
             prompt_ids=prompt_ids,
             params=params,
             spec=spec,
-            policy=make_policy(spec),
+            policy=make_policy(spec, head.timing if head is not None else None),
+            head=head,
             detokenizer=Detokenizer(self.tokenizer, params.stop),
             generator=generator,
             draft_generator=draft_generator,
@@ -180,7 +187,7 @@ class LLMEngine:
         for group in self.scheduler.decode_groups():
             try:
                 cap = self.scheduler.candidate_cap(group)
-                outputs = run_round(group, self.target, self.draft, self.head, cap, max_draft_feed=chunk)
+                outputs = run_round(group, self.target, self.draft, cap, chunk, self.recorder)
             except Exception as exc:
                 events.extend(self._fail(group, exc))
                 continue

@@ -57,10 +57,7 @@ class SpecConfig(BaseModel):
     stops when the head's estimated P(some candidate rejected) exceeds `threshold`.
     `bounds` (min, max) clamp the candidate length of every proposing policy.
 
-    `free_final_token` (head policies): the head judges y_s from the draft's forward on y_s,
-    so when it stops the round that forward is already paid for; its logits give one more
-    candidate y_{s+1} for the price of the LM head, with no further draft forward (within
-    the max bound). False is the paper's rule exactly: the round ends at y_s.
+    `head` names which of the engine's acceptance heads serves `specdec++` (None: its default).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -68,9 +65,9 @@ class SpecConfig(BaseModel):
     policy: PolicyName = "specdec++"
     k: int = Field(4, ge=1, le=64)
     threshold: float = Field(0.3, gt=0.0, lt=1.0)
-    bounds: tuple[int, int] = (2, 20)
+    bounds: tuple[int, int] = (1, 20)
     p_min: float = Field(0.4, gt=0.0, lt=1.0)
-    free_final_token: bool = True
+    head: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="acceptance head name")
 
     @field_validator("bounds")
     @classmethod

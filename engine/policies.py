@@ -14,19 +14,24 @@ from engine.params import SpecConfig
 
 @dataclass
 class ProposalStep:
-    """What is known about the s-th proposed token of the current round."""
+    """What is known about the s-th proposed token y_s of the current round when a policy judges it."""
 
     index: int  # s, 1-based
     draft_prob: float  # the draft's own (temperature 1, unfiltered) probability of y_s
-    accept_prob: float | None = None  # head's P(y_s accepted | earlier accepted); head policies only
+    accept_prob: float | None = None  # the head's calibrated P(y_s accepted | earlier accepted); head policies
 
 
 class StopPolicy:
-    """Base policy: never stops on its own; `max_candidates` bounds the round."""
+    """Base policy: never stops on its own; `max_candidates` bounds the round.
+
+    The loop asks `should_stop` about y_s once y_s is drawn, before the draft runs on it, unless
+    `judges_after_forward`: then it asks after that forward (the head reads its hidden state) and
+    a stop submits y_{s+1}, drawn from the forward already paid for, as the round's last candidate.
+    """
 
     name: str = "base"
-    uses_head: bool = False  # True: the loop runs the draft on y_s and the head before asking
-    needs_draft_prob: bool = False  # True: the loop reads the draft's probability of y_s (a sync)
+    needs_features: bool = False  # True: the loop computes the draft's view of y_s (heads.model.candidate_features)
+    judges_after_forward: bool = False
 
     def max_candidates(self) -> int:
         raise NotImplementedError
@@ -85,7 +90,7 @@ class Confidence(StopPolicy):
     """`confidence`: stop once the draft's probability of its token is below p_min (llama.cpp)."""
 
     name = "confidence"
-    needs_draft_prob = True
+    needs_features = True
 
     def __init__(self, p_min: float, bounds: tuple[int, int]) -> None:
         self.p_min = p_min
@@ -101,16 +106,17 @@ class Confidence(StopPolicy):
 class SpecDecPP(StopPolicy):
     """`specdec++`: stop once 1 - prod_{i<=s} a_i > threshold, a_i from the acceptance head.
 
-    The first token's factor is 1 (as in the reference implementation): it never stops a
-    round by itself.
+    Every candidate is judged, the first included. With a head that judges after the draft's
+    forward on y_s, stopping there yields s + 1 candidates, so the lower bound counts that one.
     """
 
     name = "specdec++"
-    uses_head = True
+    needs_features = True
 
-    def __init__(self, threshold: float, bounds: tuple[int, int]) -> None:
+    def __init__(self, threshold: float, bounds: tuple[int, int], judges_after_forward: bool = False) -> None:
         self.threshold = threshold
         self.low, self.high = bounds
+        self.judges_after_forward = judges_after_forward
         self._all_accepted_prob = 1.0
 
     def max_candidates(self) -> int:
@@ -120,13 +126,17 @@ class SpecDecPP(StopPolicy):
         self._all_accepted_prob = 1.0
 
     def should_stop(self, step: ProposalStep) -> bool:
-        if step.index > 1 and step.accept_prob is not None:
-            self._all_accepted_prob *= step.accept_prob
-        return step.index >= self.low and 1.0 - self._all_accepted_prob > self.threshold
+        assert step.accept_prob is not None, "specdec++ needs the head's estimate"
+        self._all_accepted_prob *= step.accept_prob
+        length_if_stopped = step.index + int(self.judges_after_forward)
+        return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
 
 
-def make_policy(spec: SpecConfig) -> StopPolicy:
-    """A fresh policy object per request (policies may keep per-request state)."""
+def make_policy(spec: SpecConfig, head_timing: str | None = None) -> StopPolicy:
+    """A fresh policy object per request (policies may keep per-request state).
+
+    `head_timing` is the timing of the head serving this request (specdec++ only).
+    """
     if spec.policy == "none":
         return TargetOnly()
     if spec.policy == "constant":
@@ -136,5 +146,5 @@ def make_policy(spec: SpecConfig) -> StopPolicy:
     if spec.policy == "confidence":
         return Confidence(spec.p_min, spec.bounds)
     if spec.policy == "specdec++":
-        return SpecDecPP(spec.threshold, spec.bounds)
+        return SpecDecPP(spec.threshold, spec.bounds, judges_after_forward=head_timing == "after")
     raise ValueError(f"unknown policy {spec.policy!r}")

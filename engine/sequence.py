@@ -13,6 +13,7 @@ from engine.events import FinishReason
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import StopPolicy
 from engine.stats import RequestStats
+from heads.model import AcceptanceHead
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Sequence:
     generator: torch.Generator  # on the target's device: verification
     draft_generator: torch.Generator  # on the draft's device: proposals (the same object when co-located)
     eos_token_ids: frozenset[int]
+    head: AcceptanceHead | None = None  # the acceptance head judging this request's candidates (specdec++)
     output_ids: list[int] = field(default_factory=list)
     target_cache: DynamicCache | None = None
     draft_cache: DynamicCache | None = None

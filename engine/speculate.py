@@ -10,117 +10,140 @@ per-sequence lengths. Acceptance and cache rollback are per sequence.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.policies import ProposalStep
 from engine.runner import ModelRunner, crop_cache
-from engine.sampling import processed_probs, raw_token_prob, sample, verify
+from engine.sampling import processed_probs, sample, verify
 from engine.sequence import Sequence
-from heads.model import AcceptanceHead, draft_stats
+from heads.model import candidate_features
 
 
 @dataclass
 class Proposal:
-    """One sequence's candidates in the current round."""
+    """One sequence's candidates in the current round, and what the draft knew when it drew each."""
 
     seq: Sequence
     budget: int
-    tokens: list[torch.Tensor] = field(default_factory=list)  # each [1], left on the device
-    draft_probs: list[torch.Tensor] = field(default_factory=list)  # q_i, each [V]
-    last_logits: torch.Tensor | None = None  # draft logits [V] for the next proposal
+    tokens: list[torch.Tensor] = field(default_factory=list)  # y_s, each [1], left on the device
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # q_s (processed) y_s was drawn from, each [V]
+    states: list[torch.Tensor] = field(default_factory=list)  # draft hidden state [H] that produced q_s
+    features: list[torch.Tensor] = field(default_factory=list)  # candidate_features of y_s, each [F]
+    state: torch.Tensor | None = None  # hidden state [H] of the draft's last forward
+    logits: torch.Tensor | None = None  # its logits [V]: they give the next candidate
     done: bool = False
 
 
-def draw(p: Proposal) -> torch.Tensor:
-    """Sample the next candidate from the draft's last logits; record it and the q it came from."""
-    q = processed_probs(p.last_logits.unsqueeze(0), p.seq.params)
-    token = sample(q, p.seq.draft_generator)
-    p.tokens.append(token)
+@dataclass
+class RoundRecord:
+    """One sequence's verified round, for head training data and offline evaluation (labels exact)."""
+
+    request_id: str
+    round_index: int
+    states: torch.Tensor  # [K, H] draft hidden state that produced q_s
+    features: torch.Tensor  # [K, F]
+    accept_prob: torch.Tensor  # [K] a_s = min(1, p_s(y_s) / q_s(y_s))
+    overlap: torch.Tensor  # [K] sum over the vocabulary of min(p_s, q_s)
+    accepted: int  # candidates accepted in this round
+
+
+def draw(p: Proposal, need_features: bool) -> None:
+    """Sample y_s from the draft's last logits; record it, its q and the state that produced it."""
+    q = processed_probs(p.logits.unsqueeze(0), p.seq.params)
+    p.tokens.append(sample(q, p.seq.draft_generator))
     p.draft_probs.append(q[0])
-    return token
+    p.states.append(p.state)
+    if need_features:
+        p.features.append(features_of([p])[0])
 
 
-def propose(proposals: list[Proposal], draft: ModelRunner, head: AcceptanceHead | None) -> None:
-    """Draft candidates for every sequence, batching the draft forwards across sequences."""
+def features_of(proposals: list[Proposal]) -> torch.Tensor:
+    """candidate_features [B, F] of each proposal's latest candidate."""
+    params = [p.seq.params for p in proposals]
+    device = proposals[0].logits.device
+    return candidate_features(
+        torch.stack([p.logits for p in proposals]),
+        torch.cat([p.tokens[-1] for p in proposals]),
+        torch.tensor([len(p.tokens) for p in proposals], device=device),
+        torch.tensor([x.temperature for x in params], device=device),
+        torch.tensor([x.top_p for x in params], device=device),
+    )
+
+
+def judge(proposals: list[Proposal], after_forward: bool) -> None:
+    """Ask each policy whether its round stops at its latest candidate y_s; mark those that do."""
+    asked = [p for p in proposals if p.seq.policy.judges_after_forward == after_forward]
+    heads: dict[int, list[Proposal]] = {}
+    for p in asked:
+        if p.seq.head is not None:
+            heads.setdefault(id(p.seq.head), []).append(p)
+    accept_probs: dict[int, float] = {}
+    for group in heads.values():  # one batched head call per head; "after" heads read the new state
+        head = group[0].seq.head
+        states = torch.stack([p.state if after_forward else p.states[-1] for p in group])
+        probs = head.accept_prob(states, torch.stack([p.features[-1] for p in group])).tolist()
+        accept_probs.update({id(p): prob for p, prob in zip(group, probs, strict=True)})
+    for p in asked:
+        draft_prob = float(p.features[-1][0].exp()) if p.features else 1.0
+        step = ProposalStep(index=len(p.tokens), draft_prob=draft_prob, accept_prob=accept_probs.get(id(p)))
+        if p.seq.policy.should_stop(step):
+            p.done = True
+
+
+def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False) -> None:
+    """Draft candidates for every sequence, one batched draft forward per step.
+
+    Step s: draw y_s; policies judging before the forward may stop there (y_s is submitted,
+    the draft never runs on it); the rest run the draft on y_s, whose logits give y_{s+1};
+    policies judging after that forward may stop then, submitting y_{s+1} as their last.
+    `record` keeps every candidate's features (for RoundRecord) whatever the policy.
+    """
     if not proposals:
         return
     t0 = time.perf_counter()
-    head_seconds = 0.0
     for p in proposals:
         ensure_draft_cache(p.seq, draft)
         p.seq.policy.start_round()
+    # The first forward feeds what the draft cache lacks (the tokens accepted last round).
     feeds = [p.seq.all_ids[p.seq.draft_cached :] for p in proposals]
-    _, logits = draft.forward_batch(feeds, [p.seq.draft_cache for p in proposals], [1] * len(proposals))
-    for p, row in zip(proposals, logits, strict=True):
-        p.seq.draft_cached = len(p.seq.all_ids)
-        p.last_logits = row[-1]
+    forward_draft(proposals, feeds, draft)
     active = list(proposals)
     while active:
-        forward: list[tuple[Proposal, ProposalStep]] = []
         for p in active:
-            policy = p.seq.policy
-            token = draw(p)
-            step = ProposalStep(index=len(p.tokens), draft_prob=1.0)
-            if len(p.tokens) >= p.budget:
-                p.done = True
-                continue
-            if policy.needs_draft_prob:
-                step.draft_prob = float(raw_token_prob(p.last_logits.unsqueeze(0), token)[0])
-            if not policy.uses_head and policy.should_stop(step):
-                p.done = True
-                continue
-            forward.append((p, step))
-        if forward:
-            # The forward on y_s is needed for the next proposal anyway; its hidden state feeds the head.
-            hidden = draft.hidden_batch(
-                [p.tokens[-1] for p, _ in forward], [p.seq.draft_cache for p, _ in forward], [1] * len(forward)
-            )
-            asking = [i for i, (p, step) in enumerate(forward) if p.seq.policy.uses_head and step.index > 1]
-            if asking:
-                assert head is not None
-                th = time.perf_counter()
-                stats = None
-                if head.uses_draft_stats:  # heads trained with the draft's view of y_s (heads/model.py)
-                    stats = draft_stats(
-                        torch.stack([forward[i][0].last_logits for i in asking]),
-                        torch.cat([forward[i][0].tokens[-1] for i in asking]),
-                    )
-                probs = head.accept_prob(torch.stack([hidden[i][-1] for i in asking]), stats).tolist()
-                head_seconds += time.perf_counter() - th
-                for i, prob in zip(asking, probs, strict=True):
-                    forward[i][1].accept_prob = prob
-            going_on, final = [], []
-            for i, (p, step) in enumerate(forward):
-                p.seq.draft_cached += 1
-                if p.seq.policy.uses_head and p.seq.policy.should_stop(step):
-                    p.done = True  # y_s is in the draft cache
-                    if p.seq.spec.free_final_token and len(p.tokens) < p.budget:
-                        final.append(i)  # the forward on y_s is paid for: its logits give y_{s+1}
-                else:
-                    going_on.append(i)
-            if going_on or final:
-                rows = going_on + final
-                logits = draft.logits(torch.stack([hidden[i][-1] for i in rows]))
-                for i, row in zip(rows, logits, strict=True):
-                    forward[i][0].last_logits = row
-                for i in final:
-                    draw(forward[i][0])
+            draw(p, record or p.seq.policy.needs_features)
+            p.done = len(p.tokens) >= p.budget
+        judge([p for p in active if not p.done], after_forward=False)
+        going = [p for p in active if not p.done]
+        if going:
+            forward_draft(going, [p.tokens[-1] for p in going], draft)
+            judge(going, after_forward=True)
+            for p in going:
+                if p.done:  # stopped after the forward on y_s: y_{s+1} comes from logits already paid for
+                    draw(p, record)
         active = [p for p in active if not p.done]
     elapsed = time.perf_counter() - t0
     for p in proposals:
-        p.seq.stats.draft_seconds += elapsed - head_seconds
-        p.seq.stats.head_seconds += head_seconds
+        p.seq.stats.draft_seconds += elapsed
+
+
+def forward_draft(proposals: list[Proposal], feeds: list, draft: ModelRunner) -> None:
+    """One batched draft forward; each proposal keeps its last hidden state and logits."""
+    hidden, logits = draft.forward_batch(feeds, [p.seq.draft_cache for p in proposals], [1] * len(proposals))
+    for p, feed, h, row in zip(proposals, feeds, hidden, logits, strict=True):
+        p.seq.draft_cached += len(feed)
+        p.state, p.logits = h[-1], row[-1]
 
 
 def run_round(
     seqs: list[Sequence],
     target: ModelRunner,
     draft: ModelRunner | None,
-    head: AcceptanceHead | None,
     candidate_cap: int | None = None,
     max_draft_feed: int | None = None,
+    recorder: Callable[[RoundRecord], None] | None = None,
 ) -> list[list[int]]:
     """One round for every sequence in `seqs`; appends their new tokens (stop conditions applied)
     and returns them, one list per sequence.
@@ -130,7 +153,7 @@ def run_round(
     the draft falls behind. It catches up when speculation resumes: in the first forward of the
     next proposal, or, when it lags by more than `max_draft_feed` tokens, by chunks of that size
     first (without proposing meanwhile), so catching up stalls the batch no longer than a prefill
-    chunk would.
+    chunk would. `recorder`, if given, receives every proposing sequence's verified round.
     """
     proposals = []
     lagging: list[Sequence] = []
@@ -147,7 +170,7 @@ def run_round(
         proposals.append(Proposal(seq, max(budget, 0)))
     if lagging:
         catch_up_draft(lagging, draft, max_draft_feed)
-    propose([p for p in proposals if p.budget > 0], draft, head)
+    propose([p for p in proposals if p.budget > 0], draft, record=recorder is not None)
 
     # Verify: one target forward over each sequence's uncached tokens plus all its candidates.
     t0 = time.perf_counter()
@@ -169,6 +192,8 @@ def run_round(
         target_probs = processed_probs(row, p.seq.params)
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator))
+        if recorder is not None and p.tokens:
+            recorder(round_record(p, cand, q, target_probs, verdicts[-1].num_accepted))
     elapsed = time.perf_counter() - t0
 
     results = []
@@ -196,6 +221,24 @@ def run_round(
     return results
 
 
+def round_record(
+    p: Proposal, candidates: torch.Tensor, q: torch.Tensor, target_probs: torch.Tensor, accepted: int
+) -> RoundRecord:
+    """Exact per-candidate labels of a verified round: the target's p at every candidate position is known."""
+    k = len(p.tokens)
+    idx = candidates.view(-1, 1)
+    p_tok, q_tok = target_probs[:k].gather(-1, idx).squeeze(-1), q.gather(-1, idx).squeeze(-1)
+    return RoundRecord(
+        request_id=p.seq.request_id,
+        round_index=p.seq.stats.rounds,
+        states=torch.stack(p.states).float().cpu(),
+        features=torch.stack(p.features).cpu(),
+        accept_prob=(p_tok / q_tok.clamp_min(1e-30)).clamp(max=1.0).cpu(),
+        overlap=torch.minimum(target_probs[:k], q).sum(-1).cpu(),
+        accepted=accepted,
+    )
+
+
 def draft_lag(seq: Sequence) -> int:
     """Tokens of the sequence the draft cache does not hold yet (`draft_cached` is 0 without a cache)."""
     return len(seq.prompt_ids) + len(seq.output_ids) - seq.draft_cached
@@ -220,10 +263,10 @@ def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None
 
 
 def speculation_round(
-    seq: Sequence, target: ModelRunner, draft: ModelRunner | None, head: AcceptanceHead | None
+    seq: Sequence, target: ModelRunner, draft: ModelRunner | None
 ) -> list[int]:
     """One round for a single sequence."""
-    return run_round([seq], target, draft, head)[0]
+    return run_round([seq], target, draft)[0]
 
 
 def prefill_chunk(

@@ -25,7 +25,6 @@ class RequestStats:
     candidate_lengths: list[int] = field(default_factory=list)
     accepted_lengths: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
-    head_seconds: float = 0.0
     target_seconds: float = 0.0
     first_token_seconds: float | None = None
     total_seconds: float = 0.0

@@ -54,6 +54,7 @@ def _build(config: dict) -> tuple[Any, dict]:
         "model": model_identity(target),
         "draft": model_identity(draft) if draft else None,
         "head": head,
+        "heads": {name: {"timing": h.timing} for name, h in engine.heads.items()},
         "max_model_len": engine.max_model_len,
         "default_spec": engine.default_spec.model_dump(),
         "scheduler": dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...

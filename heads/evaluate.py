@@ -1,7 +1,7 @@
-"""How well does a predictor of acceptance match the soft labels p_acc?
+"""How well does a predictor of acceptance match the exact labels a_s of logged rounds?
 
-Figures, for any predictor a (the head, or the draft's own token probability q(d) as the
-`confidence` policy uses it), over the trained (unmixed) positions of held-out data:
+Figures, for any predictor a (the head, or the draft's own token probability q(y_s) as the
+`confidence` policy uses it), on the same candidates of held-out rounds logged by the engine:
 
 - binary KL: mean over tokens of KL(Bern(p_acc) || Bern(a));
 - AUC for predicting rejection with the score 1 - a. Labels are soft: each token counts as
@@ -11,10 +11,8 @@ Figures, for any predictor a (the head, or the draft's own token probability q(d
 - ECE: 10 equal-width bins of a; sum over bins of (share of tokens) * |mean a - mean p_acc|;
 - Brier: mean (a - p_acc)^2.
 
-A head trained with reject weight w learns a ~ p / (p + w (1 - p)) rather than p. That
-scaling is what makes the stop rule conservative, so the engine uses the raw output; the
-figures are given for it (`head`) and for the head with the weighting undone
-(`head_unweighted`, same AUC, the calibration a w = 1 head would have).
+The head's `accept_prob` is calibrated (heads/train.py), so its figures are those the stop
+rule works with.
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ from pathlib import Path
 import torch
 
 from heads.data import load_shards, read_manifest
-from heads.model import AcceptanceHead
+from heads.model import CANDIDATE_FEATURES, AcceptanceHead
+from heads.train import head_inputs
 
 EPS = 1e-6
 
@@ -74,46 +73,58 @@ def predictor_metrics(a: torch.Tensor, p_acc: torch.Tensor) -> dict[str, float]:
     }
 
 
-def unweight(a: torch.Tensor, w_reject: float) -> torch.Tensor:
-    """Invert a = p / (p + w (1 - p)): p = w a / (1 - a + w a)."""
-    a = a.double()
-    return (w_reject * a / (1 - a + w_reject * a)).clamp(0, 1)
-
-
 @torch.inference_mode()
-def head_predictions(head: AcceptanceHead, data: dict[str, torch.Tensor], batch: int = 4096) -> torch.Tensor:
-    """The head's P(accepted) for every row of a data dict (hidden states and draft statistics)."""
-    hidden = data["hidden"]
-    out = []
-    for s in range(0, len(hidden), batch):
-        stats = {name: data[name][s : s + batch] for name in head.config.features}
-        out.append(head.accept_prob(hidden[s : s + batch], stats).float().cpu())
-    return torch.cat(out)
+def head_predictions(
+    head: AcceptanceHead, hidden: torch.Tensor, features: torch.Tensor, batch: int = 8192
+) -> torch.Tensor:
+    """The head's calibrated P(accepted) for every row."""
+    parts = [head.accept_prob(hidden[s : s + batch], features[s : s + batch]) for s in range(0, len(hidden), batch)]
+    return torch.cat(parts).float().cpu()
+
+
+def auc_gap_interval(
+    a: torch.Tensor, b: torch.Tensor, label: torch.Tensor, seq: torch.Tensor, resamples: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    """95% bootstrap interval (by sequence: neighbouring candidates are correlated) of
+    AUC(a) - AUC(b) for predicting rejection."""
+    groups = [torch.nonzero(seq == s).squeeze(-1) for s in torch.unique(seq)]
+    g = torch.Generator().manual_seed(seed)
+    gaps = []
+    for _ in range(resamples):
+        rows = torch.cat([groups[i] for i in torch.randint(len(groups), (len(groups),), generator=g).tolist()])
+        gaps.append(soft_auc(1 - a[rows].double(), 1 - label[rows].double())
+                    - soft_auc(1 - b[rows].double(), 1 - label[rows].double()))
+    gaps_t = torch.tensor(gaps)
+    return round(float(gaps_t.quantile(0.025)), 5), round(float(gaps_t.quantile(0.975)), 5)
 
 
 def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
-    """Figures of the head, the head without its reject weighting, the draft's confidence q(d)
-    and the best constant (the data's mean p_acc) on the trained positions of `data_dir`."""
+    """Figures of the head, the draft's confidence q(y_s) and the best constant (the mean label)
+    on the candidates of `data_dir` the head can judge (an "after" head: all but each round's last)."""
     manifest = read_manifest(data_dir)
-    data = load_shards(data_dir)
-    keep = data["mask"].bool()
-    p_acc = data["p_acc"][keep]
-    a = head_predictions(head, {k: v[keep] for k, v in data.items()})
-    w = float(head.config.training.get("args", {}).get("w_reject", 1.0))
+    rows = head_inputs(load_shards(data_dir), head.timing)
+    label = rows["label"]
+    a = head_predictions(head, rows["hidden"], rows["features"])
+    confidence = rows["features"][:, CANDIDATE_FEATURES.index("log_q")].exp()
     predictors = {
         "head": a,
-        "head_unweighted": unweight(a, w),
-        "confidence": data["q_tok"][keep],
-        "constant": torch.full_like(p_acc, float(p_acc.mean())),
+        "confidence": confidence,
+        "constant": torch.full_like(label, float(label.mean())),
     }
+    metrics = {name: predictor_metrics(pred, label) for name, pred in predictors.items()}
     return {
         "data": str(data_dir),
         "sources": manifest.get("sources"),
+        "head_timing": head.timing,
         "prompts": sum(s["prompts"] for s in manifest["shards"]),
-        "tokens": int(keep.sum()),
-        "mean_p_acc": round(float(p_acc.mean()), 5),
-        "mean_overlap": round(float(data["overlap"][keep].mean()), 5),
-        "predictors": {name: predictor_metrics(pred, p_acc) for name, pred in predictors.items()},
+        "tokens": int(len(label)),
+        "mean_accept_prob": round(float(label.mean()), 5),
+        "auc_head": metrics["head"]["auc_reject"],
+        "auc_confidence": metrics["confidence"]["auc_reject"],
+        "ece_head": metrics["head"]["ece"],
+        "brier_head": metrics["head"]["brier"],
+        "auc_gap_ci95": auc_gap_interval(a, confidence, label, rows["seq"]),
+        "predictors": metrics,
     }
 
 
@@ -121,7 +132,7 @@ def format_table(result: dict) -> str:
     """A plain-text table of one `evaluate` result."""
     lines = [
         f"{result['data']}: {result['prompts']} prompts, {result['tokens']} tokens, "
-        f"mean p_acc {result['mean_p_acc']:.3f}",
+        f"mean a {result['mean_accept_prob']:.3f} ({result['head_timing']} head)",
         f"{'predictor':<16} {'AUC(reject)':>11} {'binary KL':>10} {'ECE':>7} {'Brier':>7} {'mean a':>7}",
     ]
     for name, m in result["predictors"].items():

@@ -1,15 +1,20 @@
-"""The acceptance prediction head and its safetensors + JSON storage.
+"""The acceptance prediction head, the candidate features it reads, and its safetensors + JSON storage.
 
-Architecture (paper's best): `depth` independent residual blocks x + SiLU(W x), then
-Linear(hidden, 2). Class 1 is "accepted"; `accept_prob` returns P(accepted).
-Inputs are standardised with per-dimension statistics of the training data (buffers saved
-with the weights), which keeps training stable at the draft's raw hidden-state scale.
+A head estimates a_s = P(candidate y_s is accepted | every earlier candidate was), the factor
+the SpecDec++ stop rule multiplies. It reads a draft hidden state and the draft's own view of
+y_s (`candidate_features`), mixed inside the network: the features are projected into the
+hidden space and added to the standardised hidden state before the residual blocks
+(x + SiLU(W x), the paper's architecture), so the blocks can combine them.
 
-Optionally (`features`), the head also sees the draft's own view of the token it judges,
-`draft_stats`: its log-probability, the entropy and the log of the top probability of the
-distribution it was sampled from (temperature 1, unfiltered). They enter through a second
-linear map added to the logits. The hidden state at y_s describes the context after y_s;
-these describe how sure the draft was of y_s itself, which the hidden state only hints at.
+`timing` says which hidden state:
+- "before": the state that produced q_s (the draft's forward on y_{s-1}). The round's stop
+  decision on y_s is then taken before the draft runs on y_s: a round that stops never pays
+  a forward it does not use, and the first candidate is judged like every other.
+- "after": the state of the draft's forward on y_s (the paper's reference timing). That
+  forward is paid for, so a round stopped at y_s also submits y_{s+1}, sampled from it.
+
+Probabilities: the network's logit goes through a Platt calibrator (`calibration`, fitted on
+held-out data after training), so `accept_prob` is a probability the stop rule may multiply.
 A head is only ever read from safetensors and a JSON config: never unpickled.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,29 +31,52 @@ from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-DRAFT_FEATURES = ("log_draft_prob", "draft_entropy", "log_draft_max")
+FORMAT_VERSION = 2
+HeadTiming = Literal["before", "after"]
+HEAD_TIMINGS: tuple[str, ...] = ("before", "after")
+# The draft's view of a candidate (temperature 1, unfiltered logits), its position and the request's sampling.
+CANDIDATE_FEATURES = (
+    "log_q", "entropy", "log_q_max", "margin", "is_argmax", "position", "temperature", "top_p",
+)
 
 
-def draft_stats(logits: torch.Tensor, token: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The draft's view of `token` from the logits [..., V] it was sampled from: [...] each.
+def candidate_features(
+    logits: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, temperature: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """[B, F] in `CANDIDATE_FEATURES` order from the draft logits [B, V] each candidate was sampled from.
 
-    Temperature 1 and no filtering, whatever the request's sampling, so a head sees the same
-    quantities in training and in serving. One definition for data generation and the engine.
+    The q-statistics use temperature 1 and no filtering whatever the request's sampling (that enters
+    as its own features), so data generation and serving see the same quantities. One definition
+    for both.
     """
     logp = logits.float().log_softmax(-1)
-    return {
-        "log_draft_prob": logp.gather(-1, token.unsqueeze(-1)).squeeze(-1),
-        "draft_entropy": -(logp.exp() * logp.clamp_min(-1e4)).sum(-1),
-        "log_draft_max": logp.max(-1).values,
-    }
+    top2 = logp.topk(2, dim=-1).values
+    log_q = logp.gather(-1, tokens.view(-1, 1)).squeeze(-1)
+    return torch.stack(
+        [
+            log_q,
+            -(logp.exp() * logp.clamp_min(-1e4)).sum(-1),
+            top2[:, 0],
+            top2[:, 0].exp() - top2[:, 1].exp(),
+            (log_q >= top2[:, 0]).float(),
+            positions.float(),
+            temperature.float(),
+            top_p.float(),
+        ],
+        dim=-1,
+    )
 
 
 @dataclass
 class HeadConfig:
     hidden_size: int
     depth: int = 3
+    timing: HeadTiming = "before"
     draft_id: str = ""  # identity of the draft model the head was trained on
-    features: list[str] = field(default_factory=list)  # names from DRAFT_FEATURES; [] = hidden state only
+    features: list[str] = field(default_factory=lambda: list(CANDIDATE_FEATURES))
+    calibration: dict = field(default_factory=lambda: {"scale": 1.0, "bias": 0.0})  # Platt: sigmoid(scale z + bias)
+    version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)
 
 
@@ -65,49 +94,41 @@ class ResidualBlock(nn.Module):
 class AcceptanceHead(nn.Module):
     def __init__(self, config: HeadConfig) -> None:
         super().__init__()
-        unknown = set(config.features) - set(DRAFT_FEATURES)
-        if unknown:
-            raise ValueError(f"unknown head features {sorted(unknown)}; known: {', '.join(DRAFT_FEATURES)}")
+        if config.timing not in HEAD_TIMINGS:
+            raise ValueError(f"head timing must be one of {HEAD_TIMINGS}, not {config.timing!r}")
+        if list(config.features) != list(CANDIDATE_FEATURES):
+            raise ValueError(f"head features {config.features} differ from this version's {list(CANDIDATE_FEATURES)}")
         self.config = config
         h, f = config.hidden_size, len(config.features)
         self.register_buffer("input_mean", torch.zeros(h))
         self.register_buffer("input_scale", torch.ones(h))
+        self.register_buffer("feature_mean", torch.zeros(f))
+        self.register_buffer("feature_scale", torch.ones(f))
+        self.feature_in = nn.Linear(f, h)
         self.blocks = nn.ModuleList(ResidualBlock(h) for _ in range(config.depth))
-        self.out = nn.Linear(h, 2)
-        nn.init.zeros_(self.out.weight)  # starts as a constant predictor; training adds what the input tells
-        if f:
-            self.register_buffer("feature_mean", torch.zeros(f))
-            self.register_buffer("feature_scale", torch.ones(f))
-            self.feature_out = nn.Linear(f, 2)
-            nn.init.zeros_(self.feature_out.weight)  # starts as the hidden-state-only head
-            nn.init.zeros_(self.feature_out.bias)
-
-    def feature_tensor(self, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[..., F] in the config's order, from a `draft_stats` dict."""
-        return torch.stack([stats[name].float() for name in self.config.features], dim=-1)
-
-    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [..., H] (and features [..., F] if the head uses them) -> logits [..., 2] (1: accepted)."""
-        x = (hidden.to(self.out.weight.dtype) - self.input_mean) * self.input_scale
-        for block in self.blocks:
-            x = block(x)
-        logits = self.out(x)
-        if self.config.features:
-            if features is None:
-                raise ValueError(f"this head also needs the draft's {', '.join(self.config.features)}")
-            f = (features.to(self.feature_out.weight.dtype) - self.feature_mean) * self.feature_scale
-            logits = logits + self.feature_out(f)
-        return logits
-
-    @torch.inference_mode()
-    def accept_prob(self, hidden: torch.Tensor, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """P(accepted) [...] from hidden [..., H] and, for heads with features, `draft_stats(...)`."""
-        features = self.feature_tensor(stats) if self.config.features and stats is not None else None
-        return self.forward(hidden, features).float().softmax(-1)[..., 1]
+        self.out = nn.Linear(h, 1)
 
     @property
-    def uses_draft_stats(self) -> bool:
-        return bool(self.config.features)
+    def timing(self) -> str:
+        return self.config.timing
+
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H], features [..., F] -> uncalibrated logit [...] of acceptance."""
+        dtype = self.out.weight.dtype
+        x = (hidden.to(dtype) - self.input_mean) * self.input_scale
+        x = x + self.feature_in((features.to(dtype) - self.feature_mean) * self.feature_scale)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x).squeeze(-1)
+
+    def calibrated(self, logit: torch.Tensor) -> torch.Tensor:
+        cal = self.config.calibration
+        return torch.sigmoid(logit.float() * cal["scale"] + cal["bias"])
+
+    @torch.inference_mode()
+    def accept_prob(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Calibrated P(accepted) [...]."""
+        return self.calibrated(self.forward(hidden, features))
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -118,7 +139,7 @@ class AcceptanceHead(nn.Module):
 
 
 class HeadMismatchError(ValueError):
-    """The head was trained for a different draft model."""
+    """The head was trained for a different draft model (or by an incompatible version)."""
 
 
 def load_head(
@@ -134,6 +155,11 @@ def load_head(
     if not config_path.is_file() or not weights_path.is_file():
         raise FileNotFoundError(f"{directory}: a head needs {CONFIG_NAME} and {WEIGHTS_NAME}")
     raw = json.loads(config_path.read_text())
+    if raw.get("version") != FORMAT_VERSION:
+        raise HeadMismatchError(
+            f"head {directory} has format version {raw.get('version', 1)}; this engine reads version "
+            f"{FORMAT_VERSION}: retrain it with `specdecpp heads train`"
+        )
     config = HeadConfig(**{k: raw[k] for k in HeadConfig.__dataclass_fields__ if k in raw})
     if hidden_size is not None and config.hidden_size != hidden_size:
         raise HeadMismatchError(

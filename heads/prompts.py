@@ -128,7 +128,9 @@ def jsonl_prompts(path: str | Path, num: int | None = None) -> list[Prompt]:
             raise ValueError(f"{path}:{i + 1}: no prompt/text/instruction/messages field")
         out.append(Prompt(str(obj.get("id", i)) if isinstance(obj, dict) else str(i), text, f"jsonl:{path.name}"))
     out = exclude_humaneval(out)
-    return out[:num] if num is not None else out
+    if num is None or num >= len(out):
+        return out
+    return [out[round(i * len(out) / num)] for i in range(num)]
 
 
 def _prompt_text(obj: object) -> str | None:
@@ -153,7 +155,8 @@ def _humaneval_problems() -> list[dict]:
 
 
 def humaneval_prompts(num: int | None = None) -> list[Prompt]:
-    """HumanEval problems as chat requests. For evaluation data only, never for training."""
+    """HumanEval problems as chat requests; `num` of them evenly spread over the 164 (the same
+    selection for head evaluation data and benchmarks). For evaluation only, never for training."""
     out = [
         Prompt(
             p["task_id"],
@@ -162,7 +165,9 @@ def humaneval_prompts(num: int | None = None) -> list[Prompt]:
         )
         for p in _humaneval_problems()
     ]
-    return out[:num] if num is not None else out
+    if num is None or num >= len(out):
+        return out
+    return [out[round(i * len(out) / num)] for i in range(num)]
 
 
 def _normalise(text: str) -> str:

@@ -1,16 +1,17 @@
-"""Train the acceptance head on shards from `heads gen-data`.
+"""Train the acceptance head on rounds logged by `heads gen-data`, then calibrate it.
 
-Loss (per trained position, i.e. mask 1; mixed positions are skipped):
-    l = -(p_acc * log a + w_reject * (1 - p_acc) * log(1 - a)),   a = softmax(logits)[1]
-averaged over the positions of a batch (divided by the token count, not by the weights, so
-the figure does not move with the label mix of a batch). With w_reject > 1 the minimiser is
-a = p / (p + w (1 - p)): the head errs towards predicting rejection, which stops rounds
-earlier (the paper's best w_reject is 6).
+Loss: soft-label binary cross-entropy with the exact labels a_s,
+    l = -(a_s log sigma(z) + w_reject (1 - a_s) log(1 - sigma(z))),
+averaged over candidates. With w_reject = 1 (the default) this is a proper scoring rule: the
+minimiser is a_s itself, what the stop rule multiplies. w_reject > 1 (the paper's 6) biases
+the output towards rejection; the calibration step below undoes whatever bias remains.
 
-Validation: a fixed fraction of *sequences* (not tokens: neighbouring tokens are correlated)
-is held out; the epoch with the lowest validation loss is kept, and training stops after
-`patience` epochs without improvement. AdamW (the feature weights with their own, larger
-learning rate), linear warmup then cosine decay.
+Calibration: after training, a Platt map sigmoid(scale z + bias) is fitted on the validation
+candidates and stored in the head's config, so `accept_prob` is calibrated by construction.
+
+Validation: a fixed fraction of *sequences* (neighbouring candidates are correlated) is held
+out; the epoch with the lowest validation loss is kept, and training stops after `patience`
+epochs without improvement. AdamW, linear warmup then cosine decay.
 """
 
 from __future__ import annotations
@@ -25,31 +26,31 @@ from pathlib import Path
 import torch
 
 from heads.data import finished_shards, load_shards, read_manifest
-from heads.model import DRAFT_FEATURES, AcceptanceHead, HeadConfig
+from heads.model import HEAD_TIMINGS, AcceptanceHead, HeadConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
+    timing: str = "before"  # which draft state the head reads (heads/model.py)
     depth: int = 3
-    w_reject: float = 6.0
+    w_reject: float = 1.0
     lr: float = 1e-3
-    feature_lr: float = 1e-2  # the few feature weights need larger steps than the H-wide hidden path
     weight_decay: float = 0.01
-    batch_size: int = 128
-    max_epochs: int = 30
+    batch_size: int = 256
+    max_epochs: int = 20
     warmup: float = 0.05  # share of all steps
     val_fraction: float = 0.1
-    patience: int = 4
+    patience: int = 3
     seed: int = 0
-    features: tuple[str, ...] = DRAFT_FEATURES  # () = the paper's hidden-state-only head
 
 
-def weighted_bce(logits: torch.Tensor, p_acc: torch.Tensor, w_reject: float) -> torch.Tensor:
-    """Mean soft-label BCE with the reject class weighted by `w_reject` (see module doc)."""
-    logp = logits.float().log_softmax(-1)
-    return -(p_acc * logp[..., 1] + w_reject * (1 - p_acc) * logp[..., 0]).mean()
+def weighted_bce(logits: torch.Tensor, label: torch.Tensor, w_reject: float = 1.0) -> torch.Tensor:
+    """Mean soft-label BCE on logits [N] with the reject class weighted by `w_reject` (see module doc)."""
+    z = logits.float()
+    logsig = torch.nn.functional.logsigmoid
+    return -(label * logsig(z) + w_reject * (1 - label) * logsig(-z)).mean()
 
 
 def data_hash(directories: list[str | Path]) -> str:
@@ -63,14 +64,35 @@ def data_hash(directories: list[str | Path]) -> str:
     return h.hexdigest()
 
 
-def load_training_data(
-    directories: list[str | Path], features: tuple[str, ...] = DRAFT_FEATURES
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """(hidden [N, H], features [N, F], p_acc [N], sequence key [N], summary) over the trained positions.
+def head_inputs(data: dict[str, torch.Tensor], timing: str) -> dict[str, torch.Tensor]:
+    """The rows a head of `timing` learns from: its hidden state, features, label, sequence and round.
+
+    "before" reads the state that produced q_s (every candidate); "after" the state of the
+    forward on y_s, which is the next candidate's state in the same round (all but each round's last).
+    """
+    if timing not in HEAD_TIMINGS:
+        raise ValueError(f"timing must be one of {HEAD_TIMINGS}")
+    rows = torch.arange(len(data["accept_prob"]))
+    hidden_rows = rows
+    if timing == "after":
+        rows = rows[data["has_next"].bool()]
+        hidden_rows = rows + 1
+    return {
+        "hidden": data["hidden"][hidden_rows],
+        "features": data["features"][rows].float(),
+        "label": data["accept_prob"][rows].float(),
+        "seq": data["seq"][rows].long(),
+        "round": data["round"][rows],
+        "position": data["position"][rows],
+    }
+
+
+def load_training_data(directories: list[str | Path], timing: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """`head_inputs` over every directory (sequence keys made dataset-wide) and a summary.
 
     Refuses evaluation-only data (HumanEval) and data from different drafts.
     """
-    hiddens, feats, labels, keys = [], [], [], []
+    parts = []
     summary: dict = {"data": [], "prompts": 0, "tokens": 0, "draft_id": None, "hidden_size": None}
     for i, directory in enumerate(directories):
         manifest = read_manifest(directory)
@@ -81,20 +103,13 @@ def load_training_data(
             if summary[key] is not None and value != summary[key]:
                 raise ValueError(f"{directory}: {key} {value!r} differs from the other data ({summary[key]!r})")
             summary[key] = value
-        data = load_shards(directory)
-        keep = data["mask"].bool()
-        hiddens.append(data["hidden"][keep])
-        missing = [f for f in features if f not in data]
-        if missing:
-            raise ValueError(f"{directory} lacks the columns {missing}; regenerate it or train with fewer --features")
-        feats.append(torch.stack([data[f][keep].float() for f in features], dim=-1) if features else None)
-        labels.append(data["p_acc"][keep].float())
-        keys.append(data["seq"][keep].long() + i * 1_000_000_000)
+        inputs = head_inputs(load_shards(directory), timing)
+        inputs["seq"] = inputs["seq"] + i * 1_000_000_000
+        parts.append(inputs)
         summary["data"].append(str(directory))
         summary["prompts"] += sum(s["prompts"] for s in manifest["shards"])
-        summary["tokens"] += int(keep.sum())
-    features_all = torch.cat(feats) if features else torch.empty(sum(len(x) for x in labels), 0)
-    return torch.cat(hiddens), features_all, torch.cat(labels), torch.cat(keys), summary
+        summary["tokens"] += len(inputs["label"])
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, summary
 
 
 def split_by_sequence(keys: torch.Tensor, val_fraction: float, seed: int) -> torch.Tensor:
@@ -116,14 +131,9 @@ def lr_scale(step: int, total: int, warmup: float) -> float:
 
 
 @torch.no_grad()
-def mean_loss(
-    head: AcceptanceHead, hidden: torch.Tensor, feats: torch.Tensor, p_acc: torch.Tensor, w: float, batch: int = 4096
-) -> float:
-    total = 0.0
-    for s in range(0, len(hidden), batch):
-        logits = head(hidden[s : s + batch].float(), feats[s : s + batch])
-        total += float(weighted_bce(logits, p_acc[s : s + batch], w)) * len(logits)
-    return total / max(1, len(hidden))
+def head_logits(head: AcceptanceHead, hidden: torch.Tensor, features: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+    return torch.cat([head(hidden[s : s + batch].float(), features[s : s + batch])
+                      for s in range(0, len(hidden), batch)]) if len(hidden) else torch.empty(0)
 
 
 def _standardise(head: AcceptanceHead, x: torch.Tensor, f: torch.Tensor) -> None:
@@ -131,53 +141,53 @@ def _standardise(head: AcceptanceHead, x: torch.Tensor, f: torch.Tensor) -> None
     x = x.float()
     head.input_mean.copy_(x.mean(0))
     head.input_scale.copy_(1.0 / (x.std(0) + 1e-3))
-    if head.config.features:
-        head.feature_mean.copy_(f.mean(0))
-        head.feature_scale.copy_(1.0 / (f.std(0) + 1e-3))
+    head.feature_mean.copy_(f.mean(0))
+    head.feature_scale.copy_(1.0 / (f.std(0) + 1e-3))
 
 
-def train_head(
-    hidden: torch.Tensor,
-    p_acc: torch.Tensor,
-    keys: torch.Tensor,
-    config: TrainConfig,
-    draft_id: str = "",
-    extra: dict | None = None,
-    features: torch.Tensor | None = None,
-) -> tuple[AcceptanceHead, dict]:
-    """Fit a head; return it (best validation epoch) and the training record for config.json.
+def fit_platt(logits: torch.Tensor, label: torch.Tensor, steps: int = 200) -> dict:
+    """Platt scaling: (scale, bias) minimising the soft-label BCE of sigmoid(scale z + bias)."""
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    z, y = logits.double(), label.double()
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
-    `features` [N, F] holds the columns `config.features` (see `heads.model.draft_stats`).
-    """
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = weighted_bce(params[0] * z + params[1], y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return {"scale": round(float(params[0]), 6), "bias": round(float(params[1]), 6)}
+
+
+def train_head(data: dict[str, torch.Tensor], config: TrainConfig, draft_id: str = "",
+               extra: dict | None = None) -> tuple[AcceptanceHead, dict]:
+    """Fit and calibrate a head on `head_inputs` rows; return it (best validation epoch) and its record."""
     torch.manual_seed(config.seed)
-    if features is None:
-        features = torch.empty(len(hidden), 0)
-    if features.shape[-1] != len(config.features):
-        raise ValueError(f"{features.shape[-1]} feature columns for features {list(config.features)}")
-    val = split_by_sequence(keys, config.val_fraction, config.seed)
-    x_tr, f_tr, y_tr = hidden[~val], features[~val], p_acc[~val]
-    x_va, f_va, y_va = hidden[val], features[val], p_acc[val]
+    hidden, features, label = data["hidden"], data["features"], data["label"]
+    val = split_by_sequence(data["seq"], config.val_fraction, config.seed)
+    x_tr, f_tr, y_tr = hidden[~val], features[~val], label[~val]
+    x_va, f_va, y_va = hidden[val], features[val], label[val]
     if len(x_va) == 0:  # too little data to hold any out: validate on the training set
         x_va, f_va, y_va = x_tr, f_tr, y_tr
-    head_config = HeadConfig(
-        hidden_size=hidden.shape[-1], depth=config.depth, draft_id=draft_id, features=list(config.features)
-    )
-    head = AcceptanceHead(head_config)
+    head = AcceptanceHead(HeadConfig(hidden_size=hidden.shape[-1], depth=config.depth, timing=config.timing,
+                                     draft_id=draft_id))
     _standardise(head, x_tr, f_tr)
     head.train()
-    feature_params = list(head.feature_out.parameters()) if config.features else []
-    hidden_params = [p for p in head.parameters() if all(p is not q for q in feature_params)]
-    groups = [{"params": hidden_params, "base_lr": config.lr}]
-    if feature_params:
-        groups.append({"params": feature_params, "base_lr": config.feature_lr})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(x_tr) / config.batch_size))
     total_steps = steps_per_epoch * config.max_epochs
     g = torch.Generator().manual_seed(config.seed)
-    best = {"val_loss": mean_loss(head, x_va, f_va, y_va, config.w_reject), "epoch": 0}
+
+    def val_loss() -> float:
+        return float(weighted_bce(head_logits(head, x_va, f_va), y_va, config.w_reject))
+
+    best = {"val_loss": val_loss(), "epoch": 0}
     best_state = {k: v.clone() for k, v in head.state_dict().items()}
     history = [{"epoch": 0, "val_loss": round(best["val_loss"], 5)}]
-    log.info("training on %d tokens, validating on %d; initial val loss %.4f", len(x_tr), len(x_va), best["val_loss"])
+    log.info("training a %r head on %d candidates, validating on %d; initial val loss %.4f", config.timing,
+             len(x_tr), len(x_va), best["val_loss"])
     step, started = 0, time.perf_counter()
     for epoch in range(1, config.max_epochs + 1):
         order = torch.randperm(len(x_tr), generator=g)
@@ -185,7 +195,7 @@ def train_head(
         for s in range(0, len(order), config.batch_size):
             idx = order[s : s + config.batch_size]
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_scale(step, total_steps, config.warmup)
+                group["lr"] = config.lr * lr_scale(step, total_steps, config.warmup)
             loss = weighted_bce(head(x_tr[idx].float(), f_tr[idx]), y_tr[idx], config.w_reject)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -193,25 +203,21 @@ def train_head(
             running += float(loss.detach()) * len(idx)
             step += 1
         head.eval()
-        val_loss = mean_loss(head, x_va, f_va, y_va, config.w_reject)
+        loss_va = val_loss()
         head.train()
-        train_loss = running / len(x_tr)
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5)})
-        log.info(
-            "epoch %d: train loss %.4f, val loss %.4f (%.0fs)",
-            epoch,
-            train_loss,
-            val_loss,
-            time.perf_counter() - started,
-        )
-        if val_loss < best["val_loss"] - 1e-5:
-            best = {"val_loss": val_loss, "epoch": epoch}
+        history.append({"epoch": epoch, "train_loss": round(running / len(x_tr), 5), "val_loss": round(loss_va, 5)})
+        log.info("epoch %d: train loss %.4f, val loss %.4f (%.0fs)", epoch, running / len(x_tr), loss_va,
+                 time.perf_counter() - started)
+        if loss_va < best["val_loss"] - 1e-5:
+            best = {"val_loss": loss_va, "epoch": epoch}
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
         elif epoch - best["epoch"] >= config.patience:
             log.info("early stop: no improvement for %d epochs", config.patience)
             break
     head.load_state_dict(best_state)
     head.eval()
+    head.config.calibration = fit_platt(head_logits(head, x_va, f_va), y_va)
+    log.info("calibration on the validation candidates: %s", head.config.calibration)
     record = {
         "args": asdict(config),
         "train_tokens": int(len(x_tr)),
@@ -228,8 +234,8 @@ def train_head(
 
 
 def train_from_dirs(directories: list[str | Path], out_dir: str | Path, config: TrainConfig) -> AcceptanceHead:
-    """Load shards, train, save model.safetensors + config.json into `out_dir`."""
-    hidden, features, p_acc, keys, summary = load_training_data(directories, config.features)
+    """Load shards, train, calibrate, save model.safetensors + config.json into `out_dir`."""
+    data, summary = load_training_data(directories, config.timing)
     sources = sorted({s for d in directories for s in read_manifest(d).get("sources", [])})
     extra = {
         "data": summary["data"],
@@ -239,9 +245,7 @@ def train_from_dirs(directories: list[str | Path], out_dir: str | Path, config: 
         "sources": sources,
         "target_id": read_manifest(directories[0]).get("target_id"),
     }
-    head, _ = train_head(
-        hidden, p_acc, keys, config, draft_id=summary["draft_id"] or "", extra=extra, features=features
-    )
+    head, _ = train_head(data, config, draft_id=summary["draft_id"] or "", extra=extra)
     head.save(out_dir)
     log.info("saved head to %s", out_dir)
     return head

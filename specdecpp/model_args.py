@@ -13,6 +13,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--target", help="target model: HF directory, .gguf file or hub id (default: the default pair)")
     g.add_argument("--draft", help="draft model (default: the default pair's draft; 'none' for no draft)")
     g.add_argument("--head", help="acceptance head directory (default: the shipped head for the draft)")
+    g.add_argument("--extra-head", action="append", default=[], metavar="NAME=DIR",
+                   help="another acceptance head, chosen per request with specdec.head=NAME (repeatable)")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype")
     g.add_argument("--draft-dtype", choices=["bf16", "fp16", "fp32"], help="draft dtype (default: --dtype)")
     g.add_argument("--draft-device", help="device for the draft and head (default: GPU 0 or cpu)")
@@ -41,6 +43,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    "memory (default: auto)")
 
 
+def _named_dir(text: str) -> tuple[str, str]:
+    name, sep, directory = text.partition("=")
+    if not sep or not name or not directory:
+        raise SystemExit(f"--extra-head expects NAME=DIR, got {text!r}")
+    return name, directory
+
+
 def _device_list(value: str) -> list[str]:
     devices = [d.strip() for d in value.split(",") if d.strip()]
     if not devices:
@@ -55,15 +64,11 @@ def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = 
     g.add_argument("--threshold", type=float, help="specdec++ stop threshold in (0, 1)")
     g.add_argument("--bounds", type=int, nargs=2, metavar=("MIN", "MAX"), help="candidate length bounds")
     g.add_argument("--p-min", type=float, help="confidence policy: stop below this draft probability")
-    g.add_argument("--no-free-final-token", dest="free_final_token", action="store_false", default=None,
-                   help="specdec++: end the round at the token the head stopped on (the paper's rule exactly), "
-                   "instead of proposing one more from the logits already computed")
 
 
 def spec_from_args(args: argparse.Namespace) -> SpecConfig:
     """A validated SpecConfig from the flags given (others keep their defaults)."""
-    fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min,
-              "free_final_token": args.free_final_token}
+    fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min}
     if args.bounds is not None:
         fields["bounds"] = tuple(args.bounds)
     return SpecConfig.model_validate({k: v for k, v in fields.items() if v is not None})
@@ -74,6 +79,7 @@ def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig |
         target=args.target,
         draft=args.draft,
         head=args.head,
+        extra_heads=tuple(_named_dir(text) for text in args.extra_head),
         dtype=args.dtype,
         draft_dtype=args.draft_dtype,
         draft_device=args.draft_device,

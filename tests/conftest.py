@@ -30,10 +30,10 @@ def perturbed(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Modul
     return draft.eval()
 
 
-def random_head(hidden: int, seed: int = 0) -> AcceptanceHead:
+def random_head(hidden: int, seed: int = 0, timing: str = "before") -> AcceptanceHead:
     """A head with random (non-identity) weights, so its stop decisions vary token to token."""
     torch.manual_seed(seed)
-    head = AcceptanceHead(HeadConfig(hidden_size=hidden, depth=2, draft_id="tiny"))
+    head = AcceptanceHead(HeadConfig(hidden_size=hidden, depth=2, timing=timing, draft_id="tiny"))
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0.0, 0.6)

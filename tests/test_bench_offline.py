@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import random
 
+import numpy as np
 import pytest
 from conftest import random_head
 
@@ -11,19 +14,32 @@ from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
 from heads.prompts import Prompt
 from specdecpp.bench import offline
-from specdecpp.bench.offline import BenchConfig, Checkpoint, Sweep, aggregate, run_offline
+from specdecpp.bench.offline import (
+    BenchConfig,
+    Checkpoint,
+    Sweep,
+    aggregate,
+    compare,
+    paired_bootstrap_ratio,
+    run_offline,
+)
 from specdecpp.bench.peers import hf_assisted_generate
+from specdecpp.cli import build_parser
+from specdecpp.commands.bench import _rows_with_heads
 
-REQUIRED = ("policy", "knob", "tokens_per_s", "speedup", "discard_rate", "verification_rate", "acceptance_rate",
-            "mean_candidate_length", "prompts", "generated_tokens", "temperature")
+REQUIRED = ("label", "policy", "knob", "tokens_per_s", "speedup", "discard_rate", "verification_rate",
+            "acceptance_rate", "mean_candidate_length", "prompts", "generated_tokens", "temperature")
+COMPARISON = ("temperature", "a", "b", "ratio", "ci_low", "ci_high", "a_knob_interior", "b_knob_interior", "prompts")
 PROMPTS = [Prompt(f"p{i}", text, "test") for i, text in enumerate(["hello there", "a cat sat"])]
-SWEEP = Sweep(temperatures=(1.0, 0.0), ks=(2, 3), p_mins=(0.4,), thresholds=(0.3,), hf_ks=(2,))
+SWEEP = Sweep(temperatures=(1.0, 0.0), ks=(2, 3), p_mins=(0.4,), thresholds=(0.3,), hf_ks=(2,),
+              policies=(*Sweep().policies, "specdec++-post"))
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_pair, tokenizer):
     target, draft = tiny_pair
-    return LLMEngine(target, draft, tokenizer, head=random_head(32, seed=3))
+    heads = {"default": random_head(32, seed=3), "post": random_head(32, seed=4, timing="after")}
+    return LLMEngine(target, draft, tokenizer, heads=heads)
 
 
 def quiet(_: str) -> None:
@@ -37,9 +53,11 @@ def test_rows_have_every_field_and_none_is_the_baseline(engine, tmp_path):
     rows = aggregate(records, configs)
     assert len(rows) == len(configs)
     policies = {r["policy"] for r in rows}
-    assert policies == {"none", "constant", "heuristic", "confidence", "specdec++", "hf-constant", "hf-dynamic"}
-    for row in rows:
+    assert policies == {"none", "constant", "heuristic", "confidence", "specdec++", "specdec++-post", "hf-constant",
+                        "hf-dynamic"}
+    for row, config in zip(rows, configs, strict=True):
         assert all(key in row for key in REQUIRED), row
+        assert row["label"] == config.label
         assert row["prompts"] == len(PROMPTS)
         assert row["generated_tokens"] > 0
         assert row["tokens_per_s"] > 0
@@ -53,6 +71,24 @@ def test_rows_have_every_field_and_none_is_the_baseline(engine, tmp_path):
         assert row["speedup"] == pytest.approx(row["tokens_per_s"] / base["tokens_per_s"])
     constant = next(r for r in rows if r["policy"] == "constant" and r["knob"] == 3 and r["temperature"] == 1.0)
     assert 0 < constant["mean_candidate_length"] <= 3
+
+    comparisons = compare(records, rows, configs, resamples=200)
+    labels = {r["label"]: r for r in rows}
+    pairs = [(labels[c["a"]]["policy"], labels[c["b"]]["policy"], c["temperature"]) for c in comparisons]
+    assert pairs == [(a, b, t) for t in (1.0, 0.0) for a, b in offline.COMPARISONS]
+    for c in comparisons:
+        assert all(key in c for key in COMPARISON), c
+        assert c["ratio"] == pytest.approx(labels[c["a"]]["tokens_per_s"] / labels[c["b"]]["tokens_per_s"])
+        assert c["ci_low"] <= c["ratio"] <= c["ci_high"]
+        assert c["prompts"] == len(PROMPTS)
+    json.dumps(comparisons)
+
+
+def test_head_rows_name_their_engine_head():
+    assert BenchConfig("specdec++", 0.3, 1.0).spec((1, 20)).head is None  # the engine's default head
+    post = BenchConfig("specdec++-post", 0.3, 1.0).spec((1, 20))
+    assert (post.policy, post.head, post.threshold, post.bounds) == ("specdec++", "post", 0.3, (1, 20))
+    assert BenchConfig("specdec++-post", 0.5, 0.0).label == "T=0 specdec++-post threshold=0.5"
 
 
 def test_resume_skips_finished_work(engine, tmp_path, monkeypatch):
@@ -177,3 +213,101 @@ def test_hf_peer_greedy_is_the_target_and_counts_add_up(engine):
             assert max(stats["candidate_lengths"]) <= 3
     assert ours.token_ids == ours_none.token_ids
     json.dumps(stats)  # plain data: it goes into the checkpoint
+
+
+# ----- comparisons -----------------------------------------------------------------------------
+def test_bootstrap_interval_contains_the_ratio_of_sums():
+    rng = random.Random(1)
+    a_tokens, b_tokens = [rng.randint(20, 200) for _ in range(30)], [rng.randint(20, 200) for _ in range(30)]
+    a_seconds, b_seconds = [t / rng.uniform(4, 8) for t in a_tokens], [t / rng.uniform(2, 6) for t in b_tokens]
+    ratio, low, high = paired_bootstrap_ratio(a_tokens, a_seconds, b_tokens, b_seconds)
+    assert ratio == pytest.approx((sum(a_tokens) / sum(a_seconds)) / (sum(b_tokens) / sum(b_seconds)))
+    assert low < ratio < high
+    assert paired_bootstrap_ratio(a_tokens, a_seconds, b_tokens, b_seconds) == (ratio, low, high)  # fixed seed
+    assert paired_bootstrap_ratio([0], [1.0], [0], [1.0]) == (None, None, None)  # b made no tokens: no ratio
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_bootstrap_ratio(a_tokens, a_seconds, b_tokens[:-1], b_seconds[:-1])
+
+
+def test_identical_prompt_ratios_give_a_narrow_interval():
+    tokens = [10, 300, 40, 128, 7, 90]
+    ratio, low, high = paired_bootstrap_ratio(tokens, [t / 6.0 for t in tokens], tokens, [t / 4.0 for t in tokens])
+    assert ratio == pytest.approx(1.5)
+    assert low == pytest.approx(1.5) and high == pytest.approx(1.5)
+
+
+def test_pairing_removes_the_variance_the_rows_share():
+    """Prompts of very different speed, each 20% faster under a: paired, the interval is a point;
+    resampling each row on its own sees the prompt mix as noise."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(10, 400, size=24).astype(float)
+    b_seconds = tokens / rng.uniform(1.0, 20.0, size=24)  # per-prompt rates vary twentyfold
+    a_seconds = b_seconds / 1.2
+    ratio, low, high = paired_bootstrap_ratio(tokens, a_seconds, tokens, b_seconds)
+    assert ratio == pytest.approx(1.2) and high - low < 1e-9
+
+    ia, ib = rng.integers(0, 24, size=(2000, 24)), rng.integers(0, 24, size=(2000, 24))
+    unpaired = (tokens[ia].sum(1) / a_seconds[ia].sum(1)) / (tokens[ib].sum(1) / b_seconds[ib].sum(1))
+    unpaired_low, unpaired_high = np.percentile(unpaired, [2.5, 97.5])
+    assert unpaired_high - unpaired_low > 0.2
+
+
+def _timed(config: BenchConfig, prompt_id: str, tokens: int, wall: float) -> dict:
+    return _record(config, prompt_id, wall, generated_tokens=tokens, proposed_tokens=0, accepted_tokens=0,
+                   target_calls=tokens, rounds=tokens)
+
+
+def test_comparisons_pair_the_best_knobs_and_flag_edge_knobs():
+    none = BenchConfig("none", None, 1.0)
+    ks = [BenchConfig("constant", k, 1.0) for k in (2, 4, 6)]
+    thresholds = [BenchConfig("specdec++", t, 1.0) for t in (0.1, 0.3)]
+    p_min = BenchConfig("confidence", 0.4, 1.0)
+    configs = [none, *ks, *thresholds, p_min]
+    speed = {none: 1.0, ks[0]: 1.5, ks[1]: 2.0, ks[2]: 1.8, thresholds[0]: 2.1, thresholds[1]: 2.4, p_min: 1.6}
+    lengths = {"a": 100, "b": 20, "c": 60}
+    records = [_timed(c, pid, n, n / (10 * speed[c])) for c in configs for pid, n in lengths.items()]
+    records.append(_timed(ks[0], "d", 50, 1.0))  # a prompt not every row finished: left out
+    rows = aggregate(records, configs)
+    comparisons = compare(records, rows, configs, resamples=500)
+    by_pair = {(c["a"], c["b"]): c for c in comparisons}
+    assert list(by_pair) == [
+        ("T=1 specdec++ threshold=0.3", "T=1 constant k=4"),
+        ("T=1 specdec++ threshold=0.3", "T=1 confidence p_min=0.4"),
+        ("T=1 specdec++ threshold=0.3", "T=1 none"),
+        ("T=1 constant k=4", "T=1 none"),
+        ("T=1 confidence p_min=0.4", "T=1 none"),
+    ]  # no specdec++-post row: its comparison is left out
+    first = by_pair[("T=1 specdec++ threshold=0.3", "T=1 constant k=4")]
+    assert first["ratio"] == pytest.approx(2.4 / 2.0)
+    assert first["ci_low"] == pytest.approx(1.2) and first["ci_high"] == pytest.approx(1.2)  # same ratio everywhere
+    assert first["a_knob_interior"] is False  # 0.3 is the largest threshold swept
+    assert first["b_knob_interior"] is True  # k=4 between 2 and 6
+    assert first["prompts"] == 3
+    single = by_pair[("T=1 confidence p_min=0.4", "T=1 none")]
+    assert single["a_knob_interior"] is False and single["b_knob_interior"] is False
+
+
+def _offline_args(*flags: str):
+    return build_parser().parse_args(["bench", "offline", "--draft", "d", "--target", "t", *flags])
+
+
+def test_post_rows_without_a_post_head_fail_before_loading_models():
+    args = _offline_args("--policies", "specdec++-post")
+    with pytest.raises(ValueError, match="--post-head"):
+        args.func(args)
+    args = _offline_args("--post-head", "x", "--extra-head", "post=y")
+    with pytest.raises(ValueError, match="give one"):
+        args.func(args)
+
+
+def test_rows_follow_the_engine_heads(caplog):
+    policies = ("none", "constant", "specdec++", "specdec++-post")
+    assert _rows_with_heads(policies, None, set(), {"default", "post"}) == (policies, None)
+    with caplog.at_level(logging.WARNING):
+        kept, greedy = _rows_with_heads(policies, ["constant", "specdec++"], set(), set())
+    assert kept == ("none", "constant") and greedy == ("none", "constant")
+    assert "specdec++, specdec++-post" in caplog.text
+    with pytest.raises(ValueError, match="'post' is not loaded"):
+        _rows_with_heads(policies, None, {"specdec++-post"}, {"default"})
+    with pytest.raises(ValueError, match="--head DIR"):
+        _rows_with_heads(policies, ["specdec++"], {"specdec++"}, {"post"})

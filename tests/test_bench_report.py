@@ -24,6 +24,7 @@ ROWS = [
     _row("constant", 2, 1.0, 5.0, 0.2, 0.4),
     _row("constant", 4, 1.0, 6.0, 0.5, 0.3),
     _row("specdec++", 0.3, 1.0, 6.5, 0.3, 0.3),
+    _row("specdec++-post", 0.3, 1.0, 6.2, 0.3, 0.3),
     _row("heuristic", 4, 1.0, 5.5, 0.4, 0.35),
     _row("hf-dynamic", 0.4, 1.0, 4.0, None, None),
     _row("none", None, 0.0, 3.0, 0.0, 1.0),
@@ -45,9 +46,30 @@ def test_offline_report_files(tmp_path):
     assert "specdec++ (best threshold) vs best constant k: +8.3% tokens/s." in md  # 6.5 / 6.0
     assert "| specdec++ | k=0.3 | **6.50** | **2.17** | - |" in md  # best row of its policy in bold
     assert "| hf-dynamic | k=0.4 | **4.00** | **1.33** | - | - | - |" in md  # unmeasured rates print as '-'
+    assert "| specdec++-post | k=0.3 | **6.20** |" in md  # the post head row beside the default head
     assert "abc" in md and str(meta["machine"]["cpu_count"]) in md
     for png in paths[2:]:
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
+
+
+def test_offline_report_lists_the_comparisons(tmp_path):
+    comparisons = [
+        {"temperature": 1.0, "a": "T=1 specdec++ threshold=0.3", "b": "T=1 constant k=4", "ratio": 1.0833,
+         "ci_low": 1.02, "ci_high": 1.15, "a_knob_interior": True, "b_knob_interior": False, "prompts": 2,
+         "resamples": 2000},
+        {"temperature": 1.0, "a": "T=1 constant k=4", "b": "T=1 none", "ratio": 2.0, "ci_low": None, "ci_high": None,
+         "a_knob_interior": False, "b_knob_interior": False, "prompts": 2, "resamples": 2000},
+    ]
+    paths = write_offline_report(tmp_path / "offline.json", ROWS, {"dataset": "humaneval"}, comparisons)
+    assert json.loads(paths[0].read_text())["comparisons"] == comparisons
+    md = paths[1].read_text()
+    assert "## Comparisons (paired bootstrap 95% CI by prompt)" in md
+    assert "| T=1 specdec++ threshold=0.3 | T=1 constant k=4 | 1.083 | [1.020, 1.150] | yes | no | 2 |" in md
+    assert "| T=1 constant k=4 | T=1 none | 2.000 | - | no | no | 2 |" in md
+    assert md.index("## Comparisons") < md.index("## temperature 1")
+    paths = write_offline_report(tmp_path / "bare.json", ROWS, {"dataset": "humaneval"})
+    assert json.loads(paths[0].read_text())["comparisons"] == []  # the key is always there
+    assert "## Comparisons" not in paths[1].read_text()
 
 
 def test_merge_keeps_each_runs_speedup(tmp_path):

@@ -33,7 +33,7 @@ def fresh_prefill(runner: ModelRunner, ids: list[int]):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_caches_equal_fresh_prefill_after_every_round(tiny_pair, tokenizer, spec, temperature):
     target, draft = tiny_pair
-    engine = LLMEngine(target, draft, tokenizer, head=random_head(target.config.hidden_size))
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)})
     engine.add_request("r", "hello world", SamplingParams(temperature=temperature, seed=7, max_tokens=40,
                                                           ignore_eos=True), spec)
     seq = engine.running["r"]

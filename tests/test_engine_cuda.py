@@ -29,7 +29,7 @@ GREEDY_SPECS = [
     SpecConfig(policy="heuristic", k=2, bounds=(1, 10)),
     SpecConfig(policy="confidence", p_min=0.5, bounds=(1, 8)),
     SpecConfig(policy="specdec++", threshold=0.3, bounds=(1, 10)),
-    SpecConfig(policy="specdec++", threshold=0.6, bounds=(2, 12), free_final_token=False),
+    SpecConfig(policy="specdec++", threshold=0.6, bounds=(1, 12)),
 ]
 
 
@@ -38,12 +38,12 @@ def cuda_engine(tokenizer):
     target = tiny_model(0, scale=8.0)
     draft = perturbed(target, 0.05, seed=1)
     head = random_head(target.config.hidden_size)
-    return LLMEngine(target.to(CUDA), draft.to(CUDA), tokenizer, head=head)
+    return LLMEngine(target.to(CUDA), draft.to(CUDA), tokenizer, heads={"default": head})
 
 
 def test_models_and_head_are_on_the_gpu(cuda_engine):
     assert cuda_engine.target.device.type == CUDA and cuda_engine.draft.device.type == CUDA
-    assert next(cuda_engine.head.parameters()).device.type == CUDA
+    assert next(cuda_engine.heads["default"].parameters()).device.type == CUDA
     # oneDNN packing is for CPU models only: CUDA models keep their nn.Linear layers.
     assert type(cuda_engine.target.lm_head) is torch.nn.Linear
 
@@ -73,7 +73,7 @@ def small_vocab_engine():
     tokenizer = char_tokenizer("abcde")
     target = tiny_model(10, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0).to(CUDA)
     draft = tiny_model(11, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0).to(CUDA)
-    return LLMEngine(target, draft, tokenizer, head=random_head(16, seed=3))
+    return LLMEngine(target, draft, tokenizer, heads={"default": random_head(16, seed=3)})
 
 
 @pytest.mark.parametrize("spec", [SpecConfig(policy="constant", k=3),

@@ -18,7 +18,7 @@ from tiny import char_tokenizer, tiny_model
 import engine.speculate as speculate
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
-from engine.sampling import Verdict, processed_probs, sample
+from engine.sampling import Verdict, processed_probs, sample, sampling_cdf
 
 VOCAB = 6
 PROMPT = [1, 2, 3]
@@ -32,7 +32,8 @@ def engine():
     tokenizer = char_tokenizer("abcde")
     target = tiny_model(10, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0)
     draft = tiny_model(11, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0)
-    return LLMEngine(target, draft, tokenizer, head=random_head(16, seed=3))
+    heads = {"default": random_head(16, seed=3), "after": random_head(16, seed=4, timing="after")}
+    return LLMEngine(target, draft, tokenizer, heads=heads)
 
 
 def exact_two_token_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
@@ -81,6 +82,8 @@ SPECS = [
     SpecConfig(policy="heuristic", k=1, bounds=(1, 6)),
     SpecConfig(policy="confidence", p_min=0.5, bounds=(1, 6)),
     SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6)),
+    SpecConfig(policy="specdec++", threshold=0.05, bounds=(1, 6)),  # mostly one-candidate rounds: y_1 judged
+    SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6), head="after"),
 ]
 
 
@@ -88,7 +91,7 @@ CASES = [(spec, T1) for spec in SPECS] + [(SPECS[1], FILTERED), (SPECS[4], FILTE
 
 
 @pytest.mark.parametrize(
-    ("spec", "params"), CASES, ids=[f"{s.policy}-t{p.temperature}-p{p.top_p}-k{p.top_k}" for s, p in CASES]
+    ("spec", "params"), CASES, ids=[f"{s.policy}-{s.head}-{s.threshold}-t{p.temperature}-p{p.top_p}-k{p.top_k}" for s, p in CASES]
 )
 def test_policy_matches_target_distribution(engine, spec, params):
     counts = sample_two_tokens(engine, params, spec)
@@ -122,3 +125,26 @@ def test_sample_follows_the_distribution_row_by_row():
         counts = Counter(draws[:, row].tolist())
         pvalue = chi_square_pvalue(counts, {i: float(p) for i, p in enumerate(expected)}, n)
         assert pvalue > 1e-3, (row, counts)
+
+
+def test_sampler_distribution_exact_at_full_vocabulary():
+    """Inverse-CDF sampling draws token i with probability equal to its CDF step. Over a 151,936-entry
+    vocabulary a float32 running sum makes those steps drift from q (the acceptance rule divides by
+    q itself); the float64 CDF keeps the sampled distribution q. The control proves the check bites."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 151_936
+    q = torch.rand(vocab, generator=gen) ** 6  # a long tail of small entries, as a softmax has
+    q[:10] += 50.0  # and a few dominant tokens
+    q = (q / q.sum()).float()
+    exact = q.double() / q.double().sum()
+
+    def total_variation(cdf: torch.Tensor) -> float:
+        steps = torch.diff(cdf.double(), prepend=torch.zeros(1, dtype=torch.float64)) / cdf[-1].double()
+        return 0.5 * float((steps - exact).abs().sum())
+
+    assert total_variation(sampling_cdf(q.unsqueeze(0))[0]) < 1e-9
+    assert total_variation(q.float().cumsum(-1)) > 1e-5  # the float32 sum the sampler used before
+    # sample() inverts that very CDF: a uniform just below a step's end picks that step's token
+    draws = torch.stack([sample(q.unsqueeze(0), gen) for _ in range(2000)]).squeeze(-1)
+    assert draws.max() < vocab and (q[draws] > 0).all()
+    assert 0.2 < float((draws < 10).double().mean()) / float(exact[:10].sum()) < 5.0

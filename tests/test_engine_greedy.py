@@ -19,7 +19,8 @@ SPECS = [
     SpecConfig(policy="confidence", p_min=0.8, bounds=(2, 6)),
     SpecConfig(policy="specdec++", threshold=0.2, bounds=(1, 10)),
     SpecConfig(policy="specdec++", threshold=0.7, bounds=(2, 20)),
-    SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 10), free_final_token=False),
+    SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 10), head="after"),
+    SpecConfig(policy="specdec++", threshold=0.1, bounds=(1, 4), head="after"),
 ]
 PROMPTS = ["hello world", "the quick brown fox", "a"]
 
@@ -27,11 +28,13 @@ PROMPTS = ["hello world", "the quick brown fox", "a"]
 @pytest.fixture(scope="module")
 def engine(tiny_pair, tokenizer):
     target, draft = tiny_pair
-    return LLMEngine(target, draft, tokenizer, head=random_head(target.config.hidden_size))
+    heads = {"default": random_head(target.config.hidden_size),
+             "after": random_head(target.config.hidden_size, seed=1, timing="after")}
+    return LLMEngine(target, draft, tokenizer, heads=heads)
 
 
 @pytest.mark.parametrize("spec", SPECS,
-                         ids=lambda s: f"{s.policy}-{s.k}-{s.threshold}-{s.p_min}-{int(s.free_final_token)}")
+                         ids=lambda s: f"{s.policy}-{s.k}-{s.threshold}-{s.p_min}-{s.head}")
 def test_greedy_identical_to_target_alone(engine, spec):
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     proposed = 0
@@ -77,36 +80,48 @@ def test_seed_reproducible(engine):
     assert a.token_ids == b.token_ids
 
 
-@pytest.mark.parametrize("free_final_token", [True, False])
-def test_free_final_token_costs_no_draft_forward(tiny_pair, tokenizer, free_final_token):
-    """A head that predicts rejection stops every round at the min bound (2). The draft makes
-    the same forwards per round either way (the round's start, y_1, y_2); with the free final
-    token the logits of the forward on y_2 propose y_3, so rounds hold 3 candidates."""
-    target, draft = tiny_pair
-    head = AcceptanceHead(HeadConfig(hidden_size=target.config.hidden_size, depth=1, draft_id="tiny"))
+def rejecting_head(hidden: int, timing: str) -> AcceptanceHead:
+    """A head whose calibrated P(accepted) is ~3e-7 whatever it reads: it stops every round it may."""
+    head = AcceptanceHead(HeadConfig(hidden_size=hidden, depth=1, timing=timing, draft_id="tiny"))
     with torch.no_grad():
-        head.out.bias.copy_(torch.tensor([8.0, -8.0]))  # P(accepted) ~ 3e-7 whatever the input
-    engine = LLMEngine(target, draft, tokenizer, head=head)
+        head.out.bias.fill_(-15.0)
+    return head.eval()
+
+
+@pytest.mark.parametrize("timing,low", [("before", 1), ("before", 2), ("after", 1), ("after", 3)])
+def test_every_candidate_judged_and_bounds_hold(tiny_pair, tokenizer, timing, low):
+    """A head predicting rejection stops every round as early as the bounds allow, the first
+    candidate included. A "before" head stops at y_low without a draft forward on it (forwards per
+    round: the round's start and y_1..y_{low-1}). An "after" head judges y_s after the forward on it
+    and submits y_{s+1} from that forward: rounds of max(2, low) candidates, as many forwards."""
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": rejecting_head(target.config.hidden_size, timing)})
     calls = []
     hook = engine.draft.decoder.register_forward_hook(lambda *_: calls.append(1))
     try:
-        spec = SpecConfig(policy="specdec++", threshold=0.5, bounds=(2, 20), free_final_token=free_final_token)
+        spec = SpecConfig(policy="specdec++", threshold=0.5, bounds=(low, 20))
         params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
         out = engine.generate("hello world", params, spec)
     finally:
         hook.remove()
     reference = engine.generate("hello world", params, SpecConfig(policy="none"))
     assert out.token_ids == reference.token_ids
+    shortest = max(2, low) if timing == "after" else low
     # Replay each round's budget (max bound, and max_tokens - 1 left) to know what it allowed.
     remaining, expected_lengths, expected_calls = 40, [], 1  # 1: the prompt's prefill forward
     for accepted in out.stats["accepted_lengths"]:
-        budget = min(20, remaining - 1)
-        if budget >= 3:  # the head stopped the round at y_2, after the forward on y_2
-            expected_lengths.append(3 if free_final_token else 2)
-            expected_calls += 3  # the round's start, y_1, y_2
-        else:  # cut by the budget: no forward on the last candidate
-            expected_lengths.append(budget)
-            expected_calls += budget
+        length = min(shortest, 20, remaining - 1)
+        expected_lengths.append(length)
+        expected_calls += length  # the round's start, then one forward per candidate but the last
         remaining -= accepted + 1
     assert out.stats["candidate_lengths"] == expected_lengths
     assert len(calls) == expected_calls
+    if timing == "before" and low == 1:
+        assert max(out.stats["candidate_lengths"]) == 1  # one-candidate rounds: y_1 itself was judged
+
+
+def test_unknown_head_is_a_request_error(engine):
+    from engine.llm_engine import RequestError
+
+    with pytest.raises(RequestError, match="acceptance head 'nope'"):
+        engine.add_request("x", "hi", SamplingParams(max_tokens=4), SpecConfig(policy="specdec++", head="nope"))

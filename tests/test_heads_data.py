@@ -1,4 +1,5 @@
-"""Head data generation on tiny random models: labels, mixing, resume, HumanEval exclusion, CLI."""
+"""Head data logged from the engine's own rounds on a tiny pair: exact labels, layout, resume,
+determinism, HumanEval exclusion and the `heads` CLI (tiny models, seconds)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import json
 
 import pytest
 import torch
+from conftest import perturbed, random_head
 from safetensors.torch import load_file
-from tiny import char_tokenizer, tiny_model
+from tiny import tiny_model
 
+import engine.speculate as speculate
 import heads.data as head_data
-from heads.data import GenConfig, final_hidden, generate_dataset, label_batch, load_shards, sample_responses
+from engine.llm_engine import LLMEngine
+from heads.data import GenConfig, encode_prompt, generate_dataset, load_shards, read_manifest
+from heads.model import CANDIDATE_FEATURES
 from heads.prompts import (
     Prompt,
     contains_humaneval,
@@ -18,107 +23,217 @@ from heads.prompts import (
     humaneval_markers,
     humaneval_prompts,
     iter_sharegpt_records,
+    jsonl_prompts,
     sharegpt_prompts,
 )
 
-EOS = [0]
+F = {name: i for i, name in enumerate(CANDIDATE_FEATURES)}
+SAMPLING = ((1.0, 1.0), (0.0, 1.0), (0.7, 0.9))  # plain sampling, greedy, temperature + nucleus
+TEXTS = ("hello there", "say a word", "count to ten, please", "write a short poem")
+
+
+def prompts(n: int, source: str = "test") -> list[Prompt]:
+    return [Prompt(str(i), TEXTS[i % len(TEXTS)], source) for i in range(n)]
 
 
 @pytest.fixture(scope="module")
-def pair():
-    return tiny_model(1, scale=4.0), tiny_model(2, scale=4.0), char_tokenizer()
+def engine(tiny_pair, tokenizer):
+    target, draft = tiny_pair
+    return LLMEngine(target, draft, tokenizer)
 
 
-def prompts(n: int) -> list[Prompt]:
-    return [Prompt(str(i), "say a word" if i % 2 else "hello there", "test") for i in range(n)]
+@pytest.fixture(scope="module")
+def reference_pair():
+    """The conftest pair rebuilt from its seeds: plain HF modules the engine never touched."""
+    target = tiny_model(0, scale=8.0)
+    return target, perturbed(target, 0.05, seed=1)
 
 
-def test_labels_match_teacher_forced_distributions(pair):
-    target, draft, _ = pair
-    prompt_ids = [[3, 4, 5], [7, 8, 9, 10, 11]]
-    responses, logits = sample_responses(target, prompt_ids, 10, EOS, pad_id=0, seed=0)
-    for r, lg in zip(responses, logits, strict=True):
-        assert 1 <= len(r) <= 10 and lg.shape[0] == len(r)
-        assert 0 not in r[:-1]  # cut after the first EOS
-    out = label_batch(draft, prompt_ids, responses, logits, 0, 0.3, torch.Generator().manual_seed(0))
-    n = sum(len(r) for r in responses)
-    assert out["hidden"].shape == (n, 32) and out["p_acc"].shape == (n,)
-    # p and q from independent teacher-forced forwards of prompt + t.
-    with torch.no_grad():
-        offset = 0
-        for p, r in zip(prompt_ids, responses, strict=True):
-            ids = torch.tensor([p + r])
-            pt = target(ids).logits[0, len(p) - 1 : len(p) - 1 + len(r)].softmax(-1)
-            qt = draft(ids).logits[0, len(p) - 1 : len(p) - 1 + len(r)].softmax(-1)
-            d = out["draft_token"][offset : offset + len(r)].long().unsqueeze(-1)
-            torch.testing.assert_close(
-                out["p_tok"][offset : offset + len(r)], pt.gather(-1, d).squeeze(-1), atol=1e-4, rtol=1e-3
-            )
-            torch.testing.assert_close(
-                out["q_tok"][offset : offset + len(r)], qt.gather(-1, d).squeeze(-1), atol=1e-4, rtol=1e-3
-            )
-            assert out["target_token"][offset : offset + len(r)].tolist() == r
-            offset += len(r)
-    expected = (out["p_tok"] / out["q_tok"]).clamp(max=1.0)
-    torch.testing.assert_close(out["p_acc"], expected)
-    assert ((out["overlap"] > 0) & (out["overlap"] <= 1 + 1e-5)).all()
+def reference_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution [N, V] written out independently of engine.sampling."""
+    logits = logits.double()
+    if temperature == 0.0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    probs = (logits / temperature).softmax(-1)
+    if top_p < 1.0:
+        out = torch.zeros_like(probs)
+        for row, (p, order) in enumerate(zip(*probs.sort(-1, descending=True), strict=True)):
+            keep = int((p.cumsum(0) - p < top_p).sum())  # smallest prefix reaching top_p
+            out[row, order[:keep]] = p[:keep] / p[:keep].sum()
+        probs = out
+    return probs
 
 
-def test_mixing_masks_exactly_the_mixed_positions(pair):
-    target, draft, _ = pair
-    prompt_ids = [[3, 4, 5, 6], [9, 10]]
-    responses = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]]
-    logits = [torch.randn(len(r), 31) for r in responses]
-    out = label_batch(draft, prompt_ids, responses, logits, 0, 0.5, torch.Generator().manual_seed(4), torch.float32)
-    mask = out["mask"].bool()
-    assert 0 < int(mask.sum()) < len(mask)
-    # The head's inputs are the draft's hidden states of prompt + z, z = t where mask is 0, else d.
-    z = torch.where(mask, out["draft_token"], out["target_token"]).tolist()
-    offset = 0
-    for p, r in zip(prompt_ids, responses, strict=True):
-        hidden = final_hidden(draft, [p + z[offset : offset + len(r)]], 0)[0, len(p) :]
-        torch.testing.assert_close(out["hidden"][offset : offset + len(r)], hidden)
-        offset += len(r)
-    # Ratio 0: nothing mixed; ratio 1: everything mixed and the inputs are prompt + t.
-    none = label_batch(draft, prompt_ids, responses, logits, 0, 0.0, torch.Generator().manual_seed(4), torch.float32)
-    assert none["mask"].all()
-    full = label_batch(draft, prompt_ids, responses, logits, 0, 1.0, torch.Generator().manual_seed(4), torch.float32)
-    assert not full["mask"].any()
-    teacher = final_hidden(draft, [prompt_ids[0] + responses[0]], 0)[0, len(prompt_ids[0]) :]
-    torch.testing.assert_close(full["hidden"][: len(responses[0])], teacher)
+def capture_rounds(monkeypatch) -> list[dict]:
+    """Record, for every logged round, its context and candidates (RoundRecord holds neither)."""
+    seen: list[dict] = []
+    real = speculate.round_record
+
+    def spy(p, candidates, q, target_probs, accepted):
+        seen.append({"request_id": p.seq.request_id, "context": list(p.seq.all_ids), "candidates":
+                     candidates.tolist(), "accepted": accepted, "params": p.seq.params})
+        return real(p, candidates, q, target_probs, accepted)
+
+    monkeypatch.setattr(speculate, "round_record", spy)
+    return seen
 
 
-def test_gen_data_resume_skips_finished_shards(pair, tmp_path, monkeypatch):
-    target, draft, tok = pair
-    config = GenConfig(max_new_tokens=6, max_prompt_tokens=64, batch_size=2, shard_prompts=2)
-    real = head_data._make_shard
+def rounds_of(data: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Row indices of each logged round, in order (rows of a round are contiguous)."""
+    _, counts = torch.unique_consecutive(data["round"], return_counts=True)
+    return list(torch.arange(len(data["round"])).split(counts.tolist()))
+
+
+def test_logged_labels_are_exact_acceptance_probabilities(engine, tokenizer, reference_pair, tmp_path, monkeypatch):
+    """Every row's label is min(1, p_s(y_s) / q_s(y_s)) of the target and draft run afresh on the same
+    context (prompt + generated tokens + the round's earlier candidates), and its hidden state and
+    features are the draft's on that context."""
+    ref_target, ref_draft = reference_pair
+    seen = capture_rounds(monkeypatch)
+    config = GenConfig(k=4, max_new_tokens=12, shard_prompts=3, sampling=SAMPLING, seed=5, hidden_dtype="fp32")
+    manifest = generate_dataset(engine, prompts(6), tmp_path, config, {"draft_id": "tiny"})
+    assert manifest["complete"] and len(manifest["shards"]) == 2 and manifest["features"] == list(CANDIDATE_FEATURES)
+    data = load_shards(tmp_path)
+    rounds = rounds_of(data)
+    assert len(rounds) == len(seen) > 6 and len(data["accept_prob"]) == manifest["tokens"]
+    assert len(torch.unique(data["round"])) == len(rounds)  # round ids are dataset-wide
+    assert data["hidden"].dtype == torch.float32 and data["hidden"].shape[1] == 32
+
+    ids = {i: encode_prompt(tokenizer, p) for i, p in enumerate(prompts(6))}
+    history: dict[int, list[int]] = {}
+    greedy_labels = []
+    for rows, rnd in zip(rounds, seen, strict=True):
+        seq = int(rnd["request_id"].removeprefix("gen-"))
+        context, cand = rnd["context"], rnd["candidates"]
+        k = len(cand)
+        # Layout: one row per candidate proposed, positions 1..k, has_next on all but the last.
+        assert data["seq"][rows].eq(seq).all()
+        assert data["position"][rows].tolist() == list(range(1, k + 1))
+        assert data["has_next"][rows].tolist() == [1] * (k - 1) + [0]
+        # Constant k: k candidates, unless max_new_tokens leaves room for fewer (one goes to the correction).
+        generated = len(context) - len(ids[seq])
+        assert k == min(config.k, config.max_new_tokens - generated - 1)
+        # The context is the prompt, then every earlier round's accepted candidates and one more token.
+        expected = history.get(seq, ids[seq])
+        assert context[: len(expected)] == expected and len(context) == len(expected) + (seq in history)
+        history[seq] = context + cand[: rnd["accepted"]]
+
+        temperature, top_p = SAMPLING[seq % len(SAMPLING)]
+        assert rnd["params"].temperature == temperature and rnd["params"].top_p == top_p
+        full = torch.tensor([context + cand[:-1]])
+        positions = torch.arange(len(context) - 1, len(context) - 1 + k)
+        with torch.no_grad():
+            p_logits = ref_target(full).logits[0, positions]
+            draft_out = ref_draft.model(full).last_hidden_state[0, positions]
+            q_logits = ref_draft.lm_head(draft_out)
+        p = reference_probs(p_logits, temperature, top_p)
+        q = reference_probs(q_logits, temperature, top_p)
+        y = torch.tensor(cand).unsqueeze(-1)
+        p_y, q_y = p.gather(-1, y).squeeze(-1), q.gather(-1, y).squeeze(-1)
+        assert (q_y > 0).all()  # every candidate was drawn from q
+        label = (p_y / q_y).clamp(max=1.0)
+        torch.testing.assert_close(data["accept_prob"][rows].double(), label, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(data["overlap"][rows].double(), torch.minimum(p, q).sum(-1), atol=2e-5, rtol=1e-4)
+        # Row s's hidden state produced q_s; the next row's is the draft's state after y_s ("after" heads).
+        torch.testing.assert_close(data["hidden"][rows], draft_out, atol=1e-4, rtol=1e-4)
+        feats = data["features"][rows]
+        log_q1 = q_logits.double().log_softmax(-1).gather(-1, y).squeeze(-1)  # temperature 1, unfiltered
+        torch.testing.assert_close(feats[:, F["log_q"]].double(), log_q1, atol=1e-4, rtol=1e-4)
+        assert feats[:, F["position"]].tolist() == list(range(1, k + 1))
+        assert feats[:, F["temperature"]].eq(temperature).all()
+        assert feats[:, F["top_p"]].double().sub(top_p).abs().max() < 1e-6
+        if temperature == 0.0:  # greedy: the candidate is the draft's argmax; accepted iff the target's too
+            assert feats[:, F["is_argmax"]].eq(1).all()
+            greedy_labels.append(data["accept_prob"][rows])
+            assert data["accept_prob"][rows].tolist() == (p_logits.argmax(-1) == y.squeeze(-1)).double().tolist()
+    greedy = torch.cat(greedy_labels)
+    assert greedy.numel() > 0 and ((greedy == 0) | (greedy == 1)).all()
+    assert ((data["accept_prob"] >= 0) & (data["accept_prob"] <= 1)).all()
+    assert 0.0 < float(data["accept_prob"].mean()) < 1.0  # the noisy draft is partly accepted
+    # Per-shard metadata agrees with the rows.
+    for shard in manifest["shards"]:
+        meta = json.loads((tmp_path / f"{shard['name']}.json").read_text())
+        rows = load_file(str(tmp_path / f"{shard['name']}.safetensors"))
+        assert meta["tokens"] == len(rows["accept_prob"]) == shard["tokens"]
+        for record in meta["records"]:
+            done = history[record["index"]]
+            assert record["prompt_tokens"] == len(ids[record["index"]])
+            last = len(done) - record["prompt_tokens"] + 1  # through the last logged round's extra token
+            # A round with one token left proposes nothing (no labels): the target decodes it alone.
+            assert 0 < record["response_tokens"] <= last or record["response_tokens"] == config.max_new_tokens
+
+
+def test_gen_data_resumes_and_is_deterministic(engine, tmp_path, monkeypatch):
+    config = GenConfig(k=3, max_new_tokens=8, shard_prompts=2, seed=1)
     calls: list[int] = []
+    real = head_data._make_shard
 
-    def failing(*args, **kwargs):
-        index = args[4]
+    def interrupted(engine, shard_prompts, index, config):
         calls.append(index)
         if index == 1 and len(calls) == 2:
-            raise KeyboardInterrupt  # interrupted during the second shard
-        return real(*args, **kwargs)
+            raise KeyboardInterrupt  # killed during the second shard
+        return real(engine, shard_prompts, index, config)
 
-    monkeypatch.setattr(head_data, "_make_shard", failing)
+    monkeypatch.setattr(head_data, "_make_shard", interrupted)
+    resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        generate_dataset(target, draft, tok, prompts(6), tmp_path, config, EOS)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert [s["name"] for s in manifest["shards"]] == ["shard-00000"]
-    first = load_file(str(tmp_path / "shard-00000.safetensors"))
-    manifest = generate_dataset(target, draft, tok, prompts(6), tmp_path, config, EOS)
-    assert calls == [0, 1, 1, 2]  # shard 0 not redone
-    assert manifest["complete"] and len(manifest["shards"]) == 3
-    assert torch.equal(load_file(str(tmp_path / "shard-00000.safetensors"))["p_acc"], first["p_acc"])
-    data = load_shards(tmp_path)
-    assert data["hidden"].dtype == torch.bfloat16 and len(data["p_acc"]) == manifest["tokens"]
-    assert set(data["seq"].tolist()) == set(range(6))
-    # A finished run does nothing more; other arguments into the same directory are refused.
-    generate_dataset(target, draft, tok, prompts(6), tmp_path, config, EOS)
+        generate_dataset(engine, prompts(6), resumed, config)
+    assert [s["name"] for s in read_manifest(resumed)["shards"]] == ["shard-00000"]
+    first = (resumed / "shard-00000.safetensors").read_bytes()
+    manifest = generate_dataset(engine, prompts(6), resumed, config)
+    assert calls == [0, 1, 1, 2]  # shard 0 was not redone
+    assert manifest["complete"] and [s["name"] for s in manifest["shards"]] == [f"shard-0000{i}" for i in range(3)]
+    assert (resumed / "shard-00000.safetensors").read_bytes() == first
+    generate_dataset(engine, prompts(6), resumed, config)  # a finished run does nothing more
     assert len(calls) == 4
     with pytest.raises(ValueError, match="other arguments"):
-        generate_dataset(target, draft, tok, prompts(6), tmp_path, GenConfig(max_new_tokens=7), EOS)
+        generate_dataset(engine, prompts(6), resumed, GenConfig(k=3, max_new_tokens=9, shard_prompts=2, seed=1))
+
+    # Resumed data equal an uninterrupted run's; another seed gives other data.
+    data = load_shards(resumed)
+    assert data["hidden"].dtype == torch.bfloat16 and set(data["seq"].tolist()) == set(range(6))
+    fresh = generate_dataset(engine, prompts(6), tmp_path / "fresh", config)
+    assert fresh["tokens"] == manifest["tokens"]
+    again = load_shards(tmp_path / "fresh")
+    assert data.keys() == again.keys()
+    for name in data:
+        assert torch.equal(data[name], again[name]), name
+    generate_dataset(engine, prompts(6), tmp_path / "other", GenConfig(k=3, max_new_tokens=8, shard_prompts=2, seed=2))
+    other = load_shards(tmp_path / "other")["accept_prob"]
+    assert len(other) != len(data["accept_prob"]) or not torch.equal(other, data["accept_prob"])
+
+
+def test_gen_data_skips_long_prompts_and_needs_a_draft(engine, tiny_pair, tokenizer, tmp_path):
+    long = Prompt("long", "a very long prompt " * 10, "test")
+    manifest = generate_dataset(engine, [long, *prompts(1)], tmp_path, GenConfig(k=2, max_new_tokens=4,
+                                                                                  max_prompt_tokens=40))
+    meta = json.loads((tmp_path / "shard-00000.json").read_text())
+    assert meta["skipped_ids"] == ["long"] and meta["prompts"] == 1 and manifest["shards"][0]["skipped"] == 1
+    assert set(load_shards(tmp_path)["seq"].tolist()) == {1}
+    with pytest.raises(ValueError, match="draft"):
+        generate_dataset(LLMEngine(tiny_pair[0], None, tokenizer), prompts(1), tmp_path / "x", GenConfig())
+
+
+def test_training_refuses_eval_only_data_but_evaluation_reads_it(engine, tmp_path):
+    from heads.evaluate import evaluate
+    from heads.train import load_training_data
+
+    config = GenConfig(k=3, max_new_tokens=8, shard_prompts=4)
+    problems = [Prompt(f"HumanEval/{i}", text, "humaneval") for i, text in enumerate(TEXTS)]
+    manifest = generate_dataset(engine, problems, tmp_path / "he", config, {"draft_id": "tiny"})
+    assert manifest["eval_only"] and manifest["sources"] == ["humaneval"]
+    with pytest.raises(ValueError, match="evaluation-only"):
+        load_training_data([tmp_path / "he"], "before")
+    result = evaluate(random_head(32, seed=2), tmp_path / "he")
+    assert result["tokens"] == manifest["tokens"] and 0.0 <= result["auc_head"] <= 1.0
+    # Training data must come from one draft.
+    generate_dataset(engine, prompts(2), tmp_path / "a", config, {"draft_id": "tiny"})
+    generate_dataset(engine, prompts(2), tmp_path / "b", config, {"draft_id": "other"})
+    with pytest.raises(ValueError, match="draft_id"):
+        load_training_data([tmp_path / "a", tmp_path / "b"], "before")
+    data, summary = load_training_data([tmp_path / "a", tmp_path / "a"], "after")
+    assert summary["draft_id"] == "tiny" and summary["prompts"] == 4
+    assert len(torch.unique(data["seq"])) == 4  # sequence keys stay apart across directories
 
 
 def test_humaneval_is_held_out(tmp_path):
@@ -140,36 +255,49 @@ def test_humaneval_is_held_out(tmp_path):
     assert [r["id"] for r in iter_sharegpt_records(path)] == ["c0", "c1", "c2"]
     chosen = {p.text for split in ("train", "heldout") for p in sharegpt_prompts(10, split, path=path)}
     assert chosen == {"write python code to sort a list", "tell me a joke"}
+    # JSONL prompts go through the same filter.
+    lines = [json.dumps(leaked.text), json.dumps({"prompt": "tell me a joke"}),
+             json.dumps({"messages": [{"role": "user", "content": "hi"}]})]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    assert [p.text for p in jsonl_prompts(tmp_path / "p.jsonl")] == ["tell me a joke", "hi"]
 
 
-def test_train_refuses_humaneval_data(pair, tmp_path):
-    from heads.train import load_training_data
-
-    target, draft, tok = pair
-    config = GenConfig(max_new_tokens=4, max_prompt_tokens=10_000, batch_size=2, shard_prompts=2)
-    generate_dataset(target, draft, tok, humaneval_prompts(2), tmp_path, config, EOS)
-    with pytest.raises(ValueError, match="evaluation-only"):
-        load_training_data([tmp_path])
-
-
-def test_cli_train_and_eval(pair, tmp_path, capsys):
+def test_cli_train_eval_predict(engine, tmp_path, capsys):
+    from specdecpp.bench.stop_rules import CostModel
     from specdecpp.cli import main
 
-    target, draft, tok = pair
-    config = GenConfig(max_new_tokens=12, max_prompt_tokens=64, batch_size=4, shard_prompts=8)
+    config = GenConfig(k=4, max_new_tokens=12, shard_prompts=8)
     description = {"draft_id": "tiny-draft", "target_id": "tiny-target", "source": "test"}
-    generate_dataset(target, draft, tok, prompts(16), tmp_path / "train", config, EOS, description)
-    generate_dataset(target, draft, tok, prompts(4), tmp_path / "eval", config, EOS, description)
+    generate_dataset(engine, prompts(12), tmp_path / "train", config, description)
+    generate_dataset(engine, prompts(4), tmp_path / "eval", config, description)
     head_dir = tmp_path / "head"
-    assert main(["heads", "train", "--data", str(tmp_path / "train"), "--out", str(head_dir), "--epochs", "3"]) == 0
+    args = ["heads", "train", "--data", str(tmp_path / "train"), "--out", str(head_dir), "--epochs", "3",
+            "--timing", "after", "--val-fraction", "0.25"]
+    assert main(args) == 0
     saved = json.loads((head_dir / "config.json").read_text())
-    assert saved["draft_id"] == "tiny-draft" and saved["hidden_size"] == 32 and saved["depth"] == 3
+    assert saved["version"] == 2 and saved["timing"] == "after" and saved["draft_id"] == "tiny-draft"
+    assert saved["hidden_size"] == 32 and set(saved["calibration"]) == {"scale", "bias"}
     assert len(saved["training"]["data_hash"]) == 64 and saved["training"]["tokens"] > 0
+    assert saved["training"]["target_id"] == "tiny-target"
+
     out_json = tmp_path / "eval.json"
     args = ["heads", "eval", "--head", str(head_dir), "--data", str(tmp_path / "eval"), "--json", str(out_json)]
     assert main([*args, "--report"]) == 0
     result = json.loads(out_json.read_text())[0]
-    assert set(result["predictors"]) == {"head", "head_unweighted", "confidence", "constant"}
-    assert 0.0 <= result["predictors"]["head"]["auc_reject"] <= 1.0
+    assert set(result["predictors"]) == {"head", "confidence", "constant"}
+    assert result["head_timing"] == "after" and 0.0 <= result["auc_head"] <= 1.0
+    eval_rows = load_shards(tmp_path / "eval")
+    assert result["tokens"] == int(eval_rows["has_next"].sum())  # an "after" head judges all but each round's last
     assert "| confidence |" in (head_dir / "REPORT.md").read_text()
     assert "AUC(reject)" in capsys.readouterr().out
+
+    costs = tmp_path / "costs.json"
+    CostModel(draft_step=0.01, judge=0.001, target={1: 0.1, 8: 0.15}).save(costs)
+    out = tmp_path / "predict.json"
+    args = ["heads", "predict", "--data", str(tmp_path / "eval"), "--head", str(head_dir), "--costs", str(costs),
+            "--bounds", "1", "4", "--output", str(out)]
+    assert main(args) == 0
+    predicted = json.loads(out.read_text())
+    assert predicted["logged_k"] == 4 and set(predicted["best"]) == {"none", "constant", "confidence", "specdec++"}
+    assert predicted["best"]["none"]["speedup"] == pytest.approx(1.0)
+    assert "specdec++" in capsys.readouterr().out

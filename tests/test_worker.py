@@ -17,7 +17,7 @@ from engine.worker import EngineLoop, run_worker
 @pytest.fixture
 def loop(tiny_pair, tokenizer):
     target, draft = tiny_pair
-    engine = LLMEngine(target, draft, tokenizer, head=random_head(target.config.hidden_size), max_model_len=256)
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)}, max_model_len=256)
     inbox, outbox = queue.Queue(), queue.Queue()
     worker = EngineLoop(engine, inbox, outbox)
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -91,7 +91,7 @@ def test_abort_frees_the_request(loop):
 
 def test_shutdown_cancels_what_is_left(tiny_pair, tokenizer):
     target, draft = tiny_pair
-    engine = LLMEngine(target, draft, tokenizer, head=random_head(target.config.hidden_size))
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)})
     inbox, outbox = queue.Queue(), queue.Queue()
     add(inbox, "left", max_tokens=300, ignore_eos=True)
     inbox.put({"type": "shutdown"})

@@ -16,16 +16,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine.llm_engine import LLMEngine
+import numpy as np
+
+from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from heads.prompts import Prompt
 from specdecpp.bench.peers import HF_DYNAMIC_THRESHOLD, HF_POLICIES, hf_assisted_generate
+from specdecpp.bench.report import best_row
 
 log = logging.getLogger(__name__)
 
-# `specdec++-exact`: the paper's rule exactly (SpecConfig.free_final_token off), beside ours.
-ENGINE_POLICIES = ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-exact")
-HEAD_POLICIES = ("specdec++", "specdec++-exact")  # rows that need an acceptance head
+# `specdec++-post`: the paper's timing (a head that judges after the draft's forward on the
+# candidate), loaded as the engine head "post", beside our default head.
+ENGINE_POLICIES = ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-post")
+HEAD_POLICIES = {"specdec++": DEFAULT_HEAD, "specdec++-post": "post"}  # row -> the engine head it needs
 ALL_POLICIES = ENGINE_POLICIES + HF_POLICIES
 KNOB_NAMES = {
     "none": None,
@@ -33,14 +37,14 @@ KNOB_NAMES = {
     "heuristic": "k0",
     "confidence": "p_min",
     "specdec++": "threshold",
-    "specdec++-exact": "threshold",
+    "specdec++-post": "threshold",
     "hf-constant": "k",
     "hf-dynamic": "confidence_threshold",
     "hf-heuristic": "k0",
 }
 ROW_FIELDS = (
-    "policy", "knob_name", "knob", "temperature", "tokens_per_s", "speedup", "discard_rate", "verification_rate",
-    "acceptance_rate", "mean_candidate_length", "mean_accepted_length", "tokens_per_target_call",
+    "label", "policy", "knob_name", "knob", "temperature", "tokens_per_s", "speedup", "discard_rate",
+    "verification_rate", "acceptance_rate", "mean_candidate_length", "mean_accepted_length", "tokens_per_target_call",
     "decode_tokens_per_s", "decode_speedup", "prompts",
     "generated_tokens", "proposed_tokens", "accepted_tokens", "discarded_tokens", "target_calls", "rounds",
     "wall_seconds",
@@ -70,7 +74,8 @@ class BenchConfig:
         elif self.policy in HEAD_POLICIES:
             fields["threshold"] = float(self.knob)
             fields["policy"] = "specdec++"
-            fields["free_final_token"] = self.policy == "specdec++"
+            head = HEAD_POLICIES[self.policy]
+            fields["head"] = None if head == DEFAULT_HEAD else head
         return SpecConfig.model_validate(fields)
 
 
@@ -276,11 +281,10 @@ def _sum(records: list[dict], field: str) -> float | None:
     return None if any(v is None for v in values) else sum(values)
 
 
-def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
-    """One row per configuration, over the prompts every configuration finished.
+def complete_records(records: list[dict], configs: list[BenchConfig]) -> dict[BenchConfig, list[dict]]:
+    """Per configuration, its records of the prompts every configuration finished, in prompt-id order.
 
-    Sums of counts over prompts; every rate is a ratio of those sums (DESIGN.md). A count a
-    peer cannot measure stays None, and so do the rates built on it.
+    Rows compare only on the same prompts; the shared order lets comparisons pair them by index.
     """
     by_config: dict[BenchConfig, dict[str, dict]] = {c: {} for c in configs}
     for r in records:
@@ -288,9 +292,19 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
         if config in by_config:
             by_config[config][r["prompt_id"]] = r
     common = set.intersection(*(set(v) for v in by_config.values())) if by_config else set()
+    return {c: [r for pid, r in sorted(by_config[c].items()) if pid in common] for c in configs}
+
+
+def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
+    """One row per configuration, over the prompts every configuration finished.
+
+    Sums of counts over prompts; every rate is a ratio of those sums (DESIGN.md). A count a
+    peer cannot measure stays None, and so do the rates built on it.
+    """
+    complete = complete_records(records, configs)
     rows = []
     for config in configs:
-        rs = [r for pid, r in sorted(by_config[config].items()) if pid in common]
+        rs = complete[config]
         generated = _sum(rs, "generated_tokens") or 0
         proposed, accepted = _sum(rs, "proposed_tokens"), _sum(rs, "accepted_tokens")
         discarded = None if proposed is None or accepted is None else proposed - accepted
@@ -299,6 +313,7 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
         decode_tokens, decode_seconds = _decode_totals(rs)
         speculates = config.policy != "none"
         rows.append({
+            "label": config.label,
             "policy": config.policy,
             "knob_name": KNOB_NAMES[config.policy],
             "knob": config.knob,
@@ -343,3 +358,75 @@ def _decode_totals(records: list[dict]) -> tuple[float | None, float | None]:
         tokens += s["generated_tokens"] - s["first_round_tokens"]
         seconds += s["total_seconds"] - s["first_token_seconds"]
     return tokens, seconds
+
+
+# ----- comparisons ---------------------------------------------------------------------------
+# (a, b) policy pairs compared at each temperature, each at its fastest knob.
+COMPARISONS = (
+    ("specdec++", "constant"),
+    ("specdec++", "confidence"),
+    ("specdec++-post", "constant"),
+    ("specdec++", "none"),
+    ("constant", "none"),
+    ("confidence", "none"),
+)
+
+
+def paired_bootstrap_ratio(
+    a_tokens: list[float], a_seconds: list[float], b_tokens: list[float], b_seconds: list[float],
+    resamples: int = 2000, seed: int = 0,
+) -> tuple[float | None, float | None, float | None]:
+    """tokens/s of a over b (each a ratio of sums over prompts) and a 95% bootstrap interval.
+
+    Both rows ran the same prompts with the same seeds, so a prompt's length and difficulty
+    move both rates together. Resampling prompt indices jointly for the two rows keeps that
+    shared part out of the interval, which resampling each row on its own would count as noise.
+    """
+    tokens_a, seconds_a, tokens_b, seconds_b = (np.asarray(x, dtype=np.float64)
+                                                for x in (a_tokens, a_seconds, b_tokens, b_seconds))
+    n = len(tokens_a)
+    if not n == len(seconds_a) == len(tokens_b) == len(seconds_b):
+        raise ValueError("a paired comparison needs the same prompts, in the same order, for both rows")
+    ratio = _ratio(_ratio(tokens_a.sum(), seconds_a.sum()), _ratio(tokens_b.sum(), seconds_b.sum()))
+    if ratio is None:
+        return None, None, None
+    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = (tokens_a[index].sum(1) * seconds_b[index].sum(1)) / (seconds_a[index].sum(1) * tokens_b[index].sum(1))
+    boot = boot[np.isfinite(boot)]
+    if not len(boot):
+        return float(ratio), None, None
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(ratio), float(low), float(high)
+
+
+def _interior(rows: list[dict], best: dict) -> bool:
+    """Whether the best knob lies strictly inside its policy's sweep (an edge may hide a better knob)."""
+    knobs = [r["knob"] for r in rows if r["policy"] == best["policy"] and r["temperature"] == best["temperature"]
+             and r["knob"] is not None]
+    return best["knob"] is not None and min(knobs) < best["knob"] < max(knobs)
+
+
+def compare(records: list[dict], rows: list[dict], configs: list[BenchConfig], resamples: int = 2000,
+            seed: int = 0) -> list[dict]:
+    """The COMPARISONS pairs at each temperature: best row of a over best row of b, with a paired
+    bootstrap interval by prompt on the records behind the rows (the prompts every row finished)."""
+    complete = {c.label: rs for c, rs in complete_records(records, configs).items()}
+    out = []
+    for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
+        for policy_a, policy_b in COMPARISONS:
+            a, b = best_row(rows, policy_a, temperature), best_row(rows, policy_b, temperature)
+            if a is None or b is None:
+                continue
+            ra, rb = complete[a["label"]], complete[b["label"]]
+            ratio, low, high = paired_bootstrap_ratio(
+                [r["stats"]["generated_tokens"] for r in ra], [r["wall_seconds"] for r in ra],
+                [r["stats"]["generated_tokens"] for r in rb], [r["wall_seconds"] for r in rb],
+                resamples=resamples, seed=seed,
+            )
+            out.append({
+                "temperature": temperature, "a": a["label"], "b": b["label"], "ratio": ratio,
+                "ci_low": low, "ci_high": high, "a_knob_interior": _interior(rows, a),
+                "b_knob_interior": _interior(rows, b), "prompts": len(ra), "resamples": resamples,
+            })
+    return out

@@ -1,4 +1,4 @@
-"""Results files: JSON (`meta` + `rows`), a markdown table, and PNG plots (matplotlib, Agg)."""
+"""Results files: JSON (`meta`, `rows`, offline `comparisons`), a markdown table, and PNG plots (matplotlib, Agg)."""
 
 from __future__ import annotations
 
@@ -12,16 +12,20 @@ STYLE = {
     "heuristic": ("tab:purple", "D"),
     "confidence": ("tab:green", "^"),
     "specdec++": ("tab:red", "s"),
-    "specdec++-exact": ("tab:pink", "D"),
+    "specdec++-post": ("tab:pink", "D"),
+    "specdec++-exact": ("tab:gray", "d"),  # results written before the post head replaced this row
     "hf-constant": ("tab:cyan", "v"),
     "hf-dynamic": ("tab:orange", "P"),
     "hf-heuristic": ("tab:brown", "X"),
 }
 
 
-def write_json(path: Path, rows: list[dict], meta: dict) -> None:
+def write_json(path: Path, rows: list[dict], meta: dict, comparisons: list[dict] | None = None) -> None:
+    data = {"meta": meta, "rows": rows}
+    if comparisons is not None:
+        data["comparisons"] = comparisons
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -48,8 +52,8 @@ def best_row(rows: list[dict], policy: str, temperature: float) -> dict | None:
 def headline(rows: list[dict], temperature: float) -> list[dict]:
     """Target alone, each policy at its best knob, and hf-constant at the best constant k."""
     out = []
-    for policy in ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-exact", "hf-dynamic",
-                   "hf-heuristic"):
+    for policy in ("none", "constant", "heuristic", "confidence", "specdec++", "specdec++-post", "specdec++-exact",
+                   "hf-dynamic", "hf-heuristic"):
         row = best_row(rows, policy, temperature)
         if row is not None:
             out.append(row)
@@ -77,12 +81,33 @@ def headline_markdown(rows: list[dict], temperature: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def offline_markdown(rows: list[dict], meta: dict) -> str:
-    """A headline table and one full table per temperature; the best row of each policy in bold."""
+def comparisons_markdown(comparisons: list[dict]) -> str:
+    """The comparisons table; an edge knob is flagged since a wider sweep might beat it."""
+    lines = ["| a | b | ratio (a / b tokens/s) | 95% CI | a knob interior | b knob interior | prompts |",
+             "|---|---|---:|---|---|---|---:|"]
+    for c in comparisons:
+        interval = "-" if c["ci_low"] is None else f"[{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
+        lines.append(f"| {c['a']} | {c['b']} | {_fmt(c['ratio'])} | {interval} | {_yes_no(c['a_knob_interior'])} | "
+                     f"{_yes_no(c['b_knob_interior'])} | {_fmt(c.get('prompts'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def offline_markdown(rows: list[dict], meta: dict, comparisons: list[dict] | None = None) -> str:
+    """A headline table, the comparisons, and one full table per temperature; the best row of each
+    policy in bold."""
     out = [f"# Offline benchmark: {meta.get('dataset', '')}", ""]
     out.append(_meta_lines(meta))
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         out += ["", f"## headline, temperature {temperature:g}", "", headline_markdown(rows, temperature).rstrip()]
+    if comparisons:
+        out += ["", "## Comparisons (paired bootstrap 95% CI by prompt)", "",
+                "Each policy at its fastest knob; tokens/s are ratios of sums over prompts, and the interval "
+                "resamples prompts jointly for both rows. A knob that is not interior sits at an end of its sweep.",
+                "", comparisons_markdown(comparisons).rstrip()]
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["temperature"] == temperature]
         best = {}
@@ -178,7 +203,7 @@ def plot_speedup(rows: list[dict], path: Path, title: str = "") -> None:
     plt = _plt()
     temps = sorted({r["temperature"] for r in rows}, reverse=True)
     panels = [("k", ("constant", "hf-constant")), ("p_min", ("confidence",)),
-              ("threshold", ("specdec++", "specdec++-exact"))]
+              ("threshold", ("specdec++", "specdec++-post", "specdec++-exact"))]
     fig, axes = plt.subplots(len(temps), len(panels), figsize=(5 * len(panels), 3.8 * len(temps)), squeeze=False)
     for row_axes, temperature in zip(axes, temps, strict=True):
         singles = [r for r in rows if r["temperature"] == temperature
@@ -205,12 +230,13 @@ def plot_speedup(rows: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def write_offline_report(json_path: Path, rows: list[dict], meta: dict) -> list[Path]:
+def write_offline_report(json_path: Path, rows: list[dict], meta: dict,
+                         comparisons: list[dict] | None = None) -> list[Path]:
     """JSON, markdown and the two plots next to each other; returns the paths written."""
     stem = json_path.with_suffix("")
     md, frontier, speedup = stem.with_suffix(".md"), Path(f"{stem}-frontier.png"), Path(f"{stem}-speedup.png")
-    write_json(json_path, rows, meta)
-    md.write_text(offline_markdown(rows, meta))
+    write_json(json_path, rows, meta, comparisons if comparisons is not None else [])
+    md.write_text(offline_markdown(rows, meta, comparisons))
     title = meta.get("dataset", "")
     plot_frontier(rows, frontier, title)
     plot_speedup(rows, speedup, title)

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--p-mins", type=float, nargs="+", help="confidence sweep (default: 0.2 0.4 0.6 0.8)")
     o.add_argument("--thresholds", type=float, nargs="+",
                    help="specdec++ threshold sweep (default: 0.1 0.2 0.3 0.5 0.7 0.9)")
+    o.add_argument("--post-head", metavar="DIR",
+                   help="an acceptance head that judges after the draft's forward (the paper's timing), loaded as "
+                   "engine head 'post' for the specdec++-post rows")
     o.add_argument("--bounds", type=int, nargs=2, default=[2, 20], metavar=("MIN", "MAX"),
                    help="candidate length bounds of heuristic/confidence/specdec++ (default: 2 20, the paper's)")
     o.add_argument("--hf-ks", type=int, nargs="+", help="hf-constant k values (default: 2 4 6)")
@@ -117,9 +120,7 @@ def load_prompts(dataset: str, num: int, seed: int = 0) -> list:
     from heads import prompts as sources
 
     if dataset == "humaneval":
-        everything = sources.humaneval_prompts()
-        num = min(num, len(everything))
-        return [everything[round(i * len(everything) / num)] for i in range(num)]
+        return sources.humaneval_prompts(num)
     if dataset == "sharegpt":
         return sources.sharegpt_prompts(num, split="heldout", seed=seed)
     if dataset.startswith("jsonl:"):
@@ -143,7 +144,15 @@ def _meta(args: argparse.Namespace, extra: dict) -> dict:
 # ----- offline ---------------------------------------------------------------------------------
 def run_offline_command(args: argparse.Namespace) -> int:
     from engine.factory import build_engine, resolve_paths
-    from specdecpp.bench.offline import HEAD_POLICIES, Checkpoint, Sweep, aggregate, record_key, run_offline
+    from specdecpp.bench.offline import (
+        HEAD_POLICIES,
+        Checkpoint,
+        Sweep,
+        aggregate,
+        compare,
+        record_key,
+        run_offline,
+    )
     from specdecpp.bench.report import write_offline_report
 
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -156,20 +165,26 @@ def run_offline_command(args: argparse.Namespace) -> int:
     policies = tuple(args.policies) if args.policies else Sweep().policies
     if "none" not in policies:
         policies = ("none", *policies)
+    asked = set(args.policies or ()) | set(args.greedy_policies or ())
+    post = HEAD_POLICIES["specdec++-post"]
+    extra_heads = [text.partition("=")[0] for text in args.extra_head]
+    if args.post_head:  # before the models load: a missing or doubled head fails in seconds, not after them
+        if post in extra_heads:
+            raise ValueError(f"--post-head and --extra-head {post}=DIR both name the head {post!r}: give one")
+        args.extra_head = [*args.extra_head, f"{post}={args.post_head}"]
+        if not args.policies:
+            policies = (*policies, "specdec++-post")
+    elif "specdec++-post" in asked and post not in extra_heads:
+        raise ValueError(f"specdec++-post was asked for but no head {post!r} is given (--post-head DIR)")
     config = engine_config_from_args(args)
     target, draft, head = resolve_paths(config)
     engine = build_engine(config)
     if engine.draft is None:
         raise ValueError("the offline benchmark compares speculation policies: it needs a draft model")
-    if engine.head is None and set(HEAD_POLICIES) & set(policies):
-        if args.policies:
-            raise ValueError("specdec++ was asked for but no acceptance head is loaded (--head DIR)")
-        log.warning("no acceptance head: the specdec++ rows are skipped")
-        policies = tuple(p for p in policies if p not in HEAD_POLICIES)
-    greedy_policies = None
-    if args.greedy_policies:
-        has_head = engine.head is not None
-        greedy_policies = tuple(p for p in ("none", *args.greedy_policies) if p not in HEAD_POLICIES or has_head)
+    if post in engine.heads and engine.heads[post].timing != "after":
+        log.warning("head %r judges %s the draft's forward: the specdec++-post rows are not the paper's timing",
+                    post, engine.heads[post].timing)
+    policies, greedy_policies = _rows_with_heads(policies, args.greedy_policies, asked, set(engine.heads))
     sweep = Sweep(
         temperatures=tuple(args.temperatures),
         ks=tuple(args.ks),
@@ -186,6 +201,8 @@ def run_offline_command(args: argparse.Namespace) -> int:
     configs = sweep.configs()
     prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
     models = {"target": target, "draft": draft, "head": head, "dtype": args.dtype}
+    if args.extra_head:  # only then: checkpoints of runs without extra heads keep resuming
+        models["extra_heads"] = list(args.extra_head)
     settings = {
         "dataset": args.dataset,
         "prompt_ids": [p.id for p in prompts],
@@ -205,6 +222,7 @@ def run_offline_command(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, file=sys.stderr, flush=True), run=not args.report_only,
     )
     rows = aggregate(records, configs)
+    comparisons = compare(records, rows, configs)
     finished = [i for i, p in enumerate(prompts) if all(record_key(c, p.id) in checkpoint for c in configs)]
     if len(finished) < len(prompts):
         print(f"the report covers the {len(finished)} of {len(prompts)} prompts that every row finished",
@@ -224,12 +242,33 @@ def run_offline_command(args: argparse.Namespace) -> int:
             "tokens_per_s = generated tokens / wall seconds summed over prompts; speedup vs the `none` row "
             "at the same temperature; rates are ratios of sums (DESIGN.md)",
             "greedy_agreement: share of greedy (T=0) requests whose tokens equal the target alone's",
+            "comparisons: tokens/s of a over b at each policy's fastest knob, with a paired bootstrap 95% "
+            "interval by prompt",
         ],
         "greedy_agreement": greedy_agreement(records),
     })
-    for path in write_offline_report(args.output, rows, meta):
+    for path in write_offline_report(args.output, rows, meta, comparisons):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _rows_with_heads(policies: tuple[str, ...], greedy: list[str] | None, asked: set[str],
+                     heads: set[str]) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """The rows to run, given the engine's heads: a head row asked for without its head is an error
+    (before hours of other rows); one only in the default set is skipped with a warning."""
+    from specdecpp.bench.offline import HEAD_POLICIES
+
+    flags = {"specdec++": "--head DIR", "specdec++-post": "--post-head DIR"}
+    lacking = {p for p, name in HEAD_POLICIES.items() if name not in heads}
+    missing = sorted(lacking & asked)
+    if missing:
+        policy = missing[0]
+        raise ValueError(f"{policy} was asked for but its acceptance head {HEAD_POLICIES[policy]!r} is not loaded "
+                         f"({flags[policy]})")
+    if lacking & set(policies):
+        log.warning("no acceptance head for the %s rows: skipped", ", ".join(sorted(lacking & set(policies))))
+    kept = tuple(p for p in policies if p not in lacking)
+    return kept, (tuple(p for p in ("none", *greedy) if p not in lacking) if greedy else None)
 
 
 def greedy_agreement(records: list[dict]) -> dict[str, float]:

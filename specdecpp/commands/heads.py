@@ -35,9 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--code-fraction", type=float, default=0.4, help="ShareGPT: share of code requests")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--max-prompt-tokens", type=int, default=384, help="skip longer prompts (after the template)")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--k", type=int, default=8, help="candidates per round (constant k; every one is labelled)")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences the engine batches per round")
     g.add_argument("--shard-prompts", type=int, default=64, help="prompts per shard")
-    g.add_argument("--mixing-ratio", type=float, default=0.15, help="share of positions fed the target token")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
+    g.add_argument("--sampling", nargs="+", metavar="T:TOP_P",
+                   help="(temperature, top-p) settings the prompts cycle through (default: 1:1 1:1 0:1 0.7:0.9)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help=f"output directory (e.g. {default_data_root()}/sharegpt-train)")
     g.set_defaults(func=run_gen_data)
@@ -45,25 +48,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = hs.add_parser("train", help="train a head on generated data")
     t.add_argument("--data", nargs="+", required=True, help="data directories from gen-data")
     t.add_argument("--out", required=True, help="head directory to write (model.safetensors + config.json)")
+    t.add_argument("--timing", default="before", choices=["before", "after"],
+                   help="judge a candidate before the draft's forward on it (default) or after it (the paper's)")
     t.add_argument("--depth", type=int, default=3, help="residual blocks")
-    t.add_argument("--w-reject", type=float, default=6.0, help="weight of the reject class in the loss")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate of the hidden-state path")
-    t.add_argument("--feature-lr", type=float, default=1e-2, help="learning rate of the feature weights")
+    t.add_argument("--w-reject", type=float, default=1.0, help="weight of the reject class in the loss")
+    t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--batch-size", type=int, default=128, help="tokens per step")
-    t.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    t.add_argument("--batch-size", type=int, default=256, help="candidates per step")
+    t.add_argument("--epochs", type=int, default=20, help="maximum epochs")
     t.add_argument("--warmup", type=float, default=0.05, help="share of steps with linear warmup")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of sequences held out for validation")
-    t.add_argument("--patience", type=int, default=4, help="early stop after this many epochs without gain")
+    t.add_argument("--patience", type=int, default=3, help="early stop after this many epochs without gain")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument(
-        "--features",
-        nargs="+",
-        default=["all"],
-        help="draft statistics the head also sees: any of log_draft_prob draft_entropy log_draft_max, "
-        "'all' (default) or 'none' (the paper's hidden-state-only head)",
-    )
     t.set_defaults(func=run_train)
+
+    r = hs.add_parser("predict", help="offline evaluator: every stop rule's expected speedup from logged rounds")
+    r.add_argument("--data", nargs="+", required=True, help="data directories from gen-data (held out)")
+    r.add_argument("--head", help="acceptance head directory (default: the shipped head)")
+    r.add_argument("--post-head", help="a second head (e.g. one judging after the forward), rows specdec++-post")
+    r.add_argument("--costs", help="cost model JSON (default: measure it now with the default pair)")
+    r.add_argument("--save-costs", help="write the cost model used to this JSON file")
+    r.add_argument("--bounds", type=int, nargs=2, default=[1, 20], metavar=("MIN", "MAX"))
+    r.add_argument("--temperature", type=float, help="only rounds sampled at this temperature")
+    r.add_argument("--output", required=True, help="JSON file to write")
+    r.set_defaults(func=run_predict)
 
     e = hs.add_parser("eval", help="binary KL, AUC and calibration: head vs draft confidence")
     e.add_argument("--head", required=True, help="head directory")
@@ -85,37 +93,41 @@ def _prompts(args: argparse.Namespace):
     raise ValueError(f"--source: {args.source!r} is neither 'sharegpt', 'humaneval' nor a JSONL file")
 
 
+def _sampling(text: str) -> tuple[float, float]:
+    temperature, _, top_p = text.partition(":")
+    try:
+        return float(temperature), float(top_p or 1.0)
+    except ValueError:
+        raise SystemExit(f"--sampling expects TEMPERATURE:TOP_P, got {text!r}") from None
+
+
 def run_gen_data(args: argparse.Namespace) -> int:
     import torch
 
     from engine.config import EngineConfig
-    from engine.cpu_linear import pack_linears
-    from engine.factory import resolve_paths
-    from engine.loader import eos_token_ids, load_model, load_tokenizer, model_identity, parse_dtype
+    from engine.factory import build_engine, resolve_paths
+    from engine.loader import model_identity
     from heads.data import GenConfig, generate_dataset
 
-    if args.target is None and args.draft is None:
-        target_spec, draft_spec, _ = resolve_paths(EngineConfig(head="none"))
-    elif args.target is None or args.draft is None:
+    if (args.target is None) != (args.draft is None):
         raise ValueError("give both --target and --draft, or neither (the default pair)")
-    else:
-        target_spec, draft_spec = args.target, args.draft
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prompts = _prompts(args)
     log.info("%d prompts from %s", len(prompts), args.source)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = parse_dtype(args.dtype)
-    tokenizer = load_tokenizer(target_spec)
-    target = load_model(target_spec, dtype, device=device)
-    draft = load_model(draft_spec, dtype, device=device)
-    for model in (target, draft):
-        # CPU only: the same data up to summation order, generated faster (engine/cpu_linear.py)
-        pack_linears(model, fp32_copies="auto")
+    engine_config = EngineConfig(
+        target=args.target, draft=args.draft, head="none", dtype=args.dtype,
+        max_num_seqs=args.batch_size, **({"draft_device": args.device, "target_devices": [args.device]}
+                                         if args.device else {}),
+    )
+    target_spec, draft_spec, _ = resolve_paths(engine_config)
+    engine = build_engine(engine_config)
     config = GenConfig(
         max_new_tokens=args.max_new_tokens,
         max_prompt_tokens=args.max_prompt_tokens,
-        batch_size=args.batch_size,
+        k=args.k,
         shard_prompts=args.shard_prompts,
-        mixing_ratio=args.mixing_ratio,
+        **({"sampling": tuple(_sampling(text) for text in args.sampling)} if args.sampling else {}),
         seed=args.seed,
     )
     description = {
@@ -124,30 +136,22 @@ def run_gen_data(args: argparse.Namespace) -> int:
         "draft_id": model_identity(draft_spec),
         "target_id": model_identity(target_spec),
         "dtype": args.dtype,
+        "batch_size": args.batch_size,
     }
-    manifest = generate_dataset(
-        target, draft, tokenizer, prompts, args.out, config, sorted(eos_token_ids(target, tokenizer)), description
-    )
-    print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['tokens']} tokens, complete={manifest['complete']}")
+    manifest = generate_dataset(engine, prompts, args.out, config, description)
+    print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['tokens']} candidates, "
+          f"complete={manifest['complete']}")
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from heads.model import DRAFT_FEATURES
     from heads.train import TrainConfig, train_from_dirs
 
-    features = tuple(args.features)
-    if features == ("all",):
-        features = DRAFT_FEATURES
-    elif features == ("none",):
-        features = ()
-    elif not set(features) <= set(DRAFT_FEATURES):
-        raise ValueError(f"--features: choose from {', '.join(DRAFT_FEATURES)}, 'all' or 'none'")
     config = TrainConfig(
+        timing=args.timing,
         depth=args.depth,
         w_reject=args.w_reject,
         lr=args.lr,
-        feature_lr=args.feature_lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         max_epochs=args.epochs,
@@ -155,7 +159,6 @@ def run_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         patience=args.patience,
         seed=args.seed,
-        features=features,
     )
     head = train_from_dirs(args.data, args.out, config)
     record = head.config.training
@@ -163,6 +166,43 @@ def run_train(args: argparse.Namespace) -> int:
         f"{args.out}: best epoch {record['best_epoch']}/{record['epochs_run']}, val loss {record['best_val_loss']:.4f} "
         f"({record['train_tokens']} train / {record['val_tokens']} val tokens)"
     )
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.factory import build_engine, resolve_paths
+    from heads.model import load_head
+    from specdecpp.bench.machine import machine_record
+    from specdecpp.bench.stop_rules import CostModel, load_rounds, measure_costs, predict
+
+    head_dir = args.head or resolve_paths(EngineConfig())[2]
+    heads = {"default": load_head(head_dir)}
+    if args.post_head:
+        heads["post"] = load_head(args.post_head)
+    if args.costs:
+        costs = CostModel.load(args.costs)
+    else:
+        log.info("measuring the cost model with the default pair")
+        engine = build_engine(EngineConfig(head=head_dir))
+        costs = measure_costs(engine)
+        costs = CostModel(costs.draft_step, costs.judge, costs.target, machine_record())
+        del engine
+    if args.save_costs:
+        costs.save(args.save_costs)
+    rounds = load_rounds(args.data, heads)
+    if args.temperature is not None:
+        rounds = rounds.only(rounds.temperature == args.temperature)
+    result = {"data": list(args.data), "heads": {k: str(v) for k, v in
+                                                 (("default", head_dir), ("post", args.post_head)) if v},
+              **predict(rounds, costs, tuple(args.bounds))}
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    for policy, row in result["best"].items():
+        print(f"{policy:<16} best knob {row['knob']!s:<6} predicted speedup {row['speedup']:.3f} "
+              f"[{row['speedup_ci95'][0]:.3f}, {row['speedup_ci95'][1]:.3f}] discard {row['discard_rate']:.3f} "
+              f"verification {row['verification_rate']:.3f} interior={row['interior']}")
+    for c in result["comparisons"]:
+        print(f"{c['a']} / {c['b']}: {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]")
     return 0
 
 

@@ -1,0 +1,268 @@
+"""Offline evaluator: score any stop rule on rounds the engine logged, without rerunning models.
+
+Data: rounds logged by `specdecpp heads gen-data` (a long constant k, so every candidate a
+shorter rule could stop at carries its exact label a_s = P(y_s accepted | y_<s accepted)).
+For a rule that stops round r after L candidates, the accepted count has expectation
+    E[accepted] = sum_{j<=L} prod_{i<=j} a_i,
+and the round produces E[accepted] + 1 tokens (the correction or bonus token). It costs, under
+a cost model measured on the host, L draft forwards (the first feeds the tokens accepted last
+round, then one per candidate but the last; a head judging after the forward submits the token
+of its last forward for free, so the count is the same), one judgement per candidate for rules
+that read the draft's view (features and head), and one target forward over L + 1 tokens.
+Time per token = sum of round costs / sum of expected tokens; the predicted speedup is the
+target's one-token step over that (prefill excluded). Intervals are bootstraps by prompt.
+
+Limits: a rule is capped at the logged k; each logged round is a sample of a round start under
+the logging rule (a shorter rule starts its rounds elsewhere; on the same text this matters
+little); heuristic k depends on realised outcomes and is not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from heads.data import load_shards
+from heads.evaluate import head_predictions
+from heads.model import CANDIDATE_FEATURES, AcceptanceHead, candidate_features
+from heads.train import head_inputs
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per draft forward, per candidate judgement, and per target forward over n tokens."""
+
+    draft_step: float
+    judge: float
+    target: dict[int, float]
+    machine: dict = field(default_factory=dict)
+
+    def target_cost(self, n: torch.Tensor) -> torch.Tensor:
+        """Linear interpolation over the measured token counts (and extrapolation past the last)."""
+        xs = sorted(self.target)
+        x = torch.tensor(xs, dtype=torch.float64)
+        y = torch.tensor([self.target[k] for k in xs], dtype=torch.float64)
+        n = n.double().clamp(min=xs[0])
+        i = torch.searchsorted(x, n).clamp(1, len(xs) - 1)
+        slope = (y[i] - y[i - 1]) / (x[i] - x[i - 1])
+        return y[i - 1] + slope * (n - x[i - 1])
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        raw = json.loads(Path(path).read_text())
+        target = {int(k): v for k, v in raw["target"].items()}
+        return cls(raw["draft_step"], raw["judge"], target, raw.get("machine", {}))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass
+class Rounds:
+    """Logged rounds, padded to the logged k: [R, K] per candidate, [R] per round."""
+
+    accept: torch.Tensor  # a_s (0 past a round's end)
+    length: torch.Tensor  # candidates logged in the round
+    seq: torch.Tensor  # prompt index
+    draft_prob: torch.Tensor  # q(y_s), temperature 1
+    temperature: torch.Tensor  # [R]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> calibrated a-hat [R, K] (nan: not judged)
+    head_timing: dict[str, str] = field(default_factory=dict)
+
+    def only(self, keep: torch.Tensor) -> Rounds:
+        """The rounds where `keep` [R] is true."""
+        return Rounds(self.accept[keep], self.length[keep], self.seq[keep], self.draft_prob[keep],
+                      self.temperature[keep], {k: v[keep] for k, v in self.head.items()}, dict(self.head_timing))
+
+
+def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | None = None) -> Rounds:
+    """Rounds of every directory; the heads' predictions for each candidate they can judge."""
+    parts = [load_shards(d) for d in data_dirs]
+    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    for i, p in enumerate(parts):  # sequence ids unique across directories
+        p["seq"] = p["seq"].long() + i * 1_000_000
+    data["seq"] = torch.cat([p["seq"] for p in parts])
+    _, round_index = torch.unique_consecutive(data["round"], return_inverse=True)
+    num_rounds, k = int(round_index.max()) + 1, int(data["position"].max())
+    col = data["position"].long() - 1
+
+    def grid(values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        out = torch.full((num_rounds, k), fill, dtype=torch.float64)
+        out[round_index, col] = values.double()
+        return out
+
+    rounds = Rounds(
+        accept=grid(data["accept_prob"]),
+        length=torch.zeros(num_rounds, dtype=torch.long).index_reduce_(0, round_index, col + 1, "amax"),
+        seq=torch.zeros(num_rounds, dtype=torch.long).index_copy_(0, round_index, data["seq"].long()),
+        draft_prob=grid(data["features"][:, CANDIDATE_FEATURES.index("log_q")].exp()),
+        temperature=torch.zeros(num_rounds, dtype=torch.float64).index_copy_(
+            0, round_index, data["features"][:, CANDIDATE_FEATURES.index("temperature")].double()),
+    )
+    for name, head in (heads or {}).items():
+        rows = head_inputs(data, head.timing)
+        judged = torch.arange(len(data["accept_prob"]))
+        if head.timing == "after":
+            judged = judged[data["has_next"].bool()]
+        pred = torch.full((num_rounds, k), float("nan"), dtype=torch.float64)
+        pred[round_index[judged], col[judged]] = head_predictions(head, rows["hidden"], rows["features"]).double()
+        rounds.head[name], rounds.head_timing[name] = pred, head.timing
+    return rounds
+
+
+def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
+    """Candidates per round [R] under `rule`: ("constant", k), ("confidence", p_min, low, high) or
+    ("specdec++", head name, threshold, low, high)."""
+    kind = rule[0]
+    cap = rounds.length
+    positions = torch.arange(1, rounds.accept.shape[1] + 1).expand_as(rounds.accept)
+    if kind == "none":
+        return torch.zeros_like(cap)
+    if kind == "constant":
+        return cap.clamp(max=int(rule[1]))
+    if kind == "confidence":
+        _, p_min, low, high = rule
+        stop = (rounds.draft_prob < p_min) & (positions >= low)
+        stop_at = positions
+    elif kind == "specdec++":
+        _, name, threshold, low, high = rule
+        pred = rounds.head[name]
+        after = rounds.head_timing[name] == "after"
+        reject = 1 - torch.cumprod(pred.nan_to_num(1.0), dim=1)
+        stop_at = positions + int(after)  # a head judging after the forward on y_s submits y_{s+1} too
+        stop = (reject > threshold) & (stop_at >= low) & ~pred.isnan()
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+    first = torch.where(stop.any(1), stop.int().argmax(1), torch.full_like(cap, 10_000))
+    chosen = stop_at.gather(1, first.clamp(max=stop_at.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    chosen = torch.where(stop.any(1), chosen, torch.full_like(cap, 10_000))
+    return torch.minimum(torch.minimum(chosen, cap), torch.full_like(cap, int(high)))
+
+
+def round_outcomes(rounds: Rounds, lengths: torch.Tensor, costs: CostModel, judged: bool) -> dict[str, torch.Tensor]:
+    """Per round: expected tokens, accepted, proposed and seconds."""
+    mask = torch.arange(1, rounds.accept.shape[1] + 1).unsqueeze(0) <= lengths.unsqueeze(1)
+    accepted = (torch.cumprod(rounds.accept, dim=1) * mask).sum(1)
+    seconds = costs.target_cost(lengths + 1) + lengths * (costs.draft_step + (costs.judge if judged else 0.0))
+    return {"tokens": accepted + 1, "accepted": accepted, "proposed": lengths.double(), "seconds": seconds}
+
+
+def summarise(outcome: dict[str, torch.Tensor], costs: CostModel) -> dict[str, float]:
+    tokens = float(outcome["tokens"].sum())
+    return {
+        "speedup": float(costs.target_cost(torch.tensor([1]))[0]) * tokens / float(outcome["seconds"].sum()),
+        "tokens_per_round": tokens / len(outcome["tokens"]),
+        "discard_rate": float((outcome["proposed"] - outcome["accepted"]).sum()) / tokens,
+        "verification_rate": len(outcome["tokens"]) / tokens,
+        "mean_candidate_length": float(outcome["proposed"].mean()),
+    }
+
+
+def bootstrap_speedups(
+    outcomes: list[dict[str, torch.Tensor]], seq: torch.Tensor, costs: CostModel, resamples: int = 1000, seed: int = 0
+) -> torch.Tensor:
+    """[resamples, len(outcomes)] predicted speedups on prompt resamples (the same resample for every rule)."""
+    unique, inverse = torch.unique(seq, return_inverse=True)
+    g = torch.Generator().manual_seed(seed)
+    t1 = float(costs.target_cost(torch.tensor([1]))[0])
+    per_prompt = [
+        (torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, o["tokens"]),
+         torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, o["seconds"]))
+        for o in outcomes
+    ]
+    weights = torch.stack([torch.bincount(torch.randint(len(unique), (len(unique),), generator=g),
+                                          minlength=len(unique)) for _ in range(resamples)]).double()
+    return torch.stack([t1 * (weights @ tok) / (weights @ sec) for tok, sec in per_prompt], dim=1)
+
+
+def default_rules(rounds: Rounds, bounds: tuple[int, int]) -> list[tuple[str, float | None, tuple]]:
+    """(policy, knob, rule) rows: every constant k the data allows, and fine grids for the others."""
+    low, high = bounds
+    rows: list[tuple[str, float | None, tuple]] = [("none", None, ("none",))]
+    rows += [("constant", k, ("constant", k)) for k in range(1, rounds.accept.shape[1] + 1)]
+    grid = [round(0.05 * i, 2) for i in range(1, 20)]
+    rows += [("confidence", p, ("confidence", p, low, high)) for p in grid]
+    for name in rounds.head:
+        policy = "specdec++" if name == "default" else f"specdec++-{name}"
+        rows += [(policy, t, ("specdec++", name, t, low, high)) for t in grid]
+    return rows
+
+
+def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples: int = 1000) -> dict:
+    """Every default rule's predicted figures, the best knob per policy (interior or not), and paired
+    bootstrap ratios of the best specdec++ rows over the best constant and confidence rows."""
+    rules = default_rules(rounds, bounds)
+    outcomes, rows = [], []
+    for policy, knob, rule in rules:
+        lengths = stop_lengths(rounds, rule)
+        if policy == "none":
+            outcome = {"tokens": torch.ones(len(lengths), dtype=torch.float64), "accepted": torch.zeros(len(lengths)),
+                       "proposed": torch.zeros(len(lengths)), "seconds": costs.target_cost(torch.ones(len(lengths)))}
+        else:
+            outcome = round_outcomes(rounds, lengths, costs, judged=policy not in ("constant",))
+        outcomes.append(outcome)
+        rows.append({"policy": policy, "knob": knob, **{k: round(v, 4) for k, v in summarise(outcome, costs).items()}})
+    boot = bootstrap_speedups(outcomes, rounds.seq, costs, resamples)
+    for row, column in zip(rows, boot.T, strict=True):
+        row["speedup_ci95"] = [round(float(column.quantile(0.025)), 4), round(float(column.quantile(0.975)), 4)]
+    best: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        if row["policy"] not in best or row["speedup"] > rows[best[row["policy"]]]["speedup"]:
+            best[row["policy"]] = i
+    best_rows = {}
+    for policy, i in best.items():
+        knobs = [r["knob"] for r in rows if r["policy"] == policy]
+        interior = len(knobs) > 2 and rows[i]["knob"] not in (min(knobs), max(knobs))
+        best_rows[policy] = {**rows[i], "interior": interior}
+    comparisons = []
+    for a in (p for p in best if p.startswith("specdec++")):
+        for b in ("constant", "confidence"):
+            ratio = boot[:, best[a]] / boot[:, best[b]]
+            comparisons.append({
+                "a": f"{a} {rows[best[a]]['knob']}", "b": f"{b} {rows[best[b]]['knob']}",
+                "ratio": round(rows[best[a]]["speedup"] / rows[best[b]]["speedup"], 4),
+                "ci_low": round(float(ratio.quantile(0.025)), 4), "ci_high": round(float(ratio.quantile(0.975)), 4),
+            })
+    return {
+        "rounds": len(rounds.length), "prompts": int(torch.unique(rounds.seq).numel()),
+        "logged_k": int(rounds.accept.shape[1]), "bounds": list(bounds),
+        "mean_accept": round(float(rounds.accept.sum() / rounds.length.sum()), 4),
+        "costs": asdict(costs), "best": best_rows, "comparisons": comparisons, "rows": rows,
+    }
+
+
+@torch.inference_mode()
+def measure_costs(engine, context: int = 256, max_tokens: int = 17, reps: int = 5) -> CostModel:
+    """Time the engine's own forwards on this host: a draft step, a judgement (features and the
+    default head, if any) and target forwards over 1..max_tokens tokens after `context` tokens."""
+    ids = torch.randint(100, 5000, (1, context))
+
+    def timed(runner, n: int) -> float:
+        cache = runner.new_cache()
+        runner.forward(ids, cache)
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            runner.forward(torch.randint(100, 5000, (1, n)), cache)
+            samples.append(time.perf_counter() - t0)
+            cache.crop(context)
+        return sorted(samples)[len(samples) // 2]
+
+    counts = sorted({1, 2, 3, 4, 5, 6, 8, 10, 12, 16, max_tokens})
+    target = {n: timed(engine.target, n) for n in counts if n <= max_tokens}
+    draft_step = timed(engine.draft, 1)
+    logits = torch.randn(1, engine.draft.vocab_size)
+    head = engine.heads.get("default")
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        one = torch.ones(1)
+        feats = candidate_features(logits, torch.zeros(1, dtype=torch.long), one, one, one)
+        if head is not None:
+            head.accept_prob(torch.randn(1, engine.draft.hidden_size), feats)
+        samples.append(time.perf_counter() - t0)
+    return CostModel(draft_step, sorted(samples)[len(samples) // 2], target)
