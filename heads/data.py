@@ -192,6 +192,7 @@ def generate_dataset(
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         old = {k: manifest.get(k) for k in header}
+        header = json.loads(json.dumps(header))  # as it reads back from the manifest (tuples become lists)
         if old != header:
             changed = sorted(k for k in header if old.get(k) != header[k])
             raise ValueError(f"{out} holds data made with other arguments ({', '.join(changed)}); use another --out")

@@ -158,7 +158,8 @@ def fit_platt(logits: torch.Tensor, label: torch.Tensor, steps: int = 200) -> di
         return loss
 
     optimizer.step(closure)
-    return {"scale": round(float(params[0]), 6), "bias": round(float(params[1]), 6)}
+    scale, bias = params.detach().tolist()
+    return {"scale": round(scale, 6), "bias": round(bias, 6)}
 
 
 def train_head(data: dict[str, torch.Tensor], config: TrainConfig, draft_id: str = "",

@@ -64,12 +64,12 @@ def test_forward_batch_matches_single_forwards(tiny_pair, fresh_row):
 @pytest.mark.parametrize("batching", [True, False], ids=["batched", "round-robin"])
 def test_greedy_identical_to_running_alone(tiny_pair, tokenizer, batching):
     target, draft = tiny_pair
-    head = random_head(target.config.hidden_size)
+    heads = {"default": random_head(target.config.hidden_size)}
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-    alone = LLMEngine(target, draft, tokenizer, heads={"default": head}, scheduler_config=SchedulerConfig(max_num_seqs=1))
+    alone = LLMEngine(target, draft, tokenizer, heads=heads, scheduler_config=SchedulerConfig(max_num_seqs=1))
     reference = {f"r{i}": alone.generate(p, params, SpecConfig(policy="none")).token_ids
                  for i, (p, _) in enumerate(MIXED)}
-    engine = LLMEngine(target, draft, tokenizer, heads={"default": head},
+    engine = LLMEngine(target, draft, tokenizer, heads=heads,
                        scheduler_config=SchedulerConfig(max_num_seqs=4, batching=batching))
     # different max_tokens so sequences leave at different times and others join
     requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 12 + 4 * i}), spec)
@@ -142,11 +142,11 @@ PROMPTS_3 = ["hello world", "the quick brown fox jumps", "lorem ipsum dolor sit 
 def _greedy_references(tiny_pair, tokenizer, max_tokens: int) -> tuple:
     """(head, greedy params, {"r0".."r2": the target alone's tokens}) for PROMPTS_3, each run alone."""
     target, draft = tiny_pair
-    head = random_head(target.config.hidden_size)
+    heads = {"default": random_head(target.config.hidden_size)}
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    alone = LLMEngine(target, draft, tokenizer, heads={"default": head}, scheduler_config=SchedulerConfig(max_num_seqs=1))
+    alone = LLMEngine(target, draft, tokenizer, heads=heads, scheduler_config=SchedulerConfig(max_num_seqs=1))
     none = SpecConfig(policy="none")
-    return head, params, {f"r{i}": alone.generate(p, params, none).token_ids for i, p in enumerate(PROMPTS_3)}
+    return heads, params, {f"r{i}": alone.generate(p, params, none).token_ids for i, p in enumerate(PROMPTS_3)}
 
 
 def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer, monkeypatch):
@@ -156,14 +156,14 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
     import engine.speculate as speculate
 
     target, draft = tiny_pair
-    head, params, reference = _greedy_references(tiny_pair, tokenizer, max_tokens=120)
+    heads, params, reference = _greedy_references(tiny_pair, tokenizer, max_tokens=120)
     spec = SpecConfig(policy="constant", k=3)
     catch_ups = []
     real_catch_up = speculate.catch_up_draft
     monkeypatch.setattr(speculate, "catch_up_draft",
                         lambda seqs, d, chunk: (catch_ups.append(len(seqs)), real_catch_up(seqs, d, chunk)))
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, spec_disable_batch_size=3)
-    engine = LLMEngine(target, draft, tokenizer, heads={"default": head}, scheduler_config=config)
+    engine = LLMEngine(target, draft, tokenizer, heads=heads, scheduler_config=config)
     stats = {}
     requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 24 if i < 2 else 120}), spec)
                 for i, p in enumerate(PROMPTS_3)]
@@ -200,10 +200,10 @@ def test_batch_candidate_budget_splits_over_the_batch_and_stays_lossless(tiny_pa
     one alone up to its policy's 4; with six the target runs alone. Greedy outputs stay the
     target's whatever the share."""
     target, draft = tiny_pair
-    head, params, reference = _greedy_references(tiny_pair, tokenizer, max_tokens=40)
+    heads, params, reference = _greedy_references(tiny_pair, tokenizer, max_tokens=40)
     spec = SpecConfig(policy="constant", k=4)
     config = SchedulerConfig(max_num_seqs=3, spec_batch_candidates=5)
-    engine = LLMEngine(target, draft, tokenizer, heads={"default": head}, scheduler_config=config)
+    engine = LLMEngine(target, draft, tokenizer, heads=heads, scheduler_config=config)
     assert [engine.scheduler.candidate_cap([None] * b) for b in (1, 2, 3, 6)] == [5, 2, 1, 0]
     requests = [(f"r{i}", p, params.model_copy(update={"max_tokens": 12 * (i + 1)}), spec)
                 for i, p in enumerate(PROMPTS_3)]

@@ -91,7 +91,9 @@ CASES = [(spec, T1) for spec in SPECS] + [(SPECS[1], FILTERED), (SPECS[4], FILTE
 
 
 @pytest.mark.parametrize(
-    ("spec", "params"), CASES, ids=[f"{s.policy}-{s.head}-{s.threshold}-t{p.temperature}-p{p.top_p}-k{p.top_k}" for s, p in CASES]
+    ("spec", "params"),
+    CASES,
+    ids=[f"{s.policy}-{s.head}-{s.threshold}-t{p.temperature}-p{p.top_p}-k{p.top_k}" for s, p in CASES],
 )
 def test_policy_matches_target_distribution(engine, spec, params):
     counts = sample_two_tokens(engine, params, spec)

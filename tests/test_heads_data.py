@@ -215,7 +215,7 @@ def test_gen_data_skips_long_prompts_and_needs_a_draft(engine, tiny_pair, tokeni
 
 
 def test_training_refuses_eval_only_data_but_evaluation_reads_it(engine, tmp_path):
-    from heads.evaluate import evaluate
+    from heads.evaluate import evaluate, expected_calibration_error, soft_auc
     from heads.train import load_training_data
 
     config = GenConfig(k=3, max_new_tokens=8, shard_prompts=4)
@@ -224,8 +224,20 @@ def test_training_refuses_eval_only_data_but_evaluation_reads_it(engine, tmp_pat
     assert manifest["eval_only"] and manifest["sources"] == ["humaneval"]
     with pytest.raises(ValueError, match="evaluation-only"):
         load_training_data([tmp_path / "he"], "before")
-    result = evaluate(random_head(32, seed=2), tmp_path / "he")
+    head = random_head(32, seed=2)
+    result = evaluate(head, tmp_path / "he")
     assert result["tokens"] == manifest["tokens"] and 0.0 <= result["auc_head"] <= 1.0
+    # The head, the draft's confidence and the constant are scored on the same rows.
+    rows = load_shards(tmp_path / "he")
+    label, q = rows["accept_prob"], rows["features"][:, F["log_q"]].exp()
+    a = head.accept_prob(rows["hidden"], rows["features"])
+    assert result["auc_confidence"] == pytest.approx(soft_auc(1 - q.double(), 1 - label.double()), abs=1e-5)
+    assert result["auc_head"] == pytest.approx(soft_auc(1 - a.double(), 1 - label.double()), abs=1e-5)
+    assert result["ece_head"] == pytest.approx(expected_calibration_error(a, label), abs=1e-5)
+    assert result["predictors"]["constant"]["auc_reject"] == pytest.approx(0.5)
+    assert result["mean_accept_prob"] == pytest.approx(float(label.mean()), abs=1e-5)
+    low, high = result["auc_gap_ci95"]
+    assert low <= high and low - 0.05 <= result["auc_head"] - result["auc_confidence"] <= high + 0.05
     # Training data must come from one draft.
     generate_dataset(engine, prompts(2), tmp_path / "a", config, {"draft_id": "tiny"})
     generate_dataset(engine, prompts(2), tmp_path / "b", config, {"draft_id": "other"})

@@ -17,7 +17,8 @@ from engine.worker import EngineLoop, run_worker
 @pytest.fixture
 def loop(tiny_pair, tokenizer):
     target, draft = tiny_pair
-    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)}, max_model_len=256)
+    heads = {"default": random_head(target.config.hidden_size)}
+    engine = LLMEngine(target, draft, tokenizer, heads=heads, max_model_len=256)
     inbox, outbox = queue.Queue(), queue.Queue()
     worker = EngineLoop(engine, inbox, outbox)
     thread = threading.Thread(target=worker.run, daemon=True)

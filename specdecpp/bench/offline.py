@@ -92,7 +92,7 @@ class Sweep:
     hf_dynamic_threshold: float = HF_DYNAMIC_THRESHOLD
     policies: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++", "hf-constant",
                                  "hf-dynamic")
-    bounds: tuple[int, int] = (2, 20)
+    bounds: tuple[int, int] = SpecConfig().bounds
     greedy_policies: tuple[str, ...] | None = None  # a smaller set of rows at temperature 0 (None: the same)
     greedy_ks: tuple[int, ...] | None = None  # constant / hf-constant k values at temperature 0 (None: the same)
     greedy_thresholds: tuple[float, ...] | None = None  # specdec++ thresholds at temperature 0 (None: the same)
@@ -225,7 +225,7 @@ def run_offline(
     max_tokens: int,
     checkpoint: Checkpoint,
     base_seed: int = 0,
-    bounds: tuple[int, int] = (2, 20),
+    bounds: tuple[int, int] = SpecConfig().bounds,
     warmup: bool = True,
     progress: Callable[[str], None] = print,
     run: bool = True,

@@ -83,9 +83,11 @@ def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | 
     """Rounds of every directory; the heads' predictions for each candidate they can judge."""
     parts = [load_shards(d) for d in data_dirs]
     data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    for i, p in enumerate(parts):  # sequence ids unique across directories
+    for i, p in enumerate(parts):  # sequence and round ids unique across directories
         p["seq"] = p["seq"].long() + i * 1_000_000
+        p["round"] = p["round"].long() + i * 1_000_000_000_000
     data["seq"] = torch.cat([p["seq"] for p in parts])
+    data["round"] = torch.cat([p["round"] for p in parts])
     _, round_index = torch.unique_consecutive(data["round"], return_inverse=True)
     num_rounds, k = int(round_index.max()) + 1, int(data["position"].max())
     col = data["position"].long() - 1

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from engine.params import SpecConfig
 from specdecpp.model_args import add_model_args, engine_config_from_args
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--post-head", metavar="DIR",
                    help="an acceptance head that judges after the draft's forward (the paper's timing), loaded as "
                    "engine head 'post' for the specdec++-post rows")
-    o.add_argument("--bounds", type=int, nargs=2, default=[2, 20], metavar=("MIN", "MAX"),
-                   help="candidate length bounds of heuristic/confidence/specdec++ (default: 2 20, the paper's)")
+    o.add_argument("--bounds", type=int, nargs=2, default=list(SpecConfig().bounds), metavar=("MIN", "MAX"),
+                   help="candidate length bounds of heuristic/confidence/specdec++ (default: the engine's, "
+                   f"{' '.join(map(str, SpecConfig().bounds))})")
     o.add_argument("--hf-ks", type=int, nargs="+", help="hf-constant k values (default: 2 4 6)")
     o.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every configuration")
     o.add_argument("--output", type=Path, default=Path("bench-results/offline.json"),

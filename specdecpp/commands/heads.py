@@ -192,7 +192,7 @@ def run_predict(args: argparse.Namespace) -> int:
         costs.save(args.save_costs)
     rounds = load_rounds(args.data, heads)
     if args.temperature is not None:
-        rounds = rounds.only(rounds.temperature == args.temperature)
+        rounds = rounds.only((rounds.temperature - args.temperature).abs() < 1e-4)  # stored as float32
     result = {"data": list(args.data), "heads": {k: str(v) for k, v in
                                                  (("default", head_dir), ("post", args.post_head)) if v},
               **predict(rounds, costs, tuple(args.bounds))}
