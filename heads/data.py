@@ -167,8 +167,11 @@ def generate_dataset(
     out_dir: str | Path,
     config: GenConfig,
     description: dict | None = None,
+    deadline: float | None = None,
 ) -> dict:
     """Write shards for `prompts` into `out_dir`, skipping shards already finished; return the manifest.
+
+    `deadline` (a `time.time()`): start no shard after it; a later run with the same arguments resumes.
 
     `engine` needs a draft; its scheduler's `max_num_seqs` sets how many prompts share a round.
     `description` (source, draft/target identities, ...) is recorded in the manifest.
@@ -207,6 +210,9 @@ def generate_dataset(
     started, prompts_done = time.perf_counter(), 0
     prompts_todo = sum(len(prompts[i * config.shard_prompts : (i + 1) * config.shard_prompts]) for i in todo)
     for index in todo:
+        if deadline is not None and time.time() > deadline:
+            log.info("deadline reached: stopping before shard %d; rerun the same command to resume", index + 1)
+            break
         shard_prompts = prompts[index * config.shard_prompts : (index + 1) * config.shard_prompts]
         tensors, meta = _make_shard(engine, shard_prompts, index, config)
         name = shard_name(index)

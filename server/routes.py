@@ -183,6 +183,7 @@ async def list_models(request: Request) -> dict:
         "owned_by": "specdecpp",
         "max_model_len": client.info.get("max_model_len"),
         "specdec": {"draft": client.info.get("draft"), "head": client.info.get("head"),
+                    "heads": client.info.get("heads"),
                     "default": client.default_spec, "scheduler": client.info.get("scheduler")},
     }
     return {"object": "list", "data": [card]}

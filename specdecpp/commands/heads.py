@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
     g.add_argument("--sampling", nargs="+", metavar="T:TOP_P",
                    help="(temperature, top-p) settings the prompts cycle through (default: 1:1 1:1 0:1 0.7:0.9)")
+    g.add_argument("--stop-after-minutes", type=float,
+                   help="start no new shard after this long (rerun the same command to resume)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", required=True, help=f"output directory (e.g. {default_data_root()}/sharegpt-train)")
     g.set_defaults(func=run_gen_data)
@@ -138,7 +141,8 @@ def run_gen_data(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "batch_size": args.batch_size,
     }
-    manifest = generate_dataset(engine, prompts, args.out, config, description)
+    deadline = time.time() + 60 * args.stop_after_minutes if args.stop_after_minutes else None
+    manifest = generate_dataset(engine, prompts, args.out, config, description, deadline)
     print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['tokens']} candidates, "
           f"complete={manifest['complete']}")
     return 0
