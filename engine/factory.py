@@ -9,7 +9,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.loader import load_model, load_tokenizer, model_identity, parse_dtype
 from engine.scheduler import SchedulerConfig
-from heads.model import load_head
+from heads.model import HeadMismatchError, load_head
 
 log = logging.getLogger(__name__)
 NO_MODEL = ("", "none")
@@ -59,14 +59,22 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         log.info("loading draft %s on %s", draft_spec, placement.draft_device)
         draft = load_model(draft_spec, draft_dtype, device=placement.draft_device)
         draft_tokenizer = load_tokenizer(draft_spec)
+        if any(name == DEFAULT_HEAD for name, _ in config.extra_heads):
+            raise ValueError(f"--extra-head cannot be named {DEFAULT_HEAD!r}: that is --head")
         named = [(DEFAULT_HEAD, head_spec)] if head_spec is not None else []
         for name, directory in named + list(config.extra_heads):
-            heads[name] = load_head(
-                Path(directory),
-                hidden_size=draft.config.hidden_size,
-                draft_id=model_identity(draft_spec),
-                device=placement.draft_device,
-            )
+            try:
+                heads[name] = load_head(
+                    Path(directory),
+                    hidden_size=draft.config.hidden_size,
+                    draft_id=model_identity(draft_spec),
+                    device=placement.draft_device,
+                )
+            except HeadMismatchError as exc:
+                if name != DEFAULT_HEAD or config.head is not None:
+                    raise  # a head the user asked for must load
+                log.warning("the shipped head does not load (%s); serving without one", exc)
+                continue
             log.info("acceptance head %r from %s (judges %s the draft's forward on a candidate)",
                      name, directory, heads[name].timing)
     spec = config.default_spec

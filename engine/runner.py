@@ -84,9 +84,7 @@ class ModelRunner:
     ) -> list[torch.Tensor]:
         """`forward_batch` without the LM head: per-row final hidden states [n_i, H].
 
-        The head policies decide from the hidden state whether a sequence goes on proposing;
-        only those that do need logits, so the LM head (a large share of a small draft's
-        weights) runs after the decision, on their rows alone.
+        For forwards whose logits nobody reads (the draft catching up on accepted tokens).
         """
         feeds = [torch.as_tensor(f, dtype=torch.long, device=self.device) for f in feeds]
         if len(feeds) == 1:

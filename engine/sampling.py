@@ -59,11 +59,6 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def raw_token_prob(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """The model's own softmax probability (temperature 1, unfiltered) of `token`: [B, V], [B] -> [B]."""
-    return logits.float().softmax(-1).gather(-1, token.unsqueeze(-1)).squeeze(-1)
-
-
 @dataclass
 class Verdict:
     """Result of verifying one sequence's candidates."""

@@ -50,27 +50,27 @@ class RoundRecord:
     accepted: int  # candidates accepted in this round
 
 
-def draw(p: Proposal, need_features: bool) -> None:
-    """Sample y_s from the draft's last logits; record it, its q and the state that produced it."""
-    q = processed_probs(p.logits.unsqueeze(0), p.seq.params)
-    p.tokens.append(sample(q, p.seq.draft_generator))
-    p.draft_probs.append(q[0])
-    p.states.append(p.state)
-    if need_features:
-        p.features.append(features_of([p])[0])
-
-
-def features_of(proposals: list[Proposal]) -> torch.Tensor:
-    """candidate_features [B, F] of each proposal's latest candidate."""
-    params = [p.seq.params for p in proposals]
-    device = proposals[0].logits.device
-    return candidate_features(
-        torch.stack([p.logits for p in proposals]),
-        torch.cat([p.tokens[-1] for p in proposals]),
-        torch.tensor([len(p.tokens) for p in proposals], device=device),
-        torch.tensor([x.temperature for x in params], device=device),
-        torch.tensor([x.top_p for x in params], device=device),
-    )
+def draw(proposals: list[Proposal], record: bool) -> None:
+    """Sample each proposal's next candidate y_s from its draft's last logits; record it, the q it
+    came from, the state that produced q, and (where a policy reads them, or `record`) its features."""
+    for p in proposals:
+        q = processed_probs(p.logits.unsqueeze(0), p.seq.params)
+        p.tokens.append(sample(q, p.seq.draft_generator))
+        p.draft_probs.append(q[0])
+        p.states.append(p.state)
+    wanting = [p for p in proposals if record or p.seq.policy.needs_features]
+    if wanting:  # one batched pass over the vocabulary
+        params = [p.seq.params for p in wanting]
+        device = wanting[0].logits.device
+        features = candidate_features(
+            torch.stack([p.logits for p in wanting]),
+            torch.cat([p.tokens[-1] for p in wanting]),
+            torch.tensor([len(p.tokens) for p in wanting], device=device),
+            torch.tensor([x.temperature for x in params], device=device),
+            torch.tensor([x.top_p for x in params], device=device),
+        )
+        for p, row in zip(wanting, features, strict=True):
+            p.features.append(row)
 
 
 def judge(proposals: list[Proposal], after_forward: bool) -> None:
@@ -112,17 +112,16 @@ def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False)
     forward_draft(proposals, feeds, draft)
     active = list(proposals)
     while active:
+        draw(active, record)
         for p in active:
-            draw(p, record or p.seq.policy.needs_features)
             p.done = len(p.tokens) >= p.budget
         judge([p for p in active if not p.done], after_forward=False)
         going = [p for p in active if not p.done]
         if going:
             forward_draft(going, [p.tokens[-1] for p in going], draft)
             judge(going, after_forward=True)
-            for p in going:
-                if p.done:  # stopped after the forward on y_s: y_{s+1} comes from logits already paid for
-                    draw(p, record)
+            # Stopped after the forward on y_s: y_{s+1} comes from logits already paid for.
+            draw([p for p in going if p.done], record)
         active = [p for p in active if not p.done]
     elapsed = time.perf_counter() - t0
     for p in proposals:

@@ -76,6 +76,7 @@ class HeadConfig:
     draft_id: str = ""  # identity of the draft model the head was trained on
     features: list[str] = field(default_factory=lambda: list(CANDIDATE_FEATURES))
     calibration: dict = field(default_factory=lambda: {"scale": 1.0, "bias": 0.0})  # Platt: sigmoid(scale z + bias)
+    max_position: int = 0  # the longest round position seen in training; later ones read as it (0: no limit)
     version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)
 
@@ -115,6 +116,10 @@ class AcceptanceHead(nn.Module):
     def forward(self, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """hidden [..., H], features [..., F] -> uncalibrated logit [...] of acceptance."""
         dtype = self.out.weight.dtype
+        if self.config.max_position:  # positions past the training data's read as the last one seen
+            at = CANDIDATE_FEATURES.index("position")
+            features = features.clone()
+            features[..., at] = features[..., at].clamp(max=self.config.max_position)
         x = (hidden.to(dtype) - self.input_mean) * self.input_scale
         x = x + self.feature_in((features.to(dtype) - self.feature_mean) * self.feature_scale)
         for block in self.blocks:

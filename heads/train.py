@@ -172,8 +172,9 @@ def train_head(data: dict[str, torch.Tensor], config: TrainConfig, draft_id: str
     x_va, f_va, y_va = hidden[val], features[val], label[val]
     if len(x_va) == 0:  # too little data to hold any out: validate on the training set
         x_va, f_va, y_va = x_tr, f_tr, y_tr
+    max_position = int(data["position"].max()) if len(data["position"]) else 0
     head = AcceptanceHead(HeadConfig(hidden_size=hidden.shape[-1], depth=config.depth, timing=config.timing,
-                                     draft_id=draft_id))
+                                     draft_id=draft_id, max_position=max_position))
     _standardise(head, x_tr, f_tr)
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -304,7 +304,7 @@ def test_cli_train_eval_predict(engine, tmp_path, capsys):
     assert "AUC(reject)" in capsys.readouterr().out
 
     costs = tmp_path / "costs.json"
-    CostModel(draft_step=0.01, judge=0.001, target={1: 0.1, 8: 0.15}).save(costs)
+    CostModel(draft_step=0.01, draw=0.0005, features=0.0005, head=0.0005, target={1: 0.1, 8: 0.15}).save(costs)
     out = tmp_path / "predict.json"
     args = ["heads", "predict", "--data", str(tmp_path / "eval"), "--head", str(head_dir), "--costs", str(costs),
             "--bounds", "1", "4", "--output", str(out)]

@@ -81,20 +81,22 @@ def test_specdecpp_lengths_before_and_after():
 
 def test_round_outcomes_expected_accepted_and_cost():
     r = hand_rounds()
-    costs = CostModel(draft_step=0.1, judge=0.01, target={1: 1.0, 5: 1.4})
-    out = round_outcomes(r, torch.tensor([2, 3]), costs, judged=True)
+    costs = CostModel(draft_step=0.1, draw=0.0, features=0.004, head=0.006, target={1: 1.0, 5: 1.4})
+    out = round_outcomes(r, torch.tensor([2, 3]), costs, features=True, head_calls=1)
     assert out["accepted"].tolist() == pytest.approx([0.9 + 0.9 * 0.8, 0.3 + 0.3 * 0.9 + 0.3 * 0.9 * 0.9])
     assert out["tokens"].tolist() == pytest.approx([2.62, 1.813])
     assert out["proposed"].tolist() == [2.0, 3.0]
     assert out["seconds"].tolist() == pytest.approx([1.2 + 2 * 0.11, 1.3 + 3 * 0.11])
-    unjudged = round_outcomes(r, torch.tensor([2, 3]), costs, judged=False)
+    unjudged = round_outcomes(r, torch.tensor([2, 3]), costs)
     assert unjudged["seconds"].tolist() == pytest.approx([1.2 + 0.2, 1.3 + 0.3])
+    after = round_outcomes(r, torch.tensor([2, 3]), costs, features=True, head_calls=-1)  # last one not judged
+    assert after["seconds"].tolist() == pytest.approx([1.2 + 2 * 0.104 + 0.006, 1.3 + 3 * 0.104 + 2 * 0.006])
     # Against the definition sum_j prod_{i<=j} a_i on random rounds and lengths.
     g = torch.Generator().manual_seed(0)
     accept = torch.rand(50, 6, generator=g, dtype=torch.float64)
     lengths = torch.randint(0, 7, (50,), generator=g)
     rounds = Rounds(accept, torch.full((50,), 6), torch.zeros(50, dtype=torch.long), accept, torch.ones(50))
-    got = round_outcomes(rounds, lengths, costs, judged=False)["accepted"]
+    got = round_outcomes(rounds, lengths, costs)["accepted"]
     for row, n, value in zip(accept.tolist(), lengths.tolist(), got.tolist(), strict=True):
         assert value == pytest.approx(sum(math.prod(row[: j + 1]) for j in range(n)))
     summary = summarise(out, costs)
@@ -105,7 +107,8 @@ def test_round_outcomes_expected_accepted_and_cost():
 
 
 def test_cost_model_interpolates_and_round_trips(tmp_path):
-    costs = CostModel(draft_step=0.01, judge=0.002, target={1: 1.0, 3: 2.0, 5: 2.5}, machine={"cpu": "x"})
+    costs = CostModel(draft_step=0.01, draw=0.001, features=0.001, head=0.0005, target={1: 1.0, 3: 2.0, 5: 2.5},
+                      machine={"cpu": "x"})
     got = costs.target_cost(torch.tensor([0, 1, 2, 3, 4, 5, 7]))
     assert got.tolist() == pytest.approx([1.0, 1.0, 1.5, 2.0, 2.25, 2.5, 3.0])  # clamped below, extrapolated above
     costs.save(tmp_path / "c.json")
@@ -132,7 +135,7 @@ def correlated_rounds(n: int = 400, k: int = 8, seed: int = 0) -> Rounds:
 
 def test_a_rule_that_knows_acceptance_beats_constant_k():
     rounds = correlated_rounds()
-    costs = CostModel(draft_step=0.05, judge=0.001, target={1: 1.0, 9: 1.2})
+    costs = CostModel(draft_step=0.05, draw=0.0, features=0.0005, head=0.0005, target={1: 1.0, 9: 1.2})
     result = predict(rounds, costs, (1, 8), resamples=100)
     best = result["best"]
     assert result["rounds"] == 400 and result["prompts"] == 40 and result["logged_k"] == 8
@@ -151,7 +154,7 @@ def test_a_rule_that_knows_acceptance_beats_constant_k():
         seconds = 400 * (1.0 + 0.2 * k / 8 + 0.05 * k)
         assert row["speedup"] == pytest.approx(tokens / seconds, abs=1e-4)
     # The bootstrap resamples prompts: identical outcomes give identical speedups in every resample.
-    out = round_outcomes(rounds, stop_lengths(rounds, ("constant", 3)), costs, judged=False)
+    out = round_outcomes(rounds, stop_lengths(rounds, ("constant", 3)), costs)
     boot = bootstrap_speedups([out, out], rounds.seq, costs, resamples=20)
     assert boot.shape == (20, 2) and torch.equal(boot[:, 0], boot[:, 1]) and boot[:, 0].std() > 0
 

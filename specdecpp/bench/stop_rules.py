@@ -7,8 +7,9 @@ For a rule that stops round r after L candidates, the accepted count has expecta
 and the round produces E[accepted] + 1 tokens (the correction or bonus token). It costs, under
 a cost model measured on the host, L draft forwards (the first feeds the tokens accepted last
 round, then one per candidate but the last; a head judging after the forward submits the token
-of its last forward for free, so the count is the same), one judgement per candidate for rules
-that read the draft's view (features and head), and one target forward over L + 1 tokens.
+of its last forward for free, so the count is the same), L draws, L feature computations for
+rules that read them, one head call per judged candidate, and one target forward over L + 1
+tokens.
 Time per token = sum of round costs / sum of expected tokens; the predicted speedup is the
 target's one-token step over that (prefill excluded). Intervals are bootstraps by prompt.
 
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from engine.params import SamplingParams
+from engine.sampling import processed_probs, sample
 from heads.data import load_shards
 from heads.evaluate import head_predictions
 from heads.model import CANDIDATE_FEATURES, AcceptanceHead, candidate_features
@@ -34,10 +37,13 @@ from heads.train import head_inputs
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds per draft forward, per candidate judgement, and per target forward over n tokens."""
+    """Seconds per draft forward, per candidate drawn (processed q and sampling), per candidate's
+    features (rules that read them), per head call, and per target forward over n tokens."""
 
     draft_step: float
-    judge: float
+    draw: float
+    features: float
+    head: float
     target: dict[int, float]
     machine: dict = field(default_factory=dict)
 
@@ -55,7 +61,7 @@ class CostModel:
     def load(cls, path: str | Path) -> CostModel:
         raw = json.loads(Path(path).read_text())
         target = {int(k): v for k, v in raw["target"].items()}
-        return cls(raw["draft_step"], raw["judge"], target, raw.get("machine", {}))
+        return cls(raw["draft_step"], raw["draw"], raw["features"], raw["head"], target, raw.get("machine", {}))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -145,11 +151,17 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
     return torch.minimum(torch.minimum(chosen, cap), torch.full_like(cap, int(high)))
 
 
-def round_outcomes(rounds: Rounds, lengths: torch.Tensor, costs: CostModel, judged: bool) -> dict[str, torch.Tensor]:
-    """Per round: expected tokens, accepted, proposed and seconds."""
+def round_outcomes(
+    rounds: Rounds, lengths: torch.Tensor, costs: CostModel, features: bool = False, head_calls: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per round: expected tokens, accepted, proposed and seconds. `features`: the rule reads every
+    candidate's features; `head_calls`: head calls per round relative to its length (0: none, 1: L,
+    -1: L - 1 for a head judging after the forward, whose last candidate is not judged)."""
     mask = torch.arange(1, rounds.accept.shape[1] + 1).unsqueeze(0) <= lengths.unsqueeze(1)
     accepted = (torch.cumprod(rounds.accept, dim=1) * mask).sum(1)
-    seconds = costs.target_cost(lengths + 1) + lengths * (costs.draft_step + (costs.judge if judged else 0.0))
+    per_candidate = costs.draft_step + costs.draw + (costs.features if features else 0.0)
+    heads = 0 * lengths if head_calls == 0 else (lengths - (1 if head_calls < 0 else 0)).clamp(min=0)
+    seconds = costs.target_cost(lengths + 1) + lengths * per_candidate + heads * costs.head
     return {"tokens": accepted + 1, "accepted": accepted, "proposed": lengths.double(), "seconds": seconds}
 
 
@@ -205,7 +217,10 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
             outcome = {"tokens": torch.ones(len(lengths), dtype=torch.float64), "accepted": torch.zeros(len(lengths)),
                        "proposed": torch.zeros(len(lengths)), "seconds": costs.target_cost(torch.ones(len(lengths)))}
         else:
-            outcome = round_outcomes(rounds, lengths, costs, judged=policy not in ("constant",))
+            head_calls = 0
+            if rule[0] == "specdec++":
+                head_calls = -1 if rounds.head_timing[rule[1]] == "after" else 1
+            outcome = round_outcomes(rounds, lengths, costs, features=rule[0] != "constant", head_calls=head_calls)
         outcomes.append(outcome)
         rows.append({"policy": policy, "knob": knob, **{k: round(v, 4) for k, v in summarise(outcome, costs).items()}})
     boot = bootstrap_speedups(outcomes, rounds.seq, costs, resamples)
@@ -254,17 +269,26 @@ def measure_costs(engine, context: int = 256, max_tokens: int = 17, reps: int = 
             cache.crop(context)
         return sorted(samples)[len(samples) // 2]
 
+    def median_seconds(fn) -> float:
+        samples = []
+        for _ in range(max(reps, 9)):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return sorted(samples)[len(samples) // 2]
+
     counts = sorted({1, 2, 3, 4, 5, 6, 8, 10, 12, 16, max_tokens})
     target = {n: timed(engine.target, n) for n in counts if n <= max_tokens}
     draft_step = timed(engine.draft, 1)
-    logits = torch.randn(1, engine.draft.vocab_size)
+    logits = engine.draft.logits(torch.randn(1, engine.draft.hidden_size, dtype=engine.draft.dtype)).float()
+    params = SamplingParams(temperature=1.0)
+    one, token = torch.ones(1), torch.zeros(1, dtype=torch.long)
+    feats = candidate_features(logits, token, one, one, one)
     head = engine.heads.get("default")
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        one = torch.ones(1)
-        feats = candidate_features(logits, torch.zeros(1, dtype=torch.long), one, one, one)
-        if head is not None:
-            head.accept_prob(torch.randn(1, engine.draft.hidden_size), feats)
-        samples.append(time.perf_counter() - t0)
-    return CostModel(draft_step, sorted(samples)[len(samples) // 2], target)
+    return CostModel(
+        draft_step=draft_step,
+        draw=median_seconds(lambda: sample(processed_probs(logits, params), None)),
+        features=median_seconds(lambda: candidate_features(logits, token, one, one, one)),
+        head=median_seconds(lambda: head.accept_prob(torch.randn(1, engine.draft.hidden_size), feats)) if head else 0.0,
+        target=target,
+    )

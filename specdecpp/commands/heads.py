@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -190,7 +191,7 @@ def run_predict(args: argparse.Namespace) -> int:
         log.info("measuring the cost model with the default pair")
         engine = build_engine(EngineConfig(head=head_dir))
         costs = measure_costs(engine)
-        costs = CostModel(costs.draft_step, costs.judge, costs.target, machine_record())
+        costs = dataclasses.replace(costs, machine=machine_record())
         del engine
     if args.save_costs:
         costs.save(args.save_costs)
