@@ -77,6 +77,7 @@ class HeadConfig:
     features: list[str] = field(default_factory=lambda: list(CANDIDATE_FEATURES))
     calibration: dict = field(default_factory=lambda: {"scale": 1.0, "bias": 0.0})  # Platt: sigmoid(scale z + bias)
     max_position: int = 0  # the longest round position seen in training; later ones read as it (0: no limit)
+    hidden_dropout: float = 0.0  # training only: dropout on the standardised hidden state (regularises its path)
     version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)
 
@@ -106,6 +107,7 @@ class AcceptanceHead(nn.Module):
         self.register_buffer("feature_mean", torch.zeros(f))
         self.register_buffer("feature_scale", torch.ones(f))
         self.feature_in = nn.Linear(f, h)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
         self.blocks = nn.ModuleList(ResidualBlock(h) for _ in range(config.depth))
         self.out = nn.Linear(h, 1)
 
@@ -120,7 +122,7 @@ class AcceptanceHead(nn.Module):
             at = CANDIDATE_FEATURES.index("position")
             features = features.clone()
             features[..., at] = features[..., at].clamp(max=self.config.max_position)
-        x = (hidden.to(dtype) - self.input_mean) * self.input_scale
+        x = self.hidden_dropout((hidden.to(dtype) - self.input_mean) * self.input_scale)
         x = x + self.feature_in((features.to(dtype) - self.feature_mean) * self.feature_scale)
         for block in self.blocks:
             x = block(x)

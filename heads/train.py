@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from heads.data import finished_shards, load_shards, read_manifest
-from heads.model import HEAD_TIMINGS, AcceptanceHead, HeadConfig
+from heads.model import CANDIDATE_FEATURES, HEAD_TIMINGS, AcceptanceHead, HeadConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     timing: str = "before"  # which draft state the head reads (heads/model.py)
     depth: int = 3
+    hidden_dropout: float = 0.0
     w_reject: float = 1.0
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -172,9 +173,10 @@ def train_head(data: dict[str, torch.Tensor], config: TrainConfig, draft_id: str
     x_va, f_va, y_va = hidden[val], features[val], label[val]
     if len(x_va) == 0:  # too little data to hold any out: validate on the training set
         x_va, f_va, y_va = x_tr, f_tr, y_tr
-    max_position = int(data["position"].max()) if len(data["position"]) else 0
+    max_position = int(features[:, CANDIDATE_FEATURES.index("position")].max()) if len(features) else 0
     head = AcceptanceHead(HeadConfig(hidden_size=hidden.shape[-1], depth=config.depth, timing=config.timing,
-                                     draft_id=draft_id, max_position=max_position))
+                                     draft_id=draft_id, max_position=max_position,
+                                     hidden_dropout=config.hidden_dropout))
     _standardise(head, x_tr, f_tr)
     head.train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -105,7 +105,7 @@ def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | 
 
     rounds = Rounds(
         accept=grid(data["accept_prob"]),
-        length=torch.zeros(num_rounds, dtype=torch.long).index_reduce_(0, round_index, col + 1, "amax"),
+        length=torch.zeros(num_rounds, dtype=torch.long).scatter_reduce_(0, round_index, col + 1, "amax"),
         seq=torch.zeros(num_rounds, dtype=torch.long).index_copy_(0, round_index, data["seq"].long()),
         draft_prob=grid(data["features"][:, CANDIDATE_FEATURES.index("log_q")].exp()),
         temperature=torch.zeros(num_rounds, dtype=torch.float64).index_copy_(

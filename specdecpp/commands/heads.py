@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--timing", default="before", choices=["before", "after"],
                    help="judge a candidate before the draft's forward on it (default) or after it (the paper's)")
     t.add_argument("--depth", type=int, default=3, help="residual blocks")
+    t.add_argument("--hidden-dropout", type=float, default=0.0,
+                   help="dropout on the standardised hidden state while training (regularises its path)")
     t.add_argument("--w-reject", type=float, default=1.0, help="weight of the reject class in the loss")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--weight-decay", type=float, default=0.01)
@@ -155,6 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         timing=args.timing,
         depth=args.depth,
+        hidden_dropout=args.hidden_dropout,
         w_reject=args.w_reject,
         lr=args.lr,
         weight_decay=args.weight_decay,
