@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from engine.params import SamplingParams
+from engine.runner import crop_cache
 from engine.sampling import processed_probs, sample
 from heads.data import load_shards
 from heads.evaluate import head_predictions
@@ -266,7 +267,7 @@ def measure_costs(engine, context: int = 256, max_tokens: int = 17, reps: int = 
             t0 = time.perf_counter()
             runner.forward(torch.randint(100, 5000, (1, n)), cache)
             samples.append(time.perf_counter() - t0)
-            cache.crop(context)
+            crop_cache(cache, context)
         return sorted(samples)[len(samples) // 2]
 
     def median_seconds(fn) -> float:
