@@ -59,7 +59,7 @@ def test_constant_and_confidence_lengths():
     assert stop_lengths(r, ("confidence", 0.95, 1, 4)).tolist() == [1, 1]
     assert stop_lengths(r, ("confidence", 0.1, 1, 4)).tolist() == [4, 3]
     with pytest.raises(ValueError, match="unknown rule"):
-        stop_lengths(r, ("oracle", 1))
+        stop_lengths(r, ("clairvoyant", 1))
 
 
 def test_specdecpp_lengths_before_and_after():
@@ -227,3 +227,10 @@ def test_engine_stops_where_the_evaluator_says(tiny_pair, tokenizer, timing, low
         assert length == min(expected, budget)
         generated += accepted + 1
     assert logged[0][0] == expected
+
+
+def test_oracle_rule_reads_the_true_acceptance():
+    """`oracle` is the product rule on the logged a_s themselves: the bound a perfect head reaches."""
+    rounds = correlated_rounds()
+    head_fed_truth = stop_lengths(rounds, ("specdec++", "default", 0.5, 1, 8))  # that head *is* the truth
+    assert torch.equal(stop_lengths(rounds, ("oracle", None, 0.5, 1, 8)), head_fed_truth)

@@ -137,10 +137,12 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
         _, p_min, low, high = rule
         stop = (rounds.draft_prob < p_min) & (positions >= low)
         stop_at = positions
-    elif kind == "specdec++":
+    elif kind in ("specdec++", "oracle"):
         _, name, threshold, low, high = rule
-        pred = rounds.head[name]
-        after = rounds.head_timing[name] == "after"
+        # "oracle": the product rule fed the true a_s, the bound a perfect "before" head would reach
+        pred = rounds.accept.masked_fill(positions > cap.unsqueeze(1), float("nan")) if kind == "oracle" \
+            else rounds.head[name]
+        after = kind == "specdec++" and rounds.head_timing[name] == "after"
         reject = 1 - torch.cumprod(pred.nan_to_num(1.0), dim=1)
         stop_at = positions + int(after)  # a head judging after the forward on y_s submits y_{s+1} too
         stop = (reject > threshold) & (stop_at >= low) & ~pred.isnan()
@@ -195,7 +197,8 @@ def bootstrap_speedups(
 
 
 def default_rules(rounds: Rounds, bounds: tuple[int, int]) -> list[tuple[str, float | None, tuple]]:
-    """(policy, knob, rule) rows: every constant k the data allows, and fine grids for the others."""
+    """(policy, knob, rule) rows: every constant k the data allows, fine grids for the others, and
+    `oracle` (the product rule on the true a_s: what a perfect head would reach)."""
     low, high = bounds
     rows: list[tuple[str, float | None, tuple]] = [("none", None, ("none",))]
     rows += [("constant", k, ("constant", k)) for k in range(1, rounds.accept.shape[1] + 1)]
@@ -204,6 +207,7 @@ def default_rules(rounds: Rounds, bounds: tuple[int, int]) -> list[tuple[str, fl
     for name in rounds.head:
         policy = "specdec++" if name == "default" else f"specdec++-{name}"
         rows += [(policy, t, ("specdec++", name, t, low, high)) for t in grid]
+    rows += [("oracle", t, ("oracle", None, t, low, high)) for t in grid]
     return rows
 
 
@@ -221,6 +225,8 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
             head_calls = 0
             if rule[0] == "specdec++":
                 head_calls = -1 if rounds.head_timing[rule[1]] == "after" else 1
+            elif rule[0] == "oracle":
+                head_calls = 1
             outcome = round_outcomes(rounds, lengths, costs, features=rule[0] != "constant", head_calls=head_calls)
         outcomes.append(outcome)
         rows.append({"policy": policy, "knob": knob, **{k: round(v, 4) for k, v in summarise(outcome, costs).items()}})
