@@ -55,7 +55,8 @@ class SpecConfig(BaseModel):
     and grows by 2 after a fully accepted round, shrinks by 1 otherwise; `confidence`
     stops when the draft's probability of its token falls below `p_min`; `specdec++`
     stops when the head's estimated P(some candidate rejected) exceeds `threshold`.
-    `bounds` (min, max) clamp the candidate length of every proposing policy.
+    `bounds` (min, max) clamp the candidate length of `heuristic`, `confidence` and `specdec++`
+    (`constant` proposes exactly k).
 
     `head` names which of the engine's acceptance heads serves `specdec++` (None: its default).
     """

@@ -19,7 +19,9 @@ from engine.policies import ProposalStep
 from engine.runner import ModelRunner, crop_cache
 from engine.sampling import processed_probs, sample, verify
 from engine.sequence import Sequence
-from heads.model import candidate_features
+from heads.model import CANDIDATE_FEATURES, candidate_features
+
+LOG_Q = CANDIDATE_FEATURES.index("log_q")  # the draft's log-probability of its candidate (`confidence` reads it)
 
 
 @dataclass
@@ -87,7 +89,7 @@ def judge(proposals: list[Proposal], after_forward: bool) -> None:
         probs = head.accept_prob(states, torch.stack([p.features[-1] for p in group])).tolist()
         accept_probs.update({id(p): prob for p, prob in zip(group, probs, strict=True)})
     for p in asked:
-        draft_prob = float(p.features[-1][0].exp()) if p.features else 1.0
+        draft_prob = float(p.features[-1][LOG_Q].exp()) if p.features else 1.0
         step = ProposalStep(index=len(p.tokens), draft_prob=draft_prob, accept_prob=accept_probs.get(id(p)))
         if p.seq.policy.should_stop(step):
             p.done = True

@@ -65,3 +65,28 @@ def test_constant_speculation_reproduces_the_target_and_writes_python(engine):
     func = next(node for node in tree.body if isinstance(node, ast.FunctionDef))  # the prompt's, now with a body
     assert func.name == "has_close_elements"
     assert any(isinstance(node, ast.Return) for node in ast.walk(func)), f"no return in {code!r}"
+
+
+def test_shipped_head_specdecpp_reproduces_the_target(engine):
+    """The shipped head judges every candidate (the first included, bounds 1..20) before the
+    draft's forward on it; greedy output stays the target's, token for token."""
+    from engine.llm_engine import DEFAULT_HEAD
+    from engine.loader import model_identity
+    from heads.model import load_head
+    from heads.shipped import shipped_head_for
+
+    _, draft_dir = ensure_default_pair()
+    draft_id = model_identity(str(draft_dir))
+    head_dir = shipped_head_for(draft_id)
+    assert head_dir is not None, f"no shipped head for {draft_id}"
+    engine.heads[DEFAULT_HEAD] = load_head(head_dir, hidden_size=engine.draft.hidden_size, draft_id=draft_id)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+        prompt = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+        alone = engine.generate(prompt, params, SpecConfig(policy="none"))
+        spec = engine.generate(prompt, params, SpecConfig(policy="specdec++", threshold=0.3, bounds=(1, 20)))
+    finally:
+        engine.heads.pop(DEFAULT_HEAD)
+    assert spec.token_ids == alone.token_ids
+    assert spec.stats["proposed_tokens"] > 0 and spec.stats["verification_rate"] < 1.0
+    assert min(spec.stats["candidate_lengths"]) >= 1
