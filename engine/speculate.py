@@ -52,15 +52,16 @@ class RoundRecord:
     accepted: int  # candidates accepted in this round
 
 
-def draw(proposals: list[Proposal], record: bool) -> None:
+def draw(proposals: list[Proposal], record: bool, judged: bool = True) -> None:
     """Sample each proposal's next candidate y_s from its draft's last logits; record it, the q it
-    came from, the state that produced q, and (where a policy reads them, or `record`) its features."""
+    came from, the state that produced q, and its features where a policy will judge it (`judged`
+    and the policy reads them) or `record` keeps them."""
     for p in proposals:
         q = processed_probs(p.logits.unsqueeze(0), p.seq.params)
         p.tokens.append(sample(q, p.seq.draft_generator))
         p.draft_probs.append(q[0])
         p.states.append(p.state)
-    wanting = [p for p in proposals if record or p.seq.policy.needs_features]
+    wanting = [p for p in proposals if record or (judged and p.seq.policy.needs_features)]
     if wanting:  # one batched pass over the vocabulary
         params = [p.seq.params for p in wanting]
         device = wanting[0].logits.device
@@ -123,7 +124,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False)
             forward_draft(going, [p.tokens[-1] for p in going], draft)
             judge(going, after_forward=True)
             # Stopped after the forward on y_s: y_{s+1} comes from logits already paid for.
-            draw([p for p in going if p.done], record)
+            draw([p for p in going if p.done], record, judged=False)
         active = [p for p in active if not p.done]
     elapsed = time.perf_counter() - t0
     for p in proposals:
@@ -261,13 +262,6 @@ def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None
     for seq, feed in zip(seqs, feeds, strict=True):
         seq.draft_cached += len(feed)
         seq.stats.draft_seconds += elapsed
-
-
-def speculation_round(
-    seq: Sequence, target: ModelRunner, draft: ModelRunner | None
-) -> list[int]:
-    """One round for a single sequence."""
-    return run_round([seq], target, draft)[0]
 
 
 def prefill_chunk(

@@ -23,7 +23,7 @@ import torch
 
 from heads.data import load_shards, read_manifest
 from heads.model import CANDIDATE_FEATURES, AcceptanceHead
-from heads.train import head_inputs
+from heads.train import head_inputs, head_logits
 
 EPS = 1e-6
 
@@ -73,13 +73,9 @@ def predictor_metrics(a: torch.Tensor, p_acc: torch.Tensor) -> dict[str, float]:
     }
 
 
-@torch.inference_mode()
-def head_predictions(
-    head: AcceptanceHead, hidden: torch.Tensor, features: torch.Tensor, batch: int = 8192
-) -> torch.Tensor:
+def head_predictions(head: AcceptanceHead, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """The head's calibrated P(accepted) for every row."""
-    parts = [head.accept_prob(hidden[s : s + batch], features[s : s + batch]) for s in range(0, len(hidden), batch)]
-    return torch.cat(parts).float().cpu()
+    return head.calibrated(head_logits(head, hidden, features)).cpu()
 
 
 def auc_gap_interval(
