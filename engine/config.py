@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from engine.params import SpecConfig
 
-CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/cpu_linear.py
+CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/loading/cpu_linear.py
 
 
 @dataclass
@@ -26,7 +26,7 @@ class EngineConfig:
     batching: bool = True  # False: each running sequence gets its own forwards (round-robin)
     spec_disable_batch_size: int | None = None  # rounds with this many sequences or more skip the draft
     spec_batch_candidates: int | None = None  # candidates per round over the whole batch (see SchedulerConfig)
-    cpu_fp32_gemm: str = "auto"  # bf16 CPU models: fp32 weight copies for wide GEMMs (engine/cpu_linear.py)
+    cpu_fp32_gemm: str = "auto"  # bf16 CPU models: fp32 weight copies for wide GEMMs (engine/loading/cpu_linear.py)
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:

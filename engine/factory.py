@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 from engine.config import EngineConfig
+from engine.head import HeadMismatchError, load_head
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
-from engine.loader import load_model, load_tokenizer, model_identity, parse_dtype
+from engine.loading.loader import load_model, load_tokenizer, model_identity, parse_dtype
 from engine.scheduler import SchedulerConfig
-from heads.model import HeadMismatchError, load_head
 
 log = logging.getLogger(__name__)
 NO_MODEL = ("", "none")
@@ -19,7 +19,7 @@ def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
     """(target, draft, head) specs with the defaults filled in (pulling the default pair if needed)."""
     target, draft, head = config.target, config.draft, config.head
     if target is None:
-        from engine.model_store import ensure_default_pair
+        from specdecpp.model_store import ensure_default_pair
 
         default_target, default_draft = ensure_default_pair()
         target = str(default_target)
@@ -39,7 +39,7 @@ def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
 
 def build_engine(config: EngineConfig) -> LLMEngine:
     target_spec, draft_spec, head_spec = resolve_paths(config)
-    from engine.placement import plan_from_config
+    from engine.loading.placement import plan_from_config
 
     placement = plan_from_config(config, target_spec, draft_spec)
     dtype = parse_dtype(config.dtype)

@@ -16,7 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.detokenizer import Detokenizer
 from engine.events import Completion, TokenEvent
-from engine.loader import check_vocabularies, eos_token_ids
+from engine.head import AcceptanceHead
+from engine.loading.loader import check_vocabularies, eos_token_ids
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import make_policy
 from engine.runner import ModelRunner
@@ -24,7 +25,6 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.speculate import RoundRecord, prefill_chunk, run_round
 from engine.stats import RequestStats
-from heads.model import AcceptanceHead
 
 Prompt = str | list[int] | list[dict]
 DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)

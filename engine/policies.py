@@ -30,7 +30,7 @@ class StopPolicy:
     """
 
     name: str = "base"
-    needs_features: bool = False  # True: the loop computes the draft's view of y_s (heads.model.candidate_features)
+    needs_features: bool = False  # True: the loop computes the draft's view of y_s (engine.head.candidate_features)
     judges_after_forward: bool = False
 
     def max_candidates(self) -> int:

@@ -20,7 +20,7 @@ import itertools
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from engine.cpu_linear import pack_linears
+from engine.loading.cpu_linear import pack_linears
 
 
 class ModelRunner:
@@ -28,7 +28,7 @@ class ModelRunner:
         self.model = model.eval()
         if pack_cpu_linears:
             # CPU only: about 2x faster decoding, identical results; with fp32 copies (`cpu_fp32_gemm`),
-            # about 2x faster prefill where bf16 GEMMs are slow (engine/cpu_linear.py).
+            # about 2x faster prefill where bf16 GEMMs are slow (engine/loading/cpu_linear.py).
             pack_linears(model, fp32_copies=cpu_fp32_gemm)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()

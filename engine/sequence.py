@@ -10,10 +10,10 @@ from transformers import DynamicCache
 
 from engine.detokenizer import Detokenizer
 from engine.events import FinishReason
+from engine.head import AcceptanceHead
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import StopPolicy
 from engine.stats import RequestStats
-from heads.model import AcceptanceHead
 
 
 @dataclass

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.head import CANDIDATE_FEATURES, candidate_features
 from engine.policies import ProposalStep
 from engine.runner import ModelRunner, crop_cache
 from engine.sampling import processed_probs, sample, verify
 from engine.sequence import Sequence
-from heads.model import CANDIDATE_FEATURES, candidate_features
 
 LOG_Q = CANDIDATE_FEATURES.index("log_q")  # the draft's log-probability of its candidate (`confidence` reads it)
 

@@ -45,7 +45,7 @@ def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -
 def _build(config: dict) -> tuple[Any, dict]:
     from engine.config import EngineConfig
     from engine.factory import build_engine, resolve_paths
-    from engine.loader import model_identity
+    from engine.loading.loader import model_identity
 
     engine_config = EngineConfig.from_dict(config)
     engine = build_engine(engine_config)

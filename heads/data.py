@@ -4,7 +4,7 @@ The engine runs the training prompts with a long constant k (every candidate of 
 verified), and its round recorder (`engine.speculate.RoundRecord`) gives, per candidate y_s:
 - the draft hidden state that produced q_s (a "before" head's input; the state after the
   forward on y_s, an "after" head's input, is the next candidate's state in the same round),
-- the candidate features (`heads.model.candidate_features`: the draft's view of y_s, s, the
+- the candidate features (`engine.head.candidate_features`: the draft's view of y_s, s, the
   request's temperature and top-p),
 - the exact label a_s = min(1, p_s(y_s) / q_s(y_s)) with p_s from the verification forward, in
   the very context the head judges at serving time (also after the round's first rejection),
@@ -33,11 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
+from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from engine.speculate import RoundRecord
-from heads.model import CANDIDATE_FEATURES
-from heads.prompts import Prompt
+from specdecpp.datasets import Prompt
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from engine.head import CANDIDATE_FEATURES, AcceptanceHead
 from heads.data import load_shards, read_manifest
-from heads.model import CANDIDATE_FEATURES, AcceptanceHead
 from heads.train import head_inputs, head_logits
 
 EPS = 1e-6

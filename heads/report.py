@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from engine.head import CONFIG_NAME
 from heads.data import read_manifest
-from heads.model import CONFIG_NAME
 
 
 def _data_summary(directory: str) -> dict:

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
+from engine.head import CANDIDATE_FEATURES, HEAD_TIMINGS, AcceptanceHead, HeadConfig
 from heads.data import finished_shards, load_shards, read_manifest
-from heads.model import CANDIDATE_FEATURES, HEAD_TIMINGS, AcceptanceHead, HeadConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    timing: str = "before"  # which draft state the head reads (heads/model.py)
+    timing: str = "before"  # which draft state the head reads (engine/head.py)
     depth: int = 3
     hidden_dropout: float = 0.0
     w_reject: float = 1.0

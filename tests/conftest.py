@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 from tiny import char_tokenizer, tiny_model  # noqa: E402
 
-from heads.model import AcceptanceHead, HeadConfig  # noqa: E402
+from engine.head import AcceptanceHead, HeadConfig  # noqa: E402
 
 
 def perturbed(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Module:

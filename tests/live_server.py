@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from heads.model import AcceptanceHead
+from engine.head import AcceptanceHead
 
 TARGET_NAME = "tiny-target"
 DRAFT_NAME = "tiny-draft"

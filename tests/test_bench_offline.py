@@ -12,7 +12,6 @@ from conftest import random_head
 
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams
-from heads.prompts import Prompt
 from specdecpp.bench import offline
 from specdecpp.bench.offline import (
     BenchConfig,
@@ -26,6 +25,7 @@ from specdecpp.bench.offline import (
 from specdecpp.bench.peers import hf_assisted_generate
 from specdecpp.cli import build_parser
 from specdecpp.commands.bench import _rows_with_heads
+from specdecpp.datasets import Prompt
 
 REQUIRED = ("label", "policy", "knob", "tokens_per_s", "speedup", "discard_rate", "verification_rate",
             "acceptance_rate", "mean_candidate_length", "prompts", "generated_tokens", "temperature")

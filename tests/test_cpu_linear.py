@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine import cpu_linear
-from engine.cpu_linear import FP32_MIN_ROWS, PackedLinear, can_pack, fp32_copy_plan, pack_linears
+from engine.loading import cpu_linear
+from engine.loading.cpu_linear import FP32_MIN_ROWS, PackedLinear, can_pack, fp32_copy_plan, pack_linears
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from tiny import char_tokenizer, tiny_model
 
 from engine.llm_engine import LLMEngine, RequestError
-from engine.loader import VocabularyMismatchError
+from engine.loading.loader import VocabularyMismatchError
 from engine.params import SamplingParams, SpecConfig
 from engine.runner import ModelRunner
 

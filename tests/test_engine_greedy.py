@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import random_head
 
+from engine.head import AcceptanceHead, HeadConfig
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
-from heads.model import AcceptanceHead, HeadConfig
 
 SPECS = [
     SpecConfig(policy="constant", k=1),

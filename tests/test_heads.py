@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import random_head
 
-from heads.evaluate import binary_kl, expected_calibration_error, predictor_metrics, soft_auc
-from heads.model import (
+from engine.head import (
     CANDIDATE_FEATURES,
     FORMAT_VERSION,
     AcceptanceHead,
@@ -21,6 +20,7 @@ from heads.model import (
     candidate_features,
     load_head,
 )
+from heads.evaluate import binary_kl, expected_calibration_error, predictor_metrics, soft_auc
 from heads.train import (
     TrainConfig,
     fit_platt,
@@ -358,7 +358,7 @@ def test_default_pair_picks_the_shipped_head():
     """With the default pair, the engine's default head is the shipped one, and it fits the draft."""
     from engine.config import EngineConfig
     from engine.factory import resolve_paths
-    from engine.loader import model_identity
+    from engine.loading.loader import model_identity
     from heads.shipped import SHIPPED_DIR
 
     _, draft, head = resolve_paths(EngineConfig())

@@ -13,10 +13,10 @@ from tiny import tiny_model
 
 import engine.speculate as speculate
 import heads.data as head_data
+from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
 from heads.data import GenConfig, encode_prompt, generate_dataset, load_shards, read_manifest
-from heads.model import CANDIDATE_FEATURES
-from heads.prompts import (
+from specdecpp.datasets import (
     Prompt,
     contains_humaneval,
     exclude_humaneval,

@@ -20,10 +20,10 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from engine import model_store
-from engine.loader import model_identity
-from engine.model_store import GGUFSource, ModelStoreError
+from specdecpp import model_store
+from engine.loading.loader import model_identity
 from specdecpp.cli import main as cli_main
+from specdecpp.model_store import GGUFSource, ModelStoreError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 
 from engine.config import EngineConfig
-from engine.placement import (
+from engine.loading.placement import (
     Footprint,
     GiB,
     GpuInfo,

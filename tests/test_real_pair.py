@@ -20,8 +20,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.factory import build_engine
-from engine.model_store import DEFAULT_DRAFT, DEFAULT_TARGET, ensure_default_pair
 from engine.params import SamplingParams, SpecConfig
+from specdecpp.model_store import DEFAULT_DRAFT, DEFAULT_TARGET, ensure_default_pair
 
 pytestmark = pytest.mark.slow
 
@@ -70,9 +70,9 @@ def test_constant_speculation_reproduces_the_target_and_writes_python(engine):
 def test_shipped_head_specdecpp_reproduces_the_target(engine):
     """The shipped head judges every candidate (the first included, bounds 1..20) before the
     draft's forward on it; greedy output stays the target's, token for token."""
+    from engine.head import load_head
     from engine.llm_engine import DEFAULT_HEAD
-    from engine.loader import model_identity
-    from heads.model import load_head
+    from engine.loading.loader import model_identity
     from heads.shipped import shipped_head_for
 
     _, draft_dir = ensure_default_pair()

@@ -11,9 +11,9 @@ import torch
 from conftest import random_head
 from safetensors.torch import save_file
 
+from engine.head import CANDIDATE_FEATURES
 from engine.speculate import RoundRecord
 from heads.data import records_to_rows
-from heads.model import CANDIDATE_FEATURES
 from specdecpp.bench.stop_rules import (
     CostModel,
     Rounds,

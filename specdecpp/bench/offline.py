@@ -20,9 +20,9 @@ import numpy as np
 
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.params import SamplingParams, SpecConfig
-from heads.prompts import Prompt
 from specdecpp.bench.peers import HF_DYNAMIC_THRESHOLD, HF_POLICIES, hf_assisted_generate
 from specdecpp.bench.report import best_row
+from specdecpp.datasets import Prompt
 
 log = logging.getLogger(__name__)
 

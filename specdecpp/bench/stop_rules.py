@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
+from engine.head import CANDIDATE_FEATURES, AcceptanceHead, candidate_features
 from engine.params import SamplingParams
 from engine.runner import crop_cache
 from engine.sampling import processed_probs, sample
 from heads.data import load_shards
 from heads.evaluate import head_predictions
-from heads.model import CANDIDATE_FEATURES, AcceptanceHead, candidate_features
 from heads.train import head_inputs
 
 

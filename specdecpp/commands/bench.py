@@ -113,13 +113,13 @@ def _add_dataset_args(p: argparse.ArgumentParser, default_num: int | None) -> No
 
 
 def load_prompts(dataset: str, num: int, seed: int = 0) -> list:
-    """Prompts as chat requests (heads/prompts.py: one user message each).
+    """Prompts as chat requests (specdecpp/datasets.py: one user message each).
 
     HumanEval: `num` problems evenly spread over the 164, each "Complete the following Python
     function." plus the problem in a code block. ShareGPT: first user turns of the held-out
     split (never used to train the head), about 40% code requests.
     """
-    from heads import prompts as sources
+    from specdecpp import datasets as sources
 
     if dataset == "humaneval":
         return sources.humaneval_prompts(num)
@@ -239,7 +239,7 @@ def run_offline_command(args: argparse.Namespace) -> int:
                   "policies": sweep.policies, "greedy_policies": sweep.greedy_policies, "greedy_ks": sweep.greedy_ks,
                   "greedy_thresholds": sweep.greedy_thresholds},
         "threads": __import__("torch").get_num_threads(),
-        "prompt_format": "chat template, one user message (heads/prompts.py)",
+        "prompt_format": "chat template, one user message (specdecpp/datasets.py)",
         "notes": [
             "tokens_per_s = generated tokens / wall seconds summed over prompts; speedup vs the `none` row "
             "at the same temperature; rates are ratios of sums (DESIGN.md)",

@@ -88,7 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _prompts(args: argparse.Namespace):
-    from heads import prompts
+    from specdecpp import datasets as prompts
 
     if args.source == "sharegpt":
         return prompts.sharegpt_prompts(args.num_prompts, args.split, args.code_fraction, seed=args.seed)
@@ -112,7 +112,7 @@ def run_gen_data(args: argparse.Namespace) -> int:
 
     from engine.config import EngineConfig
     from engine.factory import build_engine, resolve_paths
-    from engine.loader import model_identity
+    from engine.loading.loader import model_identity
     from heads.data import GenConfig, generate_dataset
 
     if (args.target is None) != (args.draft is None):
@@ -180,7 +180,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.factory import build_engine, resolve_paths
-    from heads.model import load_head
+    from engine.head import load_head
     from specdecpp.bench.machine import machine_record
     from specdecpp.bench.stop_rules import CostModel, load_rounds, measure_costs, predict
 
@@ -215,8 +215,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from engine.head import load_head
     from heads.evaluate import evaluate, format_table
-    from heads.model import load_head
     from heads.report import write_report
 
     head = load_head(args.head)

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pull(args: argparse.Namespace) -> int:
-    from engine.model_store import DEFAULT_DRAFT, DEFAULT_TARGET, pull
+    from specdecpp.model_store import DEFAULT_DRAFT, DEFAULT_TARGET, pull
 
     roles = {"target": DEFAULT_TARGET, "draft": DEFAULT_DRAFT}
     for role, source in roles.items():
@@ -36,7 +36,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from engine.model_store import check_hf_dir, convert_file
+    from specdecpp.model_store import check_hf_dir, convert_file
 
     path: Path = args.path.expanduser()
     if path.is_dir():
@@ -53,7 +53,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from engine.model_store import list_models, models_dir
+    from specdecpp.model_store import list_models, models_dir
 
     models = list_models()
     if args.json:

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-IDENTITY_FILE = "specdecpp.json"  # {"identity", "source", "source_sha256", ...}; written last by the converter
+from engine.loading.loader import IDENTITY_FILE
+
 CHUNK = 8 << 20  # bytes per read when copying and hashing
 TMP_PREFIX = ".tmp-"
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")

@@ -303,7 +303,7 @@ def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | N
     """The placement for this machine: real GPUs, real model sizes, the user's device flags."""
     import psutil
 
-    from engine.loader import parse_dtype
+    from engine.loading.loader import parse_dtype
 
     dtype = parse_dtype(config.dtype)
     draft_dtype = parse_dtype(config.draft_dtype or config.dtype)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.model_store import IDENTITY_FILE  # written by the converter: {"identity": ..., ...}
-
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+IDENTITY_FILE = "specdecpp.json"  # written last by the model converter: {"identity", "source", "source_sha256", ...}
 
 
 class VocabularyMismatchError(ValueError):

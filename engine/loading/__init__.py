@@ -1,0 +1,1 @@
+"""Loading models onto devices: files to modules, device placement, CPU kernels."""
