@@ -20,8 +20,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from specdecpp import model_store
 from engine.loading.loader import model_identity
+from specdecpp import model_store
 from specdecpp.cli import main as cli_main
 from specdecpp.model_store import GGUFSource, ModelStoreError
 
