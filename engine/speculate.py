@@ -1,6 +1,6 @@
 """One speculation round over a batch of sequences: propose, verify, accept, roll back.
 
-This is DESIGN.md's algorithm. Every policy (including the target alone, which proposes
+This is the algorithm of docs/design.md. Every policy (including the target alone, which proposes
 nothing) goes through it; only the stop decision differs, and it is taken per sequence:
 draft steps run batched over the sequences still proposing, a sequence whose stop rule
 fired waits, then the target verifies every sequence's candidates in one forward pass with

@@ -1,6 +1,6 @@
 """One stats record per request; it feeds the response body and the Prometheus metrics.
 
-Definitions follow DESIGN.md (the SpecDec++ paper):
+Definitions follow docs/design.md (the SpecDec++ paper):
   discard rate      = discarded draft tokens / generated tokens
   verification rate = target forward passes / generated tokens
   acceptance rate   = accepted draft tokens / proposed draft tokens

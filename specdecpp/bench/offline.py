@@ -2,7 +2,7 @@
 
 The loop is prompt-major (for each prompt, every configuration) so machine noise lands on
 all configurations alike. Every finished (prompt, configuration) is appended to a JSONL
-checkpoint; a restart skips those. Aggregates follow DESIGN.md: counts are summed over
+checkpoint; a restart skips those. Aggregates follow docs/design.md: counts are summed over
 prompts and every rate is a ratio of sums; tokens/s = generated tokens / wall seconds;
 speedup = tokens/s over the `none` row at the same temperature.
 """
@@ -298,7 +298,7 @@ def complete_records(records: list[dict], configs: list[BenchConfig]) -> dict[Be
 def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
     """One row per configuration, over the prompts every configuration finished.
 
-    Sums of counts over prompts; every rate is a ratio of those sums (DESIGN.md). A count a
+    Sums of counts over prompts; every rate is a ratio of those sums (docs/design.md). A count a
     peer cannot measure stays None, and so do the rates built on it.
     """
     complete = complete_records(records, configs)

@@ -242,7 +242,7 @@ def run_offline_command(args: argparse.Namespace) -> int:
         "prompt_format": "chat template, one user message (specdecpp/datasets.py)",
         "notes": [
             "tokens_per_s = generated tokens / wall seconds summed over prompts; speedup vs the `none` row "
-            "at the same temperature; rates are ratios of sums (DESIGN.md)",
+            "at the same temperature; rates are ratios of sums (docs/design.md)",
             "greedy_agreement: share of greedy (T=0) requests whose tokens equal the target alone's",
             "comparisons: tokens/s of a over b at each policy's fastest knob, with a paired bootstrap 95% "
             "interval by prompt",
