@@ -110,7 +110,7 @@ def _sampling(text: str) -> tuple[float, float]:
 def run_gen_data(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, SchedulerConfig
     from engine.factory import build_engine, resolve_paths
     from engine.loading.loader import model_identity
     from heads.data import GenConfig, generate_dataset
@@ -121,10 +121,10 @@ def run_gen_data(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     prompts = _prompts(args)
     log.info("%d prompts from %s", len(prompts), args.source)
+    placement = {"draft_device": args.device, "target_devices": [args.device]} if args.device else {}
     engine_config = EngineConfig(
         target=args.target, draft=args.draft, head="none", dtype=args.dtype,
-        max_num_seqs=args.batch_size, **({"draft_device": args.device, "target_devices": [args.device]}
-                                         if args.device else {}),
+        scheduler=SchedulerConfig(max_num_seqs=args.batch_size), **placement,
     )
     target_spec, draft_spec, _ = resolve_paths(engine_config)
     engine = build_engine(engine_config)
