@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from engine.config import DTYPES
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = hs.add_parser("gen-data", help="sample target responses and label draft tokens (resumable shards)")
     g.add_argument("--target", help="target model (default: the default pair's)")
     g.add_argument("--draft", help="draft model (default: the default pair's)")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="models' dtype")
+    g.add_argument("--dtype", default="bf16", choices=DTYPES, help="models' dtype")
     g.add_argument("--device", default=None, help="device for both models (default: cuda if any, else cpu)")
     g.add_argument(
         "--source",
