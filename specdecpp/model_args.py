@@ -51,38 +51,16 @@ def config_flags(config: Any) -> list[str]:
     return out
 
 
-def _config_fields(cls: type) -> list[tuple[Field, Any]]:
-    """(field, resolved type) of a config dataclass, in declaration order."""
-    hints = get_type_hints(cls)
-    return [(f, hints[f.name]) for f in fields(cls)]
-
-
-def _kind(hint: Any) -> str:
-    """How a field's flag parses: "switch" (bool), "list" (comma-separated values), "pairs"
-    (repeatable NAME=VALUE), or "value" (one value, int or str)."""
-    if _value_type(hint) is bool:
-        return "switch"
-    origin = get_origin(_value_type(hint))
-    return {list: "list", tuple: "pairs"}.get(origin, "value")
-
-
-def _value_type(hint: Any) -> Any:
-    """`int | None` -> int: the type a set value has."""
-    if isinstance(hint, types.UnionType):
-        return next(t for t in get_args(hint) if t is not type(None))
-    return hint
-
-
 def _add_config_args(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup, cls: type) -> None:
     for f, hint in _config_fields(cls):
         if is_dataclass(hint):
             _add_config_args(parser, parser.add_argument_group(f.metadata["group"]), hint)
         elif "flag" in f.metadata:
             extras = {key: value for key, value in f.metadata.items() if key != "flag"}
-            group.add_argument(f.metadata["flag"], dest=f.name, **_parsing(f, hint), **extras)
+            group.add_argument(f.metadata["flag"], dest=f.name, **_argparse_settings(f, hint), **extras)
 
 
-def _parsing(f: Field, hint: Any) -> dict:
+def _argparse_settings(f: Field, hint: Any) -> dict:
     """argparse's action, type and default for a field, from its type and default."""
     kind = _kind(hint)
     if kind == "switch":
@@ -101,19 +79,16 @@ def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
         if is_dataclass(hint):
             values[f.name] = _config_from_args(hint, args)
         elif "flag" in f.metadata:
-            values[f.name] = _field_value(f, hint, getattr(args, f.name))
+            parsed = getattr(args, f.name)
+            values[f.name] = tuple(_pair(f, text) for text in parsed) if _kind(hint) == "pairs" else parsed
     return cls(**values)
 
 
-def _field_value(f: Field, hint: Any, parsed: Any) -> Any:
-    """A field's value from its parsed flag: repeated NAME=VALUE texts become (name, value) pairs."""
-    if _kind(hint) != "pairs":
-        return parsed
-    pairs = [text.partition("=") for text in parsed]
-    for text, (name, sep, value) in zip(parsed, pairs, strict=True):
-        if not sep or not name or not value:
-            raise SystemExit(f"{f.metadata['flag']} expects {f.metadata['metavar']}, got {text!r}")
-    return tuple((name, value) for name, _, value in pairs)
+def _pair(f: Field, text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise SystemExit(f"{f.metadata['flag']} expects {f.metadata['metavar']}, got {text!r}")
+    return name, value
 
 
 def _device_list(value: str) -> list[str]:
@@ -122,6 +97,28 @@ def _device_list(value: str) -> list[str]:
     if not devices:
         raise argparse.ArgumentTypeError("expected one or more comma-separated devices")
     return devices
+
+
+def _config_fields(cls: type) -> list[tuple[Field, Any]]:
+    """(field, resolved type) of a config dataclass, in declaration order."""
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in fields(cls)]
+
+
+def _kind(hint: Any) -> str:
+    """How a field's flag parses: "switch" (bool), "list" (comma-separated values), "pairs"
+    (repeatable NAME=VALUE), or "value" (one value, int or str)."""
+    value_type = _value_type(hint)
+    if value_type is bool:
+        return "switch"
+    return {list: "list", tuple: "pairs"}.get(get_origin(value_type), "value")
+
+
+def _value_type(hint: Any) -> Any:
+    """`int | None` -> int: the type a set value has."""
+    if isinstance(hint, types.UnionType):
+        return next(t for t in get_args(hint) if t is not type(None))
+    return hint
 
 
 def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = None) -> None:
