@@ -42,7 +42,6 @@ class SchedulerConfig:
         "--speculative-disable-by-batch-size", "rounds with N or more sequences run the target alone (no draft): "
         "where verifying many candidates for a large batch costs more than it saves (default: always speculate)",
         metavar="N"))
-    # 0 candidates per sequence (b > N) = the target alone.
     spec_batch_candidates: int | None = field(default=None, metadata=option(
         "--speculative-batch-candidates", "candidates of one batched round, all sequences together: each of b "
         "sequences proposes at most N // b (its policy may stop sooner), none once b > N. Verification gets "
