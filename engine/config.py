@@ -1,4 +1,10 @@
-"""What to load and where: plain data, so the engine process can be spawned from it."""
+"""What to load, where, and how to batch: plain data, so the engine process can be spawned from it.
+
+A field that the command line sets carries its flag and help text in its metadata (`option`);
+specdecpp/model_args.py builds the argparse arguments, the config from parsed flags, and the flags
+that reproduce a config (for a server the benchmark starts) from these fields alone, so each
+default and help text is written once, here.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,86 @@ from dataclasses import asdict, dataclass, field
 from engine.params import SpecConfig
 
 CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/loading/cpu_linear.py
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+def option(flag: str, help: str, **argparse_extras) -> dict:
+    """Field metadata of a command-line option: its flag, its help text (argparse expands
+    %(default)s to the field's default) and argparse extras such as choices or metavar."""
+    return {"flag": flag, "help": help, **argparse_extras}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Admission and batching limits (engine/scheduler.py)."""
+
+    max_num_seqs: int = field(default=8, metadata=option(
+        "--max-num-seqs", "sequences decoded together (default: %(default)s)"))
+    max_num_batched_tokens: int = field(default=512, metadata=option(
+        "--max-num-batched-tokens", "prefill chunk: prompt tokens per forward for a new request "
+        "(default: %(default)s)"))
+    kv_cache_tokens: int = field(default=131072, metadata=option(
+        "--kv-cache-tokens", "admission budget: sum of prompt + max_tokens over running requests "
+        "(default: %(default)s)"))
+    batching: bool = field(default=True, metadata=option(
+        "--no-batching", "give every running request its own forwards (round-robin) instead of one batch"))
+    # vLLM's speculative_disable_by_batch_size: once a batch makes verification compute-bound, every
+    # candidate row costs about as much as a plain decoding row, so speculation stops paying.
+    spec_disable_batch_size: int | None = field(default=None, metadata=option(
+        "--speculative-disable-by-batch-size", "rounds with N or more sequences run the target alone (no draft): "
+        "where verifying many candidates for a large batch costs more than it saves (default: always speculate)",
+        metavar="N"))
+    spec_batch_candidates: int | None = field(default=None, metadata=option(
+        "--speculative-batch-candidates", "candidates of one batched round, all sequences together: each of b "
+        "sequences proposes at most N // b (its policy may stop sooner), none once b > N. Verification gets "
+        "compute-bound as the batch grows, so each sequence's share shrinks (default: no budget)", metavar="N"))
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 16:
+            raise ValueError("max_num_batched_tokens must be >= 16")
+        if self.kv_cache_tokens < 1:
+            raise ValueError("kv_cache_tokens must be >= 1")
+        if self.spec_disable_batch_size is not None and self.spec_disable_batch_size < 2:
+            raise ValueError("spec_disable_batch_size must be >= 2 (or None: always speculate)")
+        if self.spec_batch_candidates is not None and self.spec_batch_candidates < 1:
+            raise ValueError("spec_batch_candidates must be >= 1 (or None: no budget)")
 
 
 @dataclass
 class EngineConfig:
-    target: str | None = None  # None: the default pair (pulled on first use)
-    draft: str | None = None  # None with target None: the default draft; "" or "none": no draft
-    head: str | None = None  # None: the shipped head for the default draft, if any; "none": no head
-    extra_heads: tuple[tuple[str, str], ...] = ()  # (name, directory): heads a request picks with specdec.head
-    dtype: str = "bf16"
-    draft_dtype: str | None = None  # defaults to dtype
-    draft_device: str | None = None  # None: planned (GPU 0 if any, else CPU)
-    target_devices: list[str] | None = None  # None: planned (other GPUs, else the draft's device)
-    max_model_len: int | None = None
-    max_num_seqs: int = 8  # continuous batching: sequences running at once
-    max_num_batched_tokens: int = 512  # prefill chunk size (tokens per forward for a new prompt)
-    kv_cache_tokens: int = 131072  # admission budget: sum of prompt + max_tokens over running sequences
-    batching: bool = True  # False: each running sequence gets its own forwards (round-robin)
-    spec_disable_batch_size: int | None = None  # rounds with this many sequences or more skip the draft
-    spec_batch_candidates: int | None = None  # candidates per round over the whole batch (see SchedulerConfig)
-    cpu_fp32_gemm: str = "auto"  # bf16 CPU models: fp32 weight copies for wide GEMMs (engine/loading/cpu_linear.py)
+    """Models, placement and batching of one engine; `default_spec` comes from the speculation flags."""
+
+    target: str | None = field(default=None, metadata=option(
+        "--target", "target model: HF directory, .gguf file or hub id (default: the default pair)"))
+    # None with target None: the default draft; "" or "none": no draft
+    draft: str | None = field(default=None, metadata=option(
+        "--draft", "draft model (default: the default pair's draft; 'none' for no draft)"))
+    # None: the shipped head for the default draft, if any; "none": no head
+    head: str | None = field(default=None, metadata=option(
+        "--head", "acceptance head directory (default: the shipped head for the draft)"))
+    # (name, directory): heads a request picks with specdec.head
+    extra_heads: tuple[tuple[str, str], ...] = field(default=(), metadata=option(
+        "--extra-head", "another acceptance head, chosen per request with specdec.head=NAME (repeatable)",
+        metavar="NAME=DIR"))
+    dtype: str = field(default="bf16", metadata=option("--dtype", "weights dtype", choices=DTYPES))
+    draft_dtype: str | None = field(default=None, metadata=option(
+        "--draft-dtype", "draft dtype (default: --dtype)", choices=DTYPES))
+    draft_device: str | None = field(default=None, metadata=option(
+        "--draft-device", "device for the draft and head (default: GPU 0 or cpu)"))
+    # None: planned (other GPUs, else the draft's device); draft_device None: GPU 0 if any, else the CPU
+    target_devices: list[str] | None = field(default=None, metadata=option(
+        "--target-devices", "comma-separated devices for the target; several: sharded (e.g. cuda:1,cuda:2)",
+        metavar="DEV[,DEV...]"))
+    max_model_len: int | None = field(default=None, metadata=option(
+        "--max-model-len", "context limit (default: the target's)"))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={"group": "batching"})
+    cpu_fp32_gemm: str = field(default="auto", metadata=option(
+        "--cpu-fp32-gemm", "bf16 models on the CPU: keep an fp32 copy of each linear layer (not the LM head) for "
+        "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; costs twice the "
+        "bf16 weights in memory. auto: only if that fits in half the available memory (default: %(default)s)",
+        choices=CPU_FP32_GEMM_MODES))
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:
@@ -37,6 +103,7 @@ class EngineConfig:
     @classmethod
     def from_dict(cls, data: dict) -> EngineConfig:
         data = dict(data)
+        data["scheduler"] = SchedulerConfig(**(data.get("scheduler") or {}))
         data["default_spec"] = SpecConfig.model_validate(data.get("default_spec") or {})
         data["extra_heads"] = tuple(tuple(pair) for pair in data.get("extra_heads") or ())
         return cls(**data)

@@ -9,7 +9,6 @@ from engine.config import EngineConfig
 from engine.head import HeadMismatchError, load_head
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.loading.loader import load_model, load_tokenizer, model_identity, parse_dtype
-from engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 NO_MODEL = ("", "none")
@@ -91,13 +90,6 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         draft_tokenizer=draft_tokenizer,
         max_model_len=config.max_model_len,
         default_spec=spec,
-        scheduler_config=SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            kv_cache_tokens=config.kv_cache_tokens,
-            batching=config.batching,
-            spec_disable_batch_size=config.spec_disable_batch_size,
-            spec_batch_candidates=config.spec_batch_candidates,
-        ),
+        scheduler_config=config.scheduler,
         cpu_fp32_gemm=config.cpu_fp32_gemm,
     )

@@ -10,37 +10,9 @@ step, so a long prompt stalls running streams for one chunk at most.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
+from engine.config import SchedulerConfig
 from engine.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 8
-    max_num_batched_tokens: int = 512
-    kv_cache_tokens: int = 131072
-    batching: bool = True  # False: every sequence gets its own forwards (round-robin)
-    # Rounds of this many sequences or more run the target alone (vLLM's
-    # speculative_disable_by_batch_size): once a batch makes verification compute-bound, every
-    # candidate row costs about as much as a plain decoding row, so speculation stops paying.
-    spec_disable_batch_size: int | None = None
-    # Candidates of one round, all its sequences together: each of b sequences proposes at most
-    # spec_batch_candidates // b (its policy may stop sooner); 0 per sequence = the target alone.
-    # Verifying is compute-bound once a batch is large, so each sequence's share shrinks with b.
-    spec_batch_candidates: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be >= 1")
-        if self.max_num_batched_tokens < 16:
-            raise ValueError("max_num_batched_tokens must be >= 16")
-        if self.kv_cache_tokens < 1:
-            raise ValueError("kv_cache_tokens must be >= 1")
-        if self.spec_disable_batch_size is not None and self.spec_disable_batch_size < 2:
-            raise ValueError("spec_disable_batch_size must be >= 2 (or None: always speculate)")
-        if self.spec_batch_candidates is not None and self.spec_batch_candidates < 1:
-            raise ValueError("spec_batch_candidates must be >= 1 (or None: no budget)")
 
 
 class Scheduler:

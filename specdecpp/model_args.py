@@ -1,60 +1,124 @@
-"""Model, placement and speculation flags shared by generate, serve and bench."""
+"""Model, placement, batching and speculation flags shared by generate, serve and bench.
+
+The engine flags come from EngineConfig's fields (engine/config.py): each field's metadata holds
+its flag and help text, its default is the flag's default, and its type says how the flag
+parses. So the arguments, the config built from them, and the flags that reproduce a config
+(`config_flags`, for a server the benchmark starts) cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import argparse
+import types
+from dataclasses import Field, fields, is_dataclass, replace
+from typing import Any, get_args, get_origin, get_type_hints
 
-from engine.config import CPU_FP32_GEMM_MODES, EngineConfig
+from engine.config import EngineConfig
 from engine.params import POLICY_NAMES, SpecConfig
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("models")
-    g.add_argument("--target", help="target model: HF directory, .gguf file or hub id (default: the default pair)")
-    g.add_argument("--draft", help="draft model (default: the default pair's draft; 'none' for no draft)")
-    g.add_argument("--head", help="acceptance head directory (default: the shipped head for the draft)")
-    g.add_argument("--extra-head", action="append", default=[], metavar="NAME=DIR",
-                   help="another acceptance head, chosen per request with specdec.head=NAME (repeatable)")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weights dtype")
-    g.add_argument("--draft-dtype", choices=["bf16", "fp16", "fp32"], help="draft dtype (default: --dtype)")
-    g.add_argument("--draft-device", help="device for the draft and head (default: GPU 0 or cpu)")
-    g.add_argument("--target-devices", type=_device_list, metavar="DEV[,DEV...]",
-                   help="comma-separated devices for the target; several: sharded (e.g. cuda:1,cuda:2)")
-    g.add_argument("--max-model-len", type=int, help="context limit (default: the target's)")
-    b = parser.add_argument_group("batching")
-    b.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together (default: 8)")
-    b.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="prefill chunk: prompt tokens per forward for a new request (default: 512)")
-    b.add_argument("--kv-cache-tokens", type=int, default=131072,
-                   help="admission budget: sum of prompt + max_tokens over running requests (default: 131072)")
-    b.add_argument("--no-batching", dest="batching", action="store_false",
-                   help="give every running request its own forwards (round-robin) instead of one batch")
-    b.add_argument("--speculative-disable-by-batch-size", dest="spec_disable_batch_size", type=int, metavar="N",
-                   help="rounds with N or more sequences run the target alone (no draft): where verifying many "
-                   "candidates for a large batch costs more than it saves (default: always speculate)")
-    b.add_argument("--speculative-batch-candidates", dest="spec_batch_candidates", type=int, metavar="N",
-                   help="candidates of one batched round, all sequences together: each of b sequences proposes "
-                   "at most N // b (its policy may stop sooner), none once b > N. Verification gets "
-                   "compute-bound as the batch grows, so each sequence's share shrinks (default: no budget)")
-    g.add_argument("--cpu-fp32-gemm", choices=CPU_FP32_GEMM_MODES, default="auto",
-                   help="bf16 models on the CPU: keep an fp32 copy of each linear layer (not the LM head) for "
-                   "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; "
-                   "costs twice the bf16 weights in memory. auto: only if that fits in half the available "
-                   "memory (default: auto)")
+    """One argument per flagged EngineConfig field: the top-level ones under "models", each nested
+    config (the scheduler) under its own group."""
+    _add_config_args(parser, parser.add_argument_group("models"), EngineConfig)
 
 
-def _named_dir(text: str) -> tuple[str, str]:
-    name, sep, directory = text.partition("=")
-    if not sep or not name or not directory:
-        raise SystemExit(f"--extra-head expects NAME=DIR, got {text!r}")
-    return name, directory
+def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig | None = None) -> EngineConfig:
+    """The EngineConfig the flags of `add_model_args` describe."""
+    return replace(_config_from_args(EngineConfig, args), default_spec=default_spec or SpecConfig())
+
+
+def config_flags(config: Any) -> list[str]:
+    """Command-line flags that rebuild `config` (an EngineConfig or a nested config): every flag
+    whose value is set (None is the flag's absence), a switch only where it is flipped."""
+    out: list[str] = []
+    for f, hint in _config_fields(type(config)):
+        value = getattr(config, f.name)
+        if is_dataclass(hint):
+            out += config_flags(value)
+            continue
+        if "flag" not in f.metadata or value is None:
+            continue
+        flag, kind = f.metadata["flag"], _kind(hint)
+        if kind == "switch":
+            out += [flag] if value != f.default else []
+        elif kind == "list":
+            out += [flag, ",".join(value)]
+        elif kind == "pairs":
+            out += [item for name, text in value for item in (flag, f"{name}={text}")]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def _add_config_args(parser: argparse.ArgumentParser, group: argparse._ArgumentGroup, cls: type) -> None:
+    for f, hint in _config_fields(cls):
+        if is_dataclass(hint):
+            _add_config_args(parser, parser.add_argument_group(f.metadata["group"]), hint)
+        elif "flag" in f.metadata:
+            extras = {key: value for key, value in f.metadata.items() if key != "flag"}
+            group.add_argument(f.metadata["flag"], dest=f.name, **_argparse_settings(f, hint), **extras)
+
+
+def _argparse_settings(f: Field, hint: Any) -> dict:
+    """argparse's action, type and default for a field, from its type and default."""
+    kind = _kind(hint)
+    if kind == "switch":
+        return {"action": "store_false" if f.default else "store_true"}
+    if kind == "list":
+        return {"type": _device_list, "default": f.default}
+    if kind == "pairs":
+        return {"action": "append", "default": list(f.default)}  # NAME=VALUE texts, split when the config is built
+    value_type = _value_type(hint)
+    return {"default": f.default, **({"type": value_type} if value_type is not str else {})}
+
+
+def _config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    values = {}
+    for f, hint in _config_fields(cls):
+        if is_dataclass(hint):
+            values[f.name] = _config_from_args(hint, args)
+        elif "flag" in f.metadata:
+            parsed = getattr(args, f.name)
+            values[f.name] = tuple(_pair(f, text) for text in parsed) if _kind(hint) == "pairs" else parsed
+    return cls(**values)
+
+
+def _pair(f: Field, text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise SystemExit(f"{f.metadata['flag']} expects {f.metadata['metavar']}, got {text!r}")
+    return name, value
 
 
 def _device_list(value: str) -> list[str]:
+    """The one list field's values (--target-devices), comma-separated."""
     devices = [d.strip() for d in value.split(",") if d.strip()]
     if not devices:
         raise argparse.ArgumentTypeError("expected one or more comma-separated devices")
     return devices
+
+
+def _config_fields(cls: type) -> list[tuple[Field, Any]]:
+    """(field, resolved type) of a config dataclass, in declaration order."""
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in fields(cls)]
+
+
+def _kind(hint: Any) -> str:
+    """How a field's flag parses: "switch" (bool), "list" (comma-separated values), "pairs"
+    (repeatable NAME=VALUE), or "value" (one value, int or str)."""
+    value_type = _value_type(hint)
+    if value_type is bool:
+        return "switch"
+    return {list: "list", tuple: "pairs"}.get(get_origin(value_type), "value")
+
+
+def _value_type(hint: Any) -> Any:
+    """`int | None` -> int: the type a set value has."""
+    if isinstance(hint, types.UnionType):
+        return next(t for t in get_args(hint) if t is not type(None))
+    return hint
 
 
 def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = None) -> None:
@@ -68,29 +132,7 @@ def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = 
 
 def spec_from_args(args: argparse.Namespace) -> SpecConfig:
     """A validated SpecConfig from the flags given (others keep their defaults)."""
-    fields = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min}
+    given = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min}
     if args.bounds is not None:
-        fields["bounds"] = tuple(args.bounds)
-    return SpecConfig.model_validate({k: v for k, v in fields.items() if v is not None})
-
-
-def engine_config_from_args(args: argparse.Namespace, default_spec: SpecConfig | None = None) -> EngineConfig:
-    return EngineConfig(
-        target=args.target,
-        draft=args.draft,
-        head=args.head,
-        extra_heads=tuple(_named_dir(text) for text in args.extra_head),
-        dtype=args.dtype,
-        draft_dtype=args.draft_dtype,
-        draft_device=args.draft_device,
-        target_devices=args.target_devices,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_tokens=args.kv_cache_tokens,
-        batching=args.batching,
-        spec_disable_batch_size=args.spec_disable_batch_size,
-        spec_batch_candidates=args.spec_batch_candidates,
-        cpu_fp32_gemm=args.cpu_fp32_gemm,
-        default_spec=default_spec or SpecConfig(),
-    )
+        given["bounds"] = tuple(args.bounds)
+    return SpecConfig.model_validate({k: v for k, v in given.items() if v is not None})

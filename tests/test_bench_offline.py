@@ -15,16 +15,16 @@ from engine.params import SamplingParams
 from specdecpp.bench import offline
 from specdecpp.bench.offline import (
     BenchConfig,
-    Checkpoint,
     Sweep,
     aggregate,
     compare,
     paired_bootstrap_ratio,
     run_offline,
 )
+from specdecpp.bench.offline_run import rows_with_heads
 from specdecpp.bench.peers import hf_assisted_generate
+from specdecpp.bench.runs import Checkpoint
 from specdecpp.cli import build_parser
-from specdecpp.commands.bench import _rows_with_heads
 from specdecpp.datasets import Prompt
 
 REQUIRED = ("label", "policy", "knob", "tokens_per_s", "speedup", "discard_rate", "verification_rate",
@@ -302,12 +302,12 @@ def test_post_rows_without_a_post_head_fail_before_loading_models():
 
 def test_rows_follow_the_engine_heads(caplog):
     policies = ("none", "constant", "specdec++", "specdec++-post")
-    assert _rows_with_heads(policies, None, set(), {"default", "post"}) == (policies, None)
+    assert rows_with_heads(policies, None, set(), {"default", "post"}) == (policies, None)
     with caplog.at_level(logging.WARNING):
-        kept, greedy = _rows_with_heads(policies, ["constant", "specdec++"], set(), set())
+        kept, greedy = rows_with_heads(policies, ["constant", "specdec++"], set(), set())
     assert kept == ("none", "constant") and greedy == ("none", "constant")
     assert "specdec++, specdec++-post" in caplog.text
     with pytest.raises(ValueError, match="'post' is not loaded"):
-        _rows_with_heads(policies, None, {"specdec++-post"}, {"default"})
+        rows_with_heads(policies, None, {"specdec++-post"}, {"default"})
     with pytest.raises(ValueError, match="--head DIR"):
-        _rows_with_heads(policies, ["specdec++"], {"specdec++"}, {"post"})
+        rows_with_heads(policies, ["specdec++"], {"specdec++"}, {"post"})

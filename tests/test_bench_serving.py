@@ -161,22 +161,40 @@ def test_cli_serving_batching_modes(tiny_paths, tmp_path):
     assert data["meta"]["server"]["off"]["specdec"]["scheduler"]["batching"] is False
 
 
-def test_started_server_gets_the_batching_flags():
-    """`bench serving --start-server` passes the scheduler flags on to the server it starts."""
+def test_started_server_gets_the_engine_flags():
+    """`bench serving --start-server` passes every engine flag given on to the server it starts."""
+    from specdecpp.bench.serving_run import serve_args
     from specdecpp.cli import build_parser
-    from specdecpp.commands.bench import _serve_args
+    from specdecpp.model_args import engine_config_from_args
 
-    args = build_parser().parse_args(["bench", "serving", "--start-server", "--max-num-seqs", "3",
-                                      "--max-num-batched-tokens", "64", "--speculative-disable-by-batch-size", "4",
-                                      "--speculative-batch-candidates", "8", "--cpu-fp32-gemm", "off"])
-    flags = _serve_args(args)
+    given = ["--target", "t", "--draft", "d", "--head", "h", "--extra-head", "post=p", "--dtype", "fp16",
+             "--draft-dtype", "fp32", "--draft-device", "cpu", "--target-devices", "cuda:1,cuda:2",
+             "--max-model-len", "256", "--max-num-seqs", "3", "--max-num-batched-tokens", "64", "--kv-cache-tokens",
+             "999", "--speculative-disable-by-batch-size", "4", "--speculative-batch-candidates", "8",
+             "--cpu-fp32-gemm", "off"]
+    args = build_parser().parse_args(["bench", "serving", "--start-server", *given, "--api-key", "k"])
+    flags = serve_args(args)
     for flag, value in (("--max-num-seqs", "3"), ("--max-num-batched-tokens", "64"),
                         ("--speculative-disable-by-batch-size", "4"), ("--speculative-batch-candidates", "8"),
-                        ("--cpu-fp32-gemm", "off")):
+                        ("--cpu-fp32-gemm", "off"), ("--target-devices", "cuda:1,cuda:2"), ("--api-key", "k")):
         assert flags[flags.index(flag) + 1] == value
     serve = build_parser().parse_args(["serve", *flags])
     assert (serve.max_num_seqs, serve.max_num_batched_tokens, serve.spec_disable_batch_size) == (3, 64, 4)
     assert (serve.spec_batch_candidates, serve.cpu_fp32_gemm) == (8, "off")
+    assert engine_config_from_args(serve) == engine_config_from_args(args)  # the server builds the same engine
     assert serve.batching and "--no-batching" not in flags
-    off = _serve_args(build_parser().parse_args(["bench", "serving", "--start-server", "--no-batching"]))
+    off = serve_args(build_parser().parse_args(["bench", "serving", "--start-server", "--no-batching"]))
     assert build_parser().parse_args(["serve", *off]).batching is False
+    modes = serve_args(build_parser().parse_args(["bench", "serving", "--start-server", "--no-batching",
+                                                  "--batching-modes", "on", "off"]))
+    assert "--no-batching" not in modes  # each mode adds its own
+
+
+def test_started_server_flags_of_the_defaults():
+    """The defaults' flags, as serving checkpoints record them (a rerun of the same command resumes)."""
+    from specdecpp.bench.serving_run import serve_args
+    from specdecpp.cli import build_parser
+
+    assert serve_args(build_parser().parse_args(["bench", "serving", "--start-server"])) == [
+        "--dtype", "bf16", "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--kv-cache-tokens", "131072",
+        "--cpu-fp32-gemm", "auto"]

@@ -7,6 +7,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -83,3 +84,15 @@ def machine_record() -> dict:
 def command_line(argv: list[str] | None = None) -> str:
     """The command to rerun: `specdecpp` plus the arguments given (shell-quoted)."""
     return shlex.join(["specdecpp", *(sys.argv[1:] if argv is None else argv)])
+
+
+def results_meta(argv: list[str] | None, dataset: str, extra: dict) -> dict:
+    """The start of every results file's meta: how to rerun it, from which commit, when and where."""
+    return {
+        "command": command_line(argv),
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_record(),
+        "dataset": dataset,
+        **extra,
+    }

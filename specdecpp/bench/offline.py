@@ -9,12 +9,10 @@ speedup = tokens/s over the `none` row at the same temperature.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -22,6 +20,7 @@ from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from specdecpp.bench.peers import HF_DYNAMIC_THRESHOLD, HF_POLICIES, hf_assisted_generate
 from specdecpp.bench.report import best_row
+from specdecpp.bench.runs import Checkpoint, ratio
 from specdecpp.datasets import Prompt
 
 log = logging.getLogger(__name__)
@@ -133,40 +132,6 @@ def record_key(config: BenchConfig, prompt_id: str) -> str:
     return f"{config.temperature:g}|{config.policy}|{config.knob}|{prompt_id}"
 
 
-class Checkpoint:
-    """Append-only JSONL of finished (prompt, configuration) results, with a settings header.
-
-    Resuming with different settings (models, max_tokens, seeds...) would mix incomparable
-    numbers, so a mismatching header is an error.
-    """
-
-    def __init__(self, path: Path, settings: dict, fresh: bool = False) -> None:
-        self.path = path
-        self.records: dict[str, dict] = {}
-        if fresh and path.exists():
-            path.unlink()
-        if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            header = lines[0].get("settings") if lines else None
-            if header != settings:
-                raise ValueError(
-                    f"{path} was written with other settings ({header}); use --fresh or another --output"
-                )
-            for record in lines[1:]:
-                self.records[record["key"]] = record
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"settings": settings}) + "\n")
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.records
-
-    def add(self, record: dict) -> None:
-        self.records[record["key"]] = record
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def run_engine(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
                bounds: tuple[int, int]) -> dict:
     """One request through our engine; its stats record plus the wall time around it."""
@@ -270,12 +235,6 @@ def run_offline(
 
 
 # ----- aggregation ---------------------------------------------------------------------------
-def _ratio(num: float | None, den: float | None) -> float | None:
-    if num is None or den is None or den == 0:
-        return None
-    return num / den
-
-
 def _sum(records: list[dict], field: str) -> float | None:
     values = [r["stats"].get(field) for r in records]
     return None if any(v is None for v in values) else sum(values)
@@ -318,15 +277,15 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
             "knob_name": KNOB_NAMES[config.policy],
             "knob": config.knob,
             "temperature": config.temperature,
-            "tokens_per_s": _ratio(generated, wall),
+            "tokens_per_s": ratio(generated, wall),
             "speedup": None,  # filled below
-            "discard_rate": _ratio(discarded, generated),
-            "verification_rate": _ratio(calls, generated),
-            "acceptance_rate": _ratio(accepted, proposed) if speculates else None,
-            "mean_candidate_length": _ratio(proposed, rounds),
-            "mean_accepted_length": _ratio(accepted, rounds),
-            "tokens_per_target_call": _ratio(generated, calls),
-            "decode_tokens_per_s": _ratio(decode_tokens, decode_seconds),
+            "discard_rate": ratio(discarded, generated),
+            "verification_rate": ratio(calls, generated),
+            "acceptance_rate": ratio(accepted, proposed) if speculates else None,
+            "mean_candidate_length": ratio(proposed, rounds),
+            "mean_accepted_length": ratio(accepted, rounds),
+            "tokens_per_target_call": ratio(generated, calls),
+            "decode_tokens_per_s": ratio(decode_tokens, decode_seconds),
             "decode_speedup": None,
             "prompts": len(rs),
             "generated_tokens": generated,
@@ -340,7 +299,7 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
     for key in ("", "decode_"):
         baseline = {r["temperature"]: r[f"{key}tokens_per_s"] for r in rows if r["policy"] == "none"}
         for row in rows:
-            row[f"{key}speedup"] = _ratio(row[f"{key}tokens_per_s"], baseline.get(row["temperature"]))
+            row[f"{key}speedup"] = ratio(row[f"{key}tokens_per_s"], baseline.get(row["temperature"]))
     return rows
 
 
@@ -387,17 +346,17 @@ def paired_bootstrap_ratio(
     n = len(tokens_a)
     if not n == len(seconds_a) == len(tokens_b) == len(seconds_b):
         raise ValueError("a paired comparison needs the same prompts, in the same order, for both rows")
-    ratio = _ratio(_ratio(tokens_a.sum(), seconds_a.sum()), _ratio(tokens_b.sum(), seconds_b.sum()))
-    if ratio is None:
+    observed = ratio(ratio(tokens_a.sum(), seconds_a.sum()), ratio(tokens_b.sum(), seconds_b.sum()))
+    if observed is None:
         return None, None, None
     index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
     with np.errstate(divide="ignore", invalid="ignore"):
         boot = (tokens_a[index].sum(1) * seconds_b[index].sum(1)) / (seconds_a[index].sum(1) * tokens_b[index].sum(1))
     boot = boot[np.isfinite(boot)]
     if not len(boot):
-        return float(ratio), None, None
+        return float(observed), None, None
     low, high = np.percentile(boot, [2.5, 97.5])
-    return float(ratio), float(low), float(high)
+    return float(observed), float(low), float(high)
 
 
 def _interior(rows: list[dict], best: dict) -> bool:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -315,9 +316,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`specdecpp serve` on a free loopback port, for `bench serving --start-server`."""
+    """`specdecpp serve` in a subprocess on a free loopback port (`bench serving --start-server`, the
+    server tests); its output goes to `log_path`, `env` adds to this process's environment."""
 
-    def __init__(self, serve_args: list[str], log_path: Path) -> None:
+    def __init__(self, serve_args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "specdecpp.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
@@ -325,7 +327,8 @@ class ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
 
     def wait_healthy(self, timeout: float = 900.0) -> None:
         deadline = time.monotonic() + timeout
@@ -337,15 +340,21 @@ class ServerProcess:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(0.2)
         raise TimeoutError(f"the server was not healthy after {timeout:.0f}s; see {self.log_path}")
 
-    def stop(self) -> None:
+    def log(self) -> str:
+        """The end of the server's output."""
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Send `sig` (killing after `timeout` seconds); the exit code."""
         if self.process.poll() is None:
-            self.process.terminate()
+            self.process.send_signal(sig)
             try:
-                self.process.wait(timeout=60)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        return self.process.returncode

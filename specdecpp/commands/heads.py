@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from engine.config import DTYPES
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = hs.add_parser("gen-data", help="sample target responses and label draft tokens (resumable shards)")
     g.add_argument("--target", help="target model (default: the default pair's)")
     g.add_argument("--draft", help="draft model (default: the default pair's)")
-    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="models' dtype")
+    g.add_argument("--dtype", default="bf16", choices=DTYPES, help="models' dtype")
     g.add_argument("--device", default=None, help="device for both models (default: cuda if any, else cpu)")
     g.add_argument(
         "--source",
@@ -110,7 +112,7 @@ def _sampling(text: str) -> tuple[float, float]:
 def run_gen_data(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.config import EngineConfig
+    from engine.config import EngineConfig, SchedulerConfig
     from engine.factory import build_engine, resolve_paths
     from engine.loading.loader import model_identity
     from heads.data import GenConfig, generate_dataset
@@ -121,10 +123,10 @@ def run_gen_data(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     prompts = _prompts(args)
     log.info("%d prompts from %s", len(prompts), args.source)
+    placement = {"draft_device": args.device, "target_devices": [args.device]} if args.device else {}
     engine_config = EngineConfig(
         target=args.target, draft=args.draft, head="none", dtype=args.dtype,
-        max_num_seqs=args.batch_size, **({"draft_device": args.device, "target_devices": [args.device]}
-                                         if args.device else {}),
+        scheduler=SchedulerConfig(max_num_seqs=args.batch_size), **placement,
     )
     target_spec, draft_spec, _ = resolve_paths(engine_config)
     engine = build_engine(engine_config)
