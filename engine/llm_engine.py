@@ -1,8 +1,9 @@
 """The engine: owns the models, admits requests, runs rounds, emits token events.
 
-It knows nothing of HTTP. `step()` runs one speculation round for each running
-sequence (oldest first) and returns what each produced, so a caller (the worker
-process, the CLI, a benchmark) can stream it.
+It knows nothing of HTTP. `step()` admits the waiting requests that fit, prefills one chunk of
+the oldest prompt not yet prefilled, then runs one speculation round over the sequences ready
+to decode (one batch, or one round each with batching off) and returns a token event per
+sequence, so a caller (the worker process, the CLI, a benchmark) can stream them.
 """
 
 from __future__ import annotations
@@ -155,11 +156,6 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
-
-    @property
-    def running(self) -> dict[str, Sequence]:
-        """Unfinished requests by id (waiting or running)."""
-        return self.requests
 
     @property
     def num_running(self) -> int:

@@ -1,7 +1,10 @@
 """Stop policies: when does the draft stop proposing and hand the candidates over?
 
-Every policy shares one speculation loop (engine/speculate.py) and differs only here.
-A policy sees one `ProposalStep` per proposed token and answers `should_stop`.
+Every policy shares one speculation loop (engine/speculate.py) and differs only here. The loop
+asks every policy the same questions: how many candidates at most this round (`max_candidates`),
+then, for each candidate y_s, `should_stop` at both judgement points of its step (`ProposalStep.when`):
+"before" the draft runs on y_s and "after" it has (a stop there submits y_{s+1}, drawn from that
+forward, as the round's last candidate). A policy answers False where it does not judge.
 To add a policy: write a class below and register it in `make_policy`.
 """
 
@@ -9,7 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from engine.head import CANDIDATE_FEATURES, HeadTiming
 from engine.params import SpecConfig
+
+LOG_Q = CANDIDATE_FEATURES.index("log_q")  # the draft's log-probability of its candidate
 
 
 @dataclass
@@ -17,21 +25,24 @@ class ProposalStep:
     """What is known about the s-th proposed token y_s of the current round when a policy judges it."""
 
     index: int  # s, 1-based
-    draft_prob: float  # the draft's own (temperature 1, unfiltered) probability of y_s
-    accept_prob: float | None = None  # the head's calibrated P(y_s accepted | earlier accepted); head policies
+    when: HeadTiming  # "before" the draft's forward on y_s, or "after" it
+    features: torch.Tensor | None = None  # candidate_features of y_s [F]; given to policies that read them
+    accept_prob: float | None = None  # the head's calibrated P(y_s accepted | earlier accepted), at its timing
+
+    @property
+    def draft_prob(self) -> float:
+        """The draft's own (temperature 1, unfiltered) probability of y_s."""
+        assert self.features is not None, "draft_prob needs a policy with reads_features"
+        return float(self.features[LOG_Q].exp())
 
 
 class StopPolicy:
-    """Base policy: never stops on its own; `max_candidates` bounds the round.
-
-    The loop asks `should_stop` about y_s once y_s is drawn, before the draft runs on it, unless
-    `judges_after_forward`: then it asks after that forward (the head reads its hidden state) and
-    a stop submits y_{s+1}, drawn from the forward already paid for, as the round's last candidate.
-    """
+    """Base policy: never stops on its own; `max_candidates` bounds the round."""
 
     name: str = "base"
-    needs_features: bool = False  # True: the loop computes the draft's view of y_s (engine.head.candidate_features)
-    judges_after_forward: bool = False
+    # What the policy reads beyond y_s's index: True makes the loop compute ProposalStep.features
+    # (a pass over the vocabulary per candidate), which the draft probability and the head read.
+    reads_features: bool = False
 
     def max_candidates(self) -> int:
         raise NotImplementedError
@@ -87,10 +98,13 @@ class Heuristic(StopPolicy):
 
 
 class Confidence(StopPolicy):
-    """`confidence`: stop once the draft's probability of its token is below p_min (llama.cpp)."""
+    """`confidence`: stop once the draft's probability of its token is below p_min (llama.cpp).
+
+    It judges y_s before the draft runs on it: a stop costs no forward.
+    """
 
     name = "confidence"
-    needs_features = True
+    reads_features = True
 
     def __init__(self, p_min: float, bounds: tuple[int, int]) -> None:
         self.p_min = p_min
@@ -100,23 +114,24 @@ class Confidence(StopPolicy):
         return self.high
 
     def should_stop(self, step: ProposalStep) -> bool:
-        return step.index >= self.low and step.draft_prob < self.p_min
+        return step.when == "before" and step.index >= self.low and step.draft_prob < self.p_min
 
 
 class SpecDecPP(StopPolicy):
     """`specdec++`: stop once 1 - prod_{i<=s} a_i > threshold, a_i from the acceptance head.
 
-    Every candidate is judged, the first included. With a head that judges after the draft's
-    forward on y_s, stopping there yields s + 1 candidates, so the lower bound counts that one.
+    Every candidate is judged, the first included, at the head's timing. A head judging "after"
+    the draft's forward on y_s yields s + 1 candidates when it stops there, so the lower bound
+    counts that one.
     """
 
     name = "specdec++"
-    needs_features = True
+    reads_features = True
 
-    def __init__(self, threshold: float, bounds: tuple[int, int], judges_after_forward: bool = False) -> None:
+    def __init__(self, threshold: float, bounds: tuple[int, int], timing: HeadTiming = "before") -> None:
         self.threshold = threshold
         self.low, self.high = bounds
-        self.judges_after_forward = judges_after_forward
+        self.timing = timing
         self._all_accepted_prob = 1.0
 
     def max_candidates(self) -> int:
@@ -126,13 +141,15 @@ class SpecDecPP(StopPolicy):
         self._all_accepted_prob = 1.0
 
     def should_stop(self, step: ProposalStep) -> bool:
+        if step.when != self.timing:
+            return False
         assert step.accept_prob is not None, "specdec++ needs the head's estimate"
         self._all_accepted_prob *= step.accept_prob
-        length_if_stopped = step.index + int(self.judges_after_forward)
+        length_if_stopped = step.index + int(step.when == "after")
         return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
 
 
-def make_policy(spec: SpecConfig, head_timing: str | None = None) -> StopPolicy:
+def make_policy(spec: SpecConfig, head_timing: HeadTiming | None = None) -> StopPolicy:
     """A fresh policy object per request (policies may keep per-request state).
 
     `head_timing` is the timing of the head serving this request (specdec++ only).
@@ -146,5 +163,5 @@ def make_policy(spec: SpecConfig, head_timing: str | None = None) -> StopPolicy:
     if spec.policy == "confidence":
         return Confidence(spec.p_min, spec.bounds)
     if spec.policy == "specdec++":
-        return SpecDecPP(spec.threshold, spec.bounds, judges_after_forward=head_timing == "after")
+        return SpecDecPP(spec.threshold, spec.bounds, timing=head_timing or "before")
     raise ValueError(f"unknown policy {spec.policy!r}")

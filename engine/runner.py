@@ -91,16 +91,7 @@ class ModelRunner:
             return [self._decode(feeds[0].unsqueeze(0), caches[0], num_hidden[0])[0]]
         lengths = [len(f) for f in feeds]
         cached = [c.get_seq_length() for c in caches]
-        past, total = sum(cached), sum(lengths)
-        key_starts = list(itertools.accumulate(cached, initial=0))
-        query_starts = list(itertools.accumulate(lengths, initial=0))
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, lengths, strict=True)])
-        mask = torch.zeros(1, 1, total, past + total, dtype=torch.bool)
-        for i, (n, c) in enumerate(zip(lengths, cached, strict=True)):
-            rows = slice(query_starts[i], query_starts[i] + n)
-            mask[0, 0, rows, key_starts[i] : key_starts[i] + c] = True
-            own = past + query_starts[i]
-            mask[0, 0, rows, own : own + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        positions, mask = ragged_positions_and_mask(lengths, cached)
         batch_cache = self._packed_cache(caches, cached)
         out = self.decoder(
             input_ids=torch.cat(feeds).unsqueeze(0),
@@ -109,7 +100,8 @@ class ModelRunner:
             past_key_values=batch_cache,
             use_cache=True,
         )
-        for layer_idx, layer in enumerate(batch_cache.layers):
+        past, query_starts = sum(cached), list(itertools.accumulate(lengths, initial=0))
+        for layer_idx, layer in enumerate(batch_cache.layers):  # each row's new keys/values into its own cache
             for cache, n, q in zip(caches, lengths, query_starts[:-1], strict=True):
                 new = slice(past + q, past + q + n)
                 cache.update(layer.keys[:, :, new], layer.values[:, :, new], layer_idx)
@@ -128,6 +120,23 @@ class ModelRunner:
             values = torch.cat([layer.values for layer in layers], dim=2)
             batch_cache.update(keys, values, layer_idx)
         return batch_cache
+
+
+def ragged_positions_and_mask(lengths: list[int], cached: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [T] and attention mask [1, 1, T, past + T] of a ragged batch: row i's `lengths[i]` new
+    tokens follow its `cached[i]` cached ones, and see only those and their own causal prefix. Keys
+    are every row's cache back to back (`past` in all), then every row's new tokens back to back."""
+    past, total = sum(cached), sum(lengths)
+    key_starts = list(itertools.accumulate(cached, initial=0))
+    query_starts = list(itertools.accumulate(lengths, initial=0))
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, lengths, strict=True)])
+    mask = torch.zeros(1, 1, total, past + total, dtype=torch.bool)
+    for i, (n, c) in enumerate(zip(lengths, cached, strict=True)):
+        rows = slice(query_starts[i], query_starts[i] + n)
+        mask[0, 0, rows, key_starts[i] : key_starts[i] + c] = True
+        own = past + query_starts[i]
+        mask[0, 0, rows, own : own + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    return positions, mask
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:

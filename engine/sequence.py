@@ -13,16 +13,38 @@ from engine.events import FinishReason
 from engine.head import AcceptanceHead
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import StopPolicy
+from engine.runner import ModelRunner, crop_cache
 from engine.stats import RequestStats
 
 
 @dataclass
-class Sequence:
-    """One request in flight.
+class KVState:
+    """One model's KV cache of a sequence: it holds the first `cached` tokens of
+    `prompt_ids + output_ids` (0 while there is no cache); the tokens after those are fed on that
+    model's next forward."""
 
-    Cache invariant: each model's cache holds the first `*_cached` tokens of
-    `prompt_ids + output_ids`; the tokens after that are fed on the next forward.
-    """
+    cache: DynamicCache | None = None  # None until the model first runs on the sequence
+    cached: int = 0
+
+    def ensure(self, runner: ModelRunner) -> DynamicCache:
+        """The cache, made empty on first use."""
+        if self.cache is None:
+            self.cache, self.cached = runner.new_cache(), 0
+        return self.cache
+
+    def crop(self, length: int) -> None:
+        """Roll back to the first `length` tokens (keeping fewer if it holds fewer)."""
+        self.cached = min(self.cached, length)
+        if self.cache is not None:
+            crop_cache(self.cache, self.cached)
+
+    def free(self) -> None:
+        self.cache, self.cached = None, 0
+
+
+@dataclass
+class Sequence:
+    """One request in flight, with a KV state per model (`target_kv`, `draft_kv`)."""
 
     request_id: str
     prompt_ids: list[int]
@@ -35,10 +57,8 @@ class Sequence:
     eos_token_ids: frozenset[int]
     head: AcceptanceHead | None = None  # the acceptance head judging this request's candidates (specdec++)
     output_ids: list[int] = field(default_factory=list)
-    target_cache: DynamicCache | None = None
-    draft_cache: DynamicCache | None = None
-    target_cached: int = 0
-    draft_cached: int = 0
+    target_kv: KVState = field(default_factory=KVState)
+    draft_kv: KVState = field(default_factory=KVState)
     finish_reason: FinishReason | None = None
     prefilled: bool = False  # all prompt tokens but the last are in both caches
     stats: RequestStats = field(default_factory=RequestStats)
@@ -74,7 +94,5 @@ class Sequence:
         return False
 
     def free_caches(self) -> None:
-        self.target_cache = None
-        self.draft_cache = None
-        self.target_cached = 0
-        self.draft_cached = 0
+        self.target_kv.free()
+        self.draft_kv.free()

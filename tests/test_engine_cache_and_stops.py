@@ -36,9 +36,9 @@ def test_caches_equal_fresh_prefill_after_every_round(tiny_pair, tokenizer, spec
     engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)})
     engine.add_request("r", "hello world", SamplingParams(temperature=temperature, seed=7, max_tokens=40,
                                                           ignore_eos=True), spec)
-    seq = engine.running["r"]
+    seq = engine.requests["r"]
     rounds = rejected_rounds = 0
-    while "r" in engine.running:
+    while "r" in engine.requests:
         engine.step()
         if seq.finished:
             break
@@ -46,16 +46,15 @@ def test_caches_equal_fresh_prefill_after_every_round(tiny_pair, tokenizer, spec
         rejected_rounds += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
         ids = seq.all_ids
         # Target cache: every token but the newest one; draft cache: a prefix of the sequence.
-        assert seq.target_cached == len(ids) - 1 == seq.target_cache.get_seq_length()
-        assert seq.draft_cached == seq.draft_cache.get_seq_length() <= len(ids)
-        for runner, cache, n in ((engine.target, seq.target_cache, seq.target_cached),
-                                 (engine.draft, seq.draft_cache, seq.draft_cached)):
-            reference = fresh_prefill(runner, ids[:n])
-            for (k, v), (rk, rv) in zip(cache_tensors(cache), cache_tensors(reference), strict=True):
+        assert seq.target_kv.cached == len(ids) - 1 == seq.target_kv.cache.get_seq_length()
+        assert seq.draft_kv.cached == seq.draft_kv.cache.get_seq_length() <= len(ids)
+        for runner, kv in ((engine.target, seq.target_kv), (engine.draft, seq.draft_kv)):
+            reference = fresh_prefill(runner, ids[: kv.cached])
+            for (k, v), (rk, rv) in zip(cache_tensors(kv.cache), cache_tensors(reference), strict=True):
                 torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
                 torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
     assert rounds > 3 and rejected_rounds > 0  # rollback really happened
-    assert seq.target_cache is None and seq.draft_cache is None  # freed when finished
+    assert seq.target_kv.cache is None and seq.draft_kv.cache is None  # freed when finished
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +110,7 @@ def test_stop_string_never_streamed(exact_engine):
     engine = exact_engine
     engine.add_request("s", "abc", GREEDY.model_copy(update={"stop": (stop,)}), SpecConfig(policy="constant", k=2))
     streamed = ""
-    while "s" in engine.running:
+    while "s" in engine.requests:
         for event in engine.step():
             streamed += event.text
             if not event.finished:
@@ -123,10 +122,10 @@ def test_abort_frees_caches(tiny_pair, tokenizer):
     engine = LLMEngine(*tiny_pair, tokenizer)
     engine.add_request("x", "hello", GREEDY, K4)
     engine.step()
-    seq = engine.running["x"]
+    seq = engine.requests["x"]
     event = engine.abort("x")
     assert event.finished and event.finish_reason == "abort"
-    assert seq.target_cache is None and not engine.has_unfinished()
+    assert seq.target_kv.cache is None and seq.draft_kv.cache is None and not engine.has_unfinished()
 
 
 # ----- validation ----------------------------------------------------------------------
