@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from engine.events import AddRequest, EngineReady, TokenEvent
+from engine.events import AddRequest, EngineReady, Prompt, TokenEvent
 from engine.params import SamplingParams, SpecConfig
 from server.auth import require_api_key
 from server.engine_client import READY, EngineClient, RequestHandle
@@ -71,7 +71,7 @@ def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[SamplingPar
     return sampling, spec
 
 
-async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompt: object) -> Response:
+async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompt: Prompt) -> Response:
     sampling, spec = _prepare(request, body)
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
