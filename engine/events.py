@@ -1,11 +1,85 @@
-"""What the engine hands back for a request: plain data that crosses process queues."""
+"""The messages between the server and the engine process, and what the engine hands back.
+
+Every message is a dataclass of ours (parameters and stats included), so it crosses the
+multiprocessing queues as itself, pickled, in both directions:
+
+  server -> engine: AddRequest, AbortRequest, Shutdown
+  engine -> server: EngineReady or EngineFailed (once, first), then per request Admitted or
+                    RequestRejected, a TokenEvent per step (the final one carries RequestStats),
+                    and EngineLoad whenever the engine's load changes
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
+from engine.params import SamplingParams, SpecConfig
+from engine.stats import RequestStats
+
 FinishReason = Literal["stop", "length", "abort", "error"]
+Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+
+# ----- server -> engine -------------------------------------------------------------------
+@dataclass
+class AddRequest:
+    """Admit a request. Both parameter objects were validated where they were built."""
+
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    spec: SpecConfig | None = None  # the fields set override the engine's default (None: the default)
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+@dataclass
+class Shutdown:
+    """Abort what is left (its final events come back) and exit."""
+
+
+# ----- engine -> server -------------------------------------------------------------------
+@dataclass
+class EngineReady:
+    """The engine is built: what it serves, for /v1/models and the logs."""
+
+    model: str
+    draft: str | None
+    head: str | None
+    heads: dict[str, dict]  # name -> {"timing": ...}
+    max_model_len: int
+    default_spec: SpecConfig
+    scheduler: dict  # SchedulerConfig's fields
+
+
+@dataclass
+class EngineFailed:
+    """The engine could not be built (the traceback is in the engine's log); the process exits."""
+
+    message: str
+
+
+@dataclass
+class Admitted:
+    """The engine took the request; events follow."""
+
+    request_id: str
+    prompt_tokens: int
+    spec: SpecConfig  # what the request runs with: the engine's default under the request's fields
+
+
+@dataclass
+class RequestRejected:
+    """The engine cannot serve the request; `param` names the offending field."""
+
+    request_id: str
+    message: str
+    param: str | None = None
+    code: str | None = None
 
 
 @dataclass
@@ -17,18 +91,25 @@ class TokenEvent:
     text: str = ""  # new completion text
     finished: bool = False
     finish_reason: FinishReason | None = None
-    stats: dict | None = None  # RequestStats.to_dict(), on the final event
+    stats: RequestStats | None = None  # on the final event
     error: str | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass
+class EngineLoad:
+    running: int
+    waiting: int
+
+
+ToEngine = AddRequest | AbortRequest | Shutdown
+FromEngine = EngineReady | EngineFailed | Admitted | RequestRejected | TokenEvent | EngineLoad
 
 
 @dataclass
 class Completion:
-    """A whole completion, as returned by `LLMEngine.generate`."""
+    """A whole completion, as returned by `LLMEngine.generate`; `stats` is JSON-ready for printing or storing."""
 
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
-    stats: dict
+    stats: dict  # RequestStats.to_dict(): the counts and the derived rates

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.detokenizer import Detokenizer
-from engine.events import Completion, TokenEvent
+from engine.events import Admitted, Completion, Prompt, TokenEvent
 from engine.head import AcceptanceHead
 from engine.loading.loader import check_vocabularies, eos_token_ids
 from engine.params import SamplingParams, SpecConfig
@@ -27,7 +27,6 @@ from engine.sequence import Sequence
 from engine.speculate import RoundRecord, prefill_chunk, run_round
 from engine.stats import RequestStats
 
-Prompt = str | list[int] | list[dict]
 DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)
 
 
@@ -91,9 +90,10 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams,
         spec: SpecConfig | None = None,
-    ) -> int:
-        """Admit a request; returns its prompt length. Raises RequestError for bad input."""
-        spec = spec or self.default_spec
+    ) -> Admitted:
+        """Admit a request to run with the engine's default spec under the fields `spec` sets
+        (the one place a request's spec is merged). Raises RequestError for bad input."""
+        spec = self.default_spec.with_overrides(spec)
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         if spec.speculates and self.draft is None:
@@ -142,7 +142,7 @@ class LLMEngine:
         )
         self.requests[request_id] = seq
         self.scheduler.add(seq)
-        return len(prompt_ids)
+        return Admitted(request_id, len(prompt_ids), spec)
 
     def abort(self, request_id: str) -> TokenEvent | None:
         """Cancel a request (waiting or running) and free its caches."""
@@ -217,7 +217,7 @@ class LLMEngine:
         if seq.finished:
             seq.stats.generated_tokens = len(seq.output_ids)
             seq.stats.total_seconds = time.perf_counter() - seq.arrival_time
-            event.finished, event.finish_reason, event.stats = True, seq.finish_reason, seq.stats.to_dict()
+            event.finished, event.finish_reason, event.stats = True, seq.finish_reason, seq.stats
         return event
 
     def generate(
@@ -236,4 +236,4 @@ class LLMEngine:
                 if event.finished:
                     if event.error:
                         raise RuntimeError(event.error)
-                    return Completion("".join(text), token_ids, event.finish_reason, event.stats or {})
+                    return Completion("".join(text), token_ids, event.finish_reason, event.stats.to_dict())

@@ -1,7 +1,7 @@
 """The two parameter objects that travel from the HTTP request to the speculation loop.
 
-Both are pydantic models so the server validates a request body with the very same rules
-the engine enforces, and both are plain data (no tensors) so they cross process queues.
+Both are pydantic models, validated once where they are built (the server validates a request
+body with them), and plain data (no tensors), so they cross process queues as they are.
 """
 
 from __future__ import annotations
@@ -59,6 +59,9 @@ class SpecConfig(BaseModel):
     (`constant` proposes exactly k).
 
     `head` names which of the engine's acceptance heads serves `specdec++` (None: its default).
+
+    A request's SpecConfig may be partial: the engine runs it as its default with the fields the
+    request set (`with_overrides`), so unset fields follow the server's flags.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -86,8 +89,9 @@ class SpecConfig(BaseModel):
     def speculates(self) -> bool:
         return self.policy != "none"
 
-    def merged(self, overrides: dict | None) -> SpecConfig:
-        """Per-request overrides on top of the server's defaults, validated again."""
-        if not overrides:
+    def with_overrides(self, spec: SpecConfig | None) -> SpecConfig:
+        """This (the engine's default) with the fields `spec` sets; both were validated when built,
+        so a partial spec from a request body (`SpecConfig.model_validate({"k": 6})`) changes only k."""
+        if spec is None:
             return self
-        return SpecConfig.model_validate({**self.model_dump(), **overrides})
+        return self.model_copy(update={name: getattr(spec, name) for name in spec.model_fields_set})

@@ -1,4 +1,5 @@
-"""One stats record per request; it feeds the response body and the Prometheus metrics.
+"""One stats record per request; it travels on the final TokenEvent and feeds the response body
+and the Prometheus metrics.
 
 Definitions follow docs/design.md (the SpecDec++ paper):
   discard rate      = discarded draft tokens / generated tokens
@@ -75,8 +76,3 @@ class RequestStats:
             mean_accepted_length=self.mean_accepted_length,
         )
         return out
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RequestStats:
-        names = cls.__dataclass_fields__.keys()
-        return cls(**{k: v for k, v in data.items() if k in names})

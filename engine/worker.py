@@ -1,16 +1,14 @@
 """The engine process: build the engine from a plain config, then serve a message queue.
 
-The server spawns `run_worker` in its own process and talks to it only with plain dicts:
+The server spawns `run_worker` in its own process and talks to it only with the messages of
+engine/events.py:
 
-  in:  {"type": "add", "request_id", "prompt", "sampling": SamplingParams dict, "spec": SpecConfig dict | None}
-       {"type": "abort", "request_id"}
-       {"type": "shutdown"}
-  out: {"type": "ready", "model", "max_model_len", "default_spec", "pid"} or {"type": "error", "message"}
-       {"type": "added", "request_id", "prompt_tokens"}
-       {"type": "request_error", "request_id", "message", "param", "code"}
-       {"type": "event", **TokenEvent.to_dict()}  (one per request per step; the last one carries stats)
-       {"type": "load", "running", "waiting"}  (whenever the engine's load changes)
+  in:  AddRequest, AbortRequest, Shutdown
+  out: EngineReady or EngineFailed, then Admitted or RequestRejected per request,
+       TokenEvent (one per request per step; the last one carries the RequestStats),
+       EngineLoad (whenever the engine's load changes)
 
+The parameters arrive validated (by the server) and are handed to the engine as they are.
 The loop blocks on the inbox while idle and otherwise steps the engine, draining whatever
 arrived in between, so a new request or an abort waits at most one step.
 """
@@ -20,10 +18,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing as mp
-import os
 import queue
-import traceback
 from typing import Any
+
+from engine.events import (
+    AbortRequest,
+    AddRequest,
+    EngineFailed,
+    EngineLoad,
+    EngineReady,
+    RequestRejected,
+    Shutdown,
+    ToEngine,
+)
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is still alive
@@ -33,16 +40,16 @@ def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -
     """Process entry point (must stay importable for the spawn start method)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s engine[%(process)d]: %(message)s")
     try:
-        engine, info = _build(config)
+        engine, ready = _build(config)
     except Exception as exc:  # report why, then exit: the server decides whether to retry
-        log.error("engine failed to start: %s", exc)
-        outbox.put({"type": "error", "message": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        log.exception("engine failed to start")
+        outbox.put(EngineFailed(f"{type(exc).__name__}: {exc}"))
         return
-    outbox.put({"type": "ready", "pid": os.getpid(), **info})
+    outbox.put(ready)
     EngineLoop(engine, inbox, outbox).run()
 
 
-def _build(config: dict) -> tuple[Any, dict]:
+def _build(config: dict) -> tuple[Any, EngineReady]:
     from engine.config import EngineConfig
     from engine.factory import build_engine, resolve_paths
     from engine.loading.loader import model_identity
@@ -50,16 +57,16 @@ def _build(config: dict) -> tuple[Any, dict]:
     engine_config = EngineConfig.from_dict(config)
     engine = build_engine(engine_config)
     target, draft, head = resolve_paths(engine_config)
-    info = {
-        "model": model_identity(target),
-        "draft": model_identity(draft) if draft else None,
-        "head": head,
-        "heads": {name: {"timing": h.timing} for name, h in engine.heads.items()},
-        "max_model_len": engine.max_model_len,
-        "default_spec": engine.default_spec.model_dump(),
-        "scheduler": dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...
-    }
-    return engine, info
+    ready = EngineReady(
+        model=model_identity(target),
+        draft=model_identity(draft) if draft else None,
+        head=head,
+        heads={name: {"timing": h.timing} for name, h in engine.heads.items()},
+        max_model_len=engine.max_model_len,
+        default_spec=engine.default_spec,
+        scheduler=dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...
+    )
+    return engine, ready
 
 
 class EngineLoop:
@@ -79,7 +86,7 @@ class EngineLoop:
                 break
             if self.engine.has_unfinished():
                 for event in self.engine.step():
-                    self.outbox.put({"type": "event", **event.to_dict()})
+                    self.outbox.put(event)
             self.report_load()
         for request_id in list(self.engine.running):  # shutdown: cancel what is left, cleanly
             self.abort(request_id)
@@ -105,52 +112,43 @@ class EngineLoop:
             if self.stopping:
                 return
 
-    def handle(self, message: dict) -> None:
-        kind = message.get("type")
-        if kind == "add":
+    def handle(self, message: ToEngine) -> None:
+        if isinstance(message, AddRequest):
             self.add(message)
-        elif kind == "abort":
-            self.abort(message["request_id"])
-        elif kind == "shutdown":
+        elif isinstance(message, AbortRequest):
+            self.abort(message.request_id)
+        elif isinstance(message, Shutdown):
             self.stopping = True
         else:
-            log.warning("ignoring unknown message type %r", kind)
+            log.warning("ignoring unknown message %r", message)
 
-    def add(self, message: dict) -> None:
+    def add(self, request: AddRequest) -> None:
         from engine.llm_engine import RequestError
-        from engine.params import SamplingParams, SpecConfig
 
-        request_id = message["request_id"]
         try:
-            sampling = SamplingParams.model_validate(message["sampling"])
-            spec = SpecConfig.model_validate(message["spec"]) if message.get("spec") else None
-            prompt_tokens = self.engine.add_request(request_id, message["prompt"], sampling, spec)
+            admitted = self.engine.add_request(request.request_id, request.prompt, request.params, request.spec)
         except RequestError as exc:
-            self.outbox.put(_request_error(request_id, str(exc), exc.param, exc.code))
+            self.outbox.put(RequestRejected(request.request_id, str(exc), exc.param, exc.code))
             return
-        except ValueError as exc:  # includes pydantic validation errors: a bad request, not a bad engine
-            self.outbox.put(_request_error(request_id, str(exc), None, "invalid_request"))
+        except ValueError as exc:  # from the prompt (tokenizer, ids): a bad request, not a bad engine
+            self.outbox.put(RequestRejected(request.request_id, str(exc), None, "invalid_request"))
             return
         except Exception as exc:
-            log.exception("add_request failed for %s", request_id)
-            self.outbox.put(_request_error(request_id, f"{type(exc).__name__}: {exc}", None, "internal_error"))
+            log.exception("add_request failed for %s", request.request_id)
+            self.outbox.put(RequestRejected(request.request_id, f"{type(exc).__name__}: {exc}", None, "internal_error"))
             return
-        self.outbox.put({"type": "added", "request_id": request_id, "prompt_tokens": prompt_tokens})
+        self.outbox.put(admitted)
 
     def abort(self, request_id: str) -> None:
         event = self.engine.abort(request_id)
         if event is not None:
-            self.outbox.put({"type": "event", **event.to_dict()})
+            self.outbox.put(event)
 
     def report_load(self) -> None:
         load = (self.engine.num_running, int(getattr(self.engine, "num_waiting", 0)))
         if load != self._load:
             self._load = load
-            self.outbox.put({"type": "load", "running": load[0], "waiting": load[1]})
-
-
-def _request_error(request_id: str, message: str, param: str | None, code: str | None) -> dict:
-    return {"type": "request_error", "request_id": request_id, "message": message, "param": param, "code": code}
+            self.outbox.put(EngineLoad(*load))
 
 
 def _parent_alive() -> bool:

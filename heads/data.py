@@ -122,7 +122,7 @@ def run_prompts(
                 if event.error:
                     raise RuntimeError(f"{event.request_id}: {event.error}")
                 if event.finished:
-                    lengths[index_of[event.request_id]] = event.stats["generated_tokens"]
+                    lengths[index_of[event.request_id]] = event.stats.generated_tokens
             if time.perf_counter() - last_log > 30:
                 last_log = time.perf_counter()
                 n = sum(len(r.accept_prob) for _, r in records)

@@ -65,8 +65,8 @@ def _watch_first_start(engine: EngineClient, settings: ServerSettings) -> asynci
     async def watch() -> None:
         ready = await engine.wait_ready()
         if ready:
-            log.info("engine ready: model %s (max_model_len %s, default spec %s)", engine.info.get("model"),
-                     engine.info.get("max_model_len"), engine.default_spec)
+            log.info("engine ready: model %s (max_model_len %s, default spec %s)", engine.info.model,
+                     engine.info.max_model_len, engine.info.default_spec.model_dump())
         elif engine.state == FAILED:
             log.error("the engine could not start: %s", engine.last_error)
             if settings.on_fatal is not None:

@@ -4,7 +4,8 @@ One supervisor thread owns the process: it spawns it (spawn start method, plain 
 dict), waits for it to exit and, unless the server is stopping, fails the requests in
 flight and spawns a fresh one. One reader thread per engine generation moves messages
 from the engine's outbox onto the event loop, where all bookkeeping happens (so the
-in-flight tables need no locks). Messages are plain dicts; see engine/worker.py.
+in-flight tables need no locks). The messages are the dataclasses of engine/events.py,
+from the queue to the route unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +17,21 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
+from engine.events import (
+    AbortRequest,
+    AddRequest,
+    Admitted,
+    EngineFailed,
+    EngineLoad,
+    EngineReady,
+    FromEngine,
+    RequestRejected,
+    Shutdown,
+    TokenEvent,
+)
 from engine.worker import run_worker
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -28,42 +42,42 @@ READY, STARTING, RESTARTING, STOPPING, FAILED = "ready", "starting", "restarting
 RETRY_AFTER_SECONDS = 1
 
 
+@dataclass
+class Cancelled:
+    """Put on a handle's queue by `abort`, to wake a route waiting on it."""
+
+    request_id: str
+
+
+HandleMessage = Admitted | RequestRejected | TokenEvent | Cancelled
+
+
 class RequestHandle:
     """What a route holds for one request: its message queue on the event loop."""
 
     def __init__(self, client: EngineClient, request_id: str) -> None:
         self.client = client
         self.request_id = request_id
-        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.queue: asyncio.Queue[HandleMessage] = asyncio.Queue()
         self.finished = False
-        self.prompt_tokens = 0
 
-    async def admitted(self) -> int:
-        """Wait until the engine accepted the request; its prompt length, or an APIError."""
+    async def admitted(self) -> Admitted:
+        """Wait until the engine accepted the request (its prompt length and spec), or raise an APIError."""
         message = await self.queue.get()
-        if message["type"] == "cancelled":
-            raise APIError(499, "client closed the request", None, "client_closed_request")
-        if message["type"] == "added":
-            self.prompt_tokens = int(message["prompt_tokens"])
-            return self.prompt_tokens
-        self.finished = True
-        raise _as_api_error(message)
+        if isinstance(message, Admitted):
+            return message
+        raise self._error(message)
 
-    async def next_event(self) -> dict:
-        """The next TokenEvent dict; engine loss raises an APIError."""
-        while True:
-            message = await self.queue.get()
-            if message["type"] == "request_error":
-                self.finished = True
-                raise _as_api_error(message)
-            if message["type"] == "cancelled":
-                raise APIError(499, "client closed the request", None, "client_closed_request")
-            if message["type"] == "event":
-                self.finished = bool(message["finished"])
-                return message
+    async def next_event(self) -> TokenEvent:
+        """The next TokenEvent; a rejection or the engine's loss raises an APIError."""
+        message = await self.queue.get()
+        if isinstance(message, TokenEvent):
+            self.finished = message.finished
+            return message
+        raise self._error(message)
 
-    async def events(self) -> AsyncIterator[dict]:
-        """TokenEvent dicts up to and including the final one."""
+    async def events(self) -> AsyncIterator[TokenEvent]:
+        """TokenEvents up to and including the final one."""
         while not self.finished:
             yield await self.next_event()
 
@@ -72,15 +86,25 @@ class RequestHandle:
         if not self.finished:
             self.finished = True
             self.client.abort(self.request_id)
-            self.queue.put_nowait({"type": "cancelled", "request_id": self.request_id})
+            self.queue.put_nowait(Cancelled(self.request_id))
+
+    def _error(self, message: HandleMessage) -> APIError:
+        if isinstance(message, Cancelled):
+            return APIError(499, "client closed the request", None, "client_closed_request")
+        self.finished = True
+        return _rejection_error(message)
 
 
-def _as_api_error(message: dict) -> APIError:
-    code = message.get("code")
-    if code == "engine_unavailable":
-        return APIError(503, message["message"], None, code, {"Retry-After": str(RETRY_AFTER_SECONDS)})
-    status = 500 if code == "internal_error" else 400
-    return APIError(status, message["message"], message.get("param"), code or "invalid_request")
+def engine_unavailable(message: str) -> APIError:
+    """A 503 the client may retry: the engine is starting, restarting or gone."""
+    return APIError(503, message, None, "engine_unavailable", {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def _rejection_error(rejected: RequestRejected) -> APIError:
+    if rejected.code == "engine_unavailable":
+        return engine_unavailable(rejected.message)
+    status = 500 if rejected.code == "internal_error" else 400
+    return APIError(status, rejected.message, rejected.param, rejected.code or "invalid_request")
 
 
 class EngineClient:
@@ -98,7 +122,7 @@ class EngineClient:
         self.log_level = log_level
         self.max_backoff = max_backoff
         self.state = STARTING
-        self.info: dict[str, Any] = {}  # the engine's ready message: model, max_model_len, default_spec, pid
+        self.info: EngineReady | None = None  # from the engine's last start
         self.last_error: str | None = None
         self.restarts = 0
         self._ctx = mp.get_context("spawn")
@@ -146,7 +170,7 @@ class EngineClient:
         self._stopping = True
         process, inbox = self._process, self._inbox
         if process is not None and process.is_alive():
-            inbox.put({"type": "shutdown"})  # the worker aborts what is left (events come back) and exits
+            inbox.put(Shutdown())  # the worker aborts what is left (events come back) and exits
             await asyncio.to_thread(process.join, 10.0)
             if process.is_alive():
                 log.warning("engine did not stop in time; terminating it")
@@ -157,45 +181,35 @@ class EngineClient:
         if self._supervisor is not None:
             await asyncio.to_thread(self._supervisor.join, 5.0)
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def default_spec(self) -> dict:
-        return dict(self.info.get("default_spec") or {})
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._in_flight)
-
     # ----- requests (event loop thread) -----------------------------------------------
-    def submit(self, request_id: str, prompt: Any, sampling: dict, spec: dict | None) -> RequestHandle:
+    def unavailable(self) -> APIError:
+        """The 503 for a request that arrives while the engine is not ready."""
+        return engine_unavailable(f"the engine is {self.state}; retry shortly")
+
+    def check_ready(self) -> None:
         if self.state != READY:
-            raise APIError(
-                503, f"the engine is {self.state}; retry shortly", None, "engine_unavailable",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
+            raise self.unavailable()
+
+    def submit(self, request: AddRequest) -> RequestHandle:
+        """Send a validated request to the engine (the route checked readiness); 429 when the queue is full."""
         if self.max_queue is not None and len(self._in_flight) >= self.max_queue:
             self.metrics.requests.labels(status="rejected").inc()
             raise APIError(
                 429, f"the server is at capacity ({self.max_queue} requests waiting or running); retry shortly",
                 None, "queue_full", {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        handle = RequestHandle(self, request_id)
-        self._handles[request_id] = handle
-        self._in_flight.add(request_id)
-        self._pending.add(request_id)
+        handle = RequestHandle(self, request.request_id)
+        self._handles[request.request_id] = handle
+        self._in_flight.add(request.request_id)
+        self._pending.add(request.request_id)
         self._update_queue_gauge()
-        self._inbox.put(
-            {"type": "add", "request_id": request_id, "prompt": prompt, "sampling": sampling, "spec": spec}
-        )
+        self._inbox.put(request)
         return handle
 
     def abort(self, request_id: str) -> None:
         self._handles.pop(request_id, None)
         if request_id in self._in_flight and self._inbox is not None:
-            self._inbox.put({"type": "abort", "request_id": request_id})
+            self._inbox.put(AbortRequest(request_id))
 
     # ----- supervisor thread ----------------------------------------------------------
     def _supervise(self) -> None:
@@ -264,42 +278,42 @@ class EngineClient:
         self.state = state
         self._state_changed.set()
 
-    def _on_message(self, generation: int, message: dict) -> None:
+    def _on_message(self, generation: int, message: FromEngine) -> None:
         if generation != self._generation:
             return  # a late message from an engine that is gone
-        kind = message.get("type")
-        if kind == "ready":
-            self.info = {k: v for k, v in message.items() if k != "type"}
+        if isinstance(message, EngineReady):
+            self.info = message
             self._ready_generation = generation
             if self.state != STOPPING:
                 self._set_state(READY)
-            return
-        if kind == "error":
-            self.last_error = message.get("message")
+        elif isinstance(message, EngineFailed):
+            self.last_error = message.message
             log.error("engine failed to start: %s", self.last_error)
-            return
-        if kind == "load":
-            self.metrics.running_requests.set(message["running"])
-            self._engine_waiting = int(message.get("waiting", 0))
+        elif isinstance(message, EngineLoad):
+            self.metrics.running_requests.set(message.running)
+            self._engine_waiting = message.waiting
             self._update_queue_gauge()
-            return
-        request_id = message.get("request_id")
-        if kind == "added":
-            self._pending.discard(request_id)
+        elif isinstance(message, Admitted):
+            self._pending.discard(message.request_id)
             self._update_queue_gauge()
-        elif kind == "request_error":
-            self._finish(request_id)
-            status = "error" if message.get("code") == "internal_error" else "rejected"
-            self.metrics.requests.labels(status=status).inc()
-        elif kind == "event" and message.get("finished"):
-            self._finish(request_id)
-            status = message.get("finish_reason") or "error"
-            self.metrics.observe_request(message.get("stats"), status)
-        handle = self._handles.get(request_id)
+            self._deliver(message, last=False)
+        elif isinstance(message, RequestRejected):
+            self._finish(message.request_id)
+            self.metrics.requests.labels(status="error" if message.code == "internal_error" else "rejected").inc()
+            self._deliver(message, last=True)
+        elif isinstance(message, TokenEvent):
+            if message.finished:
+                self._finish(message.request_id)
+                self.metrics.observe_request(message.stats, message.finish_reason or "error")
+            self._deliver(message, last=message.finished)
+
+    def _deliver(self, message: HandleMessage, last: bool) -> None:
+        """Hand a request's message to its route, if it still listens; forget the route after the last."""
+        handle = self._handles.get(message.request_id)
         if handle is not None:
             handle.queue.put_nowait(message)
-            if kind == "request_error" or (kind == "event" and message.get("finished")):
-                self._handles.pop(request_id, None)
+            if last:
+                self._handles.pop(message.request_id, None)
 
     def _finish(self, request_id: str) -> None:
         self._in_flight.discard(request_id)
@@ -326,10 +340,7 @@ class EngineClient:
             self.metrics.requests.labels(status="error").inc()
             handle = self._handles.pop(request_id, None)
             if handle is not None:
-                handle.queue.put_nowait(
-                    {"type": "request_error", "request_id": request_id, "message": reason, "param": None,
-                     "code": "engine_unavailable"}
-                )
+                handle.queue.put_nowait(RequestRejected(request_id, reason, None, "engine_unavailable"))
         self._in_flight.clear()
         self._pending.clear()
         self._update_queue_gauge()

@@ -11,6 +11,8 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.stats import RequestStats
+
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
 LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
@@ -67,23 +69,22 @@ class ServerMetrics:
             "specdec_queue_depth", "Requests accepted by the server and not yet running in the engine", registry=r
         )
 
-    def observe_request(self, stats: dict | None, status: str) -> None:
-        """Fold one request's final stats record (RequestStats.to_dict()) into the metrics."""
+    def observe_request(self, stats: RequestStats | None, status: str) -> None:
+        """Fold one request's final stats record into the metrics."""
         self.requests.labels(status=status).inc()
-        if not stats:
+        if stats is None:
             return
-        policy = stats.get("policy", "none")
-        self.generated_tokens.labels(policy).inc(stats["generated_tokens"])
-        self.draft_tokens.labels(policy).inc(stats["proposed_tokens"])
-        self.accepted_tokens.labels(policy).inc(stats["accepted_tokens"])
-        self.discarded_tokens.labels(policy).inc(stats["discarded_tokens"])
-        self.target_calls.labels(policy).inc(stats["target_calls"])
-        for candidates, accepted in zip(stats["candidate_lengths"], stats["accepted_lengths"], strict=True):
+        policy = stats.policy
+        self.generated_tokens.labels(policy).inc(stats.generated_tokens)
+        self.draft_tokens.labels(policy).inc(stats.proposed_tokens)
+        self.accepted_tokens.labels(policy).inc(stats.accepted_tokens)
+        self.discarded_tokens.labels(policy).inc(stats.discarded_tokens)
+        self.target_calls.labels(policy).inc(stats.target_calls)
+        for candidates, accepted in zip(stats.candidate_lengths, stats.accepted_lengths, strict=True):
             if candidates:  # rounds that proposed nothing (the target alone) say nothing about speculation
                 self.candidate_length.labels(policy).observe(candidates)
                 self.accepted_length.labels(policy).observe(accepted)
-        first = stats.get("first_token_seconds")
-        generated, total = stats["generated_tokens"], stats["total_seconds"]
+        first, generated, total = stats.first_token_seconds, stats.generated_tokens, stats.total_seconds
         if first is not None:
             self.time_to_first_token.labels(policy).observe(first)
             if generated > 1:

@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import time
 
+from engine.params import SpecConfig
 from engine.stats import RequestStats
 
 
-def speculative_decoding(stats: dict) -> dict:
+def speculative_decoding(stats: RequestStats) -> dict:
     """vLLM's `metrics.speculative_decoding` for one request.
 
     A spec step is a round that proposed at least one token. `num_spec_tokens` is the
     longest candidate block this request used (the policy's k for `constant`).
     """
-    record = RequestStats.from_dict(stats)
-    steps = [(c, a) for c, a in zip(record.candidate_lengths, record.accepted_lengths, strict=True) if c > 0]
+    steps = [(c, a) for c, a in zip(stats.candidate_lengths, stats.accepted_lengths, strict=True) if c > 0]
     drafted = sum(c for c, _ in steps)
     accepted = sum(a for _, a in steps)
     num_spec_tokens = max((c for c, _ in steps), default=0)
@@ -39,23 +39,24 @@ def speculative_decoding(stats: dict) -> dict:
     }
 
 
-def usage(prompt_tokens: int, stats: dict | None) -> dict:
-    completion = int(stats["generated_tokens"]) if stats else 0
-    prompt = int(stats["prompt_tokens"]) if stats and stats.get("prompt_tokens") else prompt_tokens
+def usage(prompt_tokens: int, stats: RequestStats | None) -> dict:
+    completion = stats.generated_tokens if stats else 0
+    prompt = stats.prompt_tokens if stats and stats.prompt_tokens else prompt_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def stats_fields(stats: dict | None, spec: dict) -> dict:
+def stats_fields(stats: RequestStats | None, spec: SpecConfig) -> dict:
     """The `metrics` and `specdec` keys of a final response or chunk."""
-    if not stats:
+    if stats is None:
         return {}
-    return {"metrics": {"speculative_decoding": speculative_decoding(stats)}, "specdec": {**stats, "config": spec}}
+    return {"metrics": {"speculative_decoding": speculative_decoding(stats)},
+            "specdec": {**stats.to_dict(), "config": spec.model_dump()}}
 
 
 class ResponseBuilder:
     """Bodies and chunks for one request on one route ("chat" or "completion")."""
 
-    def __init__(self, kind: str, request_id: str, model: str, spec: dict) -> None:
+    def __init__(self, kind: str, request_id: str, model: str, spec: SpecConfig) -> None:
         self.kind = kind
         self.id = request_id
         self.model = model
@@ -65,7 +66,7 @@ class ResponseBuilder:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, stats: dict | None) -> dict:
+    def full(self, text: str, finish_reason: str, prompt_tokens: int, stats: RequestStats | None) -> dict:
         if self.kind == "chat":
             body = self._base("chat.completion")
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
@@ -95,7 +96,7 @@ class ResponseBuilder:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, prompt_tokens: int, stats: dict | None) -> dict:
+    def usage_chunk(self, prompt_tokens: int, stats: RequestStats | None) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = self._base(obj)
         body["choices"] = []

@@ -1,8 +1,10 @@
 """The HTTP routes: OpenAI's /v1 API plus /health and /metrics.
 
-Request path: validate the body (schemas), build SamplingParams and the merged SpecConfig
-(engine.params rules), submit to the engine queue, then either collect the events into one
-body or stream them as SSE. A client that goes away gets its request aborted in the engine.
+Request path: validate the body (schemas), build SamplingParams and the request's partial
+SpecConfig (engine.params rules; the only validation they get), submit an AddRequest to the
+engine queue, wait for Admitted (prompt length and the spec the engine merged), then either
+collect the TokenEvents into one body or stream them as SSE. A client that goes away gets its
+request aborted in the engine.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from engine.params import SpecConfig
+from engine.events import AddRequest, EngineReady, Prompt, TokenEvent
+from engine.params import SamplingParams, SpecConfig
 from server.auth import require_api_key
 from server.engine_client import READY, EngineClient, RequestHandle
 from server.errors import APIError
@@ -36,7 +39,8 @@ def _client(request: Request) -> EngineClient:
 
 
 def served_model_name(request: Request) -> str | None:
-    return request.app.state.settings.served_model_name or _client(request).info.get("model")
+    info = _client(request).info
+    return request.app.state.settings.served_model_name or (info.model if info else None)
 
 
 def _validation_error(exc: ValidationError, prefix: str | None = None) -> APIError:
@@ -47,14 +51,11 @@ def _validation_error(exc: ValidationError, prefix: str | None = None) -> APIErr
                     "invalid_request")
 
 
-def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[dict, dict | None, dict]:
-    """Checks shared by both routes; returns (sampling, spec for the engine, spec used)."""
+def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[SamplingParams, SpecConfig | None]:
+    """Checks shared by both routes; returns the validated sampling and the request's partial spec."""
     for param, why in body.unsupported():
         raise APIError(400, why, param, "unsupported_parameter")
-    client = _client(request)
-    if client.state != READY:
-        raise APIError(503, f"the engine is {client.state}; retry shortly", None, "engine_unavailable",
-                       {"Retry-After": "1"})
+    _client(request).check_ready()
     name = served_model_name(request)
     if body.model != name:
         raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{name}'", "model",
@@ -63,32 +64,31 @@ def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[dict, dict 
         sampling = body.to_sampling()
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    default = SpecConfig.model_validate(client.default_spec)
     try:
-        spec = default.merged(body.specdec)
+        spec = body.to_spec()
     except ValidationError as exc:
         raise _validation_error(exc, "specdec") from None
-    return sampling.model_dump(), (spec.model_dump() if body.specdec else None), spec.model_dump()
+    return sampling, spec
 
 
-async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompt: object) -> Response:
-    sampling, spec_for_engine, spec_used = _prepare(request, body)
+async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompt: Prompt) -> Response:
+    sampling, spec = _prepare(request, body)
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     request_id = f"{prefix}-{uuid.uuid4().hex}"
-    handle = _client(request).submit(request_id, prompt, sampling, spec_for_engine)
-    builder = ResponseBuilder(kind, request_id, body.model, spec_used)
+    handle = _client(request).submit(AddRequest(request_id, prompt, sampling, spec))
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, handle))
     try:
-        prompt_tokens = await handle.admitted()  # 4xx from the engine surface here, before any stream starts
+        admitted = await handle.admitted()  # 4xx from the engine surface here, before any stream starts
+        builder = ResponseBuilder(kind, request_id, body.model, admitted.spec)
         if not body.stream:
-            return await _collect(handle, builder, prompt_tokens)
+            return await _collect(handle, builder, admitted.prompt_tokens)
     except BaseException:
         handle.abort()
         raise
     finally:
         watcher.cancel()  # a stream's disconnects are seen by Starlette, which cancels `_stream`
     return StreamingResponse(
-        _stream(handle, builder, prompt_tokens, body.include_usage),
+        _stream(handle, builder, admitted.prompt_tokens, body.include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -109,17 +109,17 @@ async def _collect(handle: RequestHandle, builder: ResponseBuilder, prompt_token
     parts: list[str] = []
     while True:
         event = await handle.next_event()
-        parts.append(event["text"])
-        if event["finished"]:
+        parts.append(event.text)
+        if event.finished:
             break
     _raise_for_final(event)
-    return JSONResponse(builder.full("".join(parts), event["finish_reason"], prompt_tokens, event.get("stats")))
+    return JSONResponse(builder.full("".join(parts), event.finish_reason, prompt_tokens, event.stats))
 
 
-def _raise_for_final(final: dict) -> None:
-    reason = final.get("finish_reason")
+def _raise_for_final(final: TokenEvent) -> None:
+    reason = final.finish_reason
     if reason == "error":
-        raise APIError(500, f"generation failed: {final.get('error')}", None, "internal_error")
+        raise APIError(500, f"generation failed: {final.error}", None, "internal_error")
     if reason == "abort":
         raise APIError(503, "the request was cancelled (the server is shutting down)", None, "request_cancelled")
 
@@ -137,18 +137,17 @@ async def _stream(
         if builder.kind == "chat":  # chat streams open with the assistant role, like OpenAI's
             yield sse(builder.chunk("", first=True, with_usage_key=include_usage))
         async for event in handle.events():
-            if event["finished"]:
-                reason = event["finish_reason"]
+            if event.finished:
+                reason = event.finish_reason
                 if reason in ("error", "abort"):
                     _raise_for_final(event)
-                chunk = builder.chunk(event["text"] or None, finish_reason=reason, with_usage_key=include_usage)
-                stats = event.get("stats")
-                chunk.update(stats_fields(stats, builder.spec))
+                chunk = builder.chunk(event.text or None, finish_reason=reason, with_usage_key=include_usage)
+                chunk.update(stats_fields(event.stats, builder.spec))
                 yield sse(chunk)
                 if include_usage:
-                    yield sse(builder.usage_chunk(prompt_tokens, stats))
-            elif event["text"]:
-                yield sse(builder.chunk(event["text"], with_usage_key=include_usage))
+                    yield sse(builder.usage_chunk(prompt_tokens, event.stats))
+            elif event.text:
+                yield sse(builder.chunk(event.text, with_usage_key=include_usage))
         yield sse("[DONE]")
     except APIError as exc:
         yield sse(exc.body())
@@ -172,21 +171,21 @@ async def completions(request: Request, body: CompletionRequest) -> Response:
 @v1.get("/models")
 async def list_models(request: Request) -> dict:
     name = served_model_name(request)
-    client = _client(request)
     if name is None:
-        raise APIError(503, f"the engine is {client.state}; retry shortly", None, "engine_unavailable",
-                       {"Retry-After": "1"})
-    card = {
-        "id": name,
-        "object": "model",
-        "created": request.app.state.started,
-        "owned_by": "specdecpp",
-        "max_model_len": client.info.get("max_model_len"),
-        "specdec": {"draft": client.info.get("draft"), "head": client.info.get("head"),
-                    "heads": client.info.get("heads"),
-                    "default": client.default_spec, "scheduler": client.info.get("scheduler")},
-    }
+        raise _client(request).unavailable()
+    card = {"id": name, "object": "model", "created": request.app.state.started, "owned_by": "specdecpp",
+            **_engine_card(_client(request).info)}
     return {"object": "list", "data": [card]}
+
+
+def _engine_card(info: EngineReady | None) -> dict:
+    """What the engine says of itself; nulls before its first start (a --served-model-name answers earlier)."""
+    if info is None:
+        return {"max_model_len": None,
+                "specdec": {"draft": None, "head": None, "heads": None, "default": {}, "scheduler": None}}
+    return {"max_model_len": info.max_model_len,
+            "specdec": {"draft": info.draft, "head": info.head, "heads": info.heads,
+                        "default": info.default_spec.model_dump(), "scheduler": info.scheduler}}
 
 
 @ops.get("/health")

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI routes, typed for FastAPI.
 
 Only the wire format lives here. Sampling and speculation rules live in engine.params
-(`SamplingParams`, `SpecConfig`); `to_sampling` and `spec_overrides` hand the values over
-so those models validate them. Parameters we accept on the wire but cannot honour are
+(`SamplingParams`, `SpecConfig`); `to_sampling` and `to_spec` hand the values over so
+those models validate them, once, here at the edge. Parameters we accept on the wire but cannot honour are
 listed in `unsupported()` and answered with a 400, never silently ignored; unknown
 fields are rejected like OpenAI does ("Unrecognized request argument").
 """
@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.params import SamplingParams
+from engine.params import SamplingParams, SpecConfig
 
 
 class StreamOptions(BaseModel):
@@ -81,6 +81,11 @@ class BaseCompletionRequest(BaseModel):
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         return SamplingParams.model_validate({**fields, "ignore_eos": self.ignore_eos})
+
+    def to_spec(self) -> SpecConfig | None:
+        """The request's partial SpecConfig (the engine merges it over its default); None: the default.
+        Raises pydantic.ValidationError, which the route turns into a 400 naming `specdec.<field>`."""
+        return SpecConfig.model_validate(self.specdec) if self.specdec else None
 
     @property
     def include_usage(self) -> bool:

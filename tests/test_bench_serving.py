@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import random_head
 from live_server import LiveServer, save_tiny_pair
 
+from engine.stats import RequestStats
 from server.metrics import ServerMetrics
 from specdecpp.bench.serving import (
     RequestResult,
@@ -54,13 +56,14 @@ def test_summarize_hand_made():
 
 def test_counter_diff_gives_paper_rates():
     metrics = ServerMetrics()
-    stats = {"policy": "constant", "generated_tokens": 10, "proposed_tokens": 12, "accepted_tokens": 8,
-             "discarded_tokens": 4, "target_calls": 3, "candidate_lengths": [4, 4, 4], "accepted_lengths": [4, 2, 2],
-             "first_token_seconds": 0.1, "total_seconds": 1.0}
+    stats = RequestStats(policy="constant", generated_tokens=10, proposed_tokens=12, accepted_tokens=8,
+                         target_calls=3, candidate_lengths=[4, 4, 4], accepted_lengths=[4, 2, 2],
+                         first_token_seconds=0.1, total_seconds=1.0)
+    assert stats.discarded_tokens == 4
     metrics.observe_request(stats, "stop")
     before = parse_counters(metrics.render().decode())
     metrics.observe_request(stats, "stop")
-    metrics.observe_request({**stats, "policy": "specdec++"}, "length")
+    metrics.observe_request(dataclasses.replace(stats, policy="specdec++"), "length")
     after = parse_counters(metrics.render().decode())
     assert after["generated_tokens"] == 30 and after["requests"] == 3
     rates = acceptance_from_counters(before, after)

@@ -185,7 +185,7 @@ def test_speculation_disabled_by_batch_size_stays_lossless(tiny_pair, tokenizer,
                 stats[event.request_id] = event.stats
     for rid, _, p, _ in requests:
         assert outputs[rid] == reference[rid][: p.max_tokens], rid
-    long = stats["r2"]["candidate_lengths"]
+    long = stats["r2"].candidate_lengths
     assert long[0] == 0 and 0 in long and max(long) == 3  # target alone while batched, then speculating
     # The long request lagged by more than a chunk: it catches up in chunks, from an empty draft cache.
     assert caught_up["r2"][0] == 0 and caught_up["r2"] == sorted(caught_up["r2"]) and len(caught_up["r2"]) > 1
@@ -225,7 +225,7 @@ def test_batch_candidate_budget_splits_over_the_batch_and_stays_lossless(tiny_pa
         assert running <= 3
     for rid, _, p, _ in requests:
         assert outputs[rid] == reference[rid][: p.max_tokens], rid
-    lengths = {rid: s["candidate_lengths"] for rid, s in stats.items()}
+    lengths = {rid: s.candidate_lengths for rid, s in stats.items()}
     # One prefill per step: r0 decodes alone, then beside r1, then beside both until it finishes.
     assert lengths["r0"][:2] == [4, 2] and max(lengths["r0"][2:]) == 1
     assert max(lengths["r1"]) == 2 and lengths["r1"].count(2) > 1  # beside r0 first, again once r0 left

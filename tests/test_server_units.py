@@ -14,13 +14,13 @@ from server.protocol import speculative_decoding
 from server.schemas import ChatCompletionRequest, CompletionRequest
 
 
-def stats_record() -> dict:
+def stats_record() -> RequestStats:
     stats = RequestStats(policy="specdec++", prompt_tokens=7)
     for candidates, accepted in ((3, 3), (4, 1), (2, 0), (0, 0)):
         stats.record_round(candidates, accepted)
     stats.generated_tokens = 4 + 2 + 1 + 1  # accepted + one target token per round
     stats.first_token_seconds, stats.total_seconds = 0.5, 1.2
-    return stats.to_dict()
+    return stats
 
 
 def test_speculative_decoding_matches_vllm_definitions():
@@ -77,6 +77,14 @@ def test_sampling_comes_from_engine_params():
     assert body.prompt() == [{"role": "user", "content": "hi"}]
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[], top_p=1.5).to_sampling()
+
+
+def test_specdec_is_validated_at_the_edge_as_a_partial_spec():
+    spec = CompletionRequest(model="m", prompt="a", specdec={"k": 6, "bounds": [2, 9]}).to_spec()
+    assert spec.model_fields_set == {"k", "bounds"} and spec.bounds == (2, 9)  # the engine merges the rest
+    assert CompletionRequest(model="m", prompt="a").to_spec() is None
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="a", specdec={"bounds": [9, 2]}).to_spec()
 
 
 def test_server_never_imports_torch():

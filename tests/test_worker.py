@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import queue
 import threading
 import time
@@ -9,6 +10,16 @@ import time
 import pytest
 from conftest import random_head
 
+from engine.events import (
+    AbortRequest,
+    AddRequest,
+    Admitted,
+    EngineFailed,
+    EngineLoad,
+    RequestRejected,
+    Shutdown,
+    TokenEvent,
+)
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from engine.worker import EngineLoop, run_worker
@@ -24,18 +35,17 @@ def loop(tiny_pair, tokenizer):
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
     yield worker, inbox, outbox
-    inbox.put({"type": "shutdown"})
+    inbox.put(Shutdown())
     thread.join(timeout=30)
     assert not thread.is_alive()
 
 
-def add(inbox, request_id: str, max_tokens: int = 12, spec: SpecConfig | None = None, **sampling) -> None:
-    params = SamplingParams(max_tokens=max_tokens, **sampling)
-    inbox.put({"type": "add", "request_id": request_id, "prompt": "hello", "sampling": params.model_dump(),
-               "spec": spec.model_dump() if spec else None})
+def add(inbox, request_id: str, max_tokens: int = 12, spec: SpecConfig | None = None, prompt="hello",
+        **sampling) -> None:
+    inbox.put(AddRequest(request_id, prompt, SamplingParams(max_tokens=max_tokens, **sampling), spec))
 
 
-def until(outbox, predicate, timeout: float = 30.0) -> list[dict]:
+def until(outbox, predicate, timeout: float = 30.0) -> list:
     """Messages up to and including the first that satisfies `predicate`."""
     seen, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -50,43 +60,58 @@ def until(outbox, predicate, timeout: float = 30.0) -> list[dict]:
 
 
 def final_of(request_id: str):
-    return lambda m: m.get("request_id") == request_id and m["type"] == "event" and m["finished"]
+    return lambda m: isinstance(m, TokenEvent) and m.request_id == request_id and m.finished
 
 
 def test_add_runs_to_completion_with_stats(loop):
-    _, inbox, outbox = loop
+    worker, inbox, outbox = loop
     add(inbox, "a", max_tokens=12, spec=SpecConfig(policy="constant", k=3), ignore_eos=True)
     seen = until(outbox, final_of("a"))
-    added = [m for m in seen if m["type"] == "added"]
-    assert added == [{"type": "added", "request_id": "a", "prompt_tokens": 5}]
-    events = [m for m in seen if m["type"] == "event"]
-    assert sum(len(e["token_ids"]) for e in events) == 12
+    expected_spec = worker.engine.default_spec.model_copy(update={"policy": "constant", "k": 3})
+    assert [m for m in seen if isinstance(m, Admitted)] == [Admitted("a", 5, expected_spec)]
+    events = [m for m in seen if isinstance(m, TokenEvent)]
+    assert sum(len(e.token_ids) for e in events) == 12
     final = events[-1]
-    assert final["finish_reason"] == "length" and final["stats"]["generated_tokens"] == 12
-    assert final["stats"]["policy"] == "constant"
-    assert any(m["type"] == "load" and m["running"] == 1 for m in seen)
+    assert final.finish_reason == "length" and final.stats.generated_tokens == 12
+    assert final.stats.policy == "constant"
+    assert any(isinstance(m, EngineLoad) and m.running == 1 for m in seen)
+
+
+def test_a_partial_spec_runs_over_the_engine_default(tiny_pair, tokenizer):
+    """A request's spec names only what it changes (even after pickling, as between processes);
+    the engine merges it over its own default, once, and says what it runs with."""
+    default = SpecConfig(policy="heuristic", k=2, bounds=(2, 9))
+    engine = LLMEngine(*tiny_pair, tokenizer, default_spec=default)
+    partial = pickle.loads(pickle.dumps(SpecConfig.model_validate({"k": 6})))
+    inbox, outbox = queue.Queue(), queue.Queue()
+    add(inbox, "partial", spec=partial)
+    add(inbox, "default")
+    inbox.put(Shutdown())
+    EngineLoop(engine, inbox, outbox).run()
+    admitted = {m.request_id: m.spec for m in outbox.queue if isinstance(m, Admitted)}
+    assert admitted == {"partial": SpecConfig(policy="heuristic", k=6, bounds=(2, 9)), "default": default}
 
 
 def test_request_errors_are_per_request(loop):
     _, inbox, outbox = loop
     add(inbox, "too-long", max_tokens=1000)
-    inbox.put({"type": "add", "request_id": "bad", "prompt": "x", "sampling": {"temperature": -1}, "spec": None})
+    add(inbox, "empty", prompt=[])
     add(inbox, "ok", max_tokens=4)
     seen = until(outbox, final_of("ok"))
-    errors = {m["request_id"]: m for m in seen if m["type"] == "request_error"}
-    assert errors["too-long"]["code"] == "context_length_exceeded" and errors["too-long"]["param"] == "max_tokens"
-    assert errors["bad"]["code"] == "invalid_request"
-    assert seen[-1]["stats"]["generated_tokens"] >= 1  # the engine kept serving
+    errors = {m.request_id: m for m in seen if isinstance(m, RequestRejected)}
+    assert errors["too-long"].code == "context_length_exceeded" and errors["too-long"].param == "max_tokens"
+    assert errors["empty"].param == "prompt"
+    assert seen[-1].stats.generated_tokens >= 1  # the engine kept serving
 
 
 def test_abort_frees_the_request(loop):
     worker, inbox, outbox = loop
     add(inbox, "long", max_tokens=200, ignore_eos=True, spec=SpecConfig(policy="none"))
-    until(outbox, lambda m: m.get("request_id") == "long" and m["type"] == "event")
-    inbox.put({"type": "abort", "request_id": "long"})
+    until(outbox, lambda m: isinstance(m, TokenEvent) and m.request_id == "long")
+    inbox.put(AbortRequest("long"))
     final = until(outbox, final_of("long"))[-1]
-    assert final["finish_reason"] == "abort" and final["stats"]["generated_tokens"] < 200
-    until(outbox, lambda m: m["type"] == "load" and m["running"] == 0)
+    assert final.finish_reason == "abort" and final.stats.generated_tokens < 200
+    until(outbox, lambda m: isinstance(m, EngineLoad) and m.running == 0)
     assert worker.engine.num_running == 0
 
 
@@ -95,10 +120,10 @@ def test_shutdown_cancels_what_is_left(tiny_pair, tokenizer):
     engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)})
     inbox, outbox = queue.Queue(), queue.Queue()
     add(inbox, "left", max_tokens=300, ignore_eos=True)
-    inbox.put({"type": "shutdown"})
+    inbox.put(Shutdown())
     EngineLoop(engine, inbox, outbox).run()  # returns: the loop ends on shutdown
     messages = list(outbox.queue)
-    assert [m["finish_reason"] for m in messages if m["type"] == "event"] == ["abort"]
+    assert [m.finish_reason for m in messages if isinstance(m, TokenEvent)] == ["abort"]
     assert engine.num_running == 0
 
 
@@ -107,4 +132,4 @@ def test_run_worker_reports_a_failed_start(tmp_path):
     config = {"target": str(tmp_path / "missing"), "draft": "none", "head": "none", "dtype": "fp32"}
     run_worker(config, queue.Queue(), outbox)
     message = outbox.get_nowait()
-    assert message["type"] == "error" and message["message"]
+    assert isinstance(message, EngineFailed) and message.message
