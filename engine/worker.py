@@ -88,7 +88,7 @@ class EngineLoop:
                 for event in self.engine.step():
                     self.outbox.put(event)
             self.report_load()
-        for request_id in list(self.engine.running):  # shutdown: cancel what is left, cleanly
+        for request_id in list(self.engine.requests):  # shutdown: cancel what is left, cleanly
             self.abort(request_id)
         self.report_load()
 
