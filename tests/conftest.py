@@ -1,9 +1,10 @@
 """Shared fixtures: tiny random target/draft pairs and heads, built in-process.
 
 A fixture used by more than one test module lives here; test modules never import fixtures
-from each other. Engines repack their models in place (`ModelRunner` swaps `nn.Linear` for
-oneDNN-packed layers on the CPU), so model fixtures are module-scoped: every module starts
-from fresh, unmodified models, whatever ran before it.
+from each other. An engine repacks its models in place (`ModelRunner` swaps `nn.Linear` for
+oneDNN-packed layers on the CPU), so model fixtures are module-scoped: each test module gets
+fresh, unmodified models whatever ran before it (within a module, an engine built on
+`tiny_pair` packs those same models; `make_tiny_pair()` builds an untouched copy).
 """
 
 from __future__ import annotations
@@ -54,11 +55,16 @@ def tokenizer():
     return char_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def tiny_pair():
+def make_tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     """(target, draft): the draft is a noisy copy of the target, so acceptance is partial."""
     target = tiny_model(0, scale=8.0)
     return target, perturbed(target, 0.05, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """`make_tiny_pair()`, fresh for each test module."""
+    return make_tiny_pair()
 
 
 @pytest.fixture(scope="module")
