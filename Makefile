@@ -34,8 +34,10 @@ pull: install
 serve: install pull
 	$(BIN)/specdecpp serve --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
+# ruff for style and errors; vulture for dead code (settings in pyproject.toml, false positives in vulture_whitelist.py).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/vulture
 
 test: install system-deps lint
 	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)

@@ -35,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
+from engine.loading.loader import parse_dtype
 from engine.params import SamplingParams, SpecConfig
 from engine.speculate import RoundRecord
 from specdecpp.datasets import Prompt
@@ -42,7 +43,6 @@ from specdecpp.datasets import Prompt
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
-HIDDEN_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAMPLING_CYCLE = ((1.0, 1.0), (1.0, 1.0), (0.0, 1.0), (0.7, 0.9))  # (temperature, top_p) by prompt index
 
 
@@ -256,7 +256,7 @@ def _make_shard(
         ids = encode_prompt(engine.tokenizer, p)
         (encoded if len(ids) <= config.max_prompt_tokens else skipped).append((first + i, p, ids))
     records, lengths = run_prompts(engine, [(i, ids) for i, _, ids in encoded], config)
-    hidden_dtype = HIDDEN_DTYPES[config.hidden_dtype]
+    hidden_dtype = parse_dtype(config.hidden_dtype)
     tensors = records_to_rows(records, round_base=first * 10_000, hidden_dtype=hidden_dtype)
     if not tensors:
         tensors = _empty_shard(engine.draft.hidden_size, hidden_dtype)

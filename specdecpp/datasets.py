@@ -127,10 +127,7 @@ def jsonl_prompts(path: str | Path, num: int | None = None) -> list[Prompt]:
         if text is None:
             raise ValueError(f"{path}:{i + 1}: no prompt/text/instruction/messages field")
         out.append(Prompt(str(obj.get("id", i)) if isinstance(obj, dict) else str(i), text, f"jsonl:{path.name}"))
-    out = exclude_humaneval(out)
-    if num is None or num >= len(out):
-        return out
-    return [out[round(i * len(out) / num)] for i in range(num)]
+    return evenly_spread(exclude_humaneval(out), num)
 
 
 def _prompt_text(obj: object) -> str | None:
@@ -165,9 +162,14 @@ def humaneval_prompts(num: int | None = None) -> list[Prompt]:
         )
         for p in _humaneval_problems()
     ]
-    if num is None or num >= len(out):
-        return out
-    return [out[round(i * len(out) / num)] for i in range(num)]
+    return evenly_spread(out, num)
+
+
+def evenly_spread(prompts: list[Prompt], num: int | None) -> list[Prompt]:
+    """`num` of `prompts` spread evenly over the list (all of them when `num` is None or too large)."""
+    if num is None or num >= len(prompts):
+        return prompts
+    return [prompts[round(i * len(prompts) / num)] for i in range(num)]
 
 
 def _normalise(text: str) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.loading.loader import IDENTITY_FILE
+from engine.loading.loader import IDENTITY_FILE, merge_token_ids
 
 CHUNK = 8 << 20  # bytes per read when copying and hashing
 TMP_PREFIX = ".tmp-"
@@ -73,7 +73,6 @@ DEFAULT_DRAFT = GGUFSource(
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
 )
-DEFAULT_PAIR = (DEFAULT_TARGET, DEFAULT_DRAFT)
 
 
 # ---------------------------------------------------------------- cache layout
@@ -221,17 +220,10 @@ def sha256_file(path: Path) -> str:
 
 
 def end_of_turn_ids(tokenizer, config_eos) -> list[int]:
-    """EOS ids for generation: the GGUF's eos plus the end-of-turn tokens the vocabulary has."""
-    ids: list[int] = []
-    for value in (config_eos, tokenizer.eos_token_id):
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(v, int) and v not in ids:
-                ids.append(v)
+    """EOS ids for generation: the GGUF's eos, the tokenizer's, and the end-of-turn tokens the vocabulary has."""
     vocab = tokenizer.get_vocab()
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab and vocab[token] not in ids:
-            ids.append(vocab[token])
-    return ids
+    turn_ends = [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+    return merge_token_ids(config_eos, tokenizer.eos_token_id, turn_ends)
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path, identity: str, source: dict) -> None:

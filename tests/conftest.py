@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random target/draft pairs and heads, built in-process."""
+"""Shared fixtures: tiny random target/draft pairs and heads, built in-process.
+
+A fixture used by more than one test module lives here; test modules never import fixtures
+from each other. An engine repacks its models in place (`ModelRunner` swaps `nn.Linear` for
+oneDNN-packed layers on the CPU), so model fixtures are module-scoped: each test module gets
+fresh, unmodified models whatever ran before it (within a module, an engine built on
+`tiny_pair` packs those same models; `make_tiny_pair()` builds an untouched copy).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ torch.set_num_threads(1)
 from tiny import char_tokenizer, tiny_model  # noqa: E402
 
 from engine.head import AcceptanceHead, HeadConfig  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+
+DISTRIBUTION_VOCAB = 6  # the distribution tests' vocabulary: exact two-token distributions stay cheap
 
 
 def perturbed(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Module:
@@ -45,8 +55,23 @@ def tokenizer():
     return char_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_pair():
+def make_tiny_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     """(target, draft): the draft is a noisy copy of the target, so acceptance is partial."""
     target = tiny_model(0, scale=8.0)
     return target, perturbed(target, 0.05, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    """`make_tiny_pair()`, fresh for each test module."""
+    return make_tiny_pair()
+
+
+@pytest.fixture(scope="module")
+def distribution_engine():
+    """Sharp 6-token target and draft with two heads, for the chi-square tests of the output distribution."""
+    tokenizer = char_tokenizer("abcde")
+    target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=16, layers=1, scale=10.0)
+    draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=16, layers=1, scale=10.0)
+    heads = {"default": random_head(16, seed=3), "after": random_head(16, seed=4, timing="after")}
+    return LLMEngine(target, draft, tokenizer, heads=heads)

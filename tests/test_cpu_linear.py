@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_model
 from torch import nn
 
 from engine.loading import cpu_linear
 from engine.loading.cpu_linear import FP32_MIN_ROWS, PackedLinear, can_pack, fp32_copy_plan, pack_linears
-from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
@@ -23,13 +23,20 @@ def _bf16_linear(seed: int = 0) -> nn.Linear:
 
 
 def test_narrow_inputs_match_nn_linear_exactly():
+    """Below FP32_MIN_ROWS a packed layer gives nn.Linear's result bit for bit, from its bf16 weight
+    even when it has an fp32 copy (zeroed here, so any use of it would show)."""
     linear = _bf16_linear()
-    packed = PackedLinear(linear, fp32_copy=True)
-    x = torch.randn(1, FP32_MIN_ROWS - 1, 256, dtype=torch.bfloat16)
+    plain, with_copy = PackedLinear(linear), PackedLinear(linear, fp32_copy=True)
+    with_copy.packed_weight_fp32.zero_()
+    for rows in (1, 4, FP32_MIN_ROWS - 1):
+        x = torch.randn(1, rows, 256, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            expected = linear(x)
+            assert torch.equal(plain(x), expected), rows
+            assert torch.equal(with_copy(x), expected), rows
+    wide = torch.randn(1, FP32_MIN_ROWS, 256, dtype=torch.bfloat16)
     with torch.inference_mode():
-        assert torch.equal(packed(x), packed(x))
-        expected = PackedLinear(linear, fp32_copy=False)(x)
-        assert torch.equal(packed(x), expected)  # below the threshold the copy is not used
+        assert not torch.equal(with_copy(wide), linear(wide))  # from FP32_MIN_ROWS on, the (zeroed) copy is used
 
 
 def test_wide_inputs_use_the_fp32_copy_and_agree_to_bf16_rounding():
@@ -63,7 +70,10 @@ def test_pack_linears_copies_every_bf16_layer_but_the_lm_head():
     lm_head = model.get_output_embeddings()
     assert isinstance(lm_head, PackedLinear) and not lm_head.fp32_copy
     assert all(m.fp32_copy for m in packed if m is not lm_head)
-    assert head is not lm_head
+    # The packed head is the original head's weight, also for the wide inputs a copy would take.
+    x = torch.randn(2 * FP32_MIN_ROWS, head.in_features, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(lm_head(x), head(x))
 
 
 def test_auto_copies_only_when_they_fit(monkeypatch):
@@ -73,8 +83,6 @@ def test_auto_copies_only_when_they_fit(monkeypatch):
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: extra * 4)
     assert fp32_copy_plan(model, "auto")
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: extra)  # would take all of it
-    assert not fp32_copy_plan(model, "auto")
-    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: None)  # unknown: stay safe
     assert not fp32_copy_plan(model, "auto")
     assert fp32_copy_plan(model, "on") and not fp32_copy_plan(model, "off")
     with pytest.raises(ValueError, match="expected one of"):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import random_head
 from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
-from test_engine_distribution import engine as distribution_engine  # noqa: F401  (fixture)
 
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
@@ -80,7 +79,7 @@ def test_greedy_identical_to_running_alone(tiny_pair, tokenizer, batching):
     assert not engine.has_unfinished() and engine.scheduler.kv_used == 0
 
 
-def test_sampled_distribution_with_mixed_batches(distribution_engine):  # noqa: F811
+def test_sampled_distribution_with_mixed_batches(distribution_engine):
     """The tested request shares every round with batch mates of other policies and prompts."""
     engine = distribution_engine
     spec = SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6))

@@ -11,29 +11,18 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import random_head
+from conftest import DISTRIBUTION_VOCAB as VOCAB
 from scipy.stats import chisquare
-from tiny import char_tokenizer, tiny_model
 
 import engine.speculate as speculate
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from engine.sampling import Verdict, processed_probs, sample, sampling_cdf
 
-VOCAB = 6
 PROMPT = [1, 2, 3]
 SAMPLES = 1000
 T1 = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
 FILTERED = SamplingParams(temperature=0.7, top_p=0.9, top_k=4, max_tokens=3, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    tokenizer = char_tokenizer("abcde")
-    target = tiny_model(10, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0)
-    draft = tiny_model(11, vocab_size=VOCAB, hidden=16, layers=1, scale=10.0)
-    heads = {"default": random_head(16, seed=3), "after": random_head(16, seed=4, timing="after")}
-    return LLMEngine(target, draft, tokenizer, heads=heads)
 
 
 def exact_two_token_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
@@ -95,13 +84,13 @@ CASES = [(spec, T1) for spec in SPECS] + [(SPECS[1], FILTERED), (SPECS[4], FILTE
     CASES,
     ids=[f"{s.policy}-{s.head}-{s.threshold}-t{p.temperature}-p{p.top_p}-k{p.top_k}" for s, p in CASES],
 )
-def test_policy_matches_target_distribution(engine, spec, params):
-    counts = sample_two_tokens(engine, params, spec)
-    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, params), SAMPLES)
+def test_policy_matches_target_distribution(distribution_engine, spec, params):
+    counts = sample_two_tokens(distribution_engine, params, spec)
+    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(distribution_engine, params), SAMPLES)
     assert pvalue > 1e-3, f"{spec.policy}: chi-square p={pvalue:.2e}"
 
 
-def test_wrong_acceptance_rule_is_detected(engine, monkeypatch):
+def test_wrong_acceptance_rule_is_detected(distribution_engine, monkeypatch):
     """Control: accepting every draft token yields the draft's distribution, and the test sees it."""
 
     def accept_everything(candidates, draft_probs, target_probs, generator):
@@ -110,8 +99,8 @@ def test_wrong_acceptance_rule_is_detected(engine, monkeypatch):
 
     monkeypatch.setattr(speculate, "verify", accept_everything)
     params = T1
-    counts = sample_two_tokens(engine, params, SpecConfig(policy="constant", k=3))
-    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, params), SAMPLES)
+    counts = sample_two_tokens(distribution_engine, params, SpecConfig(policy="constant", k=3))
+    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(distribution_engine, params), SAMPLES)
     assert pvalue < 1e-6
 
 

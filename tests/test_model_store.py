@@ -1,4 +1,4 @@
-"""The model cache on a tiny GGUF written here: conversion fidelity, checksum failure, interruption, resume."""
+"""The model cache on a tiny GGUF (tiny.py): conversion fidelity, checksum failure, interruption, resume."""
 
 from __future__ import annotations
 
@@ -6,82 +6,21 @@ import json
 import zipfile
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
+from tiny import write_tiny_gguf
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     GgufConfig,
     PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engine.loading.loader import model_identity
 from specdecpp import model_store
 from specdecpp.cli import main as cli_main
 from specdecpp.model_store import GGUFSource, ModelStoreError
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def write_tiny_gguf(path: Path, seed: int = 0) -> Qwen2ForCausalLM:
-    """A 2-layer random Qwen2, byte-level BPE vocabulary, matrices Q8_0-quantized, laid out as llama.cpp does."""
-    tokens = list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe"] + SPECIALS
-    types = [1] * (len(tokens) - len(SPECIALS)) + [3] * len(SPECIALS)  # 3: control token
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokens),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(config).eval()
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_context_length(256)
-    w.add_embedding_length(64)
-    w.add_block_count(2)
-    w.add_feed_forward_length(128)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_pad_token_id(tokens.index("<|endoftext|>"))
-    w.add_chat_template(CHAT_TEMPLATE)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, config.num_hidden_layers)
-    for name, tensor in model.state_dict().items():
-        data = tensor.float().numpy()
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if data.ndim == 2:
-            packed = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(gguf_name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return model
 
 
 @pytest.fixture

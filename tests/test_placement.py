@@ -7,20 +7,17 @@ from collections import Counter
 
 import pytest
 import torch
+from tiny import write_tiny_gguf
 from transformers import LlamaConfig
 
 from engine.config import EngineConfig
+from engine.loading.inventory import footprint, kv_bytes_per_token, load_model_config, meta_model, plan_from_config
 from engine.loading.placement import (
     Footprint,
     GiB,
     GpuInfo,
     InsufficientMemoryError,
     PlacementError,
-    footprint,
-    kv_bytes_per_token,
-    load_model_config,
-    meta_model,
-    plan_from_config,
     plan_placement,
     shard_device_map,
 )
@@ -196,6 +193,9 @@ def test_shard_device_map_refuses_to_spill():
 
 
 def test_plan_from_config_on_this_machine(tmp_path):
+    from engine.loading import placement
+
+    assert placement.plan_from_config is plan_from_config  # the old import path keeps working
     # A model directory with only its config: sizes come from the config, nothing is loaded.
     (tmp_path / "config.json").write_text(json.dumps(tiny_llama().to_dict()))
     p = plan_from_config(EngineConfig(target=str(tmp_path), draft=str(tmp_path)), str(tmp_path), str(tmp_path))
@@ -217,8 +217,6 @@ def test_shard_device_map_fills_in_order_when_the_last_gpu_is_the_smallest():
 
 def test_footprint_of_a_gguf_file_matches_its_model(tmp_path):
     # A quantized GGUF is sized as the dequantized model the loader builds: parameters x --dtype bytes.
-    from test_model_store import write_tiny_gguf
-
     path = tmp_path / "tiny.gguf"
     model = write_tiny_gguf(path)
     fp = footprint(meta_model(load_model_config(str(path)), torch.bfloat16), max_model_len=100)

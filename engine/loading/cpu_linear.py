@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from engine.config import CPU_FP32_GEMM_MODES
+from engine.loading.inventory import available_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +85,6 @@ def can_pack(model: nn.Module) -> bool:
     return not any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> list[nn.Linear]:
     """The bf16 layers of `model` that `pack_linears` should give an fp32 copy (see module doc):
     all but the LM head, or none."""
@@ -108,12 +97,12 @@ def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> list[nn.Linear]:
         return candidates
     extra = sum(linear.weight.numel() * 4 for linear in candidates)
     available = available_memory_bytes()
-    fits = available is not None and extra <= FP32_COPY_MEMORY_SHARE * available
+    fits = extra <= FP32_COPY_MEMORY_SHARE * available
     log.info(
-        "fp32 copies for wide GEMMs: %s (%.1f GB; %s GB available)",
+        "fp32 copies for wide GEMMs: %s (%.1f GB; %.1f GB available)",
         "on" if fits else "off",
         extra / 1e9,
-        "unknown" if available is None else f"{available / 1e9:.1f}",
+        available / 1e9,
     )
     return candidates if fits else []
 

@@ -8,13 +8,12 @@ who are online.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from engine.loading.dtypes import DTYPES
 
 IDENTITY_FILE = "specdecpp.json"  # written last by the model converter: {"identity", "source", "source_sha256", ...}
 
@@ -24,10 +23,10 @@ class VocabularyMismatchError(ValueError):
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+    """'bf16' -> torch.bfloat16, and so on for every name in `DTYPES`."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, DTYPES[name])
 
 
 def _split_gguf(spec: str) -> tuple[str, dict]:
@@ -87,20 +86,17 @@ def check_vocabularies(
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """All ids that end a completion: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
+    """All ids that end a completion: the generation config's EOS and the tokenizer's."""
     gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return frozenset(ids)
+    return frozenset(merge_token_ids(getattr(gen, "eos_token_id", None), tokenizer.eos_token_id))
 
 
-@dataclass
-class ModelPair:
-    target: PreTrainedModel
-    draft: PreTrainedModel | None
-    tokenizer: PreTrainedTokenizerBase
-    draft_identity: str = ""
+def merge_token_ids(*values: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """The ids in `values`, each written as configs write `eos_token_id` (an id, a list, or None),
+    in order and once each."""
+    ids: list[int] = []
+    for value in values:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids

@@ -1,11 +1,10 @@
 """Where each model goes: draft + head on one device, the target on one device or sharded.
 
-Two halves. `plan_placement` is a pure function of a GPU inventory and model footprints:
-it decides devices and per-GPU memory budgets and fails with a clear message when the
-models cannot fit, before anything loads. `plan_from_config` gathers the real inventory
-(torch.cuda) and the footprints (parameter counts of a meta-device model built from the
-config, plus KV cache for one full-length sequence), calls the planner, and for a sharded
-target turns the budgets into an explicit accelerate device map limited to those GPUs.
+Pure decisions: `plan_placement` is a function of a GPU inventory and model footprints; it
+decides devices and per-GPU memory budgets and fails with a clear message when the models
+cannot fit, before anything loads. `shard_device_map` turns a sharded target's budgets into
+an explicit layer -> GPU map. Gathering the real inventory and footprints from this machine
+and the model configs is `engine.loading.inventory` (its `plan_from_config` is the entry point).
 
 Defaults: N >= 2 GPUs: draft and head on GPU 0, target over the others (and GPU 0 too,
 with what the draft leaves, only if the others are too small). One GPU: both on it. None: CPU.
@@ -13,17 +12,10 @@ with what the draft leaves, only if the others are too small). One GPU: both on 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-
-from engine.config import EngineConfig
-
-log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 RESERVE_FRACTION = 0.05  # of each device's total memory: CUDA context, activations, allocator slack
-MAX_KV_TOKENS = 32768  # KV headroom covers one sequence of the context length, capped here
-HEAD_DEPTH_ESTIMATE = 3  # residual blocks in the acceptance head (fp32), for its footprint
 
 
 class PlacementError(ValueError):
@@ -74,7 +66,8 @@ class Placement:
         return f"sharded over {gpus} (device map {self.target_device_map!r})"
 
 
-def _gib(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """'1.5 GiB' or '300.0 MiB': sizes in messages and logs."""
     return f"{n / GiB:.1f} GiB" if abs(n) >= GiB else f"{n / (1 << 20):.1f} MiB"
 
 
@@ -125,7 +118,7 @@ def plan_placement(
         budget["cpu"] = int(cpu_bytes * (1 - reserve_fraction))
 
     def room(dev: str) -> str:
-        return f"{_gib(max(budget[dev], 0))} usable" if dev in budget else "unknown"
+        return f"{fmt_bytes(max(budget[dev], 0))} usable" if dev in budget else "unknown"
 
     def need(fp: Footprint, devices: list[str]) -> int:
         # GPU memory must hold the KV cache up front. Host RAM is checked for the weights only: the
@@ -134,12 +127,12 @@ def plan_placement(
 
     def describe(fp: Footprint, devices: list[str], extra: str) -> str:
         if devices == ["cpu"]:
-            return f"{_gib(fp.weight_bytes)} of weights"
-        return f"{_gib(fp.total)} (weights {_gib(fp.weight_bytes)} + {extra} {_gib(fp.extra_bytes)})"
+            return f"{fmt_bytes(fp.weight_bytes)} of weights"
+        return f"{fmt_bytes(fp.total)} (weights {fmt_bytes(fp.weight_bytes)} + {extra} {fmt_bytes(fp.extra_bytes)})"
 
     def note_cpu_cache(fp: Footprint, dev: str, what: str, left: int) -> None:
         if dev == "cpu" and dev in budget and fp.extra_bytes > left:
-            notes.append(f"{what}: a full-length KV cache ({_gib(fp.extra_bytes)}) may not fit in the RAM left")
+            notes.append(f"{what}: a full-length KV cache ({fmt_bytes(fp.extra_bytes)}) may not fit in the RAM left")
 
     # Draft and head first: they are small and must sit on one device.
     draft_dev = normalize_device(draft_device, gpus) if draft_device else ("cuda:0" if gpus else "cpu")
@@ -153,7 +146,7 @@ def plan_placement(
             )
         if draft_dev in budget:
             budget[draft_dev] -= need(draft, [draft_dev])
-        notes.append(f"draft + head on {draft_dev}: {_gib(draft.total)}")
+        notes.append(f"draft + head on {draft_dev}: {fmt_bytes(draft.total)}")
         note_cpu_cache(draft, draft_dev, "draft", budget.get(draft_dev, 0))
 
     # Target: explicit devices, or the default rule.
@@ -178,20 +171,21 @@ def plan_placement(
             break
         if i + 1 < len(candidates):
             notes.append(
-                f"target ({_gib(target.total)}) does not fit on {', '.join(devices)} ({_gib(usable)} usable); "
+                f"target ({fmt_bytes(target.total)}) does not fit on {', '.join(devices)} "
+                f"({fmt_bytes(usable)} usable); "
                 f"adding {', '.join(d for d in candidates[i + 1] if d not in devices)}"
             )
     else:
         raise InsufficientMemoryError(
             f"not enough memory for the target: it needs {describe(target, devices, 'KV cache')}, "
-            f"{', '.join(devices)} {'has' if len(devices) == 1 else 'have'} {_gib(usable)} usable "
+            f"{', '.join(devices)} {'has' if len(devices) == 1 else 'have'} {fmt_bytes(usable)} usable "
             f"({'; '.join(f'{d}: {room(d)}' for d in devices)}; {reserve_fraction:.0%} of each reserved"
             + (", the draft's share already taken)" if draft is not None else ")")
             + ". Add GPUs (--target-devices), use a smaller --dtype, or a smaller target."
         )
 
     if len(devices) == 1:
-        notes.append(f"target on {devices[0]}: {_gib(target.total)}")
+        notes.append(f"target on {devices[0]}: {fmt_bytes(target.total)}")
         note_cpu_cache(target, devices[0], "target", budget.get(devices[0], 0) - target.weight_bytes)
         return Placement(draft_device=draft_dev, target_device=devices[0], notes=notes)
 
@@ -200,8 +194,8 @@ def plan_placement(
     weight_share = target.weight_bytes / target.total if target.total else 1.0
     max_memory = {int(d.split(":")[1]): int(max(budget[d], 0) * weight_share) for d in devices}
     notes.append(
-        f"target sharded over {', '.join(devices)}: {_gib(target.total)} in "
-        + ", ".join(f"cuda:{i} <= {_gib(b)}" for i, b in max_memory.items())
+        f"target sharded over {', '.join(devices)}: {fmt_bytes(target.total)} in "
+        + ", ".join(f"cuda:{i} <= {fmt_bytes(b)}" for i, b in max_memory.items())
     )
     return Placement(
         draft_device=draft_dev, target_device=None, target_device_map="auto", target_max_memory=max_memory, notes=notes
@@ -231,100 +225,10 @@ def shard_device_map(meta_model, max_memory: dict[int, int]) -> dict[str, int | 
     )
 
 
-# ---- the impure half: real inventory and footprints ------------------------------------
+def __getattr__(name: str):
+    # `plan_from_config` lives in engine.loading.inventory (it probes the machine); still importable from here.
+    if name == "plan_from_config":
+        from engine.loading.inventory import plan_from_config
 
-
-def gpu_inventory() -> list[GpuInfo]:
-    """Visible CUDA GPUs with their free and total memory (empty without CUDA)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        gpus.append(GpuInfo(index=i, total_bytes=total, free_bytes=free, name=torch.cuda.get_device_name(i)))
-    return gpus
-
-
-def load_model_config(spec: str):
-    """The model's transformers config from a directory, a .gguf file or a hub id."""
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    path = Path(spec)
-    if path.suffix == ".gguf" and path.is_file():
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    return AutoConfig.from_pretrained(spec)
-
-
-def meta_model(config, dtype):
-    """The model built on the meta device: exact parameter shapes, no memory, no weights read."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def kv_bytes_per_token(config, dtype_bytes: int) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-
-
-def footprint(model, max_model_len: int | None, with_head: bool = False) -> Footprint:
-    """Weights from the (meta) model's parameters; KV for one sequence; the head if the draft carries one."""
-    dtype_bytes = next(model.parameters()).element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    config = model.config
-    context = max_model_len or min(getattr(config, "max_position_embeddings", 4096) or 4096, MAX_KV_TOKENS)
-    extra = kv_bytes_per_token(config, dtype_bytes) * context
-    if with_head:
-        h = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
-        extra += 4 * (HEAD_DEPTH_ESTIMATE * (h * h + h) + 2 * h + 2)
-    return Footprint(weight_bytes=weights, extra_bytes=extra)
-
-
-def _estimate(spec: str, dtype, max_model_len: int | None, with_head: bool):
-    """(meta model, footprint), or (None, None) when the config cannot be read (memory not checked then)."""
-    try:
-        model = meta_model(load_model_config(spec), dtype)
-        return model, footprint(model, max_model_len, with_head=with_head)
-    except Exception as exc:  # noqa: BLE001 - an estimate must never block a load that might work
-        log.warning("cannot estimate the size of %s (%s); its memory is not checked", spec, exc)
-        return None, None
-
-
-def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | None) -> Placement:
-    """The placement for this machine: real GPUs, real model sizes, the user's device flags."""
-    import psutil
-
-    from engine.loading.loader import parse_dtype
-
-    dtype = parse_dtype(config.dtype)
-    draft_dtype = parse_dtype(config.draft_dtype or config.dtype)
-    target_meta, target_fp = _estimate(target_spec, dtype, config.max_model_len, with_head=False)
-    draft_fp = None
-    if draft_spec is not None:
-        _, draft_fp = _estimate(draft_spec, draft_dtype, config.max_model_len, with_head=True)
-        draft_fp = draft_fp or Footprint(0)
-    gpus = gpu_inventory()
-    for g in gpus:
-        log.info("cuda:%d %s: %s free of %s", g.index, g.name, _gib(g.free_bytes), _gib(g.total_bytes))
-    placement = plan_placement(
-        gpus,
-        target_fp or Footprint(0),
-        draft_fp,
-        draft_device=config.draft_device,
-        target_devices=config.target_devices,
-        cpu_bytes=psutil.virtual_memory().available,
-    )
-    if placement.target_max_memory and target_meta is not None:
-        placement.target_device_map = shard_device_map(target_meta, placement.target_max_memory)
-    for note in placement.notes:
-        log.info("placement: %s", note)
-    return placement
+        return plan_from_config
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
