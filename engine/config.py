@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from engine.loading.dtypes import DTYPES
 from engine.params import SpecConfig
 
 CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/loading/cpu_linear.py
-DTYPES = ("bf16", "fp16", "fp32")
 
 
 def option(flag: str, help: str, **argparse_extras) -> dict:

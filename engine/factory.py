@@ -38,7 +38,7 @@ def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
 
 def build_engine(config: EngineConfig) -> LLMEngine:
     target_spec, draft_spec, head_spec = resolve_paths(config)
-    from engine.loading.placement import plan_from_config
+    from engine.loading.inventory import plan_from_config
 
     placement = plan_from_config(config, target_spec, draft_spec)
     dtype = parse_dtype(config.dtype)

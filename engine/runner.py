@@ -24,11 +24,14 @@ from engine.loading.cpu_linear import pack_linears
 
 
 class ModelRunner:
+    """Owns `model` from here on: on the CPU its linears are swapped in place for packed ones (same
+    results, faster kernels), so a caller who needs the untouched modules passes a copy."""
+
     def __init__(self, model: PreTrainedModel, pack_cpu_linears: bool = True, cpu_fp32_gemm: str = "auto") -> None:
         self.model = model.eval()
         if pack_cpu_linears:
-            # CPU only: about 2x faster decoding, identical results; with fp32 copies (`cpu_fp32_gemm`),
-            # about 2x faster prefill where bf16 GEMMs are slow (engine/loading/cpu_linear.py).
+            # CPU only; with fp32 copies (`cpu_fp32_gemm`) for wide GEMMs where bf16 ones are slow
+            # (engine/loading/cpu_linear.py; measured in docs/benchmarks).
             pack_linears(model, fp32_copies=cpu_fp32_gemm)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedTokenizerBase
 
 from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
@@ -55,13 +54,6 @@ class GenConfig:
     sampling: tuple[tuple[float, float], ...] = SAMPLING_CYCLE
     seed: int = 0
     hidden_dtype: str = "bf16"
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
-    out = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return [int(t) for t in out]
 
 
 def prompts_hash(prompts: Sequence[Prompt]) -> str:
@@ -253,7 +245,7 @@ def _make_shard(
     first = index * config.shard_prompts
     encoded, skipped = [], []
     for i, p in enumerate(prompts):
-        ids = encode_prompt(engine.tokenizer, p)
+        ids = engine.encode(p.messages)
         (encoded if len(ids) <= config.max_prompt_tokens else skipped).append((first + i, p, ids))
     records, lengths = run_prompts(engine, [(i, ids) for i, _, ids in encoded], config)
     hidden_dtype = parse_dtype(config.hidden_dtype)

@@ -15,7 +15,7 @@ import engine.speculate as speculate
 import heads.data as head_data
 from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
-from heads.data import GenConfig, encode_prompt, generate_dataset, load_shards, read_manifest
+from heads.data import GenConfig, generate_dataset, load_shards, read_manifest
 from specdecpp.datasets import (
     Prompt,
     contains_humaneval,
@@ -99,7 +99,7 @@ def test_logged_labels_are_exact_acceptance_probabilities(engine, tokenizer, ref
     assert len(torch.unique(data["round"])) == len(rounds)  # round ids are dataset-wide
     assert data["hidden"].dtype == torch.float32 and data["hidden"].shape[1] == 32
 
-    ids = {i: encode_prompt(tokenizer, p) for i, p in enumerate(prompts(6))}
+    ids = {i: engine.encode(p.messages) for i, p in enumerate(prompts(6))}
     history: dict[int, list[int]] = {}
     greedy_labels = []
     for rows, rnd in zip(rounds, seen, strict=True):

@@ -193,9 +193,7 @@ def test_shard_device_map_refuses_to_spill():
 
 
 def test_plan_from_config_on_this_machine(tmp_path):
-    from engine.loading import placement
 
-    assert placement.plan_from_config is plan_from_config  # the old import path keeps working
     # A model directory with only its config: sizes come from the config, nothing is loaded.
     (tmp_path / "config.json").write_text(json.dumps(tiny_llama().to_dict()))
     p = plan_from_config(EngineConfig(target=str(tmp_path), draft=str(tmp_path)), str(tmp_path), str(tmp_path))

@@ -224,11 +224,3 @@ def shard_device_map(meta_model, max_memory: dict[int, int]) -> dict[str, int | 
         "add GPUs with --target-devices or use a smaller --dtype"
     )
 
-
-def __getattr__(name: str):
-    # `plan_from_config` lives in engine.loading.inventory (it probes the machine); still importable from here.
-    if name == "plan_from_config":
-        from engine.loading.inventory import plan_from_config
-
-        return plan_from_config
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

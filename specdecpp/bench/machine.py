@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -27,15 +29,6 @@ def _cpuinfo() -> dict:
         elif key == "flags" and "cpu_flags" not in out:
             out["cpu_flags"] = value.split()
     return out
-
-
-def _memory_bytes() -> int | None:
-    path = Path("/proc/meminfo")
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def git_commit() -> str | None:
@@ -69,7 +62,7 @@ def machine_record() -> dict:
         "python": sys.version.split()[0],
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_bytes": _memory_bytes(),
+        "memory_bytes": psutil.virtual_memory().total,
         **_cpuinfo(),
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()

@@ -41,13 +41,6 @@ KNOB_NAMES = {
     "hf-dynamic": "confidence_threshold",
     "hf-heuristic": "k0",
 }
-ROW_FIELDS = (
-    "label", "policy", "knob_name", "knob", "temperature", "tokens_per_s", "speedup", "discard_rate",
-    "verification_rate", "acceptance_rate", "mean_candidate_length", "mean_accepted_length", "tokens_per_target_call",
-    "decode_tokens_per_s", "decode_speedup", "prompts",
-    "generated_tokens", "proposed_tokens", "accepted_tokens", "discarded_tokens", "target_calls", "rounds",
-    "wall_seconds",
-)
 
 
 @dataclass(frozen=True)
@@ -149,7 +142,12 @@ def run_engine(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_token
 
 
 def run_peer(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int) -> dict:
-    """One request through transformers' assisted generation on the engine's own models."""
+    """One request through transformers' assisted generation on the engine's own models.
+
+    Deliberately the same modules: the engine packed their CPU linears (engine/loading/cpu_linear.py,
+    results identical to nn.Linear), so both sides run the same kernels and the rows compare the
+    decoding algorithms, not the kernels.
+    """
     assert engine.draft is not None
     stats = hf_assisted_generate(
         engine.target.model,
