@@ -14,6 +14,7 @@ from engine.loading.dtypes import DTYPES
 from engine.params import SpecConfig
 
 CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/loading/cpu_linear.py
+QUANTIZATION_MODES = ("none", "int8", "int4")  # weight-only; see engine/loading/quantize.py
 
 
 def option(flag: str, help: str, **argparse_extras) -> dict:
@@ -93,6 +94,14 @@ class EngineConfig:
         "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; costs twice the "
         "bf16 weights in memory. auto: only if that fits in half the available memory (default: %(default)s)",
         choices=CPU_FP32_GEMM_MODES))
+    draft_quantization: str = field(default="none", metadata=option(
+        "--draft-quantization", "weight-only quantization of the draft's linear layers (not its LM head). Lossless: "
+        "only the proposals change. auto: int8 where it measures faster on this host (default: %(default)s)",
+        choices=("auto", *QUANTIZATION_MODES)))
+    target_quantization: str = field(default="none", metadata=option(
+        "--target-quantization", "weight-only quantization of the target's linear layers. This CHANGES THE TARGET: "
+        "output follows the quantized target's distribution, not the original's (default: %(default)s)",
+        choices=QUANTIZATION_MODES))
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:

@@ -92,4 +92,6 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         default_spec=spec,
         scheduler_config=config.scheduler,
         cpu_fp32_gemm=config.cpu_fp32_gemm,
+        draft_quantization=config.draft_quantization,
+        target_quantization=config.target_quantization,
     )

@@ -51,6 +51,8 @@ class LLMEngine:
         default_spec: SpecConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         cpu_fp32_gemm: str = "auto",
+        draft_quantization: str = "none",
+        target_quantization: str = "none",
     ) -> None:
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
@@ -58,8 +60,11 @@ class LLMEngine:
         for name, head in heads.items():
             if draft is None or head.config.hidden_size != draft.config.hidden_size:
                 raise ValueError(f"head {name!r} (hidden size {head.config.hidden_size}) does not fit the draft")
-        self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm)
-        self.draft = ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm) if draft is not None else None
+        self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm, quantization=target_quantization)
+        self.draft = (
+            ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm, quantization=draft_quantization)
+            if draft is not None else None
+        )
         self.heads = {name: head.to(self.draft.device) for name, head in heads.items()}
         self.recorder: Callable[[RoundRecord], None] | None = None  # set to log every verified round
         self.tokenizer = tokenizer

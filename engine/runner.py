@@ -21,14 +21,24 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from engine.loading.cpu_linear import pack_linears
+from engine.loading.kernels import choose_and_quantize
 
 
 class ModelRunner:
     """Owns `model` from here on: on the CPU its linears are swapped in place for packed ones (same
     results, faster kernels), so a caller who needs the untouched modules passes a copy."""
 
-    def __init__(self, model: PreTrainedModel, pack_cpu_linears: bool = True, cpu_fp32_gemm: str = "auto") -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        pack_cpu_linears: bool = True,
+        cpu_fp32_gemm: str = "auto",
+        quantization: str = "none",
+    ) -> None:
         self.model = model.eval()
+        # Weight-only int8/int4 where asked ("auto": where it measures faster here); before packing,
+        # which then packs what stays a plain linear layer (the LM head).
+        self.kernels = choose_and_quantize(model, quantization)
         if pack_cpu_linears:
             # CPU only; with fp32 copies (`cpu_fp32_gemm`) for wide GEMMs where bf16 ones are slow
             # (engine/loading/cpu_linear.py; measured in docs/benchmarks).

@@ -1,0 +1,126 @@
+"""Which CPU kernels a model's linear layers use, chosen by measuring on this host.
+
+CPUs differ (native bf16 or emulated, AMX or not, AVX-512 or AVX2 only), and so does the fastest
+kernel for a layer: weight-only int8 wins where decoding is memory-bound and loses on wide
+inputs; bf16 may be emulated. Nothing here assumes a machine: at load, one real layer of the
+model is timed for the two shape classes that matter, decode/verify (a few rows) and prefill
+(many rows), and the choice is logged and reported (`KernelChoice.describe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.loading.cpu_linear import PackedLinear, can_pack
+from engine.loading.quantize import QUANTIZATION_MODES, QuantizedLinear, quantizable, quantize_linears
+
+log = logging.getLogger(__name__)
+
+DECODE_ROWS = (1, 4)  # the decode/verify class: one token per sequence, a few candidates
+WIDE_ROW_STEPS = (8, 16, 32, 64, 128)  # candidates for the int8 -> dequantized GEMM crossover
+AUTO_MIN_GAIN = 1.1  # "auto" quantizes only when the decode class measures at least this much faster
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_features() -> dict:
+    """What the host CPU offers, as far as kernel choice cares."""
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {
+        "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    }
+
+
+@dataclass
+class KernelChoice:
+    """What was measured on one layer of a model and what it chose."""
+
+    requested: str  # the quantization asked for: "auto", "none", "int8", "int4"
+    quantization: str  # what the model runs with
+    wide_rows: int | None = None  # rows from which a quantized layer runs the dequantized GEMM
+    layer: str = ""
+    decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> ms per call
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def time_call(fn, x: torch.Tensor, repeats: int = 5) -> float:
+    """Median milliseconds of fn(x) after one warm-up call."""
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def probe_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The widest quantizable linear layer of the model (a real shape, most of the decode cost)."""
+    layers = quantizable(model, 8)
+    if not layers:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    parent, attr, layer = max(layers, key=lambda item: item[2].weight.numel())
+    return f"{names.get(id(parent), '?')}.{attr}", layer
+
+
+@torch.inference_mode()
+def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, float]], int]:
+    """Decode-class timings of the layer as the engine would run it unquantized (oneDNN-packed where
+    it packs) and quantized, and the row count from which the dequantized GEMM beats the kernel."""
+    plain = PackedLinear(layer) if can_pack(layer) else layer
+    quant = QuantizedLinear(layer, bits, wide_rows=1 << 30)
+    dtype = layer.weight.dtype
+    timings: dict[str, dict[int, float]] = {"plain": {}, f"int{bits}": {}}
+    for rows in DECODE_ROWS:
+        x = torch.randn(rows, layer.in_features, dtype=dtype)
+        timings["plain"][rows] = time_call(plain, x)
+        timings[f"int{bits}"][rows] = time_call(quant, x)
+    wide_rows = WIDE_ROW_STEPS[-1]
+    dequantized = quant.dequantized_weight()
+    for rows in WIDE_ROW_STEPS:
+        x = torch.randn(rows, layer.in_features, dtype=dtype)
+        if time_call(lambda v: torch.nn.functional.linear(v, dequantized), x) < time_call(quant, x):
+            wide_rows = rows
+            break
+    return timings, wide_rows
+
+
+def choose_and_quantize(model: nn.Module, requested: str) -> KernelChoice:
+    """Quantize the model's linear layers as `requested` ("auto": int8 where the decode class
+    measures faster than the unquantized kernel on this host), with the measured crossover."""
+    if requested != "auto" and requested not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization {requested!r}: expected auto or one of {', '.join(QUANTIZATION_MODES)}")
+    cpu = all(p.device.type == "cpu" for p in model.parameters())
+    probe = probe_layer(model) if cpu else None
+    if requested == "none" or probe is None:
+        if requested not in ("none", "auto"):
+            quantize_linears(model, requested)  # raises the clear error for a non-CPU model
+        return KernelChoice(requested, "none")
+    name, layer = probe
+    bits = 4 if requested == "int4" else 8
+    timings, wide_rows = measure_layer(layer, bits)
+    chosen = requested
+    if requested == "auto":
+        gain = sum(timings["plain"].values()) / sum(timings["int8"].values())
+        chosen = "int8" if gain >= AUTO_MIN_GAIN else "none"
+    choice = KernelChoice(requested, chosen, wide_rows if chosen != "none" else None, name, timings)
+    quantize_linears(model, chosen, wide_rows)
+    log.info("kernels for %s: %s (probe %s, ms per call %s, dequantized GEMM from %s rows)",
+             type(model).__name__, chosen, name, timings, wide_rows)
+    return choice

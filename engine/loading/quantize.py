@@ -1,0 +1,137 @@
+"""Weight-only quantization of a model's linear layers (int8 per channel, int4 per group).
+
+Why: decoding reads every weight once per token, so it is bound by memory traffic; int8 weights
+halve it, int4 quarter it. For the draft this is free of risk: only the proposals change, and
+rejection sampling keeps the output exactly the target's distribution. Quantizing the target
+changes the target (the output is then the quantized target's distribution).
+
+Kernels are torch's maintained weight-only ops (`aten._weight_int8pack_mm`,
+`aten._weight_int4pack_mm_for_cpu`), no code of our own. They shine on a few rows (decode,
+verification) and lose on many (prefill): a layer switches to a plain GEMM on the dequantized
+weight from `wide_rows` rows on, a crossover measured on the host (`engine/loading/kernels.py`).
+Both paths compute with the same dequantized values, so the model is one model whatever the
+row count. The LM head is left alone by default: its rows are read for a few positions only
+and the draft's proposals depend on it most.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import QUANTIZATION_MODES
+
+log = logging.getLogger(__name__)
+
+INT4_GROUP_SIZE = 32  # columns sharing one scale and zero point
+DEFAULT_WIDE_ROWS = 32  # rows from which the dequantized GEMM runs (replaced by a host measurement)
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer with int8 or int4 weights; inference only."""
+
+    def __init__(self, linear: nn.Linear, bits: int, wide_rows: int = DEFAULT_WIDE_ROWS) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.wide_rows = wide_rows
+        weight = linear.weight.detach()
+        self.compute_dtype = weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.register_buffer("bias", bias, persistent=False)
+        if bits == 8:
+            self._quantize_int8(weight)
+        else:
+            self._quantize_int4(weight)
+
+    def _quantize_int8(self, weight: torch.Tensor) -> None:
+        """Symmetric, one scale per output channel."""
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scale", scale.to(self.compute_dtype), persistent=False)
+
+    def _quantize_int4(self, weight: torch.Tensor) -> None:
+        """Asymmetric, one scale and minimum per group of `INT4_GROUP_SIZE` input columns."""
+        if self.in_features % INT4_GROUP_SIZE:
+            raise ValueError(f"int4 needs in_features divisible by {INT4_GROUP_SIZE}, got {self.in_features}")
+        groups = weight.float().view(self.out_features, -1, INT4_GROUP_SIZE)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15.0).clamp_min(1e-12)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        q = q.view(self.out_features, self.in_features)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        # The kernel computes (q - 8) * scale + zero; ours is q * scale + low.
+        zeros = low + 8 * scale
+        scales_and_zeros = torch.stack([scale, zeros], dim=-1).transpose(0, 1).contiguous()  # [groups, N, 2]
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(self.compute_dtype), persistent=False)
+        nibbles = q.to(torch.uint8).view(self.out_features, -1, 2)  # two 4-bit values a byte, for the wide path
+        self.register_buffer("_q4", nibbles[..., 0] | (nibbles[..., 1] << 4), persistent=False)
+        self.register_buffer("_low", low.to(self.compute_dtype), persistent=False)
+        self.register_buffer("_scale4", scale.to(self.compute_dtype), persistent=False)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the quantized layer stands for, [out, in], in the compute dtype."""
+        if self.bits == 8:
+            return self.qweight.to(self.compute_dtype) * self.scale[:, None]
+        q = torch.stack([self._q4 & 15, self._q4 >> 4], dim=-1).view(self.out_features, -1, INT4_GROUP_SIZE)
+        q = q.to(self.compute_dtype)
+        return (q * self._scale4[..., None] + self._low[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
+        if rows.shape[0] >= self.wide_rows:
+            out = F.linear(rows, self.dequantized_weight())
+        elif self.bits == 8:
+            out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows.contiguous(), self.qweight, INT4_GROUP_SIZE, self.scales_and_zeros
+            )
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weights, "
+                f"dequantized GEMM from {self.wide_rows} rows")
+
+
+def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) of every plain linear layer but the LM head that `bits` supports."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is not nn.Linear or child is head or child.weight.device.type != "cpu":
+                continue
+            if bits == 4 and child.in_features % INT4_GROUP_SIZE:
+                continue
+            found.append((parent, name, child))
+    return found
+
+
+def quantize_linears(model: nn.Module, mode: str, wide_rows: int = DEFAULT_WIDE_ROWS) -> int:
+    """Replace the model's linear layers (all but the LM head) by `QuantizedLinear`, in place.
+
+    Returns how many were replaced. CPU models only: on CUDA the torchao path is the one to use,
+    and it is not wired here yet, so a CUDA model is refused clearly.
+    """
+    if mode not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization {mode!r}: expected one of {', '.join(QUANTIZATION_MODES)}")
+    if mode == "none":
+        return 0
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("weight-only quantization is implemented for CPU models only")
+    bits = 8 if mode == "int8" else 4
+    layers = quantizable(model, bits)
+    for parent, name, child in layers:
+        setattr(parent, name, QuantizedLinear(child, bits, wide_rows))
+    log.info("quantized %d linear layers to int%d (dequantized GEMM from %d rows)", len(layers), bits, wide_rows)
+    return len(layers)

@@ -1,0 +1,159 @@
+"""Weight-only int8/int4 layers and the host-aware kernel choice.
+
+A quantized draft must keep speculative decoding lossless (greedy identity, the chi-square test);
+a quantized target is a different target, and speculation over it must reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DISTRIBUTION_VOCAB, make_tiny_pair, random_head
+from test_engine_distribution import SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution, sample_two_tokens
+from tiny import char_tokenizer, tiny_model
+from torch import nn
+
+import engine.loading.kernels as kernels
+import engine.speculate as speculate
+from engine.llm_engine import LLMEngine
+from engine.loading.kernels import choose_and_quantize, cpu_features
+from engine.loading.quantize import QuantizedLinear, quantize_linears
+from engine.params import SamplingParams, SpecConfig
+from engine.sampling import Verdict, sample
+
+
+def linear(in_features: int = 64, out_features: int = 48, dtype=torch.float32, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    layer = nn.Linear(in_features, out_features, bias=bias).requires_grad_(False)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_layer_matches_its_dequantized_reference(bits, dtype):
+    """The int kernel (narrow inputs) and the dequantized GEMM (wide inputs) compute the same layer,
+    and that layer is close to the original."""
+    layer = linear(dtype=dtype)
+    quant = QuantizedLinear(layer, bits, wide_rows=8)
+    reference = nn.functional.linear
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for rows in (1, 3, 7, 8, 40):  # below and above wide_rows
+        x = torch.randn(2, rows, 64, dtype=dtype)
+        expected = reference(x.float(), quant.dequantized_weight().float(), layer.bias.float())
+        got = quant(x)
+        assert got.shape == (2, rows, 48) and got.dtype == dtype
+        assert torch.allclose(got.float(), expected, atol=tol * float(expected.abs().max()), rtol=0), rows
+    error = (quant.dequantized_weight().float() - layer.weight.float()).abs().max() / layer.weight.float().abs().max()
+    assert error < (0.01 if bits == 8 else 0.1)
+    assert error > 0  # really quantized
+
+
+def test_quantize_linears_skips_the_lm_head_and_counts():
+    model = tiny_model(0)
+    n = quantize_linears(model, "int8")
+    assert n == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down per layer
+    assert type(model.get_output_embeddings()) is nn.Linear
+    assert quantize_linears(model, "none") == 0
+    with pytest.raises(ValueError, match="quantization"):
+        quantize_linears(model, "int3")
+
+
+def fake_measure(plain_ms: float, int8_ms: float):
+    def measure(layer, bits):
+        return {"plain": {1: plain_ms, 4: plain_ms}, f"int{bits}": {1: int8_ms, 4: int8_ms}}, 16
+    return measure
+
+
+@pytest.mark.parametrize(("plain_ms", "int8_ms", "chosen"),
+                         [(2.0, 1.0, "int8"), (1.0, 1.0, "none"), (1.0, 3.0, "none")])
+def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int8_ms, chosen):
+    monkeypatch.setattr(kernels, "measure_layer", fake_measure(plain_ms, int8_ms))
+    model = tiny_model(0)
+    choice = choose_and_quantize(model, "auto")
+    assert choice.quantization == chosen and choice.requested == "auto"
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert bool(quantized) == (chosen == "int8")
+    assert all(m.wide_rows == 16 for m in quantized)  # the measured crossover is used
+    assert choice.describe()["decode_ms"]["plain"][1] == plain_ms
+
+
+def test_explicit_modes_do_not_depend_on_timings(monkeypatch):
+    monkeypatch.setattr(kernels, "measure_layer", fake_measure(1.0, 5.0))  # int8 slower, asked anyway
+    model = tiny_model(0)
+    assert choose_and_quantize(model, "int8").quantization == "int8"
+    assert choose_and_quantize(tiny_model(0), "none").quantization == "none"
+
+
+def test_real_measurement_runs_on_this_host():
+    """The chooser measures a real layer here (whatever the CPU), and reports what it saw."""
+    choice = choose_and_quantize(tiny_model(0, hidden=64), "auto")
+    assert choice.quantization in ("none", "int8")
+    assert set(choice.decode_ms) == {"plain", "int8"} and all(v > 0 for v in choice.decode_ms["int8"].values())
+    features = cpu_features()
+    assert set(features) == {"flags", "torch_capability", "native_bf16"}
+
+
+SPECS = [
+    SpecConfig(policy="constant", k=4),
+    SpecConfig(policy="specdec++", threshold=0.3, bounds=(1, 10)),
+]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_draft_keeps_greedy_output_identical(tokenizer, mode):
+    target, draft = make_tiny_pair()
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                       draft_quantization=mode)
+    assert engine.draft.kernels.quantization == mode
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    proposed = 0
+    for prompt in ("hello world", "the quick brown fox"):
+        reference = engine.generate(prompt, params, SpecConfig(policy="none"))
+        for spec in SPECS:
+            out = engine.generate(prompt, params, spec)
+            assert out.token_ids == reference.token_ids, (mode, spec.policy)
+            proposed += out.stats["proposed_tokens"]
+    assert proposed > 0  # the quantized draft really proposed
+
+
+def test_quantized_target_is_reproduced_exactly_by_speculation(tokenizer):
+    """With --target-quantization the target is the quantized one: speculation matches it alone."""
+    target, draft = make_tiny_pair()
+    engine = LLMEngine(target, draft, tokenizer, target_quantization="int8", draft_quantization="int8")
+    assert any(isinstance(m, QuantizedLinear) for m in engine.target.model.modules())
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for prompt in ("hello world", "a"):
+        reference = engine.generate(prompt, params, SpecConfig(policy="none"))
+        out = engine.generate(prompt, params, SpecConfig(policy="constant", k=3))
+        assert out.token_ids == reference.token_ids
+        assert out.stats["proposed_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def int8_distribution_engine() -> LLMEngine:
+    target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
+    draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
+    engine = LLMEngine(target, draft, char_tokenizer("abcde"), draft_quantization="int8")
+    assert engine.draft.kernels.quantization == "int8"
+    return engine
+
+
+def test_int8_draft_matches_the_target_distribution(int8_distribution_engine):
+    """Chi-square against the exact target distribution with an int8 draft (its q differs from the
+    unquantized draft's; acceptance uses the q it sampled from, so the output is still the target's)."""
+    engine = int8_distribution_engine
+    counts = sample_two_tokens(engine, T1, SpecConfig(policy="constant", k=3))
+    assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) > 1e-3
+
+
+def test_int8_draft_distribution_control_fails(int8_distribution_engine, monkeypatch):
+    """Control: the same test rejects a rule that accepts every int8-draft token."""
+
+    def accept_everything(candidates, draft_probs, target_probs, generator):
+        k = candidates.shape[0]
+        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
+
+    monkeypatch.setattr(speculate, "verify", accept_everything)
+    engine = int8_distribution_engine
+    counts = sample_two_tokens(engine, T1, SpecConfig(policy="constant", k=3))
+    assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) < 1e-6
