@@ -41,7 +41,7 @@ class ModelRunner:
         self.kernels = choose_and_quantize(model, quantization)
         if pack_cpu_linears:
             # CPU only; with fp32 copies (`cpu_fp32_gemm`) for wide GEMMs where bf16 ones are slow
-            # (engine/loading/cpu_linear.py; measured in docs/benchmarks).
+            # (engine/loading/cpu_linear.py; measured in docs/benchmarks/README.md, CPU kernels).
             pack_linears(model, fp32_copies=cpu_fp32_gemm)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()

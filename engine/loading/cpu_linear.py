@@ -1,22 +1,22 @@
 """oneDNN pre-packed linear layers for CPU inference.
 
-Decoding is a chain of matrix-vector products over every weight. On x86 CPUs, aten's bf16
-`linear` reaches about half the memory bandwidth for a handful of rows, while oneDNN with
-the weight reordered once into its blocked layout runs the same products about twice as
-fast, with bit-identical results (measured on the default pair: every projection and the
-151,936-row LM head). That is what inductor's CPU "freezing" does; here it is done
-explicitly, module by module, so the model stays an ordinary Hugging Face model.
+Decoding is a chain of matrix-vector products over every weight, so it is bound by memory
+bandwidth. On x86 CPUs, aten's bf16 `linear` leaves much of that bandwidth unused for a
+handful of rows, while oneDNN with the weight reordered once into its blocked layout runs the
+same products much faster, with bit-identical results. That is what inductor's CPU "freezing"
+does; here it is done explicitly, module by module, so the model stays an ordinary Hugging Face
+model.
 
 Wide inputs (prefill chunks, verification of large batches) are the opposite case: compute-
-bound, and on CPUs without AMX oneDNN's bf16 GEMM runs at about half its fp32 speed (measured
-here, AVX-512 BF16: an 8,960x1,536 projection over 200 rows takes 36-45 ms in bf16, 19-24 ms
-in fp32; at 16 rows they tie, at 1-4 rows bf16 is twice as fast). So a bf16 layer may also
-keep an fp32 copy of its weight, used from `FP32_MIN_ROWS` rows on. Activations and weights
+bound, and on CPUs without AMX oneDNN's bf16 GEMM is slower than its fp32 one, while for a few
+rows bf16 stays faster (it reads half the bytes). So a bf16 layer may also keep an fp32 copy of
+its weight, used from `FP32_MIN_ROWS` rows on, the measured crossover. Activations and weights
 are bf16 values, so every product is exact in fp32 and the sum is rounded to bf16 once, as
 the bf16 kernel does: the two paths differ only in summation order, like two bf16 kernels
 blocked for different row counts. The copy costs twice the layer's bf16 bytes, so `auto`
-makes it only where it fits in well under half of the memory available (`fp32_copy_plan`);
+makes it only where it fits in `FP32_COPY_MEMORY_SHARE` of the memory available (`fp32_copy_plan`);
 the LM head never gets one (it only sees the few positions whose logits are used).
+The measurements behind these choices: docs/benchmarks/README.md, "CPU kernels".
 
 Only whole-CPU models in bf16 or fp32 are packed; CUDA models and models split by
 accelerate hooks are left alone.
@@ -35,7 +35,7 @@ from engine.loading.inventory import available_memory_bytes
 log = logging.getLogger(__name__)
 
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
-FP32_MIN_ROWS = 24  # rows from which a bf16 layer's fp32 copy is faster (measured crossover: 16-32)
+FP32_MIN_ROWS = 24  # rows from which a bf16 layer's fp32 copy is faster (docs/benchmarks/README.md, CPU kernels)
 FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this share of the available memory
 
 
