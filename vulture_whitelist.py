@@ -12,7 +12,6 @@ _.model_config  # pydantic: read from the class body (engine/params.py, server/s
 _.pytestmark  # pytest: a module's marks
 _.should_exit  # uvicorn: Server.run polls it; set to stop the server (server/app.py)
 _.pre_tokenizer  # tokenizers: a property setter on Tokenizer (tests/tiny.py)
-_.__getattr__  # Python: a module's __getattr__ resolves names it lacks (engine/loading/placement.py)
 
 # RequestStats fields: written by the engine, read by name from RequestStats.to_dict()
 # (Prometheus metrics, bench records, the generate command).
