@@ -5,10 +5,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from engine.config import EngineConfig
-from engine.head import HeadMismatchError, load_head
+from engine.head import AcceptanceHead, HeadMismatchError, load_head
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.loading.loader import load_model, load_tokenizer, model_identity, parse_dtype
+from engine.loading.placement import Placement
+from engine.params import SpecConfig
 
 log = logging.getLogger(__name__)
 NO_MODEL = ("", "none")
@@ -37,51 +42,22 @@ def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
+    """Resolve the model specs, place the models, load them and their heads, assemble the engine."""
     target_spec, draft_spec, head_spec = resolve_paths(config)
     from engine.loading.inventory import plan_from_config
 
     placement = plan_from_config(config, target_spec, draft_spec)
     dtype = parse_dtype(config.dtype)
-    draft_dtype = parse_dtype(config.draft_dtype or config.dtype)
+    draft_dtype = parse_dtype(config.draft_dtype or config.dtype)  # both checked before anything loads
     log.info("loading target %s (%s) on %s", target_spec, config.dtype, placement.describe_target())
-    target = load_model(
-        target_spec,
-        dtype,
-        device=placement.target_device,
-        device_map=placement.target_device_map,
-        max_memory=placement.target_max_memory,
-    )
-    tokenizer = load_tokenizer(target_spec)
+    target, tokenizer = _load_target(target_spec, dtype, placement)
     draft = draft_tokenizer = None
-    heads: dict = {}
+    heads: dict[str, AcceptanceHead] = {}
     if draft_spec is not None:
         log.info("loading draft %s on %s", draft_spec, placement.draft_device)
         draft = load_model(draft_spec, draft_dtype, device=placement.draft_device)
         draft_tokenizer = load_tokenizer(draft_spec)
-        if any(name == DEFAULT_HEAD for name, _ in config.extra_heads):
-            raise ValueError(f"--extra-head cannot be named {DEFAULT_HEAD!r}: that is --head")
-        named = [(DEFAULT_HEAD, head_spec)] if head_spec is not None else []
-        for name, directory in named + list(config.extra_heads):
-            try:
-                heads[name] = load_head(
-                    Path(directory),
-                    hidden_size=draft.config.hidden_size,
-                    draft_id=model_identity(draft_spec),
-                    device=placement.draft_device,
-                )
-            except HeadMismatchError as exc:
-                if name != DEFAULT_HEAD or config.head is not None:
-                    raise  # a head the user asked for must load
-                log.warning("the shipped head does not load (%s); serving without one", exc)
-                continue
-            log.info("acceptance head %r from %s (judges %s the draft's forward on a candidate)",
-                     name, directory, heads[name].timing)
-    spec = config.default_spec
-    if DEFAULT_HEAD not in heads and spec.policy == "specdec++":
-        log.warning("no acceptance head: the default policy falls back to constant k=%d", spec.k)
-        spec = spec.model_copy(update={"policy": "constant" if draft is not None else "none"})
-    if draft is None:
-        spec = spec.model_copy(update={"policy": "none"})
+        heads = _load_heads(config, head_spec, draft_spec, draft.config.hidden_size, placement.draft_device)
     return LLMEngine(
         target,
         draft,
@@ -89,9 +65,58 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         heads=heads,
         draft_tokenizer=draft_tokenizer,
         max_model_len=config.max_model_len,
-        default_spec=spec,
+        default_spec=_default_spec(config.default_spec, DEFAULT_HEAD in heads, draft is not None),
         scheduler_config=config.scheduler,
         cpu_fp32_gemm=config.cpu_fp32_gemm,
         draft_quantization=config.draft_quantization,
         target_quantization=config.target_quantization,
     )
+
+
+def _load_target(
+    target_spec: str, dtype: torch.dtype, placement: Placement
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    target = load_model(
+        target_spec,
+        dtype,
+        device=placement.target_device,
+        device_map=placement.target_device_map,
+        max_memory=placement.target_max_memory,
+    )
+    return target, load_tokenizer(target_spec)
+
+
+def _load_heads(
+    config: EngineConfig, head_spec: str | None, draft_spec: str, hidden_size: int, device: str
+) -> dict[str, AcceptanceHead]:
+    """--head (named DEFAULT_HEAD) and the --extra-head ones, on the draft's device.
+
+    A head the user asked for must load; a shipped one that does not fit the draft is skipped.
+    """
+    if any(name == DEFAULT_HEAD for name, _ in config.extra_heads):
+        raise ValueError(f"--extra-head cannot be named {DEFAULT_HEAD!r}: that is --head")
+    named = [(DEFAULT_HEAD, head_spec)] if head_spec is not None else []
+    heads: dict[str, AcceptanceHead] = {}
+    for name, directory in named + list(config.extra_heads):
+        try:
+            heads[name] = load_head(
+                Path(directory), hidden_size=hidden_size, draft_id=model_identity(draft_spec), device=device
+            )
+        except HeadMismatchError as exc:
+            if name != DEFAULT_HEAD or config.head is not None:
+                raise  # a head the user asked for must load
+            log.warning("the shipped head does not load (%s); serving without one", exc)
+            continue
+        log.info("acceptance head %r from %s (judges %s the draft's forward on a candidate)",
+                 name, directory, heads[name].timing)
+    return heads
+
+
+def _default_spec(spec: SpecConfig, has_head: bool, has_draft: bool) -> SpecConfig:
+    """The configured default spec, narrowed to what the loaded models can run."""
+    if not has_head and spec.policy == "specdec++":
+        log.warning("no acceptance head: the default policy falls back to constant k=%d", spec.k)
+        spec = spec.model_copy(update={"policy": "constant" if has_draft else "none"})
+    if not has_draft:
+        spec = spec.model_copy(update={"policy": "none"})
+    return spec

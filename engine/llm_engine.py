@@ -101,37 +101,9 @@ class LLMEngine:
         spec = self.default_spec.with_overrides(spec)
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
-        if spec.speculates and self.draft is None:
-            raise RequestError(f"policy {spec.policy!r} needs a draft model; none is loaded", "specdec")
-        head = self.heads.get(spec.head or DEFAULT_HEAD) if spec.policy == "specdec++" else None
-        if spec.policy == "specdec++" and head is None:
-            loaded = ", ".join(sorted(self.heads)) or "none is loaded"
-            raise RequestError(f"policy 'specdec++' needs an acceptance head {spec.head or DEFAULT_HEAD!r}; "
-                               f"heads: {loaded}", "specdec.head")
-        prompt_ids = self.encode(prompt)
-        if not prompt_ids:
-            raise RequestError("the prompt is empty", "prompt")
-        vocab = self.target.vocab_size
-        if any(t < 0 or t >= vocab for t in prompt_ids):
-            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"model's context length ({self.max_model_len})",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        if len(prompt_ids) + params.max_tokens > self.scheduler.config.kv_cache_tokens:
-            raise RequestError(
-                f"prompt plus max_tokens ({len(prompt_ids) + params.max_tokens} tokens) exceeds the KV-cache "
-                f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
-                "max_tokens",
-            )
-        seed = params.seed if params.seed is not None else random.getrandbits(62)
-        generator = torch.Generator(device=self.target.device).manual_seed(seed)
-        draft_generator = generator
-        if self.draft is not None and self.draft.device != self.target.device:
-            draft_generator = torch.Generator(device=self.draft.device).manual_seed(seed + 1)
+        head = self._head_for(spec)
+        prompt_ids = self._encode_checked(prompt, params.max_tokens)
+        generator, draft_generator = self._generators(params.seed)
         seq = Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -148,6 +120,51 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         return Admitted(request_id, len(prompt_ids), spec)
+
+    def _head_for(self, spec: SpecConfig) -> AcceptanceHead | None:
+        """The acceptance head `spec` runs with (None unless its policy is specdec++); raises
+        RequestError when the spec needs a draft or head that is not loaded."""
+        if spec.speculates and self.draft is None:
+            raise RequestError(f"policy {spec.policy!r} needs a draft model; none is loaded", "specdec")
+        head = self.heads.get(spec.head or DEFAULT_HEAD) if spec.policy == "specdec++" else None
+        if spec.policy == "specdec++" and head is None:
+            loaded = ", ".join(sorted(self.heads)) or "none is loaded"
+            raise RequestError(f"policy 'specdec++' needs an acceptance head {spec.head or DEFAULT_HEAD!r}; "
+                               f"heads: {loaded}", "specdec.head")
+        return head
+
+    def _encode_checked(self, prompt: Prompt, max_tokens: int) -> list[int]:
+        """The prompt's token ids, refused when empty, out of the vocabulary, or too long for the
+        model's context or the KV-cache budget once `max_tokens` are added."""
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        vocab = self.target.vocab_size
+        if any(t < 0 or t >= vocab for t in prompt_ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"model's context length ({self.max_model_len})",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        if len(prompt_ids) + max_tokens > self.scheduler.config.kv_cache_tokens:
+            raise RequestError(
+                f"prompt plus max_tokens ({len(prompt_ids) + max_tokens} tokens) exceeds the KV-cache "
+                f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
+                "max_tokens",
+            )
+        return prompt_ids
+
+    def _generators(self, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+        """The request's sampling generators, target's and draft's: one shared generator, or a
+        second one seeded apart when the draft sits on another device."""
+        seed = seed if seed is not None else random.getrandbits(62)
+        generator = torch.Generator(device=self.target.device).manual_seed(seed)
+        if self.draft is not None and self.draft.device != self.target.device:
+            return generator, torch.Generator(device=self.draft.device).manual_seed(seed + 1)
+        return generator, generator
 
     def abort(self, request_id: str) -> TokenEvent | None:
         """Cancel a request (waiting or running) and free its caches."""

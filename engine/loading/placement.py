@@ -109,90 +109,20 @@ def plan_placement(
     `cpu_bytes` is the host memory available (None: not checked). Each device keeps
     `reserve_fraction` of its total memory free.
     """
-    target = target if isinstance(target, Footprint) else Footprint(int(target))
-    if draft is not None and not isinstance(draft, Footprint):
-        draft = Footprint(int(draft))
+    target = _as_footprint(target)
+    draft = _as_footprint(draft) if draft is not None else None
+    budget = _usable_memory(gpus, reserve_fraction, cpu_bytes)
     notes: list[str] = []
-    budget: dict[str, int] = {f"cuda:{g.index}": g.free_bytes - int(reserve_fraction * g.total_bytes) for g in gpus}
-    if cpu_bytes is not None:
-        budget["cpu"] = int(cpu_bytes * (1 - reserve_fraction))
-
-    def room(dev: str) -> str:
-        return f"{fmt_bytes(max(budget[dev], 0))} usable" if dev in budget else "unknown"
-
-    def need(fp: Footprint, devices: list[str]) -> int:
-        # GPU memory must hold the KV cache up front. Host RAM is checked for the weights only: the
-        # cache grows with use, so a full-length one that may not fit is a note, not a refusal.
-        return fp.weight_bytes if devices == ["cpu"] else fp.total
-
-    def describe(fp: Footprint, devices: list[str], extra: str) -> str:
-        if devices == ["cpu"]:
-            return f"{fmt_bytes(fp.weight_bytes)} of weights"
-        return f"{fmt_bytes(fp.total)} (weights {fmt_bytes(fp.weight_bytes)} + {extra} {fmt_bytes(fp.extra_bytes)})"
-
-    def note_cpu_cache(fp: Footprint, dev: str, what: str, left: int) -> None:
-        if dev == "cpu" and dev in budget and fp.extra_bytes > left:
-            notes.append(f"{what}: a full-length KV cache ({fmt_bytes(fp.extra_bytes)}) may not fit in the RAM left")
-
-    # Draft and head first: they are small and must sit on one device.
     draft_dev = normalize_device(draft_device, gpus) if draft_device else ("cuda:0" if gpus else "cpu")
     if draft is not None:
-        if draft_dev in budget and need(draft, [draft_dev]) > budget[draft_dev]:
-            raise InsufficientMemoryError(
-                f"not enough memory for the draft and head on {draft_dev}: they need "
-                f"{describe(draft, [draft_dev], 'KV cache and head')}, "
-                f"{draft_dev} has {room(draft_dev)} after reserving {reserve_fraction:.0%}. "
-                "Choose another --draft-device or a smaller --draft-dtype."
-            )
-        if draft_dev in budget:
-            budget[draft_dev] -= need(draft, [draft_dev])
-        notes.append(f"draft + head on {draft_dev}: {fmt_bytes(draft.total)}")
-        note_cpu_cache(draft, draft_dev, "draft", budget.get(draft_dev, 0))
-
-    # Target: explicit devices, or the default rule.
-    if target_devices:
-        devices = list(dict.fromkeys(normalize_device(d, gpus) for d in target_devices))
-        if "cpu" in devices and len(devices) > 1:
-            raise PlacementError("--target-devices cannot mix cpu and GPUs (no CPU offload); list GPUs only or cpu")
-        candidates = [devices]
-    elif not gpus:
-        candidates = [["cpu"]]
-    elif len(gpus) == 1:
-        candidates = [["cuda:0"]]
-    else:
-        all_gpus = [f"cuda:{g.index}" for g in gpus]
-        others = [d for d in all_gpus if d != draft_dev or draft is None]
-        # The others first; GPU 0 joins (with what the draft leaves) only if they are too small.
-        candidates = [others, all_gpus] if others != all_gpus else [all_gpus]
-    for i, devices in enumerate(candidates):
-        usable = sum(max(budget.get(d, 0), 0) for d in devices)
-        unchecked = any(d not in budget for d in devices)
-        if unchecked or need(target, devices) <= usable:
-            break
-        if i + 1 < len(candidates):
-            notes.append(
-                f"target ({fmt_bytes(target.total)}) does not fit on {', '.join(devices)} "
-                f"({fmt_bytes(usable)} usable); "
-                f"adding {', '.join(d for d in candidates[i + 1] if d not in devices)}"
-            )
-    else:
-        raise InsufficientMemoryError(
-            f"not enough memory for the target: it needs {describe(target, devices, 'KV cache')}, "
-            f"{', '.join(devices)} {'has' if len(devices) == 1 else 'have'} {fmt_bytes(usable)} usable "
-            f"({'; '.join(f'{d}: {room(d)}' for d in devices)}; {reserve_fraction:.0%} of each reserved"
-            + (", the draft's share already taken)" if draft is not None else ")")
-            + ". Add GPUs (--target-devices), use a smaller --dtype, or a smaller target."
-        )
-
+        _reserve_draft(draft, draft_dev, budget, reserve_fraction, notes)
+    candidates = _target_candidates(gpus, target_devices, draft_dev if draft is not None else None)
+    devices = _fit_target(target, candidates, budget, reserve_fraction, draft is not None, notes)
     if len(devices) == 1:
         notes.append(f"target on {devices[0]}: {fmt_bytes(target.total)}")
-        note_cpu_cache(target, devices[0], "target", budget.get(devices[0], 0) - target.weight_bytes)
+        _note_cpu_cache(notes, budget, target, devices[0], "target", budget.get(devices[0], 0) - target.weight_bytes)
         return Placement(draft_device=draft_dev, target_device=devices[0], notes=notes)
-
-    # Sharded: each GPU's weight budget is its usable memory scaled so the KV cache, which
-    # lands with the layers, still fits next to them.
-    weight_share = target.weight_bytes / target.total if target.total else 1.0
-    max_memory = {int(d.split(":")[1]): int(max(budget[d], 0) * weight_share) for d in devices}
+    max_memory = _shard_budgets(target, devices, budget)
     notes.append(
         f"target sharded over {', '.join(devices)}: {fmt_bytes(target.total)} in "
         + ", ".join(f"cuda:{i} <= {fmt_bytes(b)}" for i, b in max_memory.items())
@@ -200,6 +130,116 @@ def plan_placement(
     return Placement(
         draft_device=draft_dev, target_device=None, target_device_map="auto", target_max_memory=max_memory, notes=notes
     )
+
+
+def _as_footprint(fp: Footprint | int) -> Footprint:
+    return fp if isinstance(fp, Footprint) else Footprint(int(fp))
+
+
+def _usable_memory(gpus: list[GpuInfo], reserve_fraction: float, cpu_bytes: int | None) -> dict[str, int]:
+    """Bytes each device can give the models: free memory less the reserve (host RAM only when known)."""
+    budget = {f"cuda:{g.index}": g.free_bytes - int(reserve_fraction * g.total_bytes) for g in gpus}
+    if cpu_bytes is not None:
+        budget["cpu"] = int(cpu_bytes * (1 - reserve_fraction))
+    return budget
+
+
+def _need(fp: Footprint, devices: list[str]) -> int:
+    """Bytes `fp` must find on `devices`.
+
+    GPU memory must hold the KV cache up front. Host RAM is checked for the weights only: the
+    cache grows with use, so a full-length one that may not fit is a note, not a refusal.
+    """
+    return fp.weight_bytes if devices == ["cpu"] else fp.total
+
+
+def _describe_need(fp: Footprint, devices: list[str], extra: str) -> str:
+    if devices == ["cpu"]:
+        return f"{fmt_bytes(fp.weight_bytes)} of weights"
+    return f"{fmt_bytes(fp.total)} (weights {fmt_bytes(fp.weight_bytes)} + {extra} {fmt_bytes(fp.extra_bytes)})"
+
+
+def _room(budget: dict[str, int], dev: str) -> str:
+    return f"{fmt_bytes(max(budget[dev], 0))} usable" if dev in budget else "unknown"
+
+
+def _note_cpu_cache(notes: list[str], budget: dict[str, int], fp: Footprint, dev: str, what: str, left: int) -> None:
+    """Note a model on the CPU whose weights fit but whose full-length KV cache may not."""
+    if dev == "cpu" and dev in budget and fp.extra_bytes > left:
+        notes.append(f"{what}: a full-length KV cache ({fmt_bytes(fp.extra_bytes)}) may not fit in the RAM left")
+
+
+def _reserve_draft(
+    draft: Footprint, draft_dev: str, budget: dict[str, int], reserve_fraction: float, notes: list[str]
+) -> None:
+    """Take the draft's and head's share of `draft_dev` first: they are small and must sit on one device."""
+    if draft_dev in budget and _need(draft, [draft_dev]) > budget[draft_dev]:
+        raise InsufficientMemoryError(
+            f"not enough memory for the draft and head on {draft_dev}: they need "
+            f"{_describe_need(draft, [draft_dev], 'KV cache and head')}, "
+            f"{draft_dev} has {_room(budget, draft_dev)} after reserving {reserve_fraction:.0%}. "
+            "Choose another --draft-device or a smaller --draft-dtype."
+        )
+    if draft_dev in budget:
+        budget[draft_dev] -= _need(draft, [draft_dev])
+    notes.append(f"draft + head on {draft_dev}: {fmt_bytes(draft.total)}")
+    _note_cpu_cache(notes, budget, draft, draft_dev, "draft", budget.get(draft_dev, 0))
+
+
+def _target_candidates(gpus: list[GpuInfo], target_devices: list[str] | None, draft_dev: str | None) -> list[list[str]]:
+    """The device lists to try for the target, in order: the explicit ones, or the default rule.
+
+    `draft_dev` is the draft's device (None: no draft).
+    """
+    if target_devices:
+        devices = list(dict.fromkeys(normalize_device(d, gpus) for d in target_devices))
+        if "cpu" in devices and len(devices) > 1:
+            raise PlacementError("--target-devices cannot mix cpu and GPUs (no CPU offload); list GPUs only or cpu")
+        return [devices]
+    if not gpus:
+        return [["cpu"]]
+    if len(gpus) == 1:
+        return [["cuda:0"]]
+    all_gpus = [f"cuda:{g.index}" for g in gpus]
+    others = [d for d in all_gpus if d != draft_dev]
+    # The others first; GPU 0 joins (with what the draft leaves) only if they are too small.
+    return [others, all_gpus] if others != all_gpus else [all_gpus]
+
+
+def _fit_target(
+    target: Footprint,
+    candidates: list[list[str]],
+    budget: dict[str, int],
+    reserve_fraction: float,
+    has_draft: bool,
+    notes: list[str],
+) -> list[str]:
+    """The first candidate with room for the target (noting each one passed over); raise if none has."""
+    for i, devices in enumerate(candidates):
+        usable = sum(max(budget.get(d, 0), 0) for d in devices)
+        unchecked = any(d not in budget for d in devices)
+        if unchecked or _need(target, devices) <= usable:
+            return devices
+        if i + 1 < len(candidates):
+            notes.append(
+                f"target ({fmt_bytes(target.total)}) does not fit on {', '.join(devices)} "
+                f"({fmt_bytes(usable)} usable); "
+                f"adding {', '.join(d for d in candidates[i + 1] if d not in devices)}"
+            )
+    raise InsufficientMemoryError(
+        f"not enough memory for the target: it needs {_describe_need(target, devices, 'KV cache')}, "
+        f"{', '.join(devices)} {'has' if len(devices) == 1 else 'have'} {fmt_bytes(usable)} usable "
+        f"({'; '.join(f'{d}: {_room(budget, d)}' for d in devices)}; {reserve_fraction:.0%} of each reserved"
+        + (", the draft's share already taken)" if has_draft else ")")
+        + ". Add GPUs (--target-devices), use a smaller --dtype, or a smaller target."
+    )
+
+
+def _shard_budgets(target: Footprint, devices: list[str], budget: dict[str, int]) -> dict[int, int]:
+    """Each GPU's weight budget: its usable memory scaled so the KV cache, which lands with the
+    layers, still fits next to them."""
+    weight_share = target.weight_bytes / target.total if target.total else 1.0
+    return {int(d.split(":")[1]): int(max(budget[d], 0) * weight_share) for d in devices}
 
 
 def shard_device_map(meta_model, max_memory: dict[int, int]) -> dict[str, int | str]:
@@ -223,4 +263,3 @@ def shard_device_map(meta_model, max_memory: dict[int, int]) -> dict[str, int | 
         f"the target's layers do not fit on GPUs {sorted(max_memory)} (some would go to {', '.join(spilled)}); "
         "add GPUs with --target-devices or use a smaller --dtype"
     )
-
