@@ -32,11 +32,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.config import EngineConfig, SchedulerConfig
+from engine.factory import build_engine, resolve_paths
 from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
-from engine.loading.loader import parse_dtype
+from engine.loading.loader import model_identity, parse_dtype
 from engine.params import SamplingParams, SpecConfig
 from engine.speculate import RoundRecord
+from specdecpp import datasets
 from specdecpp.datasets import Prompt
 
 log = logging.getLogger(__name__)
@@ -235,6 +238,69 @@ def generate_dataset(
     manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
     manifest["complete"] = len(manifest["shards"]) == num_shards
     _write_json(manifest_path, manifest)
+    return manifest
+
+
+def load_prompts(source: str, num_prompts: int, split: str, code_fraction: float, seed: int) -> list[Prompt]:
+    """The prompts of gen-data's `--source`: 'sharegpt' (`split`, `code_fraction` of code requests),
+    'humaneval' (evaluation data only) or a JSONL file of prompts."""
+    if source == "sharegpt":
+        return datasets.sharegpt_prompts(num_prompts, split, code_fraction, seed=seed)
+    if source == "humaneval":
+        return datasets.humaneval_prompts(num_prompts)
+    if Path(source).is_file():
+        return datasets.jsonl_prompts(source, num_prompts)
+    raise ValueError(f"--source: {source!r} is neither 'sharegpt', 'humaneval' nor a JSONL file")
+
+
+def gen_data(
+    out_dir: str | Path,
+    config: GenConfig,
+    *,
+    source: str,
+    split: str,
+    num_prompts: int,
+    code_fraction: float,
+    target: str | None,
+    draft: str | None,
+    dtype: str,
+    device: str | None,
+    batch_size: int,
+    threads: int | None = None,
+    stop_after_minutes: float | None = None,
+) -> dict:
+    """`specdecpp heads gen-data`: load the pair (the default one when `target` and `draft` are both
+    None) without a head, run the prompts of `source` (picked with `config.seed`) and write their
+    shards into `out_dir` (`generate_dataset`); print a summary and return the manifest.
+
+    `device` places both models; `batch_size` is the engine's `max_num_seqs`; after
+    `stop_after_minutes` no new shard starts (a rerun resumes).
+    """
+    if (target is None) != (draft is None):
+        raise ValueError("give both --target and --draft, or neither (the default pair)")
+    if threads:
+        torch.set_num_threads(threads)
+    prompts = load_prompts(source, num_prompts, split, code_fraction, config.seed)
+    log.info("%d prompts from %s", len(prompts), source)
+    placement = {"draft_device": device, "target_devices": [device]} if device else {}
+    engine_config = EngineConfig(
+        target=target, draft=draft, head="none", dtype=dtype,
+        scheduler=SchedulerConfig(max_num_seqs=batch_size), **placement,
+    )
+    target_spec, draft_spec, _ = resolve_paths(engine_config)
+    engine = build_engine(engine_config)
+    description = {
+        "source": source,
+        "split": split if source == "sharegpt" else None,
+        "draft_id": model_identity(draft_spec),
+        "target_id": model_identity(target_spec),
+        "dtype": dtype,
+        "batch_size": batch_size,
+    }
+    deadline = time.time() + 60 * stop_after_minutes if stop_after_minutes else None
+    manifest = generate_dataset(engine, prompts, out_dir, config, description, deadline)
+    print(f"{out_dir}: {len(manifest['shards'])} shards, {manifest['tokens']} candidates, "
+          f"complete={manifest['complete']}")
     return manifest
 
 

@@ -17,12 +17,14 @@ rule works with.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from engine.head import CANDIDATE_FEATURES, AcceptanceHead
+from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
 from heads.data import load_shards, read_manifest
+from heads.report import write_report
 from heads.train import head_inputs, head_logits
 
 EPS = 1e-6
@@ -137,3 +139,23 @@ def format_table(result: dict) -> str:
             f"{m['brier']:>7.4f} {m['mean_prediction']:>7.3f}"
         )
     return "\n".join(lines)
+
+
+def evaluate_dirs(
+    head_dir: str | Path, data_dirs: list[str | Path], json_path: str | None = None, report: bool = False
+) -> list[dict]:
+    """`specdecpp heads eval`: `evaluate` the head on each data directory and print its table.
+    `json_path` gets every figure ('-': stdout); `report` also writes report.json and REPORT.md
+    into the head directory."""
+    head = load_head(head_dir)
+    results = [evaluate(head, d) for d in data_dirs]
+    for result in results:
+        print(format_table(result) + "\n")
+    if json_path == "-":
+        print(json.dumps(results, indent=2))
+    elif json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+    if report:
+        write_report(head_dir, results)
+        print(f"wrote {Path(head_dir) / 'REPORT.md'} and report.json")
+    return results

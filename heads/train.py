@@ -238,7 +238,8 @@ def train_head(data: dict[str, torch.Tensor], config: TrainConfig, draft_id: str
 
 
 def train_from_dirs(directories: list[str | Path], out_dir: str | Path, config: TrainConfig) -> AcceptanceHead:
-    """Load shards, train, calibrate, save model.safetensors + config.json into `out_dir`."""
+    """`specdecpp heads train`: load shards, train, calibrate, save model.safetensors + config.json
+    into `out_dir`; print a summary."""
     data, summary = load_training_data(directories, config.timing)
     sources = sorted({s for d in directories for s in read_manifest(d).get("sources", [])})
     extra = {
@@ -252,4 +253,9 @@ def train_from_dirs(directories: list[str | Path], out_dir: str | Path, config: 
     head, _ = train_head(data, config, draft_id=summary["draft_id"] or "", extra=extra)
     head.save(out_dir)
     log.info("saved head to %s", out_dir)
+    record = head.config.training
+    print(
+        f"{out_dir}: best epoch {record['best_epoch']}/{record['epochs_run']}, val loss {record['best_val_loss']:.4f} "
+        f"({record['train_tokens']} train / {record['val_tokens']} val tokens)"
+    )
     return head

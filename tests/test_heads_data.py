@@ -314,3 +314,31 @@ def test_cli_train_eval_predict(engine, tmp_path, capsys):
     assert set(predicted["best"]) == {"none", "constant", "confidence", "specdec++", "oracle"}
     assert predicted["best"]["none"]["speedup"] == pytest.approx(1.0)
     assert "specdec++" in capsys.readouterr().out
+
+
+def test_cli_gen_data_loads_the_pair_and_describes_it(tiny_pair, tokenizer, tmp_path, capsys):
+    """`heads gen-data` end to end: the pair loaded from its directories, JSONL prompts, the
+    sampling cycle and the manifest's description of the run."""
+    from live_server import save_tiny_pair
+
+    from specdecpp.cli import main
+
+    paths = save_tiny_pair(tmp_path / "models", *tiny_pair, tokenizer, random_head(32))
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("\n".join(json.dumps(text) for text in TEXTS[:3]) + "\n")
+    out = tmp_path / "data"
+    pair = ["--target", str(paths["target"]), "--draft", str(paths["draft"])]
+    args = ["heads", "gen-data", *pair, "--dtype", "fp32", "--device", "cpu", "--source", str(source),
+            "--num-prompts", "3", "--max-new-tokens", "6", "--k", "3", "--shard-prompts", "2", "--batch-size", "2",
+            "--sampling", "0:1", "0.7", "--out", str(out)]
+    assert main(args) == 0
+    manifest = read_manifest(out)
+    assert manifest["complete"] and len(manifest["shards"]) == 2 and manifest["num_prompts"] == 3
+    assert {k: manifest[k] for k in ("source", "split", "draft_id", "target_id", "dtype", "batch_size")} == {
+        "source": str(source), "split": None, "draft_id": "tiny-draft", "target_id": "tiny-target",
+        "dtype": "fp32", "batch_size": 2}
+    assert manifest["config"]["sampling"] == [[0.0, 1.0], [0.7, 1.0]] and manifest["config"]["k"] == 3
+    assert f"{out}: 2 shards, {manifest['tokens']} candidates, complete=True" in capsys.readouterr().out
+    assert main(["heads", "gen-data", *pair[:2], "--out", str(out)]) == 2  # a target without its draft
+    with pytest.raises(SystemExit, match="TEMPERATURE:TOP_P"):
+        main([*args, "--sampling", "warm"])

@@ -21,19 +21,25 @@ little); heuristic k depends on realised outcomes and is not scored.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from engine.head import CANDIDATE_FEATURES, AcceptanceHead, candidate_features
+from engine.config import EngineConfig
+from engine.factory import build_engine, resolve_paths
+from engine.head import CANDIDATE_FEATURES, AcceptanceHead, candidate_features, load_head
 from engine.params import SamplingParams
 from engine.runner import crop_cache
 from engine.sampling import processed_probs, sample
 from heads.data import load_shards
 from heads.evaluate import head_predictions
 from heads.train import head_inputs
+from specdecpp.bench.machine import machine_record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -299,3 +305,59 @@ def measure_costs(engine, context: int = 256, max_tokens: int = 17, reps: int = 
         head=median_seconds(lambda: head.accept_prob(torch.randn(1, engine.draft.hidden_size), feats)) if head else 0.0,
         target=target,
     )
+
+
+def default_pair_costs(head_dir: str) -> CostModel:
+    """The cost model of the default pair with `head_dir` as its head, measured now on this host."""
+    log.info("measuring the cost model with the default pair")
+    engine = build_engine(EngineConfig(head=head_dir))
+    return replace(measure_costs(engine), machine=machine_record())
+
+
+def predict_from_data(
+    data_dirs: list[str],
+    output: str | Path,
+    *,
+    bounds: tuple[int, int],
+    head: str | None = None,
+    post_head: str | None = None,
+    costs: str | None = None,
+    save_costs: str | None = None,
+    temperature: float | None = None,
+) -> dict:
+    """`specdecpp heads predict`: every stop rule's predicted figures on the rounds of `data_dirs`
+    (`predict`), written as JSON to `output`, the best row per policy printed.
+
+    `head`: the acceptance head (default: the default pair's shipped one); `post_head`: a second one,
+    scored as specdec++-post. `costs`: a cost model JSON (default: measure the default pair now),
+    saved to `save_costs` if given. `temperature`: only rounds sampled at it.
+    """
+    head_dir = head or resolve_paths(EngineConfig())[2]
+    heads = {"default": load_head(head_dir)}
+    if post_head:
+        heads["post"] = load_head(post_head)
+    cost_model = CostModel.load(costs) if costs else default_pair_costs(head_dir)
+    if save_costs:
+        cost_model.save(save_costs)
+    rounds = load_rounds(data_dirs, heads)
+    if temperature is not None:
+        rounds = rounds.only((rounds.temperature - temperature).abs() < 1e-4)  # stored as float32
+    result = {"data": list(data_dirs), "heads": {k: str(v) for k, v in
+                                                 (("default", head_dir), ("post", post_head)) if v},
+              **predict(rounds, cost_model, bounds)}
+    Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_best(result))
+    return result
+
+
+def format_best(result: dict) -> str:
+    """The best knob of each policy and the paired comparisons of a `predict` result, one per line."""
+    lines = [
+        f"{policy:<16} best knob {row['knob']!s:<6} predicted speedup {row['speedup']:.3f} "
+        f"[{row['speedup_ci95'][0]:.3f}, {row['speedup_ci95'][1]:.3f}] discard {row['discard_rate']:.3f} "
+        f"verification {row['verification_rate']:.3f} interior={row['interior']}"
+        for policy, row in result["best"].items()
+    ]
+    lines += [f"{c['a']} / {c['b']}: {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
+              for c in result["comparisons"]]
+    return "\n".join(lines)

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import logging
 import os
-import time
 from pathlib import Path
 
 from engine.config import DTYPES
-
-log = logging.getLogger(__name__)
 
 
 def default_data_root() -> Path:
@@ -29,11 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--draft", help="draft model (default: the default pair's)")
     g.add_argument("--dtype", default="bf16", choices=DTYPES, help="models' dtype")
     g.add_argument("--device", default=None, help="device for both models (default: cuda if any, else cpu)")
-    g.add_argument(
-        "--source",
-        default="sharegpt",
-        help="'sharegpt', 'humaneval' (evaluation data only) or a JSONL file of prompts",
-    )
+    g.add_argument("--source", default="sharegpt",
+                   help="'sharegpt', 'humaneval' (evaluation data only) or a JSONL file of prompts")
     g.add_argument("--split", default="train", choices=["train", "heldout"], help="ShareGPT split")
     g.add_argument("--num-prompts", type=int, default=512)
     g.add_argument("--code-fraction", type=float, default=0.4, help="ShareGPT: share of code requests")
@@ -43,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="sequences the engine batches per round")
     g.add_argument("--shard-prompts", type=int, default=64, help="prompts per shard")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: one per core)")
-    g.add_argument("--sampling", nargs="+", metavar="T:TOP_P",
+    g.add_argument("--sampling", nargs="+", type=_sampling, metavar="T:TOP_P",
                    help="(temperature, top-p) settings the prompts cycle through (default: 1:1 1:1 0:1 0.7:0.9)")
     g.add_argument("--stop-after-minutes", type=float,
                    help="start no new shard after this long (rerun the same command to resume)")
@@ -89,19 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run_eval)
 
 
-def _prompts(args: argparse.Namespace):
-    from specdecpp import datasets as prompts
-
-    if args.source == "sharegpt":
-        return prompts.sharegpt_prompts(args.num_prompts, args.split, args.code_fraction, seed=args.seed)
-    if args.source == "humaneval":
-        return prompts.humaneval_prompts(args.num_prompts)
-    if Path(args.source).is_file():
-        return prompts.jsonl_prompts(args.source, args.num_prompts)
-    raise ValueError(f"--source: {args.source!r} is neither 'sharegpt', 'humaneval' nor a JSONL file")
-
-
 def _sampling(text: str) -> tuple[float, float]:
+    """One --sampling value, TEMPERATURE:TOP_P (top-p 1 if left out)."""
     temperature, _, top_p = text.partition(":")
     try:
         return float(temperature), float(top_p or 1.0)
@@ -109,127 +89,41 @@ def _sampling(text: str) -> tuple[float, float]:
         raise SystemExit(f"--sampling expects TEMPERATURE:TOP_P, got {text!r}") from None
 
 
+# Each step lives next to what it drives and imports torch; the parser above needs neither.
 def run_gen_data(args: argparse.Namespace) -> int:
-    import torch
+    from heads.data import GenConfig, gen_data
 
-    from engine.config import EngineConfig, SchedulerConfig
-    from engine.factory import build_engine, resolve_paths
-    from engine.loading.loader import model_identity
-    from heads.data import GenConfig, generate_dataset
-
-    if (args.target is None) != (args.draft is None):
-        raise ValueError("give both --target and --draft, or neither (the default pair)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    prompts = _prompts(args)
-    log.info("%d prompts from %s", len(prompts), args.source)
-    placement = {"draft_device": args.device, "target_devices": [args.device]} if args.device else {}
-    engine_config = EngineConfig(
-        target=args.target, draft=args.draft, head="none", dtype=args.dtype,
-        scheduler=SchedulerConfig(max_num_seqs=args.batch_size), **placement,
-    )
-    target_spec, draft_spec, _ = resolve_paths(engine_config)
-    engine = build_engine(engine_config)
-    config = GenConfig(
-        max_new_tokens=args.max_new_tokens,
-        max_prompt_tokens=args.max_prompt_tokens,
-        k=args.k,
-        shard_prompts=args.shard_prompts,
-        **({"sampling": tuple(_sampling(text) for text in args.sampling)} if args.sampling else {}),
-        seed=args.seed,
-    )
-    description = {
-        "source": args.source,
-        "split": args.split if args.source == "sharegpt" else None,
-        "draft_id": model_identity(draft_spec),
-        "target_id": model_identity(target_spec),
-        "dtype": args.dtype,
-        "batch_size": args.batch_size,
-    }
-    deadline = time.time() + 60 * args.stop_after_minutes if args.stop_after_minutes else None
-    manifest = generate_dataset(engine, prompts, args.out, config, description, deadline)
-    print(f"{args.out}: {len(manifest['shards'])} shards, {manifest['tokens']} candidates, "
-          f"complete={manifest['complete']}")
+    config = GenConfig(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens, k=args.k,
+                       shard_prompts=args.shard_prompts, seed=args.seed,
+                       **({"sampling": tuple(args.sampling)} if args.sampling else {}))
+    gen_data(args.out, config, source=args.source, split=args.split, num_prompts=args.num_prompts,
+             code_fraction=args.code_fraction, target=args.target, draft=args.draft, dtype=args.dtype,
+             device=args.device, batch_size=args.batch_size, threads=args.threads,
+             stop_after_minutes=args.stop_after_minutes)
     return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
     from heads.train import TrainConfig, train_from_dirs
 
-    config = TrainConfig(
-        timing=args.timing,
-        depth=args.depth,
-        hidden_dropout=args.hidden_dropout,
-        w_reject=args.w_reject,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        max_epochs=args.epochs,
-        warmup=args.warmup,
-        val_fraction=args.val_fraction,
-        patience=args.patience,
-        seed=args.seed,
-    )
-    head = train_from_dirs(args.data, args.out, config)
-    record = head.config.training
-    print(
-        f"{args.out}: best epoch {record['best_epoch']}/{record['epochs_run']}, val loss {record['best_val_loss']:.4f} "
-        f"({record['train_tokens']} train / {record['val_tokens']} val tokens)"
-    )
+    config = TrainConfig(timing=args.timing, depth=args.depth, hidden_dropout=args.hidden_dropout,
+                         w_reject=args.w_reject, lr=args.lr, weight_decay=args.weight_decay,
+                         batch_size=args.batch_size, max_epochs=args.epochs, warmup=args.warmup,
+                         val_fraction=args.val_fraction, patience=args.patience, seed=args.seed)
+    train_from_dirs(args.data, args.out, config)
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig
-    from engine.factory import build_engine, resolve_paths
-    from engine.head import load_head
-    from specdecpp.bench.machine import machine_record
-    from specdecpp.bench.stop_rules import CostModel, load_rounds, measure_costs, predict
+    from specdecpp.bench.stop_rules import predict_from_data
 
-    head_dir = args.head or resolve_paths(EngineConfig())[2]
-    heads = {"default": load_head(head_dir)}
-    if args.post_head:
-        heads["post"] = load_head(args.post_head)
-    if args.costs:
-        costs = CostModel.load(args.costs)
-    else:
-        log.info("measuring the cost model with the default pair")
-        engine = build_engine(EngineConfig(head=head_dir))
-        costs = measure_costs(engine)
-        costs = dataclasses.replace(costs, machine=machine_record())
-        del engine
-    if args.save_costs:
-        costs.save(args.save_costs)
-    rounds = load_rounds(args.data, heads)
-    if args.temperature is not None:
-        rounds = rounds.only((rounds.temperature - args.temperature).abs() < 1e-4)  # stored as float32
-    result = {"data": list(args.data), "heads": {k: str(v) for k, v in
-                                                 (("default", head_dir), ("post", args.post_head)) if v},
-              **predict(rounds, costs, tuple(args.bounds))}
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    for policy, row in result["best"].items():
-        print(f"{policy:<16} best knob {row['knob']!s:<6} predicted speedup {row['speedup']:.3f} "
-              f"[{row['speedup_ci95'][0]:.3f}, {row['speedup_ci95'][1]:.3f}] discard {row['discard_rate']:.3f} "
-              f"verification {row['verification_rate']:.3f} interior={row['interior']}")
-    for c in result["comparisons"]:
-        print(f"{c['a']} / {c['b']}: {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]")
+    predict_from_data(args.data, args.output, bounds=tuple(args.bounds), head=args.head, post_head=args.post_head,
+                      costs=args.costs, save_costs=args.save_costs, temperature=args.temperature)
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from engine.head import load_head
-    from heads.evaluate import evaluate, format_table
-    from heads.report import write_report
+    from heads.evaluate import evaluate_dirs
 
-    head = load_head(args.head)
-    results = [evaluate(head, d) for d in args.data]
-    for result in results:
-        print(format_table(result) + "\n")
-    if args.json == "-":
-        print(json.dumps(results, indent=2))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    if args.report:
-        write_report(args.head, results)
-        print(f"wrote {Path(args.head) / 'REPORT.md'} and report.json")
+    evaluate_dirs(args.head, args.data, json_path=args.json, report=args.report)
     return 0
