@@ -241,18 +241,6 @@ def generate_dataset(
     return manifest
 
 
-def load_prompts(source: str, num_prompts: int, split: str, code_fraction: float, seed: int) -> list[Prompt]:
-    """The prompts of gen-data's `--source`: 'sharegpt' (`split`, `code_fraction` of code requests),
-    'humaneval' (evaluation data only) or a JSONL file of prompts."""
-    if source == "sharegpt":
-        return datasets.sharegpt_prompts(num_prompts, split, code_fraction, seed=seed)
-    if source == "humaneval":
-        return datasets.humaneval_prompts(num_prompts)
-    if Path(source).is_file():
-        return datasets.jsonl_prompts(source, num_prompts)
-    raise ValueError(f"--source: {source!r} is neither 'sharegpt', 'humaneval' nor a JSONL file")
-
-
 def gen_data(
     out_dir: str | Path,
     config: GenConfig,
@@ -280,7 +268,7 @@ def gen_data(
         raise ValueError("give both --target and --draft, or neither (the default pair)")
     if threads:
         torch.set_num_threads(threads)
-    prompts = load_prompts(source, num_prompts, split, code_fraction, config.seed)
+    prompts = datasets.load_prompts(source, num_prompts, split, code_fraction, config.seed)
     log.info("%d prompts from %s", len(prompts), source)
     placement = {"draft_device": device, "target_devices": [device]} if device else {}
     engine_config = EngineConfig(

@@ -202,3 +202,24 @@ def exclude_humaneval(prompts: list[Prompt]) -> list[Prompt]:
     """Drop every prompt that quotes a HumanEval problem (HumanEval is our held-out benchmark)."""
     markers = humaneval_markers()
     return [p for p in prompts if p.source != "humaneval" and not contains_humaneval(p.text, markers)]
+
+
+def load_prompts(
+    source: str, num: int, split: str = "heldout", code_fraction: float = 0.4, seed: int = 0
+) -> list[Prompt]:
+    """The prompts of a named source, as chat requests (one user message each); the one entry point
+    for head training data (`heads gen-data --source`) and the benchmarks (`--dataset`).
+
+    'sharegpt': first user turns of `split` (the benchmarks use the held-out one, never used to train
+    the head), `code_fraction` of them code requests; 'humaneval': `num` problems evenly spread over
+    the 164 (evaluation only); 'jsonl:PATH' or a path to a JSONL file: prompts from that file.
+    """
+    if source == "sharegpt":
+        return sharegpt_prompts(num, split, code_fraction, seed=seed)
+    if source == "humaneval":
+        return humaneval_prompts(num)
+    path = source.removeprefix("jsonl:")
+    if source.startswith("jsonl:") or Path(path).is_file():
+        return jsonl_prompts(path, num)
+    raise ValueError(f"unknown prompt source {source!r}: sharegpt, humaneval, jsonl:PATH or a JSONL file")
+

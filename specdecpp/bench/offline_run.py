@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from specdecpp.bench.runs import Checkpoint, load_prompts
+from specdecpp.bench.runs import Checkpoint
+from specdecpp.datasets import load_prompts
 from specdecpp.model_args import engine_config_from_args
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         greedy_thresholds=tuple(args.greedy_thresholds) if args.greedy_thresholds else None,
     )
     configs = sweep.configs()
-    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+    prompts = load_prompts(args.dataset, args.num_prompts, seed=args.seed)
     models = {"target": target, "draft": draft, "head": head, "dtype": args.dtype}
     if args.extra_heads:  # only then: checkpoints of runs without extra heads keep resuming
         models["extra_heads"] = list(args.extra_heads)

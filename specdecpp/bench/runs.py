@@ -6,24 +6,6 @@ import json
 from pathlib import Path
 
 
-def load_prompts(dataset: str, num: int, seed: int = 0) -> list:
-    """Prompts as chat requests (specdecpp/datasets.py: one user message each).
-
-    HumanEval: `num` problems evenly spread over the 164, each "Complete the following Python
-    function." plus the problem in a code block. ShareGPT: first user turns of the held-out
-    split (never used to train the head), about 40% code requests.
-    """
-    from specdecpp import datasets as sources
-
-    if dataset == "humaneval":
-        return sources.humaneval_prompts(num)
-    if dataset == "sharegpt":
-        return sources.sharegpt_prompts(num, split="heldout", seed=seed)
-    if dataset.startswith("jsonl:"):
-        return sources.jsonl_prompts(dataset.removeprefix("jsonl:"), num)
-    raise ValueError(f"unknown dataset {dataset!r}: humaneval, sharegpt or jsonl:PATH")
-
-
 class Checkpoint:
     """Append-only JSONL of finished results (offline: one per prompt and configuration; serving:
     one per row), with a settings header.

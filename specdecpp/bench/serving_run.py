@@ -18,7 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-from specdecpp.bench.runs import Checkpoint, load_prompts, ratio
+from specdecpp.bench.runs import Checkpoint, ratio
+from specdecpp.datasets import load_prompts
 from specdecpp.model_args import config_flags, engine_config_from_args
 
 QUICK = {"max_tokens": 24, "num_requests": 2, "num_prompts": 4}  # --quick: these win over the flags
@@ -51,7 +52,7 @@ def run_serving_bench(args: argparse.Namespace) -> int:
     if args.batching_modes and not args.start_server:
         raise SystemExit("--batching-modes starts its own servers: use it with --start-server")
     specs = [parse_config(c) for c in args.configs]
-    prompts = [p.messages for p in load_prompts(args.dataset, args.num_prompts, args.seed)]
+    prompts = [p.messages for p in load_prompts(args.dataset, args.num_prompts, seed=args.seed)]
     if args.base_url:
         check_loopback(args.base_url)
     settings = {"dataset": args.dataset, "num_prompts": len(prompts), "max_tokens": args.max_tokens,
