@@ -256,13 +256,15 @@ def gen_data(
     batch_size: int,
     threads: int | None = None,
     stop_after_minutes: float | None = None,
+    draft_quantization: str = "none",
 ) -> dict:
     """`specdecpp heads gen-data`: load the pair (the default one when `target` and `draft` are both
     None) without a head, run the prompts of `source` (picked with `config.seed`) and write their
     shards into `out_dir` (`generate_dataset`); print a summary and return the manifest.
 
     `device` places both models; `batch_size` is the engine's `max_num_seqs`; after
-    `stop_after_minutes` no new shard starts (a rerun resumes).
+    `stop_after_minutes` no new shard starts (a rerun resumes). `draft_quantization` logs the rounds
+    of a quantized draft (its hidden states are what a head serving it reads).
     """
     if (target is None) != (draft is None):
         raise ValueError("give both --target and --draft, or neither (the default pair)")
@@ -272,7 +274,7 @@ def gen_data(
     log.info("%d prompts from %s", len(prompts), source)
     placement = {"draft_device": device, "target_devices": [device]} if device else {}
     engine_config = EngineConfig(
-        target=target, draft=draft, head="none", dtype=dtype,
+        target=target, draft=draft, head="none", dtype=dtype, draft_quantization=draft_quantization,
         scheduler=SchedulerConfig(max_num_seqs=batch_size), **placement,
     )
     target_spec, draft_spec, _ = resolve_paths(engine_config)
@@ -285,6 +287,8 @@ def gen_data(
         "dtype": dtype,
         "batch_size": batch_size,
     }
+    if engine.draft.kernels.quantization != "none":  # absent otherwise: earlier data sets still resume
+        description["draft_quantization"] = engine.draft.kernels.quantization
     deadline = time.time() + 60 * stop_after_minutes if stop_after_minutes else None
     manifest = generate_dataset(engine, prompts, out_dir, config, description, deadline)
     print(f"{out_dir}: {len(manifest['shards'])} shards, {manifest['tokens']} candidates, "

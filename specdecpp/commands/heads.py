@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from engine.config import DTYPES
+from engine.config import DTYPES, QUANTIZATION_MODES
 
 
 def default_data_root() -> Path:
@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--draft", help="draft model (default: the default pair's)")
     g.add_argument("--dtype", default="bf16", choices=DTYPES, help="models' dtype")
     g.add_argument("--device", default=None, help="device for both models (default: cuda if any, else cpu)")
+    g.add_argument("--draft-quantization", default="none", choices=("auto", *QUANTIZATION_MODES),
+                   help="weight-only quantization of the draft whose rounds are logged (default: %(default)s)")
     g.add_argument("--source", default="sharegpt",
                    help="'sharegpt', 'humaneval' (evaluation data only) or a JSONL file of prompts")
     g.add_argument("--split", default="train", choices=["train", "heldout"], help="ShareGPT split")
@@ -99,6 +101,7 @@ def run_gen_data(args: argparse.Namespace) -> int:
     gen_data(args.out, config, source=args.source, split=args.split, num_prompts=args.num_prompts,
              code_fraction=args.code_fraction, target=args.target, draft=args.draft, dtype=args.dtype,
              device=args.device, batch_size=args.batch_size, threads=args.threads,
+             draft_quantization=args.draft_quantization,
              stop_after_minutes=args.stop_after_minutes)
     return 0
 
