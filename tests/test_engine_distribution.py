@@ -90,14 +90,15 @@ def test_policy_matches_target_distribution(distribution_engine, spec, params):
     assert pvalue > 1e-3, f"{spec.policy}: chi-square p={pvalue:.2e}"
 
 
+def accept_every_draft_token(candidates, draft_probs, target_probs, generator) -> Verdict:
+    """A wrong acceptance rule for the controls: every candidate is kept, so the output follows the draft."""
+    k = candidates.shape[0]
+    return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
+
+
 def test_wrong_acceptance_rule_is_detected(distribution_engine, monkeypatch):
     """Control: accepting every draft token yields the draft's distribution, and the test sees it."""
-
-    def accept_everything(candidates, draft_probs, target_probs, generator):
-        k = candidates.shape[0]
-        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
-
-    monkeypatch.setattr(speculate, "verify", accept_everything)
+    monkeypatch.setattr(speculate, "verify", accept_every_draft_token)
     params = T1
     counts = sample_two_tokens(distribution_engine, params, SpecConfig(policy="constant", k=3))
     pvalue = chi_square_pvalue(counts, exact_two_token_distribution(distribution_engine, params), SAMPLES)

@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DISTRIBUTION_VOCAB, make_tiny_pair, random_head
-from test_engine_distribution import SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution, sample_two_tokens
+from test_engine_distribution import (
+    SAMPLES,
+    T1,
+    accept_every_draft_token,
+    chi_square_pvalue,
+    exact_two_token_distribution,
+    sample_two_tokens,
+)
 from tiny import char_tokenizer, tiny_model
 from torch import nn
 
@@ -19,7 +26,6 @@ from engine.llm_engine import LLMEngine
 from engine.loading.kernels import choose_and_quantize, cpu_features
 from engine.loading.quantize import QuantizedLinear, quantize_linears
 from engine.params import SamplingParams, SpecConfig
-from engine.sampling import Verdict, sample
 
 
 def linear(in_features: int = 64, out_features: int = 48, dtype=torch.float32, bias: bool = True) -> nn.Linear:
@@ -148,12 +154,7 @@ def test_int8_draft_matches_the_target_distribution(int8_distribution_engine):
 
 def test_int8_draft_distribution_control_fails(int8_distribution_engine, monkeypatch):
     """Control: the same test rejects a rule that accepts every int8-draft token."""
-
-    def accept_everything(candidates, draft_probs, target_probs, generator):
-        k = candidates.shape[0]
-        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
-
-    monkeypatch.setattr(speculate, "verify", accept_everything)
+    monkeypatch.setattr(speculate, "verify", accept_every_draft_token)
     engine = int8_distribution_engine
     counts = sample_two_tokens(engine, T1, SpecConfig(policy="constant", k=3))
     assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) < 1e-6
