@@ -94,10 +94,9 @@ def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, floa
         timings["plain"][rows] = time_call(plain, x)
         timings[f"int{bits}"][rows] = time_call(quant, x)
     wide_rows = WIDE_ROW_STEPS[-1]
-    dequantized = quant.dequantized_weight()
     for rows in WIDE_ROW_STEPS:
         x = torch.randn(rows, layer.in_features, dtype=dtype)
-        if time_call(lambda v: torch.nn.functional.linear(v, dequantized), x) < time_call(quant, x):
+        if time_call(quant.wide, x) < time_call(quant, x):
             wide_rows = rows
             break
     return timings, wide_rows

@@ -7,11 +7,12 @@ changes the target (the output is then the quantized target's distribution).
 
 Kernels are torch's maintained weight-only ops (`aten._weight_int8pack_mm`,
 `aten._weight_int4pack_mm_for_cpu`), no code of our own. They shine on a few rows (decode,
-verification) and lose on many (prefill): a layer switches to a plain GEMM on the dequantized
-weight from `wide_rows` rows on, a crossover measured on the host (`engine/loading/kernels.py`).
-Both paths compute with the same dequantized values, so the model is one model whatever the
-row count. The LM head is left alone by default: its rows are read for a few positions only
-and the draft's proposals depend on it most.
+verification) and lose on many (prefill, a batch of drafts): from `wide_rows` rows on, a crossover
+measured on the host (`engine/loading/kernels.py`), a layer runs the ordinary (oneDNN-packed where
+possible) GEMM on a copy of its dequantized weight. That copy costs the unquantized layer's memory
+again: the gain is decode speed, not memory. Both paths compute with the same dequantized values,
+so the model is one model whatever the row count. The LM head is left alone: it runs on a few
+positions only, and the proposals depend on it most.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import QUANTIZATION_MODES
+from engine.loading.cpu_linear import PackedLinear, can_pack
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class QuantizedLinear(nn.Module):
             self._quantize_int8(weight)
         else:
             self._quantize_int4(weight)
+        self.wide = wide_layer(self.dequantized_weight(), bias)
 
     def _quantize_int8(self, weight: torch.Tensor) -> None:
         """Symmetric, one scale per output channel."""
@@ -87,8 +89,8 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if rows.shape[0] >= self.wide_rows:
-            out = F.linear(rows, self.dequantized_weight())
-        elif self.bits == 8:
+            return self.wide(rows).view(*shape[:-1], self.out_features)
+        if self.bits == 8:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -101,6 +103,18 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weights, "
                 f"dequantized GEMM from {self.wide_rows} rows")
+
+
+def wide_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """The layer a quantized one runs on many rows: an ordinary linear layer on the dequantized
+    weight, oneDNN-packed where the host packs it."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.requires_grad_(False)
+    return PackedLinear(linear) if can_pack(linear) else linear
 
 
 def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Linear]]:
