@@ -109,6 +109,8 @@ class LLMEngine:
         vocab = self.target.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
+        if (field_name := params.token_id_field_beyond(vocab)) is not None:
+            raise RequestError(f"{field_name} token ids must lie in [0, {vocab})", field_name)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise RequestError(
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
@@ -213,7 +215,8 @@ class LLMEngine:
 
     def _event(self, seq: Sequence, new_tokens: list[int]) -> TokenEvent:
         text = seq.detokenizer.pending_delta(final=seq.finished)
-        event = TokenEvent(seq.request_id, token_ids=new_tokens, text=text)
+        logprobs = seq.logprobs_of_last(len(new_tokens))
+        event = TokenEvent(seq.request_id, token_ids=new_tokens, text=text, logprobs=logprobs)
         if seq.finished:
             seq.stats.generated_tokens = len(seq.output_ids)
             seq.stats.total_seconds = time.perf_counter() - seq.arrival_time
