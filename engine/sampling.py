@@ -12,7 +12,7 @@ All functions keep a leading batch dimension.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,7 @@ class LogitAdjuster:
         self.prompt_ids = prompt_ids
         ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.min_tokens_masked = sorted(ends)
-        self._tensors: dict[torch.device, dict[str, torch.Tensor]] = {}  # per device: bias, prompt mask
+        self._vectors: dict[tuple[str, torch.device], torch.Tensor] = {}  # the bias and the prompt mask, per device
         self._counts: dict[torch.device, tuple[int, torch.Tensor]] = {}  # per device: (tokens counted, counts)
 
     @classmethod
@@ -53,7 +53,7 @@ class LogitAdjuster:
         start = len(drafted) - rows + 1  # the candidates every row follows
         logits = logits.float().clone()
         if params.logit_bias:
-            logits += self._tensor("bias", vocab, device)
+            logits += self._vector("bias", device, lambda: bias_vector(params.logit_bias, vocab, device))
         blocked = min(rows, params.min_tokens - len(output_ids) - start)  # rows before min_tokens is reached
         if blocked > 0 and self.min_tokens_masked:
             logits[:blocked, self.min_tokens_masked] = float("-inf")
@@ -61,23 +61,17 @@ class LogitAdjuster:
             return logits
         counts = history_counts(self._output_counts(output_ids, vocab, device), drafted, rows)
         if params.repetition_penalty != 1.0:
-            seen = self._tensor("prompt", vocab, device) | (counts > 0)
+            in_prompt = self._vector("prompt", device, lambda: token_mask(self.prompt_ids, vocab, device))
+            seen = in_prompt | (counts > 0)
             penalty = torch.where(seen, params.repetition_penalty, 1.0)
             logits = torch.where(logits > 0, logits / penalty, logits * penalty)
         return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
 
-    def _tensor(self, name: str, vocab: int, device: torch.device) -> torch.Tensor:
-        """The request's constant vectors, built once per device: the bias [V] and the prompt's tokens [V] (bool)."""
-        cached = self._tensors.setdefault(device, {})
-        if name not in cached:
-            if name == "bias":
-                ids = torch.tensor(list(self.params.logit_bias), dtype=torch.long, device=device)
-                values = torch.tensor(list(self.params.logit_bias.values()), dtype=torch.float32, device=device)
-                cached[name] = torch.zeros(vocab, device=device).index_put_((ids,), values)
-            else:
-                cached[name] = torch.zeros(vocab, dtype=torch.bool, device=device)
-                cached[name][torch.tensor(self.prompt_ids, dtype=torch.long, device=device)] = True
-        return cached[name]
+    def _vector(self, name: str, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One of the request's constant vectors on `device`, built on first use."""
+        if (name, device) not in self._vectors:
+            self._vectors[(name, device)] = build()
+        return self._vectors[(name, device)]
 
     def _output_counts(self, output_ids: list[int], vocab: int, device: torch.device) -> torch.Tensor:
         """How often each token occurs in `output_ids` [V] (float32). The output only grows, so each
@@ -90,6 +84,20 @@ class LogitAdjuster:
             counts = counts.index_add(0, new, torch.ones(len(new), device=device))
             self._counts[device] = (len(output_ids), counts)
         return counts
+
+
+def bias_vector(logit_bias: dict[int, float], vocab: int, device: torch.device) -> torch.Tensor:
+    """The logit bias as a vector [V] (float32)."""
+    ids = torch.tensor(list(logit_bias), dtype=torch.long, device=device)
+    values = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=device)
+    return torch.zeros(vocab, device=device).index_put_((ids,), values)
+
+
+def token_mask(token_ids: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Which tokens occur in `token_ids`, as a vector [V] (bool)."""
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor(token_ids, dtype=torch.long, device=device)] = True
+    return mask
 
 
 def history_counts(output_counts: torch.Tensor, drafted: list[torch.Tensor], rows: int) -> torch.Tensor:

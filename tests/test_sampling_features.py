@@ -119,6 +119,25 @@ def test_target_alone_follows_the_reference_decoder(engine, name):
     assert out.token_ids == ids[len(prompt) :]
 
 
+def test_verification_rows_see_what_each_draft_step_saw():
+    """The target's rows [K+1, V] in one call equal the draft's one-row calls made after y_1..y_{s-1}
+    (and the reference), for every adjustment at once."""
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.5, min_tokens=4,
+                            logit_bias={2: 3.0}, stop_token_ids=[5], ignore_eos=False)
+    prompt, output, eos = [1, 2, 3], [4, 4], frozenset({EOS})
+    adjuster = sampling.LogitAdjuster(params, prompt, eos)
+    candidates = [torch.tensor([4]), torch.tensor([6]), torch.tensor([4])]
+    logits = torch.randn(len(candidates) + 1, 8, generator=torch.Generator().manual_seed(0))
+    rows = adjuster.apply(logits, output, candidates)
+    for s in range(len(candidates) + 1):
+        one = adjuster.apply(logits[s : s + 1], output, candidates[:s])[0]
+        drafted = [int(t) for t in candidates[:s]]
+        reference = torch.tensor(reference_adjust(logits[s].tolist(), prompt, output + drafted, params, eos))
+        assert torch.equal(rows[s], one)
+        assert torch.allclose(rows[s], reference, atol=1e-6), s
+    assert rows[0, 5] == rows[1, 5] == -math.inf and rows[2, 5] > -math.inf  # min_tokens 4: 2 + 2 generated
+
+
 # ----- the sampled distribution ---------------------------------------------------------------
 PROMPT = [1, 2, 3]
 SAMPLES = 1000
