@@ -83,6 +83,18 @@ class RequestRejected:
 
 
 @dataclass
+class TokenLogprob:
+    """One emitted token's log-probability under the target's processed distribution, and the most likely
+    tokens at its position (`top`, most likely first, each with an empty `top`). `token` is its text
+    decoded alone, as OpenAI reports it."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class TokenEvent:
     """New output of one request after one engine step."""
 
@@ -93,6 +105,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     stats: RequestStats | None = None  # on the final event
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asks for logprobs
 
 
 @dataclass

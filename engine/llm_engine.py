@@ -103,6 +103,8 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         head = self._head_for(spec)
         prompt_ids = self._encode_checked(prompt, params.max_tokens)
+        if (field_name := params.token_id_field_beyond(self.target.vocab_size)) is not None:
+            raise RequestError(f"{field_name} token ids must lie in [0, {self.target.vocab_size})", field_name)
         generator, draft_generator = self._generators(params.seed)
         seq = Sequence(
             request_id=request_id,
@@ -235,7 +237,8 @@ class LLMEngine:
 
     def _event(self, seq: Sequence, new_tokens: list[int]) -> TokenEvent:
         text = seq.detokenizer.pending_delta(final=seq.finished)
-        event = TokenEvent(seq.request_id, token_ids=new_tokens, text=text)
+        logprobs = seq.logprobs_of_last(len(new_tokens))
+        event = TokenEvent(seq.request_id, token_ids=new_tokens, text=text, logprobs=logprobs)
         if seq.finished:
             seq.stats.generated_tokens = len(seq.output_ids)
             seq.stats.total_seconds = time.perf_counter() - seq.arrival_time

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PolicyName = Literal["none", "constant", "heuristic", "confidence", "specdec++"]
 POLICY_NAMES: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++")
@@ -26,6 +26,14 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(256, ge=1)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # The target distribution's modifiers (engine/sampling.py: LogitAdjuster), applied to the draft alike.
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="minus this on every generated token's logit")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="minus this times each token's count")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="divides (>0) or multiplies (<0) seen tokens' logits")
+    logit_bias: dict[int, float] = Field(default_factory=dict, description="token id -> added to its logit")
+    min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens")
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = Field(None, ge=0, le=20, description="report each token's logprob and this many top")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -43,9 +51,59 @@ class SamplingParams(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return value
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_by_token_id(cls, value: object) -> object:
+        if value is None:
+            return {}
+        if isinstance(value, dict) and not all(str(k).strip().isdigit() for k in value):
+            raise ValueError("logit_bias keys must be token ids (non-negative integers)")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, value: dict[int, float]) -> dict[int, float]:
+        if any(not -100.0 <= bias <= 100.0 for bias in value.values()):
+            raise ValueError("logit_bias values must lie in [-100, 100]")
+        return value
+
+    @field_validator("stop_token_ids", mode="before")
+    @classmethod
+    def _stop_ids_as_tuple(cls, value: object) -> object:
+        return () if value is None else tuple(value)  # type: ignore[arg-type]
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids_non_negative(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(t < 0 for t in value):
+            raise ValueError("stop_token_ids must be non-negative token ids")
+        return value
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens_within_max(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"min_tokens ({value}) must be <= max_tokens ({max_tokens})")
+        return value
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any penalty, bias or min_tokens modifies the distribution (False: the logits go unchanged)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
+
+    def token_id_field_beyond(self, vocab_size: int) -> str | None:
+        """The field naming a token id outside [0, vocab_size), if any: the engine rejects the request."""
+        if any(t >= vocab_size for t in self.logit_bias):
+            return "logit_bias"
+        if any(t >= vocab_size for t in self.stop_token_ids):
+            return "stop_token_ids"
+        return None
 
 
 class SpecConfig(BaseModel):

@@ -1,7 +1,10 @@
 """Logits -> processed distributions, and exact speculative rejection sampling.
 
-Temperature, top-k and top-p are applied identically to the draft (q) and the target (p),
-so the speculative output follows the target's *processed* distribution exactly.
+A request's processing is the same for the draft (q) and the target (p), so the speculative
+output follows the target's *processed* distribution exactly. It has two stages:
+1. `LogitAdjuster`: penalties, logit bias and min_tokens, which depend on the tokens so far. At a
+   candidate position the history includes the candidates before it, for q and p alike.
+2. `processed_logits`: temperature, top-k and top-p.
 Greedy (temperature 0) is the one-hot limit: acceptance iff the draft token equals the
 target argmax, and the residual is the target argmax.
 All functions keep a leading batch dimension.
@@ -9,6 +12,7 @@ All functions keep a leading batch dimension.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +20,107 @@ import torch
 from engine.params import SamplingParams
 
 
-def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Turn raw logits [..., V] into the sampling distribution [..., V] (float32)."""
+class LogitAdjuster:
+    """One request's penalties, logit bias and min_tokens, applied to raw logits (vLLM's semantics, in its order).
+
+    - logit_bias: added to the logits by token id;
+    - min_tokens: the EOS ids (unless ignore_eos) and stop_token_ids get -inf while fewer tokens are generated;
+    - repetition_penalty: a token of the prompt or the output has its logit divided by it when positive,
+      multiplied when not;
+    - frequency and presence penalties: minus frequency * count + presence * (count > 0) over generated tokens.
+
+    Built only for a request that sets one of them (`for_request`): the others pay nothing.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], eos_token_ids: Collection[int]) -> None:
+        self.params = params
+        self.prompt_ids = prompt_ids
+        ends = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.min_tokens_masked = sorted(ends)
+        self._vectors: dict[tuple[str, torch.device], torch.Tensor] = {}  # the bias and the prompt mask, per device
+        self._counts: dict[torch.device, tuple[int, torch.Tensor]] = {}  # per device: (tokens counted, counts)
+
+    @classmethod
+    def for_request(
+        cls, params: SamplingParams, prompt_ids: list[int], eos_token_ids: Collection[int]
+    ) -> LogitAdjuster | None:
+        return cls(params, prompt_ids, eos_token_ids) if params.adjusts_logits else None
+
+    def apply(self, logits: torch.Tensor, output_ids: list[int], drafted: list[torch.Tensor]) -> torch.Tensor:
+        """Adjust the logits [R, V] of R consecutive positions. The last row follows `output_ids` and all of
+        `drafted` (candidates, each [1]); each row before it follows one candidate fewer."""
+        params, (rows, vocab), device = self.params, logits.shape, logits.device
+        start = len(drafted) - rows + 1  # the candidates every row follows
+        logits = logits.float().clone()
+        if params.logit_bias:
+            logits += self._vector("bias", device, lambda: bias_vector(params.logit_bias, vocab, device))
+        blocked = min(rows, params.min_tokens - len(output_ids) - start)  # rows before min_tokens is reached
+        if blocked > 0 and self.min_tokens_masked:
+            logits[:blocked, self.min_tokens_masked] = float("-inf")
+        if params.repetition_penalty == 1.0 and not params.frequency_penalty and not params.presence_penalty:
+            return logits
+        counts = history_counts(self._output_counts(output_ids, vocab, device), drafted, rows)
+        if params.repetition_penalty != 1.0:
+            in_prompt = self._vector("prompt", device, lambda: token_mask(self.prompt_ids, vocab, device))
+            seen = in_prompt | (counts > 0)
+            penalty = torch.where(seen, params.repetition_penalty, 1.0)
+            logits = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+
+    def _vector(self, name: str, device: torch.device, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One of the request's constant vectors on `device`, built on first use."""
+        if (name, device) not in self._vectors:
+            self._vectors[(name, device)] = build()
+        return self._vectors[(name, device)]
+
+    def _output_counts(self, output_ids: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+        """How often each token occurs in `output_ids` [V] (float32). The output only grows, so each
+        token is counted once, when first seen."""
+        counted, counts = self._counts.get(device, (0, None))
+        if counts is None:
+            counts = torch.zeros(vocab, device=device)
+        if counted < len(output_ids):
+            new = torch.tensor(output_ids[counted:], dtype=torch.long, device=device)
+            counts = counts.index_add(0, new, torch.ones(len(new), device=device))
+            self._counts[device] = (len(output_ids), counts)
+        return counts
+
+
+def bias_vector(logit_bias: dict[int, float], vocab: int, device: torch.device) -> torch.Tensor:
+    """The logit bias as a vector [V] (float32)."""
+    ids = torch.tensor(list(logit_bias), dtype=torch.long, device=device)
+    values = torch.tensor(list(logit_bias.values()), dtype=torch.float32, device=device)
+    return torch.zeros(vocab, device=device).index_put_((ids,), values)
+
+
+def token_mask(token_ids: list[int], vocab: int, device: torch.device) -> torch.Tensor:
+    """Which tokens occur in `token_ids`, as a vector [V] (bool)."""
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor(token_ids, dtype=torch.long, device=device)] = True
+    return mask
+
+
+def history_counts(output_counts: torch.Tensor, drafted: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Token counts [rows, V] of rows consecutive positions: the last follows all of `drafted`, each row
+    before it one candidate fewer (the rule of `LogitAdjuster.apply`)."""
+    counts = output_counts.unsqueeze(0).repeat(rows, 1)
+    if drafted:
+        device = counts.device
+        tokens = torch.cat(drafted).to(device)
+        start = len(tokens) - rows + 1
+        follows = torch.arange(len(tokens), device=device) < start + torch.arange(rows, device=device)[:, None]
+        counts.scatter_add_(1, tokens.expand(rows, -1), follows.float())  # row r counts candidates [0, start + r)
+    return counts
+
+
+def processed_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p on logits [..., V] (float32; filtered entries are -inf).
+
+    Greedy leaves them as they are: its distribution is the one-hot of their argmax (`processed_probs`).
+    """
     logits = logits.float()
-    if params.greedy:  # one-hot in place (F.one_hot builds an int64 tensor); max() finds the first maximum
-        return torch.zeros_like(logits).scatter_(-1, logits.max(-1, keepdim=True).indices, 1.0)
+    if params.greedy:
+        return logits
     if params.temperature != 1.0:
         logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
@@ -34,7 +134,40 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         drop_sorted = mass_before >= params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def probs_of_processed(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution [..., V] of `processed_logits`."""
+    if params.greedy:  # one-hot in place (F.one_hot builds an int64 tensor); max() finds the first maximum
+        return torch.zeros_like(logits).scatter_(-1, logits.max(-1, keepdim=True).indices, 1.0)
     return logits.softmax(-1)
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Turn (adjusted) logits [..., V] into the sampling distribution [..., V] (float32)."""
+    return probs_of_processed(processed_logits(logits, params), params)
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of emitted tokens under the target's processed distribution, as plain lists."""
+
+    logprobs: list[float]  # of each emitted token
+    top_ids: list[list[int]]  # per token, the `top` most likely ids, most likely first
+    top_logprobs: list[list[float]]
+
+
+def token_logprobs(processed: torch.Tensor, tokens: list[int], top: int) -> TokenLogprobs:
+    """Log-probabilities of `tokens` (one per row of `processed_logits` [R, V]) and each row's `top` alternatives.
+
+    Sampling: log p, p being the distribution the token was drawn from. Greedy: the log-softmax of the
+    (adjusted) logits at temperature 1, since its one-hot distribution carries no information.
+    """
+    logprobs = processed.log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device).unsqueeze(-1)).squeeze(-1)
+    values, ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+    return TokenLogprobs(chosen.tolist(), ids.tolist(), values.tolist())
 
 
 def sampling_cdf(probs: torch.Tensor) -> torch.Tensor:
@@ -65,6 +198,7 @@ class Verdict:
 
     num_accepted: int
     next_token: int  # the correction (after a rejection) or the bonus (all accepted)
+    logprobs: TokenLogprobs | None = None  # of the accepted candidates and the next token, when the request asks
 
 
 def verify(

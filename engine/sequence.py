@@ -1,4 +1,4 @@
-"""Per-request state: tokens, KV caches, policy, RNG, stop conditions and stats."""
+"""Per-request state: tokens, KV caches, policy, RNG, logit adjustments, stop conditions, logprobs and stats."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from transformers import DynamicCache
 
 from engine.detokenizer import Detokenizer
-from engine.events import FinishReason
+from engine.events import FinishReason, TokenLogprob
 from engine.head import AcceptanceHead
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import StopPolicy
 from engine.runner import ModelRunner, crop_cache
+from engine.sampling import LogitAdjuster, TokenLogprobs
 from engine.stats import RequestStats
 
 
@@ -63,6 +64,11 @@ class Sequence:
     prefilled: bool = False  # all prompt tokens but the last are in both caches
     stats: RequestStats = field(default_factory=RequestStats)
     arrival_time: float = field(default_factory=time.perf_counter)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
+    adjuster: LogitAdjuster | None = field(init=False)  # penalties, bias, min_tokens; None when none is set
+
+    def __post_init__(self) -> None:
+        self.adjuster = LogitAdjuster.for_request(self.params, self.prompt_ids, self.eos_token_ids)
 
     @property
     def all_ids(self) -> list[int]:
@@ -76,14 +82,20 @@ class Sequence:
     def remaining_tokens(self) -> int:
         return self.params.max_tokens - len(self.output_ids)
 
+    def adjusted_logits(self, logits: torch.Tensor, drafted: list[torch.Tensor]) -> torch.Tensor:
+        """Raw logits [R, V] of R consecutive positions, the last after the output and all of `drafted`,
+        with the request's penalties, bias and min_tokens applied (`LogitAdjuster.apply`)."""
+        return logits if self.adjuster is None else self.adjuster.apply(logits, self.output_ids, drafted)
+
     def append_token(self, token_id: int) -> bool:
-        """Append one generated token and apply EOS, stop strings and max_tokens.
+        """Append one generated token and apply EOS, stop_token_ids, stop strings and max_tokens.
 
         Returns True when the sequence finished on this token; nothing is appended after.
         """
         self.output_ids.append(token_id)
-        if token_id in self.eos_token_ids and not self.params.ignore_eos:
-            self.finish_reason = "stop"  # the EOS id is returned, its text never is
+        ends = token_id in self.params.stop_token_ids or (token_id in self.eos_token_ids and not self.params.ignore_eos)
+        if ends:
+            self.finish_reason = "stop"  # the id is returned, its text never is
             return True
         if self.detokenizer.add(token_id):
             self.finish_reason = "stop"
@@ -92,6 +104,22 @@ class Sequence:
             self.finish_reason = "length"
             return True
         return False
+
+    def add_logprobs(self, tokens: list[int], logprobs: TokenLogprobs) -> None:
+        """Keep the logprobs of `tokens`, just appended (row i of `logprobs` is token i's position), with
+        every token's text, decoded alone."""
+        ids = list(dict.fromkeys(tokens + [t for row in logprobs.top_ids[: len(tokens)] for t in row]))
+        texts = dict(zip(ids, self.detokenizer.tokenizer.batch_decode([[t] for t in ids]), strict=True))
+        for i, token in enumerate(tokens):
+            top = [TokenLogprob(t, texts[t], lp)
+                   for t, lp in zip(logprobs.top_ids[i], logprobs.top_logprobs[i], strict=True)]
+            self.output_logprobs.append(TokenLogprob(token, texts[token], logprobs.logprobs[i], top))
+
+    def logprobs_of_last(self, count: int) -> list[TokenLogprob] | None:
+        """The logprobs of the last `count` output tokens; None when the request did not ask for logprobs."""
+        if self.params.logprobs is None:
+            return None
+        return self.output_logprobs[len(self.output_logprobs) - count :]
 
     def free_caches(self) -> None:
         self.target_kv.free()

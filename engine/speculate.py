@@ -18,7 +18,16 @@ import torch
 from engine.head import HeadTiming, candidate_features
 from engine.policies import ProposalStep
 from engine.runner import ModelRunner
-from engine.sampling import Verdict, processed_probs, sample, verify
+from engine.sampling import (
+    TokenLogprobs,
+    Verdict,
+    probs_of_processed,
+    processed_logits,
+    processed_probs,
+    sample,
+    token_logprobs,
+    verify,
+)
 from engine.sequence import KVState, Sequence
 
 
@@ -160,9 +169,9 @@ def forward_draft(proposals: list[Proposal], feeds: list, draft: ModelRunner) ->
 
 def draw(proposals: list[Proposal]) -> None:
     """Sample each proposal's next candidate y_s from its draft's last logits; keep the q it came
-    from and the state that produced q."""
+    from and the state that produced q. q sees the history y_s follows: the output and y_1..y_{s-1}."""
     for p in proposals:
-        q = processed_probs(p.logits.unsqueeze(0), p.seq.params)
+        q = processed_probs(p.seq.adjusted_logits(p.logits.unsqueeze(0), p.tokens), p.seq.params)
         p.tokens.append(sample(q, p.seq.draft_generator))
         p.draft_probs.append(q[0])
         p.states.append(p.state)
@@ -214,7 +223,8 @@ def verify_candidates(
     proposals: list[Proposal], target: ModelRunner, recorder: Callable[[RoundRecord], None] | None = None
 ) -> list[Verdict]:
     """One target forward over each sequence's uncached tokens plus all its candidates, then exact
-    rejection sampling per sequence."""
+    rejection sampling per sequence. p_s sees the history q_s saw; the logprobs a request asks for come
+    from the same p, at no extra forward."""
     t0 = time.perf_counter()
     device = target.device
     caches = [p.seq.target_kv.ensure(target) for p in proposals]
@@ -226,15 +236,28 @@ def verify_candidates(
     verdicts = []
     for p, cand, feed, rows in zip(proposals, candidates, feeds, logits, strict=True):
         p.seq.target_kv.cached += len(feed)
-        target_probs = processed_probs(rows, p.seq.params)
+        target_logits = processed_logits(p.seq.adjusted_logits(rows, p.tokens), p.seq.params)
+        target_probs = probs_of_processed(target_logits, p.seq.params)
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator))
+        if p.seq.params.logprobs is not None:
+            verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:
             recorder(round_record(p, cand, q, target_probs, verdicts[-1].num_accepted))
     elapsed = time.perf_counter() - t0
     for p in proposals:
         p.seq.stats.target_seconds += elapsed
     return verdicts
+
+
+def emitted_logprobs(
+    candidates: torch.Tensor, verdict: Verdict, target_logits: torch.Tensor, top: int
+) -> TokenLogprobs:
+    """Logprobs of the tokens a verdict emits, the accepted candidates and the next token, from the processed
+    target logits of their positions (rows 0..num_accepted)."""
+    accepted = verdict.num_accepted
+    tokens = candidates[:accepted].tolist() + [verdict.next_token]
+    return token_logprobs(target_logits[: accepted + 1], tokens, top)
 
 
 def round_record(
@@ -268,6 +291,8 @@ def accept_and_roll_back(p: Proposal, verdict: Verdict) -> list[int]:
         new_tokens.append(token)
         if seq.append_token(token):
             break
+    if verdict.logprobs is not None:
+        seq.add_logprobs(new_tokens, verdict.logprobs)
     seq.stats.record_round(len(p.tokens), min(accepted, len(new_tokens)))
     seq.policy.end_round(len(p.tokens), accepted)
     if seq.finished:

@@ -4,6 +4,10 @@ Per-request speculation stats appear twice, from the same record:
   "metrics": {"speculative_decoding": {...}}  vLLM's per-request shape (vllm-project/vllm#48915), so tools
                                               that read vLLM's per-request acceptance (e.g. AIPerf) read ours
   "specdec": {...}                            our full RequestStats.to_dict() plus the SpecConfig used
+
+Logprobs (engine TokenLogprob, one per completion token) take OpenAI's two shapes: chat's
+`logprobs.content[{token, logprob, bytes, top_logprobs}]` and the completions'
+`logprobs {tokens, token_logprobs, top_logprobs, text_offset}`.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from __future__ import annotations
 import json
 import time
 
+from engine.events import TokenLogprob
 from engine.params import SpecConfig
 from engine.stats import RequestStats
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the processed distribution excludes reports this (as vLLM)
 
 
 def speculative_decoding(stats: RequestStats) -> dict:
@@ -53,6 +60,36 @@ def stats_fields(stats: RequestStats | None, spec: SpecConfig) -> dict:
             "specdec": {**stats.to_dict(), "config": spec.model_dump()}}
 
 
+def finite(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def chat_token(entry: TokenLogprob) -> dict:
+    return {"token": entry.token, "logprob": finite(entry.logprob), "bytes": list(entry.token.encode("utf-8"))}
+
+
+def chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    """Chat's `choices[].logprobs`: per token, its logprob and the `top_logprobs` most likely tokens."""
+    content = [{**chat_token(e), "top_logprobs": [chat_token(t) for t in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict:
+    """The completions' `choices[].logprobs`, the first token at `text_offset` of the completion text.
+    Each `top_logprobs` dict holds the `logprobs` most likely tokens and the sampled one (OpenAI's
+    "up to logprobs+1 elements")."""
+    offsets = []
+    for entry in entries:
+        offsets.append(text_offset)
+        text_offset += len(entry.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [finite(e.logprob) for e in entries],
+        "top_logprobs": [{**{t.token: finite(t.logprob) for t in e.top}, e.token: finite(e.logprob)} for e in entries],
+        "text_offset": offsets,
+    }
+
+
 class ResponseBuilder:
     """Bodies and chunks for one request on one route ("chat" or "completion")."""
 
@@ -62,17 +99,32 @@ class ResponseBuilder:
         self.model = model
         self.spec = spec
         self.created = int(time.time())
+        self.text_offset = 0  # where the next completion token's logprob entry starts in the text
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """The `logprobs` of a choice carrying `entries` (the next tokens of the completion); None if not asked."""
+        if entries is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries)
+        body = completion_logprobs(entries, self.text_offset)
+        self.text_offset += sum(len(e.token) for e in entries)
+        return body
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, stats: RequestStats | None) -> dict:
+    def full(
+        self, text: str, finish_reason: str, prompt_tokens: int, stats: RequestStats | None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> dict:
         if self.kind == "chat":
             body = self._base("chat.completion")
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             body = self._base("text_completion")
-            choice = {"index": 0, "text": text, "logprobs": None}
+            choice = {"index": 0, "text": text}
+        choice["logprobs"] = self.logprobs(logprobs)
         choice["finish_reason"] = finish_reason
         body["choices"] = [choice]
         body["usage"] = usage(prompt_tokens, stats)
@@ -80,17 +132,19 @@ class ResponseBuilder:
         return body
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage_key: bool = False
+        self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage_key: bool = False,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> dict:
         if self.kind == "chat":
             body = self._base("chat.completion.chunk")
             delta: dict = {"role": "assistant", "content": text or ""} if first else {}
             if text and not first:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         else:
             body = self._base("text_completion")
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(logprobs),
+                      "finish_reason": finish_reason}
         body["choices"] = [choice]
         if with_usage_key:
             body["usage"] = None

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from engine.events import AddRequest, EngineReady, Prompt, TokenEvent
+from engine.events import AddRequest, EngineReady, Prompt, TokenEvent, TokenLogprob
 from engine.params import SamplingParams, SpecConfig
 from server.auth import require_api_key
 from server.engine_client import READY, EngineClient, RequestHandle
@@ -107,13 +107,16 @@ async def _abort_on_disconnect(request: Request, handle: RequestHandle) -> None:
 async def _collect(handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int) -> Response:
     """Non-streaming: gather the events into one body."""
     parts: list[str] = []
+    logprobs: list[TokenLogprob] | None = None  # stays None unless the request asked for logprobs
     while True:
         event = await handle.next_event()
         parts.append(event.text)
+        if event.logprobs is not None:
+            logprobs = (logprobs or []) + event.logprobs
         if event.finished:
             break
     _raise_for_final(event)
-    return JSONResponse(builder.full("".join(parts), event.finish_reason, prompt_tokens, event.stats))
+    return JSONResponse(builder.full("".join(parts), event.finish_reason, prompt_tokens, event.stats, logprobs))
 
 
 def _raise_for_final(final: TokenEvent) -> None:
@@ -141,13 +144,14 @@ async def _stream(
                 reason = event.finish_reason
                 if reason in ("error", "abort"):
                     _raise_for_final(event)
-                chunk = builder.chunk(event.text or None, finish_reason=reason, with_usage_key=include_usage)
+                chunk = builder.chunk(event.text or None, finish_reason=reason, with_usage_key=include_usage,
+                                      logprobs=event.logprobs)
                 chunk.update(stats_fields(event.stats, builder.spec))
                 yield sse(chunk)
                 if include_usage:
                     yield sse(builder.usage_chunk(prompt_tokens, event.stats))
-            elif event.text:
-                yield sse(builder.chunk(event.text, with_usage_key=include_usage))
+            elif event.text or event.logprobs:  # tokens whose text is held back still carry their logprobs
+                yield sse(builder.chunk(event.text, with_usage_key=include_usage, logprobs=event.logprobs))
         yield sse("[DONE]")
     except APIError as exc:
         yield sse(exc.body())

@@ -64,7 +64,10 @@ class BaseCompletionRequest(BaseModel):
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = Field(None, description="extension (vLLM): 1 disables")
     logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = Field(None, description="extension (vLLM): no EOS or stop_token_ids before this many")
+    stop_token_ids: list[int] | None = Field(None, description="extension (vLLM): token ids that end the completion")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -78,9 +81,20 @@ class BaseCompletionRequest(BaseModel):
             "seed": self.seed,
             "max_tokens": self.requested_max_tokens(),
             "stop": self.stop,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+            "min_tokens": self.min_tokens,
+            "stop_token_ids": self.stop_token_ids,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
-        return SamplingParams.model_validate({**fields, "ignore_eos": self.ignore_eos})
+        return SamplingParams.model_validate({**fields, "ignore_eos": self.ignore_eos,
+                                              "logprobs": self.requested_logprobs()})
+
+    def requested_logprobs(self) -> int | None:
+        """How many top alternatives to report with each token's logprob; None: no logprobs."""
+        return None
 
     def to_spec(self) -> SpecConfig | None:
         """The request's partial SpecConfig (the engine merges it over its default); None: the default.
@@ -96,12 +110,6 @@ class BaseCompletionRequest(BaseModel):
         out: list[tuple[str, str]] = []
         if self.n not in (None, 1):
             out.append(("n", "only n=1 is supported"))
-        if self.presence_penalty not in (None, 0, 0.0):
-            out.append(("presence_penalty", "presence_penalty is not supported (it would change the distribution)"))
-        if self.frequency_penalty not in (None, 0, 0.0):
-            out.append(("frequency_penalty", "frequency_penalty is not supported (it would change the distribution)"))
-        if self.logit_bias:
-            out.append(("logit_bias", "logit_bias is not supported"))
         if self.stream_options is not None and not self.stream:
             out.append(("stream_options", "stream_options is only allowed when stream is true"))
         return out
@@ -111,7 +119,7 @@ class ChatCompletionRequest(BaseCompletionRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -124,16 +132,17 @@ class ChatCompletionRequest(BaseCompletionRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def prompt(self) -> list[dict]:
         """Chat messages as plain dicts for the tokenizer's chat template (in the engine process)."""
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if self.logprobs:
-            out.append(("logprobs", "logprobs are not supported"))
-        if self.top_logprobs:
-            out.append(("top_logprobs", "logprobs are not supported"))
+        if self.top_logprobs and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
         for name in ("tools", "functions"):
             if getattr(self, name):
                 out.append((name, "tool calling is not supported"))
@@ -148,9 +157,12 @@ class ChatCompletionRequest(BaseCompletionRequest):
 class CompletionRequest(BaseCompletionRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="0: the sampled token's logprob only")
     best_of: int | None = None
     suffix: str | None = None
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         """A single prompt as text or token ids; batches are a 400 (the route reports it)."""
@@ -166,8 +178,6 @@ class CompletionRequest(BaseCompletionRequest):
                 out.append(("prompt", "only one prompt per request is supported"))
         if self.echo:
             out.append(("echo", "echo is not supported"))
-        if self.logprobs:
-            out.append(("logprobs", "logprobs are not supported"))
         if self.best_of not in (None, 1):
             out.append(("best_of", "only best_of=1 is supported"))
         if self.suffix:

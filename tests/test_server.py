@@ -213,7 +213,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
     [
         ({"temperature": "hot"}, "temperature"),
         ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"extra_body": {"specdec": {"threshold": 2.0}}}, "specdec.threshold"),

@@ -62,8 +62,8 @@ def test_schemas_flag_unsupported_parameters():
     messages = [{"role": "user", "content": "hi"}]
     ok = ChatCompletionRequest(model="m", messages=messages, n=1, logprobs=False, response_format={"type": "text"})
     assert ok.unsupported() == []
-    bad = ChatCompletionRequest(model="m", messages=messages, n=3, presence_penalty=0.5, tool_choice="auto")
-    assert [p for p, _ in bad.unsupported()] == ["n", "presence_penalty", "tool_choice"]
+    bad = ChatCompletionRequest(model="m", messages=messages, n=3, top_logprobs=2, tool_choice="auto")
+    assert [p for p, _ in bad.unsupported()] == ["n", "top_logprobs", "tool_choice"]  # top_logprobs needs logprobs
     assert CompletionRequest(model="m", prompt=["a", "b"]).unsupported()[0][0] == "prompt"
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[{"role": "tool", "content": "x"}])
