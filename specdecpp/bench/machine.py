@@ -57,6 +57,8 @@ def machine_record() -> dict:
     """Cores, CPU model and flags, memory, GPUs, Python/torch/transformers versions."""
     import torch
 
+    from engine.loading.kernels import cpu_features
+
     record = {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -67,6 +69,7 @@ def machine_record() -> dict:
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        "cpu_features": cpu_features(),
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "sklearn": _version("sklearn"),

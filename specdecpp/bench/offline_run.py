@@ -85,6 +85,10 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     models = {"target": target, "draft": draft, "head": head, "dtype": args.dtype}
     if args.extra_heads:  # only then: checkpoints of runs without extra heads keep resuming
         models["extra_heads"] = list(args.extra_heads)
+    for role in ("draft", "target"):  # likewise: only a quantized model is named so
+        runner = getattr(engine, role)
+        if runner is not None and runner.kernels.quantization != "none":
+            models[f"{role}_quantization"] = runner.kernels.quantization
     settings = {
         "dataset": args.dataset,
         "prompt_ids": [p.id for p in prompts],
@@ -119,6 +123,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
                   "policies": sweep.policies, "greedy_policies": sweep.greedy_policies, "greedy_ks": sweep.greedy_ks,
                   "greedy_thresholds": sweep.greedy_thresholds},
         "threads": torch.get_num_threads(),
+        "kernels": {"target": engine.target.kernels.describe(),
+                    "draft": engine.draft.kernels.describe() if engine.draft is not None else None},
         "prompt_format": "chat template, one user message (specdecpp/datasets.py)",
         "notes": NOTES,
         "greedy_agreement": greedy_agreement(records),
