@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 
 from engine.params import SpecConfig
 from engine.stats import RequestStats
@@ -45,6 +46,22 @@ def usage(prompt_tokens: int, stats: RequestStats | None) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def merged_stats(records: list[RequestStats | None]) -> RequestStats | None:
+    """One record for a request of several prompts: counts and rounds add up, the timings are those
+    of the whole (first token of any prompt, last to finish); a single record is itself."""
+    present = [r for r in records if r is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    out = RequestStats(policy=present[0].policy)
+    for f in fields(RequestStats):
+        if f.name not in ("policy", "first_token_seconds", "total_seconds"):
+            setattr(out, f.name, sum((getattr(r, f.name) for r in present), type(getattr(out, f.name))()))
+    firsts = [r.first_token_seconds for r in present if r.first_token_seconds is not None]
+    out.first_token_seconds = min(firsts) if firsts else None
+    out.total_seconds = max(r.total_seconds for r in present)
+    return out
+
+
 def stats_fields(stats: RequestStats | None, spec: SpecConfig) -> dict:
     """The `metrics` and `specdec` keys of a final response or chunk."""
     if stats is None:
@@ -66,31 +83,33 @@ class ResponseBuilder:
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, stats: RequestStats | None) -> dict:
-        if self.kind == "chat":
-            body = self._base("chat.completion")
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
-        else:
-            body = self._base("text_completion")
-            choice = {"index": 0, "text": text, "logprobs": None}
-        choice["finish_reason"] = finish_reason
-        body["choices"] = [choice]
+    def full(self, choices: list[tuple[str, str]], prompt_tokens: int, stats: RequestStats | None) -> dict:
+        """The whole body: one choice per (text, finish_reason), the usage and stats of them all."""
+        body = self._base("chat.completion" if self.kind == "chat" else "text_completion")
+        body["choices"] = [self._choice(i, text, reason) for i, (text, reason) in enumerate(choices)]
         body["usage"] = usage(prompt_tokens, stats)
         body.update(stats_fields(stats, self.spec))
         return body
 
+    def _choice(self, index: int, text: str, finish_reason: str) -> dict:
+        if self.kind == "chat":
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage_key: bool = False
+        self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage_key: bool = False,
+        index: int = 0,
     ) -> dict:
         if self.kind == "chat":
             body = self._base("chat.completion.chunk")
             delta: dict = {"role": "assistant", "content": text or ""} if first else {}
             if text and not first:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             body = self._base("text_completion")
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         body["choices"] = [choice]
         if with_usage_key:
             body["usage"] = None
