@@ -114,7 +114,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 class BaseCompletionRequest(WireModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
-    ignored_fields = frozenset({"service_tier", "prompt_cache_key", "safety_identifier"})
+    ignored_fields = frozenset({"service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier"})
 
     model: str
     stream: bool = False
