@@ -177,3 +177,36 @@ def test_merged_stats_add_up():
     assert merged.candidate_lengths == one.candidate_lengths * 2
     assert (merged.first_token_seconds, merged.total_seconds) == (0.2, 3.0)
     assert merged_stats([one]) is one and merged_stats([None]) is None
+
+
+def test_cors_is_off_by_default():
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerSettings, create_app
+
+    http = TestClient(create_app(ServerSettings(engine_config={})))  # no lifespan: no engine is spawned
+    preflight = http.options("/v1/chat/completions", headers={"Origin": "https://ui.example",
+                                                              "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    assert "access-control-allow-origin" not in http.get("/version", headers={"Origin": "https://ui.example"}).headers
+
+
+def test_an_unhandled_error_is_an_openai_500_with_the_request_id():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.middleware import install_middleware
+
+    app = FastAPI()
+    install_middleware(app, max_request_bytes=16, allowed_origins=None)
+
+    @app.post("/boom")
+    async def boom() -> None:
+        raise RuntimeError("planted")
+
+    http = TestClient(app, raise_server_exceptions=False)
+    resp = http.post("/boom", headers={"x-request-id": "r-1"})
+    assert resp.status_code == 500 and resp.headers["x-request-id"] == "r-1"
+    assert resp.json()["error"]["code"] == "internal_error"
+    too_big = http.post("/boom", content=b"x" * 17)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
