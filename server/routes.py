@@ -66,12 +66,20 @@ def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[SamplingPar
     try:
         sampling = body.to_sampling()
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _as_sent(_validation_error(exc), body) from None
     try:
         spec = body.to_spec()
     except ValidationError as exc:
         raise _validation_error(exc, "specdec") from None
     return sampling, spec
+
+
+def _as_sent(error: APIError, body: BaseCompletionRequest) -> APIError:
+    """An error about max_tokens names the field the client sent (chat's max_completion_tokens, say)."""
+    sent = body.max_tokens_param()
+    if error.param == "max_tokens" and sent != "max_tokens":
+        error.param, error.message = sent, error.message.replace("max_tokens", sent)
+    return error
 
 
 async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompts: list[Prompt]) -> Response:
@@ -83,7 +91,10 @@ async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompts
     handles = _submit(_client(request), response_id, prompts, sampling, spec)
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, handles))
     try:
-        admitted = [await handle.admitted() for handle in handles]  # 4xx from the engine, before any stream
+        try:
+            admitted = [await handle.admitted() for handle in handles]  # 4xx from the engine, before any stream
+        except APIError as exc:
+            raise _as_sent(exc, body) from None
         builder = ResponseBuilder(kind, response_id, body.model, admitted[0].spec)
         prompt_tokens = sum(a.prompt_tokens for a in admitted)
         if not body.stream:

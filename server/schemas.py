@@ -136,6 +136,10 @@ class BaseCompletionRequest(WireModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def max_tokens_param(self) -> str:
+        """The name the client gave the completion limit."""
+        return "max_tokens"
+
     def to_sampling(self) -> SamplingParams:
         """Raises pydantic.ValidationError, which the route turns into a 400 naming the field."""
         fields = {
@@ -194,6 +198,9 @@ class ChatCompletionRequest(BaseCompletionRequest):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def prompt(self) -> list[dict]:
         return template_messages(self.messages)

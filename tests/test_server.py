@@ -296,10 +296,14 @@ def test_context_errors_name_what_was_sent(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=TARGET_NAME, prompt="a" * 600)
     assert (error_of(info.value)["param"], error_of(info.value)["code"]) == ("prompt", "context_length_exceeded")
-    with pytest.raises(openai.BadRequestError) as info:  # max_tokens is named when it was sent
-        client.chat.completions.create(model=TARGET_NAME, messages=[{"role": "user", "content": "a" * 400}],
-                                       max_completion_tokens=200)
-    assert (error_of(info.value)["param"], error_of(info.value)["code"]) == ("max_tokens", "context_length_exceeded")
+    for name in ("max_tokens", "max_completion_tokens"):  # the limit is named when it was sent, as it was sent
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=TARGET_NAME, messages=[{"role": "user", "content": "a" * 400}],
+                                           **{name: 200})
+        assert (error_of(info.value)["param"], error_of(info.value)["code"]) == (name, "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TARGET_NAME, messages=CHAT, max_completion_tokens=0)
+    assert error_of(info.value)["param"] == "max_completion_tokens"
 
 
 def test_harmless_openai_fields_and_echoed_history_are_accepted(client):
