@@ -3,10 +3,14 @@
 Every message is a dataclass of ours (parameters and stats included), so it crosses the
 multiprocessing queues as itself, pickled, in both directions:
 
-  server -> engine: AddRequest, AbortRequest, Shutdown
+  server -> engine: AddRequest, AbortRequest, TokenizeRequest, DetokenizeRequest, Shutdown
   engine -> server: EngineReady or EngineFailed (once, first), then per request Admitted or
                     RequestRejected, a TokenEvent per step (the final one carries RequestStats),
+                    Tokenized or Detokenized (or RequestRejected) per tokenizer query,
                     and EngineLoad whenever the engine's load changes
+
+The tokenizer lives in the engine process only: the server never loads a model directory (nor
+torch), and /tokenize then counts exactly the tokens a generation would (same chat template).
 """
 
 from __future__ import annotations
@@ -38,6 +42,22 @@ class AbortRequest:
 
 
 @dataclass
+class TokenizeRequest:
+    """Token ids of a prompt (text, ids, or chat messages through the chat template), as a request would get."""
+
+    request_id: str
+    prompt: Prompt
+    add_special_tokens: bool = True  # text prompts
+    add_generation_prompt: bool = True  # chat messages
+
+
+@dataclass
+class DetokenizeRequest:
+    request_id: str
+    tokens: list[int]
+
+
+@dataclass
 class Shutdown:
     """Abort what is left (its final events come back) and exit."""
 
@@ -54,6 +74,7 @@ class EngineReady:
     max_model_len: int
     default_spec: SpecConfig
     scheduler: dict  # SchedulerConfig's fields
+    sampling_defaults: dict = field(default_factory=dict)  # what a request that omits them samples with
 
 
 @dataclass
@@ -109,13 +130,26 @@ class TokenEvent:
 
 
 @dataclass
+class Tokenized:
+    request_id: str
+    tokens: list[int]
+    max_model_len: int
+
+
+@dataclass
+class Detokenized:
+    request_id: str
+    text: str
+
+
+@dataclass
 class EngineLoad:
     running: int
     waiting: int
 
 
-ToEngine = AddRequest | AbortRequest | Shutdown
-FromEngine = EngineReady | EngineFailed | Admitted | RequestRejected | TokenEvent | EngineLoad
+ToEngine = AddRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | Shutdown
+FromEngine = EngineReady | EngineFailed | Admitted | RequestRejected | TokenEvent | Tokenized | Detokenized | EngineLoad
 
 
 @dataclass

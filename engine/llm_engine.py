@@ -19,7 +19,7 @@ from engine.detokenizer import Detokenizer
 from engine.events import Admitted, Completion, Prompt, TokenEvent
 from engine.head import AcceptanceHead
 from engine.loading.loader import check_vocabularies, eos_token_ids
-from engine.params import SamplingParams, SpecConfig
+from engine.params import SEED_SPACE, SamplingParams, SpecConfig, generation_config_defaults
 from engine.policies import make_policy
 from engine.runner import ModelRunner
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -37,6 +37,18 @@ class RequestError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+def _is_chat(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+def developer_as_system(messages: list[dict], template: str) -> list[dict]:
+    """OpenAI's `developer` role is its newer name for `system`: a template that does not know it
+    would drop those messages, so they become system messages."""
+    if "developer" in template:
+        return messages
+    return [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
 
 
 class LLMEngine:
@@ -71,19 +83,24 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(target, tokenizer)
         limit = getattr(target.config, "max_position_embeddings", None) or 32768
         self.max_model_len = min(max_model_len or limit, limit)
+        # what the server applies when a request omits them (vLLM's use of generation_config)
+        self.sampling_defaults = generation_config_defaults(getattr(target, "generation_config", None))
         self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
 
     # ----- requests -------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, add_special_tokens: bool = True, add_generation_prompt: bool = True) -> list[int]:
         """Token ids for raw text, ids, or chat messages (through the chat template)."""
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        if prompt and isinstance(prompt[0], dict):
-            if not getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        if _is_chat(prompt):
+            template = getattr(self.tokenizer, "chat_template", None)
+            if not template:
                 raise RequestError("this model has no chat template; use completions", "messages")
-            out = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            messages = developer_as_system(prompt, str(template))  # type: ignore[arg-type]
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                     tokenize=True)
             if isinstance(out, dict) or hasattr(out, "input_ids"):
                 out = out["input_ids"]
             return list(out)
@@ -102,7 +119,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         head = self._head_for(spec)
-        prompt_ids = self._encode_checked(prompt, params.max_tokens)
+        prompt_ids = self._encode_checked(prompt)
+        params = self._bounded(params, len(prompt_ids), "messages" if _is_chat(prompt) else "prompt")
         if (field_name := params.token_id_field_beyond(self.target.vocab_size)) is not None:
             raise RequestError(f"{field_name} token ids must lie in [0, {self.target.vocab_size})", field_name)
         generator, draft_generator = self._generators(params.seed)
@@ -135,28 +153,15 @@ class LLMEngine:
                                f"heads: {loaded}", "specdec.head")
         return head
 
-    def _encode_checked(self, prompt: Prompt, max_tokens: int) -> list[int]:
-        """The prompt's token ids, refused when empty, out of the vocabulary, or too long for the
-        model's context or the KV-cache budget once `max_tokens` are added."""
+    def _encode_checked(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, refused when empty or out of the vocabulary (its length is
+        checked against the context by `_bounded`)."""
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.target.vocab_size
         if any(t < 0 or t >= vocab for t in prompt_ids):
             raise RequestError(f"prompt token ids must lie in [0, {vocab})", "prompt")
-        if len(prompt_ids) + max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"model's context length ({self.max_model_len})",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        if len(prompt_ids) + max_tokens > self.scheduler.config.kv_cache_tokens:
-            raise RequestError(
-                f"prompt plus max_tokens ({len(prompt_ids) + max_tokens} tokens) exceeds the KV-cache "
-                f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
-                "max_tokens",
-            )
         return prompt_ids
 
     def _generators(self, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
@@ -165,8 +170,41 @@ class LLMEngine:
         seed = seed if seed is not None else random.getrandbits(62)
         generator = torch.Generator(device=self.target.device).manual_seed(seed)
         if self.draft is not None and self.draft.device != self.target.device:
-            return generator, torch.Generator(device=self.draft.device).manual_seed(seed + 1)
+            return generator, torch.Generator(device=self.draft.device).manual_seed((seed + 1) % SEED_SPACE)
         return generator, generator
+
+    def _bounded(self, params: SamplingParams, prompt_tokens: int, prompt_param: str) -> SamplingParams:
+        """`params` with max_tokens set: unset, it is the room the prompt leaves in the context and
+        in the KV budget (as vLLM does). A prompt that leaves no room is an error naming the prompt;
+        a max_tokens the request set that does not fit, an error naming max_tokens."""
+        room = min(self.max_model_len, self.scheduler.config.kv_cache_tokens) - prompt_tokens
+        if room < 1:
+            raise RequestError(
+                f"the {prompt_param} ({prompt_tokens} tokens) leaves no room for a completion in the model's "
+                f"context length ({self.max_model_len}) and the KV-cache budget "
+                f"({self.scheduler.config.kv_cache_tokens} tokens); please shorten the {prompt_param}",
+                prompt_param, "context_length_exceeded",
+            )
+        if params.max_tokens is None:
+            if params.min_tokens > room:  # set, max_tokens would have been checked against it on validation
+                raise RequestError(
+                    f"min_tokens ({params.min_tokens}) exceeds the room the {prompt_param} leaves for a completion "
+                    f"({room} tokens)", "min_tokens",
+                )
+            return params.model_copy(update={"max_tokens": room})
+        if prompt_tokens + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"{prompt_param} ({prompt_tokens} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context length ({self.max_model_len})",
+                "max_tokens", "context_length_exceeded",
+            )
+        if prompt_tokens + params.max_tokens > self.scheduler.config.kv_cache_tokens:
+            raise RequestError(
+                f"{prompt_param} plus max_tokens ({prompt_tokens + params.max_tokens} tokens) exceeds the KV-cache "
+                f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
+                "max_tokens", "context_length_exceeded",
+            )
+        return params
 
     def abort(self, request_id: str) -> TokenEvent | None:
         """Cancel a request (waiting or running) and free its caches."""

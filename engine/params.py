@@ -6,12 +6,14 @@ body with them), and plain data (no tensors), so they cross process queues as th
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PolicyName = Literal["none", "constant", "heuristic", "confidence", "specdec++"]
 POLICY_NAMES: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++")
+SEED_SPACE = 1 << 64  # torch's seed range: a seed of any size is reduced into it
+MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k")  # what a model's generation_config may set
 
 
 class SamplingParams(BaseModel):
@@ -19,11 +21,11 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    temperature: float = Field(1.0, ge=0.0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    seed: int | None = None
-    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1, description="0 or -1 (vLLM's spelling) disables top-k")
+    seed: int | None = Field(None, description="any integer; reduced modulo 2**64, torch's seed range")
+    max_tokens: int | None = Field(None, ge=1, description="None: the rest of the context (the engine decides)")
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     # The target distribution's modifiers (engine/sampling.py: LogitAdjuster), applied to the draft alike.
@@ -34,6 +36,16 @@ class SamplingParams(BaseModel):
     min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens")
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = Field(None, ge=0, le=20, description="report each token's logprob and this many top")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, value: int) -> int:
+        return 0 if value == -1 else value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int | None) -> int | None:
+        return None if value is None else value % SEED_SPACE
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -104,6 +116,29 @@ class SamplingParams(BaseModel):
         if any(t >= vocab_size for t in self.stop_token_ids):
             return "stop_token_ids"
         return None
+
+    def with_defaults(self, defaults: dict[str, Any]) -> SamplingParams:
+        """These params, with `defaults` for the fields the caller did not set (a model's
+        generation_config, which the server applies as vLLM does)."""
+        unset = {name: value for name, value in defaults.items() if name not in self.model_fields_set}
+        return self.model_copy(update=unset) if unset else self
+
+
+def generation_config_defaults(generation_config: Any) -> dict[str, Any]:
+    """The temperature, top_p and top_k a model's generation_config sets (only values that differ
+    from transformers' defaults, as vLLM reads them); a value SamplingParams rejects is left out."""
+    if generation_config is None:
+        return {}
+    diff = generation_config.to_diff_dict()
+    out = {}
+    for name in MODEL_DEFAULT_FIELDS:
+        if diff.get(name) is None:
+            continue
+        try:
+            out[name] = getattr(SamplingParams.model_validate({name: diff[name]}), name)
+        except ValueError:
+            continue
+    return out
 
 
 class SpecConfig(BaseModel):

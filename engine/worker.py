@@ -3,12 +3,15 @@
 The server spawns `run_worker` in its own process and talks to it only with the messages of
 engine/events.py:
 
-  in:  AddRequest, AbortRequest, Shutdown
+  in:  AddRequest, AbortRequest, TokenizeRequest, DetokenizeRequest, Shutdown
   out: EngineReady or EngineFailed, then Admitted or RequestRejected per request,
        TokenEvent (one per request per step; the last one carries the RequestStats),
+       Tokenized or Detokenized (or RequestRejected) per tokenizer query,
        EngineLoad (whenever the engine's load changes)
 
-The parameters arrive validated (by the server) and are handed to the engine as they are.
+The parameters arrive validated (by the server). The sampling fields a request left unset take
+the target's generation_config values (`LLMEngine.sampling_defaults`, as vLLM's server does);
+then they are handed to the engine as they are.
 The loop blocks on the inbox while idle and otherwise steps the engine, draining whatever
 arrived in between, so a new request or an abort waits at most one step.
 """
@@ -24,13 +27,18 @@ from typing import Any
 from engine.events import (
     AbortRequest,
     AddRequest,
+    Detokenized,
+    DetokenizeRequest,
     EngineFailed,
     EngineLoad,
     EngineReady,
     RequestRejected,
     Shutdown,
     ToEngine,
+    Tokenized,
+    TokenizeRequest,
 )
+from engine.params import MODEL_DEFAULT_FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is still alive
@@ -65,8 +73,16 @@ def _build(config: dict) -> tuple[Any, EngineReady]:
         max_model_len=engine.max_model_len,
         default_spec=engine.default_spec,
         scheduler=dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...
+        sampling_defaults=effective_sampling_defaults(engine.sampling_defaults),
     )
     return engine, ready
+
+
+def effective_sampling_defaults(model_defaults: dict) -> dict:
+    """What a request that omits temperature, top_p and top_k samples with: the model's
+    generation_config where it sets them, SamplingParams' defaults elsewhere (for /v1/models)."""
+    params = SamplingParams().with_defaults(model_defaults)
+    return {name: getattr(params, name) for name in MODEL_DEFAULT_FIELDS}
 
 
 class EngineLoop:
@@ -117,6 +133,8 @@ class EngineLoop:
             self.add(message)
         elif isinstance(message, AbortRequest):
             self.abort(message.request_id)
+        elif isinstance(message, (TokenizeRequest, DetokenizeRequest)):
+            self.answer(message)
         elif isinstance(message, Shutdown):
             self.stopping = True
         else:
@@ -125,8 +143,9 @@ class EngineLoop:
     def add(self, request: AddRequest) -> None:
         from engine.llm_engine import RequestError
 
+        params = request.params.with_defaults(self.engine.sampling_defaults)
         try:
-            admitted = self.engine.add_request(request.request_id, request.prompt, request.params, request.spec)
+            admitted = self.engine.add_request(request.request_id, request.prompt, params, request.spec)
         except RequestError as exc:
             self.outbox.put(RequestRejected(request.request_id, str(exc), exc.param, exc.code))
             return
@@ -138,6 +157,32 @@ class EngineLoop:
             self.outbox.put(RequestRejected(request.request_id, f"{type(exc).__name__}: {exc}", None, "internal_error"))
             return
         self.outbox.put(admitted)
+
+    def answer(self, query: TokenizeRequest | DetokenizeRequest) -> None:
+        """A tokenizer query, between steps; a bad prompt or token id is a RequestRejected naming it."""
+        from engine.llm_engine import RequestError
+
+        try:
+            self.outbox.put(self._tokenize(query) if isinstance(query, TokenizeRequest) else self._detokenize(query))
+        except RequestError as exc:
+            self.outbox.put(RequestRejected(query.request_id, str(exc), exc.param, exc.code))
+        except ValueError as exc:  # from the tokenizer: a bad query, not a bad engine
+            self.outbox.put(RequestRejected(query.request_id, str(exc), None, "invalid_request"))
+        except Exception as exc:
+            log.exception("tokenizer query %s failed", query.request_id)
+            self.outbox.put(RequestRejected(query.request_id, f"{type(exc).__name__}: {exc}", None, "internal_error"))
+
+    def _tokenize(self, query: TokenizeRequest) -> Tokenized:
+        tokens = self.engine.encode(query.prompt, query.add_special_tokens, query.add_generation_prompt)
+        return Tokenized(query.request_id, tokens, self.engine.max_model_len)
+
+    def _detokenize(self, query: DetokenizeRequest) -> Detokenized:
+        from engine.llm_engine import RequestError
+
+        vocab = len(self.engine.tokenizer)
+        if any(t < 0 or t >= vocab for t in query.tokens):
+            raise RequestError(f"tokens must lie in [0, {vocab})", "tokens", "invalid_request")
+        return Detokenized(query.request_id, self.engine.tokenizer.decode(query.tokens))
 
     def abort(self, request_id: str) -> None:
         event = self.engine.abort(request_id)

@@ -19,7 +19,10 @@ from fastapi import FastAPI
 from server.engine_client import FAILED, EngineClient
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
+from server.middleware import install_middleware
+from server.openapi import install_openapi
 from server.routes import ops, v1
+from server.tokenization import tokenization
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,8 @@ class ServerSettings:
     max_queue: int | None = None  # requests waiting or running before 429
     served_model_name: str | None = None  # default: the target's identity
     shutdown_grace_seconds: float = 30.0
+    max_request_bytes: int | None = None  # larger bodies get a 413 before parsing (None: no limit; the CLI sets one)
+    allowed_origins: list[str] | None = None  # CORS: browser origins allowed to call the API; None: no CORS
     log_level: str = "INFO"
     on_fatal: Any = None  # called when the engine cannot start at all (the CLI stops uvicorn)
 
@@ -54,9 +59,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.metrics = metrics
     app.state.started = int(time.time())
     install_error_handlers(app)
+    install_middleware(app, settings.max_request_bytes, settings.allowed_origins)
     app.include_router(v1)
+    app.include_router(tokenization)
     app.include_router(ops)
+    install_openapi(app, lambda: _served_names(settings, engine))
     return app
+
+
+def _served_names(settings: ServerSettings, engine: EngineClient) -> list[str]:
+    name = settings.served_model_name or (engine.info.model if engine.info else None)
+    return [name] if name else []
 
 
 def _watch_first_start(engine: EngineClient, settings: ServerSettings) -> asyncio.Future:

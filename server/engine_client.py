@@ -24,6 +24,8 @@ from engine.events import (
     AbortRequest,
     AddRequest,
     Admitted,
+    Detokenized,
+    DetokenizeRequest,
     EngineFailed,
     EngineLoad,
     EngineReady,
@@ -31,6 +33,8 @@ from engine.events import (
     RequestRejected,
     Shutdown,
     TokenEvent,
+    Tokenized,
+    TokenizeRequest,
 )
 from engine.worker import run_worker
 from server.errors import APIError
@@ -49,7 +53,7 @@ class Cancelled:
     request_id: str
 
 
-HandleMessage = Admitted | RequestRejected | TokenEvent | Cancelled
+HandleMessage = Admitted | RequestRejected | TokenEvent | Tokenized | Detokenized | Cancelled
 
 
 class RequestHandle:
@@ -65,6 +69,13 @@ class RequestHandle:
         """Wait until the engine accepted the request (its prompt length and spec), or raise an APIError."""
         message = await self.queue.get()
         if isinstance(message, Admitted):
+            return message
+        raise self._error(message)
+
+    async def answer(self) -> Tokenized | Detokenized:
+        """The engine's answer to a tokenizer query, or raise an APIError."""
+        message = await self.queue.get()
+        if isinstance(message, (Tokenized, Detokenized)):
             return message
         raise self._error(message)
 
@@ -135,6 +146,7 @@ class EngineClient:
         self._handles: dict[str, RequestHandle] = {}  # requests with a listener
         self._in_flight: set[str] = set()  # requests the engine has not finished
         self._pending: set[str] = set()  # sent to the engine, not yet admitted
+        self._queries: set[str] = set()  # tokenizer queries awaiting the engine's answer
         self._engine_waiting = 0  # the engine's own queue (a scheduler may hold requests back)
         self._state_changed = asyncio.Event()
         self._supervisor: threading.Thread | None = None
@@ -205,6 +217,15 @@ class EngineClient:
         self._update_queue_gauge()
         self._inbox.put(request)
         return handle
+
+    async def query(self, message: TokenizeRequest | DetokenizeRequest) -> Tokenized | Detokenized:
+        """Ask the engine's tokenizer (answered between two steps); not counted against --max-queue."""
+        self.check_ready()
+        handle = RequestHandle(self, message.request_id)
+        self._handles[message.request_id] = handle
+        self._queries.add(message.request_id)
+        self._inbox.put(message)
+        return await handle.answer()
 
     def abort(self, request_id: str) -> None:
         self._handles.pop(request_id, None)
@@ -297,6 +318,9 @@ class EngineClient:
             self._pending.discard(message.request_id)
             self._update_queue_gauge()
             self._deliver(message, last=False)
+        elif isinstance(message, (Tokenized, Detokenized, RequestRejected)) and message.request_id in self._queries:
+            self._queries.discard(message.request_id)
+            self._deliver(message, last=True)
         elif isinstance(message, RequestRejected):
             self._finish(message.request_id)
             self.metrics.requests.labels(status="error" if message.code == "internal_error" else "rejected").inc()
@@ -336,6 +360,11 @@ class EngineClient:
         self._set_state(FAILED)
 
     def _fail_all(self, generation: int, reason: str) -> None:
+        for request_id in self._queries:
+            handle = self._handles.pop(request_id, None)
+            if handle is not None:
+                handle.queue.put_nowait(RequestRejected(request_id, reason, None, "engine_unavailable"))
+        self._queries.clear()
         for request_id in list(self._in_flight):
             self.metrics.requests.labels(status="error").inc()
             handle = self._handles.pop(request_id, None)

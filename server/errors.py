@@ -12,6 +12,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
@@ -45,19 +46,21 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """(message, param, code) of the first error."""
     errors = exc.errors()
     if not errors:
-        return "invalid request", None
+        return "invalid request", None, "invalid_request"
     first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return f"invalid JSON body: {first.get('msg', '')}".rstrip(": "), None
+        return f"invalid JSON body: {first.get('msg', '')}".rstrip(": "), None, "invalid_request"
     if first.get("type") == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {param}", param
+        return f"Unrecognized request argument supplied: {param}", param, "invalid_request"
     message = first.get("msg", "invalid value")
-    return (f"{param}: {message}" if param else message), param
+    code = "unsupported_parameter" if first.get("type") == "unsupported_parameter" else "invalid_request"
+    return (f"{param}: {message}" if param else message), param, code
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -67,12 +70,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(400, message, param, "invalid_request"), status_code=400)
+        message, param, code = _validation_message(exc)
+        return JSONResponse(error_body(400, message, param, code), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else None
+        code = {404: "not_found", 413: "request_too_large"}.get(exc.status_code)
         return JSONResponse(
             error_body(exc.status_code, str(exc.detail), None, code),
             status_code=exc.status_code,

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 
 from engine.events import TokenLogprob
 from engine.params import SpecConfig
 from engine.stats import RequestStats
 
+Choice = tuple[str, str, list[TokenLogprob] | None]  # a finished choice: text, finish_reason, logprobs (if asked)
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf: a token the processed distribution excludes reports this (as vLLM)
 
 
@@ -50,6 +52,22 @@ def usage(prompt_tokens: int, stats: RequestStats | None) -> dict:
     completion = stats.generated_tokens if stats else 0
     prompt = stats.prompt_tokens if stats and stats.prompt_tokens else prompt_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def merged_stats(records: list[RequestStats | None]) -> RequestStats | None:
+    """One record for a request of several prompts: counts and rounds add up, the timings are those
+    of the whole (first token of any prompt, last to finish); a single record is itself."""
+    present = [r for r in records if r is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    out = RequestStats(policy=present[0].policy)
+    for f in fields(RequestStats):
+        if f.name not in ("policy", "first_token_seconds", "total_seconds"):
+            setattr(out, f.name, sum((getattr(r, f.name) for r in present), type(getattr(out, f.name))()))
+    firsts = [r.first_token_seconds for r in present if r.first_token_seconds is not None]
+    out.first_token_seconds = min(firsts) if firsts else None
+    out.total_seconds = max(r.total_seconds for r in present)
+    return out
 
 
 def stats_fields(stats: RequestStats | None, spec: SpecConfig) -> dict:
@@ -99,51 +117,50 @@ class ResponseBuilder:
         self.model = model
         self.spec = spec
         self.created = int(time.time())
-        self.text_offset = 0  # where the next completion token's logprob entry starts in the text
+        self.text_offsets: dict[int, int] = {}  # per choice: where its next logprob entry starts in its text
 
-    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
-        """The `logprobs` of a choice carrying `entries` (the next tokens of the completion); None if not asked."""
+    def logprobs(self, entries: list[TokenLogprob] | None, index: int = 0) -> dict | None:
+        """The `logprobs` of choice `index` carrying `entries` (its next tokens); None if not asked."""
         if entries is None:
             return None
         if self.kind == "chat":
             return chat_logprobs(entries)
-        body = completion_logprobs(entries, self.text_offset)
-        self.text_offset += sum(len(e.token) for e in entries)
-        return body
+        offset = self.text_offsets.get(index, 0)
+        self.text_offsets[index] = offset + sum(len(e.token) for e in entries)
+        return completion_logprobs(entries, offset)
 
     def _base(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(
-        self, text: str, finish_reason: str, prompt_tokens: int, stats: RequestStats | None,
-        logprobs: list[TokenLogprob] | None = None,
-    ) -> dict:
-        if self.kind == "chat":
-            body = self._base("chat.completion")
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            body = self._base("text_completion")
-            choice = {"index": 0, "text": text}
-        choice["logprobs"] = self.logprobs(logprobs)
-        choice["finish_reason"] = finish_reason
-        body["choices"] = [choice]
+    def full(self, choices: list[Choice], prompt_tokens: int, stats: RequestStats | None) -> dict:
+        """The whole body: one choice per (text, finish_reason, logprobs), the usage and stats of them all."""
+        body = self._base("chat.completion" if self.kind == "chat" else "text_completion")
+        body["choices"] = [self._choice(i, *choice) for i, choice in enumerate(choices)]
         body["usage"] = usage(prompt_tokens, stats)
         body.update(stats_fields(stats, self.spec))
         return body
 
+    def _choice(self, index: int, text: str, finish_reason: str, logprobs: list[TokenLogprob] | None) -> dict:
+        if self.kind == "chat":
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "logprobs": self.logprobs(logprobs, index), "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": self.logprobs(logprobs, index),
+                "finish_reason": finish_reason}
+
     def chunk(
         self, text: str | None, finish_reason: str | None = None, first: bool = False, with_usage_key: bool = False,
-        logprobs: list[TokenLogprob] | None = None,
+        index: int = 0, logprobs: list[TokenLogprob] | None = None,
     ) -> dict:
         if self.kind == "chat":
             body = self._base("chat.completion.chunk")
             delta: dict = {"role": "assistant", "content": text or ""} if first else {}
             if text and not first:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(logprobs, index),
+                      "finish_reason": finish_reason}
         else:
             body = self._base("text_completion")
-            choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(logprobs),
+            choice = {"index": index, "text": text or "", "logprobs": self.logprobs(logprobs, index),
                       "finish_reason": finish_reason}
         body["choices"] = [choice]
         if with_usage_key:

@@ -1,4 +1,4 @@
-"""The HTTP routes: OpenAI's /v1 API plus /health and /metrics.
+"""The HTTP routes: OpenAI's /v1 API plus /health, /metrics and /version.
 
 Request path: validate the body (schemas), build SamplingParams and the request's partial
 SpecConfig (engine.params rules; the only validation they get), submit an AddRequest to the
@@ -15,17 +15,20 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from engine.events import AddRequest, EngineReady, Prompt, TokenEvent, TokenLogprob
 from engine.params import SamplingParams, SpecConfig
+from engine.stats import RequestStats
 from server.auth import require_api_key
 from server.engine_client import READY, EngineClient, RequestHandle
 from server.errors import APIError
 from server.metrics import CONTENT_TYPE
-from server.protocol import ResponseBuilder, sse, stats_fields
+from server.middleware import request_id_of
+from server.protocol import ResponseBuilder, merged_stats, sse, stats_fields
 from server.schemas import BaseCompletionRequest, ChatCompletionRequest, CompletionRequest
+from specdecpp import __version__
 
 log = logging.getLogger(__name__)
 DISCONNECT_POLL_SECONDS = 0.5
@@ -63,7 +66,7 @@ def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[SamplingPar
     try:
         sampling = body.to_sampling()
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _as_sent(_validation_error(exc), body) from None
     try:
         spec = body.to_spec()
     except ValidationError as exc:
@@ -71,52 +74,104 @@ def _prepare(request: Request, body: BaseCompletionRequest) -> tuple[SamplingPar
     return sampling, spec
 
 
-async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompt: Prompt) -> Response:
+def _as_sent(error: APIError, body: BaseCompletionRequest) -> APIError:
+    """An error about max_tokens names the field the client sent (chat's max_completion_tokens, say)."""
+    sent = body.max_tokens_param()
+    if error.param == "max_tokens" and sent != "max_tokens":
+        error.param, error.message = sent, error.message.replace("max_tokens", sent)
+    return error
+
+
+async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompts: list[Prompt]) -> Response:
+    """Serve one request of one or more prompts (one choice each, in order)."""
     sampling, spec = _prepare(request, body)
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
-    request_id = f"{prefix}-{uuid.uuid4().hex}"
-    handle = _client(request).submit(AddRequest(request_id, prompt, sampling, spec))
-    watcher = asyncio.ensure_future(_abort_on_disconnect(request, handle))
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    log.info("%s: x-request-id %s, %d prompt(s)", response_id, request_id_of(request), len(prompts))
+    handles = _submit(_client(request), response_id, prompts, sampling, spec)
+    watcher = asyncio.ensure_future(_abort_on_disconnect(request, handles))
     try:
-        admitted = await handle.admitted()  # 4xx from the engine surface here, before any stream starts
-        builder = ResponseBuilder(kind, request_id, body.model, admitted.spec)
+        try:
+            admitted = [await handle.admitted() for handle in handles]  # 4xx from the engine, before any stream
+        except APIError as exc:
+            raise _as_sent(exc, body) from None
+        builder = ResponseBuilder(kind, response_id, body.model, admitted[0].spec)
+        prompt_tokens = sum(a.prompt_tokens for a in admitted)
         if not body.stream:
-            return await _collect(handle, builder, admitted.prompt_tokens)
+            return await _collect(handles, builder, prompt_tokens)
     except BaseException:
-        handle.abort()
+        _abort_all(handles)
         raise
     finally:
         watcher.cancel()  # a stream's disconnects are seen by Starlette, which cancels `_stream`
     return StreamingResponse(
-        _stream(handle, builder, admitted.prompt_tokens, body.include_usage),
+        _stream(handles, builder, prompt_tokens, body.include_usage),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _abort_on_disconnect(request: Request, handle: RequestHandle) -> None:
-    """While a route waits on the engine, poll the connection; a gone client aborts the request."""
-    while not handle.finished:
+def _submit(client: EngineClient, response_id: str, prompts: list[Prompt], sampling: SamplingParams,
+            spec: SpecConfig | None) -> list[RequestHandle]:
+    """One engine request per prompt; if the queue cannot take them all, none runs (the 429 propagates)."""
+    handles: list[RequestHandle] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            engine_id = response_id if len(prompts) == 1 else f"{response_id}-{i}"
+            handles.append(client.submit(AddRequest(engine_id, prompt, sampling, spec)))
+    except APIError:
+        _abort_all(handles)
+        raise
+    return handles
+
+
+def _abort_all(handles: list[RequestHandle]) -> None:
+    for handle in handles:
+        handle.abort()  # no-op for a finished one
+
+
+async def _abort_on_disconnect(request: Request, handles: list[RequestHandle]) -> None:
+    """While a route waits on the engine, poll the connection; a gone client aborts its requests."""
+    while not all(handle.finished for handle in handles):
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
         if await request.is_disconnected():
-            log.info("client left; aborting %s", handle.request_id)
-            handle.abort()
+            log.info("client left; aborting %s", ", ".join(h.request_id for h in handles))
+            _abort_all(handles)
             return
 
 
-async def _collect(handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int) -> Response:
+async def _events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) from all the handles as they arrive, up to every final event."""
+    waiting = {asyncio.ensure_future(handle.next_event()): i for i, handle in enumerate(handles)}
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=waiting.__getitem__):
+                i = waiting.pop(task)
+                event = task.result()
+                if not event.finished:
+                    waiting[asyncio.ensure_future(handles[i].next_event())] = i
+                yield i, event
+    finally:
+        for task in waiting:
+            task.cancel()
+
+
+async def _collect(handles: list[RequestHandle], builder: ResponseBuilder, prompt_tokens: int) -> Response:
     """Non-streaming: gather the events into one body."""
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] | None = None  # stays None unless the request asked for logprobs
-    while True:
-        event = await handle.next_event()
-        parts.append(event.text)
+    parts: list[list[str]] = [[] for _ in handles]
+    logprobs: list[list[TokenLogprob] | None] = [None for _ in handles]  # stay None unless the request asked
+    finals: dict[int, TokenEvent] = {}
+    async for i, event in _events(handles):
+        parts[i].append(event.text)
         if event.logprobs is not None:
-            logprobs = (logprobs or []) + event.logprobs
+            logprobs[i] = (logprobs[i] or []) + event.logprobs
         if event.finished:
-            break
-    _raise_for_final(event)
-    return JSONResponse(builder.full("".join(parts), event.finish_reason, prompt_tokens, event.stats, logprobs))
+            _raise_for_final(event)
+            finals[i] = event
+    choices = [("".join(parts[i]), finals[i].finish_reason, logprobs[i]) for i in range(len(handles))]
+    stats = merged_stats([finals[i].stats for i in range(len(handles))])
+    return JSONResponse(builder.full(choices, prompt_tokens, stats))
 
 
 def _raise_for_final(final: TokenEvent) -> None:
@@ -128,48 +183,49 @@ def _raise_for_final(final: TokenEvent) -> None:
 
 
 async def _stream(
-    handle: RequestHandle, builder: ResponseBuilder, prompt_tokens: int, include_usage: bool
+    handles: list[RequestHandle], builder: ResponseBuilder, prompt_tokens: int, include_usage: bool
 ) -> AsyncIterator[str]:
-    """SSE: a role chunk, content chunks, a finish chunk, an optional usage chunk, [DONE].
+    """SSE: a role chunk, content chunks, a finish chunk per choice, an optional usage chunk, [DONE].
 
-    The stats (`metrics`, `specdec`) ride on the finish chunk and on the usage chunk.
-    Starlette cancels this generator when the client disconnects; `finally` then aborts
-    the request in the engine so its caches are freed.
+    The stats (`metrics`, `specdec`) ride on each choice's finish chunk (that prompt's) and on
+    the usage chunk (all prompts'). Starlette cancels this generator when the client disconnects;
+    `finally` then aborts the requests in the engine so their caches are freed.
     """
+    stats: list[RequestStats | None] = [None] * len(handles)
     try:
         if builder.kind == "chat":  # chat streams open with the assistant role, like OpenAI's
             yield sse(builder.chunk("", first=True, with_usage_key=include_usage))
-        async for event in handle.events():
+        async for i, event in _events(handles):
             if event.finished:
-                reason = event.finish_reason
-                if reason in ("error", "abort"):
+                if event.finish_reason in ("error", "abort"):
                     _raise_for_final(event)
-                chunk = builder.chunk(event.text or None, finish_reason=reason, with_usage_key=include_usage,
+                chunk = builder.chunk(event.text or None, event.finish_reason, with_usage_key=include_usage, index=i,
                                       logprobs=event.logprobs)
                 chunk.update(stats_fields(event.stats, builder.spec))
                 yield sse(chunk)
-                if include_usage:
-                    yield sse(builder.usage_chunk(prompt_tokens, event.stats))
+                stats[i] = event.stats
             elif event.text or event.logprobs:  # tokens whose text is held back still carry their logprobs
-                yield sse(builder.chunk(event.text, with_usage_key=include_usage, logprobs=event.logprobs))
+                yield sse(builder.chunk(event.text, with_usage_key=include_usage, index=i, logprobs=event.logprobs))
+        if include_usage:
+            yield sse(builder.usage_chunk(prompt_tokens, merged_stats(stats)))
         yield sse("[DONE]")
     except APIError as exc:
         yield sse(exc.body())
         yield sse("[DONE]")
     finally:
-        handle.abort()  # no-op when the request already finished
+        _abort_all(handles)
 
 
 @v1.post("/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
     if not body.messages:
         raise APIError(400, "messages must contain at least one message", "messages", "invalid_request")
-    return await _run(request, body, "chat", body.prompt())
+    return await _run(request, body, "chat", [body.prompt()])
 
 
 @v1.post("/completions")
 async def completions(request: Request, body: CompletionRequest) -> Response:
-    return await _run(request, body, "completion", body.prompt_value())
+    return await _run(request, body, "completion", body.prompts())
 
 
 @v1.get("/models")
@@ -185,9 +241,9 @@ async def list_models(request: Request) -> dict:
 def _engine_card(info: EngineReady | None) -> dict:
     """What the engine says of itself; nulls before its first start (a --served-model-name answers earlier)."""
     if info is None:
-        return {"max_model_len": None,
+        return {"max_model_len": None, "sampling_defaults": None,
                 "specdec": {"draft": None, "head": None, "heads": None, "default": {}, "scheduler": None}}
-    return {"max_model_len": info.max_model_len,
+    return {"max_model_len": info.max_model_len, "sampling_defaults": info.sampling_defaults,
             "specdec": {"draft": info.draft, "head": info.head, "heads": info.heads,
                         "default": info.default_spec.model_dump(), "scheduler": info.scheduler}}
 
@@ -201,7 +257,12 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if client.state == READY else 503)
 
 
-@ops.get("/metrics")
+@ops.get("/version")
+async def version() -> dict:
+    return {"version": __version__}
+
+
+@ops.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 

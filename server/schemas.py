@@ -4,50 +4,117 @@ Only the wire format lives here. Sampling and speculation rules live in engine.p
 (`SamplingParams`, `SpecConfig`); `to_sampling` and `to_spec` hand the values over so
 those models validate them, once, here at the edge. Parameters we accept on the wire but cannot honour are
 listed in `unsupported()` and answered with a 400, never silently ignored; unknown
-fields are rejected like OpenAI does ("Unrecognized request argument").
+fields are rejected like OpenAI does ("Unrecognized request argument"). Fields OpenAI defines
+that cannot change what this server generates (`ignored_fields`) are accepted and dropped, with a
+warning once per field name.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import logging
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engine.params import SamplingParams, SpecConfig
 
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # ignored field names already logged
 
-class StreamOptions(BaseModel):
+
+class WireModel(BaseModel):
+    """A request body (or part of one) that forbids unknown fields but drops `ignored_fields`."""
+
     model_config = ConfigDict(extra="forbid")
+    ignored_fields: ClassVar[frozenset[str]] = frozenset()
+    wire_prefix: ClassVar[str] = ""  # where the fields sit in the body, for the warning
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_ignored(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.ignored_fields & data.keys():
+            return data
+        for name in sorted(cls.ignored_fields & data.keys()):
+            if cls.wire_prefix + name not in _warned:
+                _warned.add(cls.wire_prefix + name)
+                log.warning("ignoring request field %r: accepted for OpenAI compatibility, it does not change "
+                            "the output (warned once)", cls.wire_prefix + name)
+        return {key: value for key, value in data.items() if key not in cls.ignored_fields}
+
+
+class StreamOptions(WireModel):
+    ignored_fields = frozenset({"include_obfuscation"})  # padding against side channels; we send none
+    wire_prefix = "stream_options."
 
     include_usage: bool = False
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ContentPart(BaseModel):
+    """One part of a message's content; ChatMessage accepts only text (and refusal parts of assistant history)."""
 
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+    refusal: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(WireModel):
+    ignored_fields = frozenset({"refusal", "annotations"})  # what an assistant reply carries, echoed as history
+    wire_prefix = "messages[]."
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = Field(None, validate_default=True)
     name: str | None = None
+    tool_calls: list[Any] | None = None  # assistant history: only an empty list (no tool calling)
+    function_call: Any = None  # assistant history: only null
+    audio: Any = None  # assistant history: only null (no audio output)
+
+    @field_validator("content")
+    @classmethod
+    def _text_content(cls, content: str | list[ContentPart] | None, info: ValidationInfo) -> Any:
+        """Like OpenAI: only an assistant's content may be null; parts must be text."""
+        role = info.data.get("role")
+        if content is None and role not in (None, "assistant"):
+            raise PydanticCustomError("content_required", "content is required for a {role} message", {"role": role})
+        for part in content if isinstance(content, list) else ():
+            if part.type == "refusal" and role == "assistant" and part.refusal is not None:
+                continue
+            if part.type != "text":
+                raise PydanticCustomError("unsupported_parameter", "this model accepts only text content parts")
+            if part.text is None:
+                raise PydanticCustomError("text_required", "a text content part needs 'text'")
+        return content
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text if part.type == "text" else part.refusal or "" for part in self.content)
+
+    def unsupported(self, where: str) -> list[tuple[str, str]]:
+        """History this server cannot render: tool calls and audio."""
+        out = []
+        if self.tool_calls:
+            out.append((f"{where}.tool_calls", "tool calling is not supported"))
+        if self.function_call is not None:
+            out.append((f"{where}.function_call", "tool calling is not supported"))
+        if self.audio is not None:
+            out.append((f"{where}.audio", "audio is not supported"))
+        return out
 
 
-class BaseCompletionRequest(BaseModel):
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages as plain dicts for the tokenizer's chat template (in the engine process)."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
+
+
+class BaseCompletionRequest(WireModel):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
-    model_config = ConfigDict(extra="forbid")
+    ignored_fields = frozenset({"service_tier", "prompt_cache_key", "prompt_cache_retention", "safety_identifier"})
 
     model: str
     stream: bool = False
@@ -55,7 +122,7 @@ class BaseCompletionRequest(BaseModel):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = Field(None, description="extension (vLLM): 0 disables")
+    top_k: int | None = Field(None, description="extension (vLLM): 0 or -1 disables")
     seed: int | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = Field(False, description="extension (vLLM): keep going past EOS")
@@ -71,6 +138,10 @@ class BaseCompletionRequest(BaseModel):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def max_tokens_param(self) -> str:
+        """The name the client gave the completion limit."""
+        return "max_tokens"
 
     def to_sampling(self) -> SamplingParams:
         """Raises pydantic.ValidationError, which the route turns into a 400 naming the field."""
@@ -116,6 +187,9 @@ class BaseCompletionRequest(BaseModel):
 
 
 class ChatCompletionRequest(BaseCompletionRequest):
+    # reasoning_effort: this server serves no reasoning model, so there is no effort to set (vLLM ignores it too)
+    ignored_fields = BaseCompletionRequest.ignored_fields | {"reasoning_effort"}
+
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -126,6 +200,7 @@ class ChatCompletionRequest(BaseCompletionRequest):
     function_call: Any = None
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
 
@@ -135,9 +210,11 @@ class ChatCompletionRequest(BaseCompletionRequest):
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def prompt(self) -> list[dict]:
-        """Chat messages as plain dicts for the tokenizer's chat template (in the engine process)."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return template_messages(self.messages)
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
@@ -151,6 +228,10 @@ class ChatCompletionRequest(BaseCompletionRequest):
                 out.append((name, "tool calling is not supported"))
         if self.response_format and self.response_format.get("type") != "text":
             out.append(("response_format", "only response_format {'type': 'text'} is supported"))
+        if self.modalities and set(self.modalities) != {"text"}:
+            out.append(("modalities", "only text output is supported"))
+        for i, message in enumerate(self.messages):
+            out += message.unsupported(f"messages.{i}")
         return out
 
 
@@ -164,18 +245,15 @@ class CompletionRequest(BaseCompletionRequest):
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
-    def prompt_value(self) -> str | list[int]:
-        """A single prompt as text or token ids; batches are a 400 (the route reports it)."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each text or token ids: a list of them gets one choice each, in order (like OpenAI)."""
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            return prompt[0]  # type: ignore[return-value]
-        return prompt  # type: ignore[return-value]
+            return list(prompt)  # type: ignore[arg-type]
+        return [prompt]  # type: ignore[list-item]
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = super().unsupported()
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                out.append(("prompt", "only one prompt per request is supported"))
         if self.echo:
             out.append(("echo", "echo is not supported"))
         if self.best_of not in (None, 1):

@@ -19,10 +19,13 @@ from conftest import random_head
 from live_server import DRAFT_NAME, TARGET_NAME, LiveServer, save_tiny_pair
 from transformers import AutoTokenizer
 
+import specdecpp
+
 API_KEY = "sk-test-key"
 MAX_QUEUE = 3
 CHAT = [{"role": "user", "content": "hello there"}]
 LONG = 400  # tokens: long enough that a request is still running when the test acts on it
+ALLOWED_ORIGIN = "https://ui.example"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def model_dirs(tmp_path_factory, tiny_pair, tokenizer):
 def server(model_dirs, tmp_path_factory):
     live = LiveServer(
         model_dirs, tmp_path_factory.mktemp("server-log") / "server.log",
-        ("--api-key", API_KEY, "--max-queue", str(MAX_QUEUE)),
+        ("--api-key", API_KEY, "--max-queue", str(MAX_QUEUE), "--allowed-origins", ALLOWED_ORIGIN),
     )
     try:
         live.wait_healthy()
@@ -255,6 +258,204 @@ def test_auth(server):
         bad.models.list()
     resp = httpx.post(f"{server.url}/v1/completions", json={"model": TARGET_NAME, "prompt": "a"})
     assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+
+
+# ----- OpenAI and vLLM edge cases -----------------------------------------------------------
+MAX_MODEL_LEN = 512  # the tiny target's context
+
+
+def test_developer_message_is_a_system_message(client):
+    """The tiny template does not know `developer`: such messages reach it as `system`, not dropped."""
+    replies = {}
+    for role in ("developer", "system"):
+        messages = [{"role": role, "content": "be brief"}, *CHAT]
+        replies[role] = client.chat.completions.create(model=TARGET_NAME, messages=messages, max_tokens=8,
+                                                       temperature=0)
+    assert replies["developer"].usage.prompt_tokens == replies["system"].usage.prompt_tokens
+    assert replies["developer"].usage.prompt_tokens > client.chat.completions.create(
+        model=TARGET_NAME, messages=CHAT, max_tokens=1).usage.prompt_tokens
+    assert replies["developer"].choices[0].message.content == replies["system"].choices[0].message.content
+
+
+def test_max_tokens_unset_is_the_rest_of_the_context(client):
+    """No phantom 256: without max_tokens a completion may fill the context, for chat and completions,
+    and a prompt within 256 tokens of the limit is served."""
+    messages = [{"role": "user", "content": "a" * 470}]
+    chat = client.chat.completions.create(model=TARGET_NAME, messages=messages, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == MAX_MODEL_LEN
+    text = client.completions.create(model=TARGET_NAME, prompt="b" * 490, extra_body={"ignore_eos": True})
+    assert text.usage.completion_tokens == MAX_MODEL_LEN - 490 and text.choices[0].finish_reason == "length"
+
+
+def test_context_errors_name_what_was_sent(client):
+    with pytest.raises(openai.BadRequestError) as info:  # the prompt alone is too long
+        client.chat.completions.create(model=TARGET_NAME, messages=[{"role": "user", "content": "a" * 600}])
+    assert (error_of(info.value)["param"], error_of(info.value)["code"]) == ("messages", "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=TARGET_NAME, prompt="a" * 600)
+    assert (error_of(info.value)["param"], error_of(info.value)["code"]) == ("prompt", "context_length_exceeded")
+    for name in ("max_tokens", "max_completion_tokens"):  # the limit is named when it was sent, as it was sent
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=TARGET_NAME, messages=[{"role": "user", "content": "a" * 400}],
+                                           **{name: 200})
+        assert (error_of(info.value)["param"], error_of(info.value)["code"]) == (name, "context_length_exceeded")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TARGET_NAME, messages=CHAT, max_completion_tokens=0)
+    assert error_of(info.value)["param"] == "max_completion_tokens"
+
+
+def test_harmless_openai_fields_and_echoed_history_are_accepted(client):
+    first = client.chat.completions.create(
+        model=TARGET_NAME, messages=CHAT, max_completion_tokens=4, service_tier="auto", prompt_cache_key="k1",
+        reasoning_effort="low", store=False, metadata={"team": "a"}, parallel_tool_calls=False,
+        safety_identifier="user-1", user="user-1", tools=[], stream=False,
+    )
+    history = [*CHAT, first.choices[0].message.model_dump(), {"role": "user", "content": "and then?"}]
+    assert {"refusal", "annotations", "audio", "tool_calls"} <= set(history[1])  # what the SDK echoes
+    again = client.chat.completions.create(model=TARGET_NAME, messages=history, max_tokens=4)
+    assert again.usage.prompt_tokens > first.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(
+        model=TARGET_NAME, messages=CHAT, max_tokens=4, stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert chunks[-1].usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [({"modalities": ["text", "audio"]}, "modalities"),
+     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+     ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0.tool_calls"),
+     ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+     ({"seed": None, "extra_body": {"top_k": -2}}, "top_k"),
+     ({"temperature": 2.5}, "temperature")],
+)
+def test_what_would_change_the_output_is_still_400(client, kwargs, param):
+    kwargs = {"messages": CHAT, **kwargs}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TARGET_NAME, max_tokens=4, **kwargs)
+    assert error_of(info.value)["param"] == param
+
+
+@pytest.mark.parametrize("part", [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+    {"type": "file", "file": {"file_id": "file-1"}},
+])
+def test_non_text_content_parts_are_400(client, part):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TARGET_NAME, max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "look"}, part]}])
+    error = error_of(info.value)
+    assert error["param"] == "messages.0.content" and "this model accepts only text content parts" in error["message"]
+
+
+def test_non_finite_and_huge_numbers(server, client):
+    for body in (b'"temperature": 1e999', b'"temperature": NaN', b'"top_p": Infinity', b'"top_p": -1e999'):
+        resp = httpx.post(f"{server.url}/v1/completions", headers={**headers(), "Content-Type": "application/json"},
+                          content=b'{"model": "%s", "prompt": "a", "max_tokens": 2, %s}' % (TARGET_NAME.encode(), body))
+        assert resp.status_code == 400, resp.text
+        assert resp.json()["error"]["param"] == body.split(b'"')[1].decode()
+    kwargs = dict(model=TARGET_NAME, prompt="abc", max_tokens=6, temperature=1.0)
+    big = client.completions.create(**kwargs, seed=2**80)  # reduced modulo 2**64, deterministically
+    assert big.choices[0].text == client.completions.create(**kwargs, seed=2**80).choices[0].text
+    assert big.choices[0].text == client.completions.create(**kwargs, seed=2**80 % 2**64).choices[0].text
+
+
+def test_top_k_minus_one_is_off(client):
+    kwargs = dict(model=TARGET_NAME, prompt="the quick", max_tokens=12, temperature=1.0, seed=11)
+    plain = client.completions.create(**kwargs).choices[0].text
+    assert client.completions.create(**kwargs, extra_body={"top_k": -1}).choices[0].text == plain
+    assert client.completions.create(**kwargs, extra_body={"top_k": 0}).choices[0].text == plain
+
+
+def test_several_prompts_get_one_choice_each(client):
+    prompts = ["abc", "the quick", "hello world"]
+    kwargs = dict(model=TARGET_NAME, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    singles = [client.completions.create(prompt=p, **kwargs) for p in prompts]
+    batch = client.completions.create(prompt=prompts, **kwargs)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles]
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == 24 and batch.model_extra["specdec"]["generated_tokens"] == 24
+    streamed = ["", "", ""]
+    chunks = list(client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                            **kwargs))
+    for chunk in chunks[:-1]:
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == [c.text for c in batch.choices]
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 3
+    assert chunks[-1].usage.total_tokens == batch.usage.total_tokens
+    ids = client.completions.create(prompt=[[1, 2, 3], [4, 5]], **kwargs)
+    assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 5
+
+
+def test_request_id_is_echoed_or_made_up(server):
+    with httpx.Client(base_url=server.url, headers=headers(), timeout=60) as http:
+        mine = http.post("/v1/completions", json={"model": TARGET_NAME, "prompt": "a", "max_tokens": 2},
+                         headers={"x-request-id": "trace-42"})
+        assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"
+        made_up = [http.get("/health"), http.post("/v1/completions", json={"model": "nope", "prompt": "a"}),
+                   httpx.get(f"{server.url}/v1/models")]  # 200, 404, 401
+        assert [r.status_code for r in made_up] == [200, 404, 401]
+        assert all(re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]) for r in made_up)
+        with http.stream("POST", "/v1/completions", json={"model": TARGET_NAME, "prompt": "a", "max_tokens": 2,
+                                                         "stream": True}, headers={"x-request-id": "s-1"}) as stream:
+            assert stream.headers["x-request-id"] == "s-1"
+    assert "x-request-id trace-42" in server.log()  # the logs tie the client's id to ours
+
+
+def test_request_body_limit_is_413_before_parsing(server):
+    big = b'{"model": "%s", "prompt": "%s"}' % (TARGET_NAME.encode(), b"a" * (9 * 1024 * 1024))
+    for content in (big, iter([big[:1024], big[1024:]])):  # with Content-Length, and chunked without it
+        resp = httpx.post(f"{server.url}/v1/completions", content=content,
+                          headers={**headers(), "Content-Type": "application/json"}, timeout=60)
+        assert resp.status_code == 413
+        assert resp.json()["error"]["code"] == "request_too_large" and resp.headers["x-request-id"]
+
+
+def test_cors_for_allowed_origins(server):
+    preflight = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    resp = httpx.options(f"{server.url}/v1/chat/completions", headers=preflight)
+    assert resp.status_code == 200 and resp.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    other = httpx.options(f"{server.url}/v1/chat/completions", headers={**preflight, "Origin": "https://evil.test"})
+    assert "access-control-allow-origin" not in other.headers
+    simple = httpx.get(f"{server.url}/version", headers={"Origin": ALLOWED_ORIGIN})
+    assert simple.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
+
+
+def test_version_tokenize_detokenize(server, client, saved_tokenizer):
+    assert httpx.get(f"{server.url}/version").json() == {"version": specdecpp.__version__}
+    messages = [{"role": "developer", "content": "be brief"}, *CHAT]
+    with httpx.Client(base_url=server.url, headers=headers(), timeout=60) as http:
+        chat = http.post("/tokenize", json={"model": TARGET_NAME, "messages": messages}).json()
+        used = client.chat.completions.create(model=TARGET_NAME, messages=messages, max_tokens=1).usage.prompt_tokens
+        assert chat["count"] == len(chat["tokens"]) == used and chat["max_model_len"] == MAX_MODEL_LEN
+        text = http.post("/tokenize", json={"model": TARGET_NAME, "prompt": "hello world"}).json()
+        assert text["tokens"] == saved_tokenizer.encode("hello world")
+        assert http.post("/detokenize", json={"model": TARGET_NAME, "tokens": text["tokens"]}).json() == {
+            "prompt": saved_tokenizer.decode(text["tokens"])}
+        bad = http.post("/detokenize", json={"model": TARGET_NAME, "tokens": [10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+        assert http.post("/tokenize", json={"model": "nope", "prompt": "a"}).status_code == 404
+        assert http.post("/tokenize", json={"model": TARGET_NAME}).status_code == 400
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "a"}).status_code == 401
+
+
+def test_models_card_and_openapi_name_the_served_model(server, client):
+    card = client.models.list().data[0].model_extra
+    assert card["sampling_defaults"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # no generation_config values
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest", "TokenizeBody"):
+        assert components[name]["properties"]["model"]["enum"] == [TARGET_NAME]
+    responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in responses and responses["400"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"}
 
 
 # ----- cancellation, back-pressure, recovery ----------------------------------------------

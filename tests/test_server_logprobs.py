@@ -100,6 +100,25 @@ def test_completion_logprobs_stream_offsets_continue(client):
     assert [o for p in parts for o in p.text_offset] == full.text_offset
 
 
+def test_several_prompts_each_carry_their_logprobs(client):
+    """A completions request of two prompts: each choice has the logprobs (and text offsets, from 0
+    in its own text) of that prompt alone, in the body and in the stream's chunks of its index."""
+    prompts = ["the quick brown fox", "hello there"]
+    kwargs = dict(max_tokens=12, temperature=0, logprobs=2, logit_bias=NO_EOS)
+    alone = [client.completions.create(model=TARGET_NAME, prompt=p, **kwargs).choices[0].logprobs for p in prompts]
+    both = client.completions.create(model=TARGET_NAME, prompt=prompts, **kwargs)
+    assert [c.index for c in both.choices] == [0, 1]
+    for choice, single in zip(both.choices, alone, strict=True):
+        assert choice.logprobs.tokens == single.tokens and "".join(single.tokens) == choice.text
+        assert choice.logprobs.token_logprobs == pytest.approx(single.token_logprobs, abs=1e-4)
+        assert choice.logprobs.text_offset == single.text_offset and single.text_offset[0] == 0
+    chunks = list(client.completions.create(model=TARGET_NAME, prompt=prompts, stream=True, **kwargs))
+    for index, single in enumerate(alone):
+        parts = [c.choices[0].logprobs for c in chunks if c.choices[0].index == index and c.choices[0].logprobs]
+        assert [t for p in parts for t in p.tokens] == single.tokens
+        assert [o for p in parts for o in p.text_offset] == single.text_offset
+
+
 def test_no_logprobs_unless_asked(client):
     assert chat(client, max_tokens=4).choices[0].logprobs is None
     assert complete(client, max_tokens=4).choices[0].logprobs is None

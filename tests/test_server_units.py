@@ -1,4 +1,4 @@
-"""Server pieces without a live server: response shapes, metrics folding, request schemas."""
+"""Server pieces without a live server: response shapes, metrics folding, request schemas, sampling rules."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from engine.params import SamplingParams, generation_config_defaults
 from engine.stats import RequestStats
+from server import schemas
 from server.metrics import ServerMetrics
-from server.protocol import speculative_decoding
+from server.protocol import merged_stats, speculative_decoding
 from server.schemas import ChatCompletionRequest, CompletionRequest
 
 
@@ -64,7 +66,10 @@ def test_schemas_flag_unsupported_parameters():
     assert ok.unsupported() == []
     bad = ChatCompletionRequest(model="m", messages=messages, n=3, top_logprobs=2, tool_choice="auto")
     assert [p for p, _ in bad.unsupported()] == ["n", "top_logprobs", "tool_choice"]  # top_logprobs needs logprobs
-    assert CompletionRequest(model="m", prompt=["a", "b"]).unsupported()[0][0] == "prompt"
+    several = CompletionRequest(model="m", prompt=["a", "b"])
+    assert several.unsupported() == [] and several.prompts() == ["a", "b"]  # one choice each
+    assert CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]
+    assert CompletionRequest(model="m", prompt=[1, 2]).prompts() == [[1, 2]]
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[{"role": "tool", "content": "x"}])
 
@@ -90,3 +95,118 @@ def test_specdec_is_validated_at_the_edge_as_a_partial_spec():
 def test_server_never_imports_torch():
     code = "import sys, server.app, specdecpp.commands.serve; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+ECHOED_ASSISTANT = {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+                    "function_call": None, "tool_calls": [], "name": "bot"}  # what the SDK's model_dump() echoes
+
+
+def test_harmless_openai_fields_are_accepted_with_one_warning(caplog, monkeypatch):
+    monkeypatch.setattr(schemas, "_warned", set())  # as in a fresh server
+    body = {"model": "m", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                       ECHOED_ASSISTANT, {"role": "user", "content": "again"}],
+            "service_tier": "auto", "prompt_cache_key": "k", "reasoning_effort": "low", "store": False,
+            "metadata": {"a": "b"}, "parallel_tool_calls": True, "safety_identifier": "u1", "user": "u1",
+            "tools": [], "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    with caplog.at_level("WARNING", logger="server.schemas"):
+        for _ in range(2):
+            request = ChatCompletionRequest.model_validate(body)
+    assert request.unsupported() == []
+    assert request.prompt()[2] == {"role": "assistant", "content": ""}
+    warned = [r.getMessage() for r in caplog.records]
+    for name in ("service_tier", "reasoning_effort", "stream_options.include_obfuscation", "messages[].refusal"):
+        assert sum(f"'{name}'" in message for message in warned) == 1  # once per name, however often sent
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "a", "prompt_cache_key": "k"}).prompts() == ["a"]
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [({"role": "assistant", "content": "x", "tool_calls": [{"id": "1", "type": "function"}]}, "messages.0.tool_calls"),
+     ({"role": "assistant", "content": "x", "audio": {"id": "a1"}}, "messages.0.audio")],
+)
+def test_history_that_would_change_the_output_is_unsupported(message, param):
+    assert [p for p, _ in ChatCompletionRequest(model="m", messages=[message]).unsupported()] == [param]
+    modalities = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], modalities=["audio"])
+    assert [p for p, _ in modalities.unsupported()] == ["modalities"]
+
+
+@pytest.mark.parametrize(
+    "message, kind",
+    [({"role": "user", "content": None}, "content_required"), ({"role": "system"}, "content_required"),
+     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}, "unsupported_parameter"),
+     ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "unsupported_parameter"),
+     ({"role": "user", "content": [{"type": "file", "file": {}}]}, "unsupported_parameter"),
+     ({"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}, "unsupported_parameter"),
+     ({"role": "user", "content": [{"type": "text"}]}, "text_required")],
+)
+def test_message_content_rules(message, kind):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest(model="m", messages=[message])
+    assert info.value.errors()[0]["type"] == kind
+    assert info.value.errors()[0]["loc"] == ("messages", 0, "content")
+
+
+def test_sampling_params_edges():
+    assert SamplingParams(top_k=-1).top_k == 0  # vLLM's "off"
+    assert SamplingParams().max_tokens is None  # the engine fills in the rest of the context
+    assert SamplingParams(seed=2**80).seed == 2**80 % 2**64 and SamplingParams(seed=-1).seed == 2**64 - 1
+    for bad in ({"temperature": float("inf")}, {"temperature": float("nan")}, {"temperature": 2.5},
+                {"top_p": float("nan")}, {"top_k": -2}):
+        with pytest.raises(ValidationError):
+            SamplingParams(**bad)
+    model = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    mixed = SamplingParams(temperature=0.0).with_defaults(model)
+    assert (mixed.temperature, mixed.top_p, mixed.top_k) == (0.0, 0.8, 20)  # what the request set wins
+
+
+def test_generation_config_defaults():
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, eos_token_id=2)
+    assert generation_config_defaults(config) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    assert generation_config_defaults(GenerationConfig(eos_token_id=2)) == {}
+    assert generation_config_defaults(GenerationConfig(temperature=5.0)) == {}  # out of range: ignored
+    assert generation_config_defaults(None) == {}
+
+
+def test_merged_stats_add_up():
+    one, two = stats_record(), stats_record()
+    two.first_token_seconds, two.total_seconds = 0.2, 3.0
+    merged = merged_stats([one, two])
+    assert merged.generated_tokens == 16 and merged.prompt_tokens == 14 and merged.rounds == 8
+    assert merged.candidate_lengths == one.candidate_lengths * 2
+    assert (merged.first_token_seconds, merged.total_seconds) == (0.2, 3.0)
+    assert merged_stats([one]) is one and merged_stats([None]) is None
+
+
+def test_cors_is_off_by_default():
+    from fastapi.testclient import TestClient
+
+    from server.app import ServerSettings, create_app
+
+    http = TestClient(create_app(ServerSettings(engine_config={})))  # no lifespan: no engine is spawned
+    preflight = http.options("/v1/chat/completions", headers={"Origin": "https://ui.example",
+                                                              "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    assert "access-control-allow-origin" not in http.get("/version", headers={"Origin": "https://ui.example"}).headers
+
+
+def test_an_unhandled_error_is_an_openai_500_with_the_request_id():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.middleware import install_middleware
+
+    app = FastAPI()
+    install_middleware(app, max_request_bytes=16, allowed_origins=None)
+
+    @app.post("/boom")
+    async def boom() -> None:
+        raise RuntimeError("planted")
+
+    http = TestClient(app, raise_server_exceptions=False)
+    resp = http.post("/boom", headers={"x-request-id": "r-1"})
+    assert resp.status_code == 500 and resp.headers["x-request-id"] == "r-1"
+    assert resp.json()["error"]["code"] == "internal_error"
+    too_big = http.post("/boom", content=b"x" * 17)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"

@@ -9,20 +9,25 @@ import time
 
 import pytest
 from conftest import random_head
+from transformers import GenerationConfig
 
 from engine.events import (
     AbortRequest,
     AddRequest,
     Admitted,
+    Detokenized,
+    DetokenizeRequest,
     EngineFailed,
     EngineLoad,
     RequestRejected,
     Shutdown,
     TokenEvent,
+    Tokenized,
+    TokenizeRequest,
 )
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, developer_as_system
 from engine.params import SamplingParams, SpecConfig
-from engine.worker import EngineLoop, run_worker
+from engine.worker import EngineLoop, effective_sampling_defaults, run_worker
 
 
 @pytest.fixture
@@ -133,3 +138,74 @@ def test_run_worker_reports_a_failed_start(tmp_path):
     run_worker(config, queue.Queue(), outbox)
     message = outbox.get_nowait()
     assert isinstance(message, EngineFailed) and message.message
+
+
+def test_max_tokens_unset_is_the_rest_of_the_context(loop):
+    _, inbox, outbox = loop
+    inbox.put(AddRequest("rest", "hello", SamplingParams(ignore_eos=True, seed=2**80), SpecConfig(policy="none")))
+    final = until(outbox, final_of("rest"), timeout=120)[-1]
+    assert final.finish_reason == "length" and final.stats.generated_tokens == 256 - 5  # max_model_len 256
+
+
+def test_context_errors_name_what_the_client_sent(loop):
+    """A prompt alone too long names the prompt (or messages); max_tokens is named only when it was sent."""
+    _, inbox, outbox = loop
+    long_text = "a" * 256
+    inbox.put(AddRequest("prompt", long_text, SamplingParams()))
+    inbox.put(AddRequest("messages", [{"role": "user", "content": long_text}], SamplingParams()))
+    inbox.put(AddRequest("sent", "a" * 250, SamplingParams(max_tokens=7)))
+    inbox.put(AddRequest("min", "a" * 250, SamplingParams(min_tokens=7)))  # max_tokens unset: 6 tokens of room
+    inbox.put(AddRequest("fits", "a" * 250, SamplingParams(max_tokens=6, ignore_eos=True)))
+    seen = until(outbox, final_of("fits"))
+    errors = {m.request_id: (m.param, m.code) for m in seen if isinstance(m, RequestRejected)}
+    assert errors == {"prompt": ("prompt", "context_length_exceeded"),
+                      "messages": ("messages", "context_length_exceeded"),
+                      "sent": ("max_tokens", "context_length_exceeded"),
+                      "min": ("min_tokens", None)}
+    assert seen[-1].stats.generated_tokens == 6
+
+
+def test_developer_messages_become_system_where_the_template_lacks_them(tiny_pair, tokenizer):
+    engine = LLMEngine(*tiny_pair, tokenizer)
+    as_developer = engine.encode([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    as_system = engine.encode([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert as_developer == as_system
+    assert developer_as_system([{"role": "developer", "content": "x"}], "{{ 'developer' }}")[0]["role"] == "developer"
+
+
+def test_unset_sampling_fields_take_the_models_generation_config(tiny_pair, tokenizer, monkeypatch):
+    target, draft = tiny_pair
+    monkeypatch.setattr(target, "generation_config", GenerationConfig(temperature=0.5, top_k=3, eos_token_id=0))
+    engine = LLMEngine(target, draft, tokenizer)
+    assert engine.sampling_defaults == {"temperature": 0.5, "top_k": 3}
+    assert effective_sampling_defaults(engine.sampling_defaults) == {"temperature": 0.5, "top_p": 1.0, "top_k": 3}
+    seen: dict[str, SamplingParams] = {}
+    add_request = engine.add_request
+
+    def spy(request_id, prompt, params, spec=None):
+        seen[request_id] = params
+        return add_request(request_id, prompt, params, spec)
+
+    engine.add_request = spy
+    inbox, outbox = queue.Queue(), queue.Queue()
+    add(inbox, "unset", max_tokens=2)
+    add(inbox, "set", max_tokens=2, temperature=1.0, top_k=-1)
+    inbox.put(Shutdown())
+    EngineLoop(engine, inbox, outbox).run()
+    assert (seen["unset"].temperature, seen["unset"].top_k) == (0.5, 3)
+    assert (seen["set"].temperature, seen["set"].top_k) == (1.0, 0)  # what the request set wins; -1 is off
+
+
+def test_tokenizer_queries(loop, tokenizer):
+    worker, inbox, outbox = loop
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    inbox.put(TokenizeRequest("text", "hello"))
+    inbox.put(TokenizeRequest("chat", messages))
+    inbox.put(DetokenizeRequest("back", tokenizer.encode("hello there")))
+    inbox.put(DetokenizeRequest("bad", [10**6]))
+    seen = until(outbox, lambda m: getattr(m, "request_id", None) == "bad")
+    answers = {m.request_id: m for m in seen if isinstance(m, (Tokenized, Detokenized, RequestRejected))}
+    assert answers["text"] == Tokenized("text", tokenizer.encode("hello"), 256)
+    assert answers["chat"].tokens == worker.engine.encode(messages)  # what a chat request would run on
+    assert answers["back"] == Detokenized("back", "hello there")
+    assert answers["bad"].param == "tokens"

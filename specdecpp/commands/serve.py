@@ -9,6 +9,7 @@ import os
 from specdecpp.model_args import add_model_args, add_spec_args, engine_config_from_args, spec_from_args
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024  # far above any prompt that fits a context, as text or token ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,9 +24,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--served-model-name", help="model name clients send (default: the target's name)")
     s.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds in-flight requests may finish on shutdown before they are cancelled")
+    s.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get a 413 before they are parsed (default: %(default)s; 0: no limit)")
+    s.add_argument("--allowed-origins", type=_origins, metavar="ORIGIN[,ORIGIN...]",
+                   help="enable CORS for these browser origins ('*': any; default: no CORS)")
     add_model_args(p)
     add_spec_args(p)
     p.set_defaults(func=run)
+
+
+def _origins(text: str) -> list[str]:
+    return [origin.strip() for origin in text.split(",") if origin.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise ValueError("--max-queue must be >= 0")
+    if args.max_request_bytes < 0:
+        raise ValueError("--max-request-bytes must be >= 0")
     engine_config = engine_config_from_args(args, spec_from_args(args))
     settings = ServerSettings(
         engine_config=engine_config.to_dict(),
@@ -40,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue or None,
         served_model_name=args.served_model_name,
         shutdown_grace_seconds=args.shutdown_grace,
+        max_request_bytes=args.max_request_bytes or None,
+        allowed_origins=args.allowed_origins,
         log_level=args.log_level,
     )
     log.info("serving on http://%s:%d (the engine loads in its own process; /health says when it is ready)",
