@@ -75,6 +75,7 @@ class EngineReady:
     default_spec: SpecConfig
     scheduler: dict  # SchedulerConfig's fields
     sampling_defaults: dict = field(default_factory=dict)  # what a request that omits them samples with
+    kernels: dict = field(default_factory=dict)  # per model: the quantization and kernel timings chosen at load
 
 
 @dataclass

@@ -60,6 +60,7 @@ def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -
 def _build(config: dict) -> tuple[Any, EngineReady]:
     from engine.config import EngineConfig
     from engine.factory import build_engine, resolve_paths
+    from engine.loading.kernels import cpu_features
     from engine.loading.loader import model_identity
 
     engine_config = EngineConfig.from_dict(config)
@@ -74,6 +75,8 @@ def _build(config: dict) -> tuple[Any, EngineReady]:
         default_spec=engine.default_spec,
         scheduler=dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...
         sampling_defaults=effective_sampling_defaults(engine.sampling_defaults),
+        kernels={"host": cpu_features(), "target": engine.target.kernels.describe(),
+                 "draft": engine.draft.kernels.describe() if engine.draft is not None else None},
     )
     return engine, ready
 
