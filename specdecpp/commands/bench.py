@@ -59,6 +59,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--output", type=Path, required=True)
     m.set_defaults(func=offline_run.merge_offline_results)
 
+    k = modes.add_parser("kernels", help="offline runs that differ by quantization, side by side with their "
+                                         "measured forward costs")
+    k.add_argument("--run", nargs=2, action="append", type=Path, required=True, metavar=("RESULTS", "COSTS"),
+                   help="an offline results JSON and the cost model JSON measured with its quantization (repeat)")
+    k.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeat)")
+    k.add_argument("--output", type=Path, required=True)
+    k.set_defaults(func=_run_kernels)
+
     s = modes.add_parser("serving", help="concurrent streaming clients against the HTTP API")
     where = s.add_mutually_exclusive_group(required=True)
     where.add_argument("--base-url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
@@ -104,3 +112,12 @@ def _preset(key: str) -> str:
     """An offline sweep default as the help shows it: values separated by spaces."""
     value = offline_run.DEFAULTS[key]
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _run_kernels(args: argparse.Namespace) -> int:
+    from specdecpp.bench.kernels import write_kernels_report
+
+    for path in write_kernels_report([tuple(pair) for pair in args.run], args.output, args.note):
+        print(f"wrote {path}")
+    return 0
+
