@@ -94,7 +94,7 @@ class EngineConfig:
         "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; costs twice the "
         "bf16 weights in memory. auto: only if that fits in half the available memory (default: %(default)s)",
         choices=CPU_FP32_GEMM_MODES))
-    draft_quantization: str = field(default="none", metadata=option(
+    draft_quantization: str = field(default="auto", metadata=option(
         "--draft-quantization", "weight-only quantization of the draft's linear layers (not its LM head). Lossless: "
         "only the proposals change. auto: int8 where it measures faster on this host (default: %(default)s)",
         choices=("auto", *QUANTIZATION_MODES)))

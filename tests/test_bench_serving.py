@@ -200,4 +200,4 @@ def test_started_server_flags_of_the_defaults():
 
     assert serve_args(build_parser().parse_args(["bench", "serving", "--start-server"])) == [
         "--dtype", "bf16", "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--kv-cache-tokens", "131072",
-        "--cpu-fp32-gemm", "auto", "--draft-quantization", "none", "--target-quantization", "none"]
+        "--cpu-fp32-gemm", "auto", "--draft-quantization", "auto", "--target-quantization", "none"]
