@@ -17,7 +17,7 @@ def test_soak_report(tmp_path, tiny_pair, tokenizer):
     try:
         server.wait_healthy()
         code = main(["bench", "soak", "--url", server.url, "--server-pid", str(server.process.pid),
-                     "--clients", "3", "--minutes", str(20 / 60), "--max-tokens", "16", "--hangup-rate", "0.3",
+                     "--clients", "3", "--minutes", "0.33", "--max-tokens", "16", "--hangup-rate", "0.3",
                      "--bad-request-rate", "0.3", "--rss-interval", "1", "--output", str(output)])
     finally:
         server.stop()
