@@ -34,6 +34,20 @@ class AddRequest:
     prompt: Prompt
     params: SamplingParams
     spec: SpecConfig | None = None  # the fields set override the engine's default (None: the default)
+    n: int = 1  # independent choices sharing the prompt's prefill, each its own engine request (`choice_ids`)
+
+    @property
+    def choice_ids(self) -> list[str]:
+        return choice_ids(self.request_id, self.n)
+
+
+MAX_CHOICES = 16  # most choices (`n`) one request may ask for
+
+
+def choice_ids(request_id: str, n: int) -> list[str]:
+    """The engine request ids of a request's `n` choices: the id itself when alone, else `{id}.{j}`. Each
+    gets its own Admitted (or RequestRejected) and TokenEvents, so the server routes them like requests."""
+    return [request_id] if n == 1 else [f"{request_id}.{j}" for j in range(n)]
 
 
 @dataclass

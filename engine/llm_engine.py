@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.detokenizer import Detokenizer
-from engine.events import Admitted, Completion, Prompt, TokenEvent
+from engine.events import MAX_CHOICES, Admitted, Completion, Prompt, TokenEvent, choice_ids
 from engine.head import AcceptanceHead
 from engine.loading.loader import check_vocabularies, eos_token_ids
 from engine.params import SEED_SPACE, SamplingParams, SpecConfig, generation_config_defaults
@@ -28,6 +28,12 @@ from engine.speculate import RoundRecord, prefill_chunk, run_round
 from engine.stats import RequestStats
 
 DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of a request's choice `choice`: choice 0 keeps the request's seed (its answer is the n=1
+    answer), the others step by 2 so no choice's target seed is another's draft seed (seed + 1)."""
+    return None if seed is None else (seed + 2 * choice) % SEED_SPACE
 
 
 class RequestError(ValueError):
@@ -112,34 +118,43 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams,
         spec: SpecConfig | None = None,
-    ) -> Admitted:
+        n: int = 1,
+    ) -> list[Admitted]:
         """Admit a request to run with the engine's default spec under the fields `spec` sets
-        (the one place a request's spec is merged). Raises RequestError for bad input."""
+        (the one place a request's spec is merged), as `n` independent choices (`choice_ids`) that
+        share the prompt's prefill. Raises RequestError for bad input."""
         spec = self.default_spec.with_overrides(spec)
-        if request_id in self.requests:
+        if not 1 <= n <= MAX_CHOICES:
+            raise RequestError(f"n must lie in [1, {MAX_CHOICES}]", "n")
+        ids = choice_ids(request_id, n)
+        if any(i in self.requests for i in ids):
             raise RequestError(f"duplicate request id {request_id!r}")
         head = self._head_for(spec)
         prompt_ids = self._encode_checked(prompt)
-        params = self._bounded(params, len(prompt_ids), "messages" if _is_chat(prompt) else "prompt")
+        params = self._bounded(params, len(prompt_ids), "messages" if _is_chat(prompt) else "prompt", n)
         if (field_name := params.token_id_field_beyond(self.target.vocab_size)) is not None:
             raise RequestError(f"{field_name} token ids must lie in [0, {self.target.vocab_size})", field_name)
-        generator, draft_generator = self._generators(params.seed)
-        seq = Sequence(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            params=params,
-            spec=spec,
-            policy=make_policy(spec, head.timing if head is not None else None),
-            head=head,
-            detokenizer=Detokenizer(self.tokenizer, params.stop),
-            generator=generator,
-            draft_generator=draft_generator,
-            eos_token_ids=self.eos_token_ids,
-            stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
-        )
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
-        return Admitted(request_id, len(prompt_ids), spec)
+        seqs = []
+        for j, choice_id in enumerate(ids):
+            generator, draft_generator = self._generators(choice_seed(params.seed, j))
+            seqs.append(Sequence(
+                request_id=choice_id,
+                prompt_ids=prompt_ids,
+                params=params,
+                spec=spec,
+                policy=make_policy(spec, head.timing if head is not None else None),
+                head=head,
+                detokenizer=Detokenizer(self.tokenizer, params.stop),
+                generator=generator,
+                draft_generator=draft_generator,
+                eos_token_ids=self.eos_token_ids,
+                stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
+            ))
+        seqs[0].siblings = seqs[1:]  # they fork its prefill (`_share_prefill`)
+        for seq in seqs:
+            self.requests[seq.request_id] = seq
+            self.scheduler.add(seq)
+        return [Admitted(seq.request_id, len(prompt_ids), spec) for seq in seqs]
 
     def _head_for(self, spec: SpecConfig) -> AcceptanceHead | None:
         """The acceptance head `spec` runs with (None unless its policy is specdec++); raises
@@ -166,26 +181,31 @@ class LLMEngine:
 
     def _generators(self, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
         """The request's sampling generators, target's and draft's: one shared generator, or a
-        second one seeded apart when the draft sits on another device."""
+        second one seeded apart (seed + 1) when the draft sits on another device."""
         seed = seed if seed is not None else random.getrandbits(62)
         generator = torch.Generator(device=self.target.device).manual_seed(seed)
         if self.draft is not None and self.draft.device != self.target.device:
             return generator, torch.Generator(device=self.draft.device).manual_seed((seed + 1) % SEED_SPACE)
         return generator, generator
 
-    def _bounded(self, params: SamplingParams, prompt_tokens: int, prompt_param: str) -> SamplingParams:
+    def _bounded(self, params: SamplingParams, prompt_tokens: int, prompt_param: str, n: int = 1) -> SamplingParams:
         """`params` with max_tokens set: unset, it is the room the prompt leaves in the context and
-        in the KV budget (as vLLM does). A prompt that leaves no room is an error naming the prompt;
-        a max_tokens the request set that does not fit, an error naming max_tokens."""
-        room = min(self.max_model_len, self.scheduler.config.kv_cache_tokens) - prompt_tokens
+        in the KV budget (as vLLM does), the budget shared by the `n` choices. A prompt that leaves no
+        room is an error naming the prompt; a max_tokens the request set that does not fit, an error
+        naming max_tokens; n choices that do not fit the KV budget together, an error naming n."""
+        kv_tokens = self.scheduler.config.kv_cache_tokens
+        room = min(self.max_model_len, kv_tokens) - prompt_tokens
         if room < 1:
             raise RequestError(
                 f"the {prompt_param} ({prompt_tokens} tokens) leaves no room for a completion in the model's "
                 f"context length ({self.max_model_len}) and the KV-cache budget "
-                f"({self.scheduler.config.kv_cache_tokens} tokens); please shorten the {prompt_param}",
+                f"({kv_tokens} tokens); please shorten the {prompt_param}",
                 prompt_param, "context_length_exceeded",
             )
         if params.max_tokens is None:
+            room = min(room, kv_tokens // n - prompt_tokens)
+            if room < 1:
+                raise RequestError(self._too_many_choices(n, prompt_tokens + 1), "n", "context_length_exceeded")
             if params.min_tokens > room:  # set, max_tokens would have been checked against it on validation
                 raise RequestError(
                     f"min_tokens ({params.min_tokens}) exceeds the room the {prompt_param} leaves for a completion "
@@ -198,13 +218,20 @@ class LLMEngine:
                 f"model's context length ({self.max_model_len})",
                 "max_tokens", "context_length_exceeded",
             )
-        if prompt_tokens + params.max_tokens > self.scheduler.config.kv_cache_tokens:
+        if prompt_tokens + params.max_tokens > kv_tokens:
             raise RequestError(
                 f"{prompt_param} plus max_tokens ({prompt_tokens + params.max_tokens} tokens) exceeds the KV-cache "
-                f"budget ({self.scheduler.config.kv_cache_tokens} tokens)",
+                f"budget ({kv_tokens} tokens)",
                 "max_tokens", "context_length_exceeded",
             )
+        if n * (prompt_tokens + params.max_tokens) > kv_tokens:
+            raise RequestError(self._too_many_choices(n, prompt_tokens + params.max_tokens), "n",
+                               "context_length_exceeded")
         return params
+
+    def _too_many_choices(self, n: int, per_choice: int) -> str:
+        return (f"n ({n}) choices of {per_choice} tokens each (prompt plus completion) exceed the KV-cache budget "
+                f"({self.scheduler.config.kv_cache_tokens} tokens) together; ask for fewer")
 
     def abort(self, request_id: str) -> TokenEvent | None:
         """Cancel a request (waiting or running) and free its caches."""
@@ -240,6 +267,8 @@ class LLMEngine:
                 # A request joining a batch too large to speculate skips the draft's prefill.
                 with_draft = self.scheduler.draft_prefill_useful()
                 seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk, with_draft)
+                if seq.prefilled:
+                    self._share_prefill(seq)
             except Exception as exc:  # a failing request must not take the engine down
                 events.extend(self._fail([seq], exc))
         for group in self.scheduler.decode_groups():
@@ -257,6 +286,14 @@ class LLMEngine:
                     self._release(seq)
                 events.append(self._event(seq, new_tokens))
         return events
+
+    def _share_prefill(self, seq: Sequence) -> None:
+        """Fork `seq`'s just-prefilled caches to its sibling choices that run already (a sibling still
+        waiting for admission prefills on its own later), so a prompt of n choices is prefilled once."""
+        for sibling in seq.siblings:
+            if sibling in self.scheduler.running and not sibling.prefilled and sibling.target_kv.cached == 0:
+                seq.fork_prefill(sibling, self.target, self.draft)
+        seq.siblings = []
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

@@ -42,6 +42,16 @@ class KVState:
     def free(self) -> None:
         self.cache, self.cached = None, 0
 
+    def copy_into(self, other: KVState, runner: ModelRunner) -> None:
+        """Give `other` a copy of everything this state holds (a sibling choice forking the prompt's prefill):
+        its own tensors, so each rolls back on its own."""
+        if self.cache is None or self.cached == 0:
+            return
+        cache = runner.new_cache()
+        for layer_idx, layer in enumerate(self.cache.layers):
+            cache.update(layer.keys[:, :, : self.cached], layer.values[:, :, : self.cached], layer_idx)  # cat copies
+        other.cache, other.cached = cache, self.cached
+
 
 @dataclass
 class Sequence:
@@ -65,6 +75,8 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     arrival_time: float = field(default_factory=time.perf_counter)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
+    # the other choices of the same prompt (n > 1), waiting to fork this sequence's prefill once it is done
+    siblings: list[Sequence] = field(default_factory=list)
     adjuster: LogitAdjuster | None = field(init=False)  # penalties, bias, min_tokens; None when none is set
 
     def __post_init__(self) -> None:
@@ -120,6 +132,14 @@ class Sequence:
         if self.params.logprobs is None:
             return None
         return self.output_logprobs[len(self.output_logprobs) - count :]
+
+    def fork_prefill(self, sibling: Sequence, target: ModelRunner, draft: ModelRunner | None) -> None:
+        """Hand `sibling` (same prompt, nothing cached yet) copies of this sequence's prefilled caches,
+        instead of prefilling it again."""
+        self.target_kv.copy_into(sibling.target_kv, target)
+        if draft is not None:
+            self.draft_kv.copy_into(sibling.draft_kv, draft)
+        sibling.prefilled = True
 
     def free_caches(self) -> None:
         self.target_kv.free()

@@ -148,18 +148,24 @@ class EngineLoop:
 
         params = request.params.with_defaults(self.engine.sampling_defaults)
         try:
-            admitted = self.engine.add_request(request.request_id, request.prompt, params, request.spec)
+            admitted = self.engine.add_request(request.request_id, request.prompt, params, request.spec, request.n)
         except RequestError as exc:
-            self.outbox.put(RequestRejected(request.request_id, str(exc), exc.param, exc.code))
+            self.reject(request, str(exc), exc.param, exc.code)
             return
         except ValueError as exc:  # from the prompt (tokenizer, ids): a bad request, not a bad engine
-            self.outbox.put(RequestRejected(request.request_id, str(exc), None, "invalid_request"))
+            self.reject(request, str(exc), None, "invalid_request")
             return
         except Exception as exc:
             log.exception("add_request failed for %s", request.request_id)
-            self.outbox.put(RequestRejected(request.request_id, f"{type(exc).__name__}: {exc}", None, "internal_error"))
+            self.reject(request, f"{type(exc).__name__}: {exc}", None, "internal_error")
             return
-        self.outbox.put(admitted)
+        for message in admitted:
+            self.outbox.put(message)
+
+    def reject(self, request: AddRequest, message: str, param: str | None, code: str | None) -> None:
+        """Every choice of `request` hears why it was refused."""
+        for choice_id in request.choice_ids:
+            self.outbox.put(RequestRejected(choice_id, message, param, code))
 
     def answer(self, query: TokenizeRequest | DetokenizeRequest) -> None:
         """A tokenizer query, between steps; a bad prompt or token id is a RequestRejected naming it."""

@@ -202,21 +202,25 @@ class EngineClient:
         if self.state != READY:
             raise self.unavailable()
 
-    def submit(self, request: AddRequest) -> RequestHandle:
-        """Send a validated request to the engine (the route checked readiness); 429 when the queue is full."""
-        if self.max_queue is not None and len(self._in_flight) >= self.max_queue:
+    def submit(self, request: AddRequest) -> list[RequestHandle]:
+        """Send a validated request to the engine (the route checked readiness): one handle per choice, each
+        counting against the queue; 429 when the queue cannot take them all."""
+        ids = request.choice_ids
+        if self.max_queue is not None and len(self._in_flight) + len(ids) > self.max_queue:
             self.metrics.requests.labels(status="rejected").inc()
             raise APIError(
                 429, f"the server is at capacity ({self.max_queue} requests waiting or running); retry shortly",
                 None, "queue_full", {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
-        handle = RequestHandle(self, request.request_id)
-        self._handles[request.request_id] = handle
-        self._in_flight.add(request.request_id)
-        self._pending.add(request.request_id)
+        handles = []
+        for request_id in ids:
+            handles.append(RequestHandle(self, request_id))
+            self._handles[request_id] = handles[-1]
+            self._in_flight.add(request_id)
+            self._pending.add(request_id)
         self._update_queue_gauge()
         self._inbox.put(request)
-        return handle
+        return handles
 
     async def query(self, message: TokenizeRequest | DetokenizeRequest) -> Tokenized | Detokenized:
         """Ask the engine's tokenizer (answered between two steps); not counted against --max-queue."""

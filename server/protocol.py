@@ -54,9 +54,10 @@ def usage(prompt_tokens: int, stats: RequestStats | None) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def merged_stats(records: list[RequestStats | None]) -> RequestStats | None:
-    """One record for a request of several prompts: counts and rounds add up, the timings are those
-    of the whole (first token of any prompt, last to finish); a single record is itself."""
+def merged_stats(records: list[RequestStats | None], prompt_tokens: int | None = None) -> RequestStats | None:
+    """One record for a request of several prompts or choices: counts and rounds add up, the timings are
+    those of the whole (first token of any choice, last to finish); a single record is itself.
+    `prompt_tokens`: the request's, each prompt counted once however many choices share it (OpenAI's usage)."""
     present = [r for r in records if r is not None]
     if len(present) <= 1:
         return present[0] if present else None
@@ -64,6 +65,8 @@ def merged_stats(records: list[RequestStats | None]) -> RequestStats | None:
     for f in fields(RequestStats):
         if f.name not in ("policy", "first_token_seconds", "total_seconds"):
             setattr(out, f.name, sum((getattr(r, f.name) for r in present), type(getattr(out, f.name))()))
+    if prompt_tokens is not None:
+        out.prompt_tokens = prompt_tokens
     firsts = [r.first_token_seconds for r in present if r.first_token_seconds is not None]
     out.first_token_seconds = min(firsts) if firsts else None
     out.total_seconds = max(r.total_seconds for r in present)

@@ -88,7 +88,7 @@ async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompts
     prefix = "chatcmpl" if kind == "chat" else "cmpl"
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     log.info("%s: x-request-id %s, %d prompt(s)", response_id, request_id_of(request), len(prompts))
-    handles = _submit(_client(request), response_id, prompts, sampling, spec)
+    handles = _submit(_client(request), response_id, prompts, sampling, spec, body.choices_per_prompt)
     watcher = asyncio.ensure_future(_abort_on_disconnect(request, handles))
     try:
         try:
@@ -96,7 +96,7 @@ async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompts
         except APIError as exc:
             raise _as_sent(exc, body) from None
         builder = ResponseBuilder(kind, response_id, body.model, admitted[0].spec)
-        prompt_tokens = sum(a.prompt_tokens for a in admitted)
+        prompt_tokens = sum(a.prompt_tokens for a in admitted[:: body.choices_per_prompt])  # each prompt once
         if not body.stream:
             return await _collect(handles, builder, prompt_tokens)
     except BaseException:
@@ -112,13 +112,15 @@ async def _run(request: Request, body: BaseCompletionRequest, kind: str, prompts
 
 
 def _submit(client: EngineClient, response_id: str, prompts: list[Prompt], sampling: SamplingParams,
-            spec: SpecConfig | None) -> list[RequestHandle]:
-    """One engine request per prompt; if the queue cannot take them all, none runs (the 429 propagates)."""
+            spec: SpecConfig | None, n: int) -> list[RequestHandle]:
+    """One engine request per prompt, of `n` choices; a handle per choice, in choice order (prompt i's
+    choice j is choice i * n + j, as OpenAI numbers them). If the queue cannot take them all, none runs
+    (the 429 propagates)."""
     handles: list[RequestHandle] = []
     try:
         for i, prompt in enumerate(prompts):
             engine_id = response_id if len(prompts) == 1 else f"{response_id}-{i}"
-            handles.append(client.submit(AddRequest(engine_id, prompt, sampling, spec)))
+            handles += client.submit(AddRequest(engine_id, prompt, sampling, spec, n))
     except APIError:
         _abort_all(handles)
         raise
@@ -170,7 +172,7 @@ async def _collect(handles: list[RequestHandle], builder: ResponseBuilder, promp
             _raise_for_final(event)
             finals[i] = event
     choices = [("".join(parts[i]), finals[i].finish_reason, logprobs[i]) for i in range(len(handles))]
-    stats = merged_stats([finals[i].stats for i in range(len(handles))])
+    stats = merged_stats([finals[i].stats for i in range(len(handles))], prompt_tokens)
     return JSONResponse(builder.full(choices, prompt_tokens, stats))
 
 
@@ -193,8 +195,9 @@ async def _stream(
     """
     stats: list[RequestStats | None] = [None] * len(handles)
     try:
-        if builder.kind == "chat":  # chat streams open with the assistant role, like OpenAI's
-            yield sse(builder.chunk("", first=True, with_usage_key=include_usage))
+        if builder.kind == "chat":  # chat streams open with the assistant role, per choice, like OpenAI's
+            for i in range(len(handles)):
+                yield sse(builder.chunk("", first=True, with_usage_key=include_usage, index=i))
         async for i, event in _events(handles):
             if event.finished:
                 if event.finish_reason in ("error", "abort"):
@@ -207,7 +210,7 @@ async def _stream(
             elif event.text or event.logprobs:  # tokens whose text is held back still carry their logprobs
                 yield sse(builder.chunk(event.text, with_usage_key=include_usage, index=i, logprobs=event.logprobs))
         if include_usage:
-            yield sse(builder.usage_chunk(prompt_tokens, merged_stats(stats)))
+            yield sse(builder.usage_chunk(prompt_tokens, merged_stats(stats, prompt_tokens)))
         yield sse("[DONE]")
     except APIError as exc:
         yield sse(exc.body())

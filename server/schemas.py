@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from engine.events import MAX_CHOICES
 from engine.params import SamplingParams, SpecConfig
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,8 @@ class BaseCompletionRequest(WireModel):
     ignore_eos: bool = Field(False, description="extension (vLLM): keep going past EOS")
     specdec: dict[str, Any] | None = Field(None, description="extension: SpecConfig fields over the server default")
     user: str | None = None  # metadata only
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="independent choices (default 1); they share "
+                          "the prompt's prefill")
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = Field(None, description="extension (vLLM): 1 disables")
@@ -173,14 +175,16 @@ class BaseCompletionRequest(WireModel):
         return SpecConfig.model_validate(self.specdec) if self.specdec else None
 
     @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(param, why) for every parameter set to a value this server cannot honour."""
         out: list[tuple[str, str]] = []
-        if self.n not in (None, 1):
-            out.append(("n", "only n=1 is supported"))
         if self.stream_options is not None and not self.stream:
             out.append(("stream_options", "stream_options is only allowed when stream is true"))
         return out

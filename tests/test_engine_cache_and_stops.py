@@ -12,6 +12,7 @@ from engine.llm_engine import LLMEngine, RequestError
 from engine.loading.loader import VocabularyMismatchError
 from engine.params import SamplingParams, SpecConfig
 from engine.runner import ModelRunner
+from engine.scheduler import SchedulerConfig
 
 
 def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -176,3 +177,96 @@ def test_request_errors(tiny_pair, tokenizer):
     target_only = LLMEngine(tiny_pair[0], None, tokenizer)
     with pytest.raises(RequestError, match="needs a draft"):
         target_only.add_request("e", "hi", GREEDY, K4)
+
+
+# ----- n choices: one prefill, forked --------------------------------------------------
+
+def run_to_end(engine: LLMEngine) -> dict[str, list[int]]:
+    """Step until every request finished; each request's output tokens."""
+    out: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            out.setdefault(event.request_id, []).extend(event.token_ids)
+    return out
+
+
+def count_calls(monkeypatch, runner: ModelRunner) -> list[int]:
+    """Count `runner.forward` calls (the prefill's; rounds use forward_batch): one entry per call."""
+    calls: list[int] = []
+    forward = runner.forward
+
+    def counted(input_ids, cache, num_logits=1):
+        calls.append(input_ids.shape[-1])
+        return forward(input_ids, cache, num_logits)
+
+    monkeypatch.setattr(runner, "forward", counted)
+    return calls
+
+
+def test_forked_caches_equal_a_fresh_prefill(tiny_pair, tokenizer, monkeypatch):
+    engine = LLMEngine(*tiny_pair, tokenizer)
+    prefills = count_calls(monkeypatch, engine.target)
+    admitted = engine.add_request("r", "hello world", SamplingParams(temperature=1.0, seed=3, max_tokens=8), K4, n=3)
+    assert [a.request_id for a in admitted] == ["r.0", "r.1", "r.2"]
+    seqs = [engine.requests[a.request_id] for a in admitted]
+    engine.scheduler.admit()
+    leader = seqs[0]
+    leader.prefilled = engine_prefill(engine, leader)
+    engine._share_prefill(leader)
+    assert prefills == [len("hello world") - 1]  # the prompt went through the target once
+    prompt = leader.prompt_ids[:-1]
+    for seq in seqs[1:]:
+        assert seq.prefilled
+        for runner, kv, lead in ((engine.target, seq.target_kv, leader.target_kv),
+                                 (engine.draft, seq.draft_kv, leader.draft_kv)):
+            assert kv.cached == len(prompt) == kv.cache.get_seq_length()
+            reference = fresh_prefill(runner, prompt)
+            for (k, v), (rk, rv), (lk, _) in zip(cache_tensors(kv.cache), cache_tensors(reference),
+                                                 cache_tensors(lead.cache), strict=True):
+                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
+                assert k.data_ptr() != lk.data_ptr()  # its own copy: rollbacks stay apart
+    run_to_end(engine)
+
+
+def engine_prefill(engine: LLMEngine, seq) -> bool:
+    from engine.speculate import prefill_chunk
+
+    return prefill_chunk(seq, engine.target, engine.draft, engine.scheduler.config.max_num_batched_tokens)
+
+
+def test_n_choices_prefill_once_and_match_n_1(tiny_pair, tokenizer, monkeypatch):
+    engine = LLMEngine(*tiny_pair, tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    single = run_to_end_one(engine, "g1", params, 1)
+    prefills = count_calls(monkeypatch, engine.target)
+    greedy = run_to_end_one(engine, "g3", params, 3)
+    assert len(prefills) == 1
+    assert greedy == [single[0]] * 3  # greedy choices are identical, and the n=1 answer
+    sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    alone = run_to_end_one(engine, "s1", sampled, 1)
+    three = run_to_end_one(engine, "s3", sampled, 3)
+    assert three[0] == alone[0]  # choice 0 is the n=1 answer of the same seed
+    assert run_to_end_one(engine, "s3-again", sampled, 3) == three  # reproducible
+    assert len({tuple(t) for t in three}) > 1  # and the choices are independent draws
+
+
+def run_to_end_one(engine: LLMEngine, request_id: str, params: SamplingParams, n: int) -> list[list[int]]:
+    engine.add_request(request_id, "the quick", params, K4, n=n)
+    out = run_to_end(engine)
+    return [out[i] for i in ([request_id] if n == 1 else [f"{request_id}.{j}" for j in range(n)])]
+
+
+def test_n_choices_share_the_kv_budget(tiny_pair, tokenizer):
+    engine = LLMEngine(*tiny_pair, tokenizer, scheduler_config=SchedulerConfig(kv_cache_tokens=300))
+    with pytest.raises(RequestError, match="choices") as info:
+        engine.add_request("a", "hello", GREEDY.model_copy(update={"max_tokens": 100}), K4, n=3)
+    assert (info.value.param, info.value.code) == ("n", "context_length_exceeded")
+    with pytest.raises(RequestError) as info:
+        engine.add_request("b", "hello", GREEDY, K4, n=17)
+    assert info.value.param == "n"
+    admitted = engine.add_request("c", "hello", GREEDY.model_copy(update={"max_tokens": None}), K4, n=3)
+    seqs = [engine.requests[a.request_id] for a in admitted]
+    assert {s.params.max_tokens for s in seqs} == {300 // 3 - len(seqs[0].prompt_ids)}  # the room, shared
+    for a in admitted:
+        engine.abort(a.request_id)

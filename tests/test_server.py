@@ -215,7 +215,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
     "kwargs, param",
     [
         ({"temperature": "hot"}, "temperature"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"max_tokens": 0}, "max_tokens"),

@@ -65,7 +65,10 @@ def test_schemas_flag_unsupported_parameters():
     ok = ChatCompletionRequest(model="m", messages=messages, n=1, logprobs=False, response_format={"type": "text"})
     assert ok.unsupported() == []
     bad = ChatCompletionRequest(model="m", messages=messages, n=3, top_logprobs=2, tool_choice="auto")
-    assert [p for p, _ in bad.unsupported()] == ["n", "top_logprobs", "tool_choice"]  # top_logprobs needs logprobs
+    assert [p for p, _ in bad.unsupported()] == ["top_logprobs", "tool_choice"]  # top_logprobs needs logprobs
+    for n in (0, 17):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(model="m", messages=messages, n=n)
     several = CompletionRequest(model="m", prompt=["a", "b"])
     assert several.unsupported() == [] and several.prompts() == ["a", "b"]  # one choice each
     assert CompletionRequest(model="m", prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]

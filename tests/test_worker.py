@@ -182,9 +182,9 @@ def test_unset_sampling_fields_take_the_models_generation_config(tiny_pair, toke
     seen: dict[str, SamplingParams] = {}
     add_request = engine.add_request
 
-    def spy(request_id, prompt, params, spec=None):
+    def spy(request_id, prompt, params, spec=None, n=1):
         seen[request_id] = params
-        return add_request(request_id, prompt, params, spec)
+        return add_request(request_id, prompt, params, spec, n)
 
     engine.add_request = spy
     inbox, outbox = queue.Queue(), queue.Queue()

@@ -67,7 +67,7 @@ def parse_sse_data(line: str) -> dict | str | None:
     return json.loads(payload)
 
 
-def _chunk_text(chunk: dict) -> str:
+def chunk_text(chunk: dict) -> str:
     text = ""
     for choice in chunk.get("choices") or []:
         delta = choice.get("delta") or {}
@@ -120,7 +120,7 @@ async def one_request(
                     result.error = str(data["error"])[:200]
                     break
                 now = time.perf_counter()
-                if _chunk_text(data):
+                if chunk_text(data):
                     if result.ttft is None:
                         result.ttft = now - start
                     else:

@@ -1,4 +1,4 @@
-"""`specdecpp bench offline|serving`: reproduce the paper's evaluation and measure the server."""
+"""`specdecpp bench offline|serving|soak`: reproduce the paper's evaluation, measure the server, soak it."""
 
 from __future__ import annotations
 
@@ -100,6 +100,40 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"{serving_run.QUICK['num_requests']} requests per row, "
                    f"{serving_run.QUICK['max_tokens']} tokens")
     s.set_defaults(func=serving_run.run_serving_bench)
+
+    k = modes.add_parser("soak", help="streaming clients for minutes, with hang-ups, bad requests and a client that "
+                         "stops reading: errors, latency, server memory over time")
+    where = k.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server on loopback, e.g. http://127.0.0.1:8000")
+    where.add_argument("--start-server", action="store_true", help="start `specdecpp serve` with the model flags")
+    k.add_argument("--server-pid", type=int, help="with --url: the server's pid, to sample its memory (and its "
+                   "engine's)")
+    k.add_argument("--api-key", help="bearer token for the server")
+    add_model_args(k)
+    k.add_argument("--clients", type=int, default=8, help="streaming clients, besides the stalled one "
+                   "(default: %(default)s)")
+    k.add_argument("--minutes", type=float, default=10.0, help="default: %(default)s")
+    k.add_argument("--max-tokens", type=int, default=64, help="per stream (default: %(default)s)")
+    k.add_argument("--temperature", type=float, default=1.0)
+    k.add_argument("--hangup-rate", type=float, default=0.1, help="share of streams dropped mid-stream "
+                   "(default: %(default)s)")
+    k.add_argument("--bad-request-rate", type=float, default=0.1, help="share of requests that are malformed or "
+                   "out of range, expecting a 4xx (default: %(default)s)")
+    k.add_argument("--no-stalled-client", action="store_true",
+                   help="leave out the client that stops reading its stream (a run to compare the others' "
+                   "throughput against)")
+    k.add_argument("--rss-interval", type=float, default=2.0, help="seconds between memory samples")
+    k.add_argument("--warmup", type=float, help="seconds before memory growth is counted (default: a fifth of the "
+                   "run)")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--output", type=Path, default=Path("bench-results/soak.json"), help="the .md sits next to it")
+    k.set_defaults(func=_run_soak)
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from specdecpp.bench.soak import run_soak_bench  # httpx and psutil load only when soaking
+
+    return run_soak_bench(args)
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, default_num: int | None) -> None:
