@@ -102,6 +102,9 @@ class EngineConfig:
         "--target-quantization", "weight-only quantization of the target's linear layers. This CHANGES THE TARGET: "
         "output follows the quantized target's distribution, not the original's (default: %(default)s)",
         choices=QUANTIZATION_MODES))
+    cost_model: str | None = field(default=None, metadata=option(
+        "--cost-model", "a cost model JSON (as `specdecpp heads predict --save-costs` writes) to start from instead "
+        "of measuring the models at start; either way the engine refreshes it from its own timings", metavar="FILE"))
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:

@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.config import EngineConfig
+from engine.costs import CostModel
 from engine.head import AcceptanceHead, HeadMismatchError, load_head
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
 from engine.loading.loader import load_model, load_tokenizer, model_identity, parse_dtype
@@ -70,6 +71,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         cpu_fp32_gemm=config.cpu_fp32_gemm,
         draft_quantization=config.draft_quantization,
         target_quantization=config.target_quantization,
+        costs=CostModel.load(config.cost_model) if config.cost_model else None,
     )
 
 

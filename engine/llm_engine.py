@@ -8,6 +8,7 @@ sequence, so a caller (the worker process, the CLI, a benchmark) can stream them
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from engine.costs import CostModel, LiveCosts, measure_costs
 from engine.detokenizer import Detokenizer
 from engine.events import MAX_CHOICES, Admitted, Completion, Prompt, TokenEvent, choice_ids
 from engine.head import AcceptanceHead
@@ -26,7 +28,9 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.speculate import RoundRecord, prefill_chunk, run_round
 from engine.stats import RequestStats
+from engine.tuning import SelfTuning
 
+log = logging.getLogger(__name__)
 DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)
 
 
@@ -71,6 +75,7 @@ class LLMEngine:
         cpu_fp32_gemm: str = "auto",
         draft_quantization: str = "none",
         target_quantization: str = "none",
+        costs: CostModel | None = None,
     ) -> None:
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
@@ -94,6 +99,17 @@ class LLMEngine:
         self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
+        # The cost model (`costs`, else measured here now) behind threshold "auto" and its budgets.
+        self.tuning = SelfTuning(LiveCosts(costs or self._measure_costs())) if self.draft is not None else None
+
+    def _measure_costs(self) -> CostModel:
+        config = self.scheduler.config
+        costs = measure_costs(self.target, self.draft, self.heads.get(DEFAULT_HEAD),
+                              max_tokens=config.max_num_batched_tokens, max_sequences=config.max_num_seqs)
+        log.info("cost model measured on this host: draft step %s s by sequences, target forward %s s by tokens",
+                 {b: round(s, 4) for b, s in costs.draft_batch.items()},
+                 {n: round(s, 4) for n, s in costs.target.items()})
+        return costs
 
     # ----- requests -------------------------------------------------------------------
     def encode(self, prompt: Prompt, add_special_tokens: bool = True, add_generation_prompt: bool = True) -> list[int]:
@@ -274,7 +290,7 @@ class LLMEngine:
         for group in self.scheduler.decode_groups():
             try:
                 cap = self.scheduler.candidate_cap(group)
-                outputs = run_round(group, self.target, self.draft, cap, chunk, self.recorder)
+                outputs = run_round(group, self.target, self.draft, cap, chunk, self.recorder, self.tuning)
             except Exception as exc:
                 events.extend(self._fail(group, exc))
                 continue

@@ -6,12 +6,13 @@ body with them), and plain data (no tensors), so they cross process queues as th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 PolicyName = Literal["none", "constant", "heuristic", "confidence", "specdec++"]
 POLICY_NAMES: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++")
+AUTO = "auto"  # a knob the engine sets itself from its measured costs (specdec++ threshold)
 SEED_SPACE = 1 << 64  # torch's seed range: a seed of any size is reduced into it
 MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k")  # what a model's generation_config may set
 
@@ -147,7 +148,8 @@ class SpecConfig(BaseModel):
     `none` is the target alone; `constant` proposes `k` tokens; `heuristic` starts at `k`
     and grows by 2 after a fully accepted round, shrinks by 1 otherwise; `confidence`
     stops when the draft's probability of its token falls below `p_min`; `specdec++`
-    stops when the head's estimated P(some candidate rejected) exceeds `threshold`.
+    stops when the head's estimated P(some candidate rejected) exceeds `threshold` ("auto": a level
+    the engine derives every round from its measured costs, with each round's candidate budget).
     `bounds` (min, max) clamp the candidate length of `heuristic`, `confidence` and `specdec++`
     (`constant` proposes exactly k).
 
@@ -161,7 +163,8 @@ class SpecConfig(BaseModel):
 
     policy: PolicyName = "specdec++"
     k: int = Field(4, ge=1, le=64)
-    threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | Literal["auto"] = Field(
+        AUTO, description='"auto": the level the cost model derives each round (engine/tuning.py); a number fixes it')
     bounds: tuple[int, int] = (1, 20)
     p_min: float = Field(0.4, gt=0.0, lt=1.0)
     head: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="acceptance head name")

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from engine.head import CANDIDATE_FEATURES, HeadTiming
-from engine.params import SpecConfig
+from engine.params import AUTO, SpecConfig
+
+DEFAULT_AUTO_START = 0.5  # an auto level before the engine's first plan sets it (a policy used outside the engine)
 
 LOG_Q = CANDIDATE_FEATURES.index("log_q")  # the draft's log-probability of its candidate
 
@@ -46,6 +48,11 @@ class StopPolicy:
 
     def max_candidates(self) -> int:
         raise NotImplementedError
+
+    @property
+    def self_tuning(self) -> bool:
+        """Whether the engine sets this policy's knob and budget from its cost model (threshold "auto")."""
+        return False
 
     def start_round(self) -> None:
         pass
@@ -122,20 +129,26 @@ class SpecDecPP(StopPolicy):
 
     Every candidate is judged, the first included, at the head's timing. A head judging "after"
     the draft's forward on y_s yields s + 1 candidates when it stops there, so the lower bound
-    counts that one.
+    counts that one. With threshold "auto" the engine sets the level every round from the cost
+    model (engine/tuning.py); `threshold` is the level in force.
     """
 
     name = "specdec++"
     reads_features = True
 
-    def __init__(self, threshold: float, bounds: tuple[int, int], timing: HeadTiming = "before") -> None:
-        self.threshold = threshold
+    def __init__(self, threshold: float | str, bounds: tuple[int, int], timing: HeadTiming = "before") -> None:
+        self.auto = threshold == AUTO
+        self.threshold = DEFAULT_AUTO_START if self.auto else float(threshold)
         self.low, self.high = bounds
         self.timing = timing
         self._all_accepted_prob = 1.0
 
     def max_candidates(self) -> int:
         return self.high
+
+    @property
+    def self_tuning(self) -> bool:
+        return self.auto
 
     def start_round(self) -> None:
         self._all_accepted_prob = 1.0

@@ -29,6 +29,7 @@ from engine.sampling import (
     verify,
 )
 from engine.sequence import KVState, Sequence
+from engine.tuning import SelfTuning
 
 
 @dataclass
@@ -66,40 +67,55 @@ def run_round(
     candidate_cap: int | None = None,
     max_draft_feed: int | None = None,
     recorder: Callable[[RoundRecord], None] | None = None,
+    tuning: SelfTuning | None = None,
 ) -> list[list[int]]:
     """One round for every sequence in `seqs`; appends their new tokens (stop conditions applied)
     and returns them, one list per sequence.
 
     `candidate_cap` bounds every sequence's candidates this round (the scheduler's share of a
     batch's budget); `max_draft_feed` is the chunk a lagging draft catches up by (`plan_budgets`).
-    `recorder`, if given, receives every proposing sequence's verified round.
+    `recorder`, if given, receives every proposing sequence's verified round. `tuning`, if given,
+    sets the budget and stop level of self-tuning policies and learns from the round's timings and labels.
     """
-    budgets, lagging = plan_budgets(seqs, draft, candidate_cap, max_draft_feed)
+    budgets, lagging = plan_budgets(seqs, draft, candidate_cap, max_draft_feed, tuning)
     if lagging:
         catch_up_draft(lagging, draft, max_draft_feed)
     proposals = [Proposal(seq, budget) for seq, budget in zip(seqs, budgets, strict=True)]
-    propose([p for p in proposals if p.budget > 0], draft, record=recorder is not None)
-    verdicts = verify_candidates(proposals, target, recorder)
+    propose([p for p in proposals if p.budget > 0], draft, record=recorder is not None, tuning=tuning)
+    verdicts = verify_candidates(proposals, target, recorder, tuning)
     return [accept_and_roll_back(p, verdict) for p, verdict in zip(proposals, verdicts, strict=True)]
 
 
 # ----- budget ---------------------------------------------------------------------------------
 def plan_budgets(
-    seqs: list[Sequence], draft: ModelRunner | None, candidate_cap: int | None, max_draft_feed: int | None
+    seqs: list[Sequence],
+    draft: ModelRunner | None,
+    candidate_cap: int | None,
+    max_draft_feed: int | None,
+    tuning: SelfTuning | None = None,
 ) -> tuple[list[int], list[Sequence]]:
     """Each sequence's candidate budget this round, and the sequences whose draft must catch up first.
 
-    A budget is the policy's maximum, within the tokens left and `candidate_cap`. At a cap of 0 (a
-    large batch) the target decodes one token per sequence alone and the draft falls behind. It
-    catches up when speculation resumes: in the first forward of the next proposal, or, when it
-    lags by more than `max_draft_feed` tokens, by chunks of that size first (without proposing
-    meanwhile), so catching up stalls the batch no longer than a prefill chunk would.
+    A budget is the policy's maximum, within the tokens left and `candidate_cap`; a self-tuning policy's
+    is also within what the cost model says pays at this batch size (`tuning`), which sets its stop
+    level for the round too. At a budget of 0 (a large batch) the target decodes one token per sequence
+    alone and the draft falls behind. It catches up when speculation resumes: in the first forward of
+    the next proposal, or, when it lags by more than `max_draft_feed` tokens, by chunks of that size
+    first (without proposing meanwhile), so catching up stalls the batch no longer than a prefill
+    chunk would.
     """
     budgets, lagging = [], []
-    for seq in seqs:
-        budget = min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0
-        if candidate_cap is not None:
-            budget = min(budget, candidate_cap)
+    maxima = [min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0 for seq in seqs]
+    if candidate_cap is not None:
+        maxima = [min(m, candidate_cap) for m in maxima]
+    if tuning is not None and draft is not None and any(seq.policy.self_tuning for seq in seqs):
+        plan = tuning.plan([seq.accept_estimate for seq in seqs], maxima)
+        for i, seq in enumerate(seqs):
+            if seq.policy.self_tuning:
+                maxima[i] = plan.budgets[i]
+                seq.policy.threshold = plan.levels[i]
+                seq.stats.stop_levels.append(plan.levels[i])
+    for seq, budget in zip(seqs, maxima, strict=True):
         lag = len(seq.all_ids) - seq.draft_kv.cached if budget > 0 else 0
         if lag > seq.remaining_tokens:
             budget = 0  # catching the draft up would cost more than speculating could save
@@ -123,13 +139,16 @@ def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None
 
 
 # ----- propose --------------------------------------------------------------------------------
-def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False) -> None:
+def propose(
+    proposals: list[Proposal], draft: ModelRunner, record: bool = False, tuning: SelfTuning | None = None
+) -> None:
     """Draft candidates for every sequence, one batched draft forward per step.
 
     Step s: draw y_s; every policy is asked "before" the draft runs on y_s (a stop submits y_s,
     the draft never runs on it); the rest run the draft on y_s, whose logits give y_{s+1}, and
     every policy is asked "after" (a stop submits y_{s+1}, from the forward already paid for).
-    `record` keeps every candidate's features (for RoundRecord) whatever the policy.
+    `record` keeps every candidate's features (for RoundRecord) whatever the policy; `tuning` learns
+    what the proposal cost.
     """
     if not proposals:
         return
@@ -138,6 +157,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False)
         p.seq.policy.start_round()
     # The first forward feeds what the draft cache lacks (the tokens accepted last round).
     forward_draft(proposals, [p.seq.all_ids[p.seq.draft_kv.cached :] for p in proposals], draft)
+    batch_sizes = [len(proposals)]
     active = proposals
     while active:
         draw(active)
@@ -148,6 +168,7 @@ def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False)
         going = [p for p in active if not p.done]
         if going:
             forward_draft(going, [p.tokens[-1] for p in going], draft)
+            batch_sizes.append(len(going))
             judge(going, "after")
             free = [p for p in going if p.done]  # y_{s+1} of these comes from the forward just made
             draw(free)
@@ -156,6 +177,9 @@ def propose(proposals: list[Proposal], draft: ModelRunner, record: bool = False)
     elapsed = time.perf_counter() - t0
     for p in proposals:
         p.seq.stats.draft_seconds += elapsed
+    if tuning is not None:
+        reads_features = any(p.seq.policy.reads_features for p in proposals)
+        tuning.costs.observe_draft(batch_sizes, sum(len(p.tokens) for p in proposals), elapsed, reads_features)
 
 
 def forward_draft(proposals: list[Proposal], feeds: list, draft: ModelRunner) -> None:
@@ -220,11 +244,15 @@ def head_accept_probs(proposals: list[Proposal], when: HeadTiming) -> dict[int, 
 
 # ----- verify ---------------------------------------------------------------------------------
 def verify_candidates(
-    proposals: list[Proposal], target: ModelRunner, recorder: Callable[[RoundRecord], None] | None = None
+    proposals: list[Proposal],
+    target: ModelRunner,
+    recorder: Callable[[RoundRecord], None] | None = None,
+    tuning: SelfTuning | None = None,
 ) -> list[Verdict]:
     """One target forward over each sequence's uncached tokens plus all its candidates, then exact
     rejection sampling per sequence. p_s sees the history q_s saw; the logprobs a request asks for come
-    from the same p, at no extra forward."""
+    from the same p, at no extra forward. `tuning` learns the forward's cost and every candidate's exact
+    acceptance probability."""
     t0 = time.perf_counter()
     device = target.device
     caches = [p.seq.target_kv.ensure(target) for p in proposals]
@@ -233,6 +261,8 @@ def verify_candidates(
     feeds = [torch.cat([torch.tensor(p.seq.all_ids[p.seq.target_kv.cached :], dtype=torch.long, device=device), cand])
              for p, cand in zip(proposals, candidates, strict=True)]
     _, logits = target.forward_batch(feeds, caches, [len(p.tokens) + 1 for p in proposals])
+    if tuning is not None:
+        tuning.costs.observe_target(sum(len(feed) for feed in feeds), time.perf_counter() - t0)
     verdicts = []
     for p, cand, feed, rows in zip(proposals, candidates, feeds, logits, strict=True):
         p.seq.target_kv.cached += len(feed)
@@ -240,6 +270,9 @@ def verify_candidates(
         target_probs = probs_of_processed(target_logits, p.seq.params)
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator))
+        if tuning is not None and p.tokens:
+            labels = acceptance_labels(cand, q, target_probs).tolist()
+            p.seq.accept_estimate = tuning.observe_acceptance(p.seq.accept_estimate, labels)
         if p.seq.params.logprobs is not None:
             verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:
@@ -260,19 +293,26 @@ def emitted_logprobs(
     return token_logprobs(target_logits[: accepted + 1], tokens, top)
 
 
+def acceptance_labels(candidates: torch.Tensor, q: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """[K] exact a_s = min(1, p_s(y_s) / q_s(y_s)): P(y_s accepted | every earlier candidate was), known for
+    every candidate once the target's p is (its forward gives p at every candidate position)."""
+    idx = candidates.view(-1, 1)
+    p_tok = target_probs[: len(candidates)].gather(-1, idx).squeeze(-1)
+    q_tok = q.gather(-1, idx).squeeze(-1)
+    return (p_tok / q_tok.clamp_min(1e-30)).clamp(max=1.0)
+
+
 def round_record(
     p: Proposal, candidates: torch.Tensor, q: torch.Tensor, target_probs: torch.Tensor, accepted: int
 ) -> RoundRecord:
     """Exact per-candidate labels of a verified round: the target's p at every candidate position is known."""
     k = len(p.tokens)
-    idx = candidates.view(-1, 1)
-    p_tok, q_tok = target_probs[:k].gather(-1, idx).squeeze(-1), q.gather(-1, idx).squeeze(-1)
     return RoundRecord(
         request_id=p.seq.request_id,
         round_index=p.seq.stats.rounds,
         states=torch.stack(p.states).float().cpu(),
         features=torch.stack(p.features).cpu(),
-        accept_prob=(p_tok / q_tok.clamp_min(1e-30)).clamp(max=1.0).cpu(),
+        accept_prob=acceptance_labels(candidates, q, target_probs).cpu(),
         overlap=torch.minimum(target_probs[:k], q).sum(-1).cpu(),
         accepted=accepted,
     )

@@ -25,6 +25,7 @@ class RequestStats:
     accepted_tokens: int = 0
     candidate_lengths: list[int] = field(default_factory=list)
     accepted_lengths: list[int] = field(default_factory=list)
+    stop_levels: list[float] = field(default_factory=list)  # the specdec++ level of each round (threshold "auto")
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     first_token_seconds: float | None = None
@@ -56,6 +57,11 @@ class RequestStats:
         n = len(self.accepted_lengths)
         return sum(self.accepted_lengths) / n if n else 0.0
 
+    @property
+    def mean_stop_level(self) -> float | None:
+        """The mean specdec++ stop level the engine chose (threshold "auto"; None otherwise)."""
+        return sum(self.stop_levels) / len(self.stop_levels) if self.stop_levels else None
+
     def record_round(self, candidates: int, accepted: int) -> None:
         self.rounds += 1
         self.target_calls += 1
@@ -74,5 +80,6 @@ class RequestStats:
             acceptance_rate=self.acceptance_rate,
             mean_candidate_length=self.mean_candidate_length,
             mean_accepted_length=self.mean_accepted_length,
+            mean_stop_level=self.mean_stop_level,
         )
         return out

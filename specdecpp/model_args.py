@@ -14,7 +14,7 @@ from dataclasses import Field, fields, is_dataclass, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
 from engine.config import EngineConfig
-from engine.params import POLICY_NAMES, SpecConfig
+from engine.params import AUTO, POLICY_NAMES, SpecConfig
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -121,11 +121,18 @@ def _value_type(hint: Any) -> Any:
     return hint
 
 
+def threshold_arg(text: str) -> float | str:
+    """A --threshold value: "auto" or a number."""
+    return AUTO if text == AUTO else float(text)
+
+
 def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = None) -> None:
     g = parser.add_argument_group("speculation")
     g.add_argument("--policy", choices=POLICY_NAMES, default=default_policy, help="stop policy")
     g.add_argument("--k", type=int, help="candidates per round (constant) / start length (heuristic)")
-    g.add_argument("--threshold", type=float, help="specdec++ stop threshold in (0, 1)")
+    g.add_argument("--threshold", type=threshold_arg,
+                   help='specdec++ stop threshold in (0, 1), or "auto": derived each round from the measured costs '
+                        '(default: auto)')
     g.add_argument("--bounds", type=int, nargs=2, metavar=("MIN", "MAX"), help="candidate length bounds")
     g.add_argument("--p-min", type=float, help="confidence policy: stop below this draft probability")
 

@@ -24,9 +24,13 @@ torch.set_num_threads(1)
 
 from tiny import char_tokenizer, tiny_model  # noqa: E402
 
+from engine.costs import CostModel  # noqa: E402
 from engine.head import AcceptanceHead, HeadConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 
+# A cost model where drafting is cheap and verification flat: threshold "auto" then speculates, and
+# tests do not depend on what the tiny models' forwards happen to cost on the test machine.
+CHEAP_DRAFT_COSTS = CostModel(draft_step=0.01, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 64: 0.12})
 DISTRIBUTION_VOCAB = 6  # the distribution tests' vocabulary: exact two-token distributions stay cheap
 
 
@@ -74,4 +78,4 @@ def distribution_engine():
     target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=16, layers=1, scale=10.0)
     draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=16, layers=1, scale=10.0)
     heads = {"default": random_head(16, seed=3), "after": random_head(16, seed=4, timing="after")}
-    return LLMEngine(target, draft, tokenizer, heads=heads)
+    return LLMEngine(target, draft, tokenizer, heads=heads, costs=CHEAP_DRAFT_COSTS)

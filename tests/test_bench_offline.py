@@ -31,7 +31,7 @@ REQUIRED = ("label", "policy", "knob", "tokens_per_s", "speedup", "discard_rate"
             "acceptance_rate", "mean_candidate_length", "prompts", "generated_tokens", "temperature")
 COMPARISON = ("temperature", "a", "b", "ratio", "ci_low", "ci_high", "a_knob_interior", "b_knob_interior", "prompts")
 PROMPTS = [Prompt(f"p{i}", text, "test") for i, text in enumerate(["hello there", "a cat sat"])]
-SWEEP = Sweep(temperatures=(1.0, 0.0), ks=(2, 3), p_mins=(0.4,), thresholds=(0.3,), hf_ks=(2,),
+SWEEP = Sweep(temperatures=(1.0, 0.0), ks=(2, 3), p_mins=(0.4,), thresholds=(0.3, "auto"), hf_ks=(2,),
               policies=(*Sweep().policies, "specdec++-post"))
 
 
@@ -75,7 +75,11 @@ def test_rows_have_every_field_and_none_is_the_baseline(engine, tmp_path):
     comparisons = compare(records, rows, configs, resamples=200)
     labels = {r["label"]: r for r in rows}
     pairs = [(labels[c["a"]]["policy"], labels[c["b"]]["policy"], c["temperature"]) for c in comparisons]
-    assert pairs == [(a, b, t) for t in (1.0, 0.0) for a, b in offline.COMPARISONS]
+    assert pairs == [(a.partition(":")[0], b.partition(":")[0], t) for t in (1.0, 0.0) for a, b in offline.COMPARISONS]
+    for i, c in enumerate(comparisons):  # "specdec++:auto" compares the auto row, "specdec++:fixed" a numeric one
+        a, b = offline.COMPARISONS[i % len(offline.COMPARISONS)]
+        assert c["a"].endswith("threshold=auto") or a != "specdec++:auto"
+        assert not (b == "specdec++:fixed" and c["b"].endswith("auto"))
     for c in comparisons:
         assert all(key in c for key in COMPARISON), c
         assert c["ratio"] == pytest.approx(labels[c["a"]]["tokens_per_s"] / labels[c["b"]]["tokens_per_s"])

@@ -73,6 +73,7 @@ SPECS = [
     SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6)),
     SpecConfig(policy="specdec++", threshold=0.05, bounds=(1, 6)),  # mostly one-candidate rounds: y_1 judged
     SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6), head="after"),
+    SpecConfig(policy="specdec++", threshold="auto", bounds=(1, 6)),  # the level the cost model sets per round
 ]
 
 

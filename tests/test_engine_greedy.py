@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_head
+from conftest import CHEAP_DRAFT_COSTS, random_head
 
 from engine.head import AcceptanceHead, HeadConfig
 from engine.llm_engine import LLMEngine
@@ -21,6 +21,8 @@ SPECS = [
     SpecConfig(policy="specdec++", threshold=0.7, bounds=(2, 20)),
     SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 10), head="after"),
     SpecConfig(policy="specdec++", threshold=0.1, bounds=(1, 4), head="after"),
+    SpecConfig(policy="specdec++", threshold="auto", bounds=(1, 10)),
+    SpecConfig(policy="specdec++", threshold="auto", bounds=(1, 10), head="after"),
 ]
 PROMPTS = ["hello world", "the quick brown fox", "a"]
 
@@ -30,7 +32,7 @@ def engine(tiny_pair, tokenizer):
     target, draft = tiny_pair
     heads = {"default": random_head(target.config.hidden_size),
              "after": random_head(target.config.hidden_size, seed=1, timing="after")}
-    return LLMEngine(target, draft, tokenizer, heads=heads)
+    return LLMEngine(target, draft, tokenizer, heads=heads, costs=CHEAP_DRAFT_COSTS)
 
 
 @pytest.mark.parametrize("spec", SPECS,

@@ -275,7 +275,7 @@ def test_humaneval_is_held_out(tmp_path):
 
 
 def test_cli_train_eval_predict(engine, tmp_path, capsys):
-    from specdecpp.bench.stop_rules import CostModel
+    from engine.costs import CostModel
     from specdecpp.cli import main
 
     config = GenConfig(k=4, max_new_tokens=12, shard_prompts=8)

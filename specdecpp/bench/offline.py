@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
-from engine.params import SamplingParams, SpecConfig
+from engine.params import AUTO, SamplingParams, SpecConfig
 from specdecpp.bench.peers import HF_DYNAMIC_THRESHOLD, HF_POLICIES, hf_assisted_generate
-from specdecpp.bench.report import best_row
+from specdecpp.bench.report import best_row, knob_text
 from specdecpp.bench.runs import Checkpoint, ratio
 from specdecpp.datasets import Prompt
 
@@ -48,12 +48,12 @@ class BenchConfig:
     """One row of the table: a policy, its knob, a temperature."""
 
     policy: str
-    knob: float | None
+    knob: float | str | None  # str: "auto" (specdec++)
     temperature: float
 
     @property
     def label(self) -> str:
-        knob = "" if self.knob is None else f" {KNOB_NAMES[self.policy]}={self.knob:g}"
+        knob = "" if self.knob is None else f" {KNOB_NAMES[self.policy]}={knob_text(self.knob)}"
         return f"T={self.temperature:g} {self.policy}{knob}"
 
     def spec(self, bounds: tuple[int, int]) -> SpecConfig:
@@ -64,7 +64,7 @@ class BenchConfig:
         elif self.policy == "confidence":
             fields["p_min"] = float(self.knob)
         elif self.policy in HEAD_POLICIES:
-            fields["threshold"] = float(self.knob)
+            fields["threshold"] = self.knob if self.knob == AUTO else float(self.knob)
             fields["policy"] = "specdec++"
             head = HEAD_POLICIES[self.policy]
             fields["head"] = None if head == DEFAULT_HEAD else head
@@ -79,7 +79,7 @@ class Sweep:
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8)
     heuristic_k: int = 4
     p_mins: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
-    thresholds: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+    thresholds: tuple[float | str, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
     hf_ks: tuple[int, ...] = (2, 4, 6)
     hf_dynamic_threshold: float = HF_DYNAMIC_THRESHOLD
     policies: tuple[str, ...] = ("none", "constant", "heuristic", "confidence", "specdec++", "hf-constant",
@@ -87,7 +87,7 @@ class Sweep:
     bounds: tuple[int, int] = SpecConfig().bounds
     greedy_policies: tuple[str, ...] | None = None  # a smaller set of rows at temperature 0 (None: the same)
     greedy_ks: tuple[int, ...] | None = None  # constant / hf-constant k values at temperature 0 (None: the same)
-    greedy_thresholds: tuple[float, ...] | None = None  # specdec++ thresholds at temperature 0 (None: the same)
+    greedy_thresholds: tuple[float | str, ...] | None = None  # specdec++ thresholds at temperature 0 (None: the same)
 
     def configs(self) -> list[BenchConfig]:
         knobs: dict[str, Iterable[float | None]] = {
@@ -318,8 +318,12 @@ def _decode_totals(records: list[dict]) -> tuple[float | None, float | None]:
 
 
 # ----- comparisons ---------------------------------------------------------------------------
-# (a, b) policy pairs compared at each temperature, each at its fastest knob.
+# (a, b) policy pairs compared at each temperature, each at its fastest knob; "specdec++:auto" is the
+# row whose threshold the engine derives, "specdec++:fixed" the fastest numeric threshold.
 COMPARISONS = (
+    ("specdec++:auto", "constant"),
+    ("specdec++:auto", "specdec++:fixed"),
+    ("specdec++:auto", "none"),
     ("specdec++", "constant"),
     ("specdec++", "confidence"),
     ("specdec++-post", "constant"),
@@ -358,10 +362,21 @@ def paired_bootstrap_ratio(
 
 
 def _interior(rows: list[dict], best: dict) -> bool:
-    """Whether the best knob lies strictly inside its policy's sweep (an edge may hide a better knob)."""
+    """Whether the best knob lies strictly inside its policy's numeric sweep (an edge may hide a better
+    knob); an "auto" knob is no point of a sweep."""
     knobs = [r["knob"] for r in rows if r["policy"] == best["policy"] and r["temperature"] == best["temperature"]
-             and r["knob"] is not None]
-    return best["knob"] is not None and min(knobs) < best["knob"] < max(knobs)
+             and isinstance(r["knob"], int | float)]
+    return isinstance(best["knob"], int | float) and min(knobs) < best["knob"] < max(knobs)
+
+
+def best_selected(rows: list[dict], selector: str, temperature: float) -> dict | None:
+    """The fastest row of a COMPARISONS name: a policy, or "specdec++:auto" / "specdec++:fixed"."""
+    policy, _, kind = selector.partition(":")
+    if kind == "auto":
+        rows = [r for r in rows if r["knob"] == AUTO]
+    elif kind == "fixed":
+        rows = [r for r in rows if isinstance(r["knob"], int | float)]
+    return best_row(rows, policy, temperature)
 
 
 def compare(records: list[dict], rows: list[dict], configs: list[BenchConfig], resamples: int = 2000,
@@ -372,7 +387,7 @@ def compare(records: list[dict], rows: list[dict], configs: list[BenchConfig], r
     out = []
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         for policy_a, policy_b in COMPARISONS:
-            a, b = best_row(rows, policy_a, temperature), best_row(rows, policy_b, temperature)
+            a, b = best_selected(rows, policy_a, temperature), best_selected(rows, policy_b, temperature)
             if a is None or b is None:
                 continue
             ra, rb = complete[a["label"]], complete[b["label"]]

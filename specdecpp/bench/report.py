@@ -36,10 +36,19 @@ def _fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
+def knob_text(knob: float | str) -> str:
+    """A knob as tables and plots print it: a number compactly, "auto" as is."""
+    return knob if isinstance(knob, str) else f"{knob:g}"
+
+
+def _numeric(knob: object) -> bool:
+    return isinstance(knob, int | float)
+
+
 def _knob(row: dict) -> str:
     if row.get("knob") is None:
         return "-"
-    return f"{row['knob_name']}={row['knob']:g}"
+    return f"{row['knob_name']}={knob_text(row['knob'])}"
 
 
 def best_row(rows: list[dict], policy: str, temperature: float) -> dict | None:
@@ -185,7 +194,7 @@ def plot_frontier(rows: list[dict], path: Path, title: str = "") -> None:
                     linestyle="-" if len(pts) > 1 else "none")
             for x, y, r in pts:
                 if r["knob"] is not None:
-                    ax.annotate(f"{r['knob']:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    ax.annotate(knob_text(r["knob"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("discard rate (discarded draft tokens / generated tokens)")
         ax.set_ylabel("verification rate (target calls / generated tokens)")
         ax.set_title(f"{title} T={temperature:g}".strip())
@@ -206,18 +215,19 @@ def plot_speedup(rows: list[dict], path: Path, title: str = "") -> None:
               ("threshold", ("specdec++", "specdec++-post", "specdec++-exact"))]
     fig, axes = plt.subplots(len(temps), len(panels), figsize=(5 * len(panels), 3.8 * len(temps)), squeeze=False)
     for row_axes, temperature in zip(axes, temps, strict=True):
-        singles = [r for r in rows if r["temperature"] == temperature
-                   and r["policy"] in ("heuristic", "hf-dynamic", "hf-heuristic") and r["speedup"] is not None]
+        singles = [r for r in rows if r["temperature"] == temperature and r["speedup"] is not None
+                   and (r["policy"] in ("heuristic", "hf-dynamic", "hf-heuristic") or isinstance(r["knob"], str))]
         for ax, (knob, policies) in zip(row_axes, panels, strict=True):
             for policy in policies:
-                pts = sorted((r["knob"], r["speedup"]) for r in rows if r["policy"] == policy
+                pts = sorted((r["knob"], r["speedup"]) for r in rows if r["policy"] == policy and _numeric(r["knob"])
                              and r["temperature"] == temperature and r["speedup"] is not None)
                 if pts:
                     colour, marker = STYLE[policy]
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=policy)
-            for r in singles:  # knob-free adaptive rows as horizontal references
+            for r in singles:  # knob-free adaptive rows (and "auto" knobs) as horizontal references
                 colour, _ = STYLE[r["policy"]]
-                ax.axhline(r["speedup"], color=colour, linestyle="--", linewidth=1, label=r["policy"])
+                label = r["policy"] if r["knob"] is None or _numeric(r["knob"]) else f"{r['policy']} {r['knob']}"
+                ax.axhline(r["speedup"], color=colour, linestyle="--", linewidth=1, label=label)
             ax.axhline(1.0, color="black", linewidth=0.8, label="target alone")
             ax.set_xlabel(knob)
             ax.set_ylabel("speedup over target alone")
@@ -262,7 +272,7 @@ def merge_offline(paths: list[Path]) -> tuple[list[dict], dict]:
             merged[(row["policy"], row["knob"], row["temperature"])] = {**row, "run": Path(path).stem}
     order = {p: i for i, p in enumerate(STYLE)}
     rows = sorted(merged.values(), key=lambda r: (-r["temperature"], order.get(r["policy"], 99),
-                                                   r["knob"] if r["knob"] is not None else -1))
+                                                   r["knob"] if _numeric(r["knob"]) else -1))
     first = results[-1]["meta"]
     meta = {
         **{k: first[k] for k in ("dataset", "settings", "prompt_ids", "seeds", "models", "machine") if k in first},

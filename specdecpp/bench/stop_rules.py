@@ -22,56 +22,21 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from engine.config import EngineConfig
+from engine.costs import CostModel
 from engine.factory import build_engine, resolve_paths
-from engine.head import CANDIDATE_FEATURES, AcceptanceHead, candidate_features, load_head
-from engine.params import SamplingParams
-from engine.runner import crop_cache
-from engine.sampling import processed_probs, sample
+from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
 from heads.data import load_shards
 from heads.evaluate import head_predictions
 from heads.train import head_inputs
 from specdecpp.bench.machine import machine_record
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Seconds per draft forward, per candidate drawn (processed q and sampling), per candidate's
-    features (rules that read them), per head call, and per target forward over n tokens."""
-
-    draft_step: float
-    draw: float
-    features: float
-    head: float
-    target: dict[int, float]
-    machine: dict = field(default_factory=dict)
-
-    def target_cost(self, n: torch.Tensor) -> torch.Tensor:
-        """Linear interpolation over the measured token counts (and extrapolation past the last)."""
-        xs = sorted(self.target)
-        x = torch.tensor(xs, dtype=torch.float64)
-        y = torch.tensor([self.target[k] for k in xs], dtype=torch.float64)
-        n = n.double().clamp(min=xs[0])
-        i = torch.searchsorted(x, n).clamp(1, len(xs) - 1)
-        slope = (y[i] - y[i - 1]) / (x[i] - x[i - 1])
-        return y[i - 1] + slope * (n - x[i - 1])
-
-    @classmethod
-    def load(cls, path: str | Path) -> CostModel:
-        raw = json.loads(Path(path).read_text())
-        target = {int(k): v for k, v in raw["target"].items()}
-        return cls(raw["draft_step"], raw["draw"], raw["features"], raw["head"], target, raw.get("machine", {}))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
 @dataclass
@@ -265,53 +230,11 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
     }
 
 
-@torch.inference_mode()
-def measure_costs(engine, context: int = 256, max_tokens: int = 17, reps: int = 5) -> CostModel:
-    """Time the engine's own forwards on this host: a draft step, a judgement (features and the
-    default head, if any) and target forwards over 1..max_tokens tokens after `context` tokens."""
-    ids = torch.randint(100, 5000, (1, context))
-
-    def timed(runner, n: int) -> float:
-        cache = runner.new_cache()
-        runner.forward(ids, cache)
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            runner.forward(torch.randint(100, 5000, (1, n)), cache)
-            samples.append(time.perf_counter() - t0)
-            crop_cache(cache, context)
-        return sorted(samples)[len(samples) // 2]
-
-    def median_seconds(fn) -> float:
-        samples = []
-        for _ in range(max(reps, 9)):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return sorted(samples)[len(samples) // 2]
-
-    counts = sorted({1, 2, 3, 4, 5, 6, 8, 10, 12, 16, max_tokens})
-    target = {n: timed(engine.target, n) for n in counts if n <= max_tokens}
-    draft_step = timed(engine.draft, 1)
-    logits = engine.draft.logits(torch.randn(1, engine.draft.hidden_size, dtype=engine.draft.dtype)).float()
-    params = SamplingParams(temperature=1.0)
-    one, token = torch.ones(1), torch.zeros(1, dtype=torch.long)
-    feats = candidate_features(logits, token, one, one, one)
-    head = engine.heads.get("default")
-    return CostModel(
-        draft_step=draft_step,
-        draw=median_seconds(lambda: sample(processed_probs(logits, params), None)),
-        features=median_seconds(lambda: candidate_features(logits, token, one, one, one)),
-        head=median_seconds(lambda: head.accept_prob(torch.randn(1, engine.draft.hidden_size), feats)) if head else 0.0,
-        target=target,
-    )
-
-
 def default_pair_costs(head_dir: str) -> CostModel:
     """The cost model of the default pair with `head_dir` as its head, measured now on this host."""
     log.info("measuring the cost model with the default pair")
     engine = build_engine(EngineConfig(head=head_dir))
-    return replace(measure_costs(engine), machine=machine_record())
+    return replace(engine.tuning.costs.measured, machine=machine_record())
 
 
 def predict_from_data(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine.params import SpecConfig
 from specdecpp.bench import offline_run, serving_run
-from specdecpp.model_args import add_model_args
+from specdecpp.model_args import add_model_args, threshold_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,13 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--greedy-policies", nargs="+", help="rows at temperature 0 (default: the same as --policies)")
     o.add_argument("--greedy-ks", type=int, nargs="+",
                    help="constant k values at temperature 0 (hf-constant: those also in --hf-ks; default: --ks)")
-    o.add_argument("--greedy-thresholds", type=float, nargs="+",
+    o.add_argument("--greedy-thresholds", type=threshold_arg, nargs="+",
                    help="specdec++ thresholds at temperature 0 (default: --thresholds)")
     o.add_argument("--ks", type=int, nargs="+", help=f"constant k sweep (default: {_preset('ks')})")
     o.add_argument("--heuristic-k", type=int, default=4, help="heuristic starting k (default: %(default)s)")
     o.add_argument("--p-mins", type=float, nargs="+", help=f"confidence sweep (default: {_preset('p_mins')})")
-    o.add_argument("--thresholds", type=float, nargs="+",
-                   help=f"specdec++ threshold sweep (default: {_preset('thresholds')})")
+    o.add_argument("--thresholds", type=threshold_arg, nargs="+",
+                   help=f"specdec++ threshold sweep, numbers or auto (default: {_preset('thresholds')})")
     o.add_argument("--post-head", metavar="DIR",
                    help="an acceptance head that judges after the draft's forward (the paper's timing), loaded as "
                    "engine head 'post' for the specdec++-post rows")

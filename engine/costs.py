@@ -1,0 +1,218 @@
+"""The cost model: what a draft step and a target forward cost on the devices the engine runs on.
+
+It is measured at engine start (`measure_costs`: the engine's own forwards, after a context, by
+number of sequences for the draft and by number of tokens for the target) and refreshed while
+serving from the engine's own timings (`LiveCosts`: a smoothed ratio of observed to modelled
+seconds per model, which keeps the measured shape and follows the level, e.g. when the host gets
+busier). The self-tuning rules (engine/tuning.py) and the offline evaluator
+(specdecpp/bench/stop_rules.py) read the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from engine.head import AcceptanceHead, candidate_features
+from engine.params import SamplingParams
+from engine.runner import ModelRunner, crop_cache
+from engine.sampling import processed_probs, sample
+
+SMOOTHING = 0.05  # weight of one observed round in the refreshed cost level
+
+
+def interpolate(points: dict[int, float], x: float) -> float:
+    """Piecewise-linear through `points` (x -> seconds), flat below the first point, extrapolated
+    linearly past the last (two points or more)."""
+    xs = sorted(points)
+    if x <= xs[0] or len(xs) == 1:
+        return points[xs[0]] if x <= xs[0] else points[xs[0]] * x / xs[0]
+    i = next((i for i in range(1, len(xs)) if x <= xs[i]), len(xs) - 1)
+    lo, hi = xs[i - 1], xs[i]
+    return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per draft forward (`draft_step` for one sequence; `draft_batch` by number of sequences
+    when measured), per candidate drawn (processed q and sampling), per candidate's features (rules
+    that read them), per head call, and per target forward by number of tokens in it (`target`)."""
+
+    draft_step: float
+    draw: float
+    features: float
+    head: float
+    target: dict[int, float]
+    draft_batch: dict[int, float] = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+
+    def target_seconds(self, tokens: float) -> float:
+        return interpolate(self.target, tokens)
+
+    def draft_seconds(self, sequences: float) -> float:
+        """One batched draft forward over `sequences` sequences (one token each)."""
+        return interpolate(self.draft_batch or {1: self.draft_step}, sequences)
+
+    def candidate_seconds(self, reads_features: bool = True, judged: bool = True) -> float:
+        """What one candidate costs beside the draft forward: drawing it, its features, the head's judgement."""
+        return self.draw + (self.features if reads_features else 0.0) + (self.head if judged else 0.0)
+
+    def target_cost(self, n: torch.Tensor) -> torch.Tensor:
+        """`target_seconds` over a tensor of token counts (the offline evaluator's vectorised form)."""
+        xs = sorted(self.target)
+        x = torch.tensor(xs, dtype=torch.float64)
+        y = torch.tensor([self.target[k] for k in xs], dtype=torch.float64)
+        n = n.double().clamp(min=xs[0])
+        if len(xs) == 1:
+            return y[0] * n / x[0]
+        i = torch.searchsorted(x, n).clamp(1, len(xs) - 1)
+        slope = (y[i] - y[i - 1]) / (x[i] - x[i - 1])
+        return y[i - 1] + slope * (n - x[i - 1])
+
+    def scaled(self, draft: float, target: float) -> CostModel:
+        """This model with every draft-side cost times `draft` and every target cost times `target`."""
+        return replace(
+            self,
+            draft_step=self.draft_step * draft,
+            draw=self.draw * draft,
+            features=self.features * draft,
+            head=self.head * draft,
+            draft_batch={b: s * draft for b, s in self.draft_batch.items()},
+            target={n: s * target for n, s in self.target.items()},
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> CostModel:
+        return cls(
+            raw["draft_step"], raw["draw"], raw["features"], raw["head"],
+            {int(k): float(v) for k, v in raw["target"].items()},
+            {int(k): float(v) for k, v in (raw.get("draft_batch") or {}).items()},
+            raw.get("machine", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to `limit`, and `limit` itself."""
+    out, n = [], 1
+    while n < limit:
+        out.append(n)
+        n *= 2
+    return [*out, limit]
+
+
+@torch.inference_mode()
+def measure_costs(
+    target: ModelRunner,
+    draft: ModelRunner,
+    head: AcceptanceHead | None = None,
+    *,
+    context: int = 128,
+    max_tokens: int = 64,
+    max_sequences: int = 8,
+    reps: int = 3,
+) -> CostModel:
+    """Time the engine's own forwards on this host, after `context` tokens of cache: the target over
+    1, 2, 4 ... `max_tokens` tokens, the draft over 1, 2, 4 ... `max_sequences` sequences of one token
+    (a ragged batch, as the round runs it), and the per-candidate work (draw, features, head)."""
+    generator = torch.Generator().manual_seed(0)
+    limit = min(getattr(m.config, "max_position_embeddings", None) or 4096 for m in (target, draft))
+    context = min(context, limit // 2)
+    max_tokens = max(1, min(max_tokens, limit - context))
+
+    def ids(n: int) -> torch.Tensor:
+        return torch.randint(0, min(target.vocab_size, draft.vocab_size), (n,), generator=generator)
+
+    def median(fn: Callable[[], object], times: int) -> float:
+        fn()  # warm-up: first calls allocate
+        samples = []
+        for _ in range(times):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return sorted(samples)[len(samples) // 2]
+
+    def target_forward(n: int) -> float:
+        cache = target.new_cache()
+        target.forward(ids(context).unsqueeze(0), cache)
+
+        def once() -> None:
+            target.forward(ids(n).unsqueeze(0), cache)
+            crop_cache(cache, context)
+
+        return median(once, reps)
+
+    def draft_forward(b: int) -> float:
+        caches = [draft.new_cache() for _ in range(b)]
+        for cache in caches:
+            draft.forward(ids(context).unsqueeze(0), cache)
+
+        def once() -> None:
+            draft.forward_batch([ids(1) for _ in range(b)], caches, [1] * b)
+            for cache in caches:
+                crop_cache(cache, context)
+
+        return median(once, reps)
+
+    draft_batch = {b: draft_forward(b) for b in powers_of_two(max_sequences)}
+    logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
+    params = SamplingParams(temperature=1.0)
+    one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)
+    features = candidate_features(logits, token, one, one, one)
+    state = torch.randn(1, draft.hidden_size, device=draft.device)
+    return CostModel(
+        draft_step=draft_batch[1],
+        draw=median(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1),
+        features=median(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1),
+        head=median(lambda: head.accept_prob(state, features), 2 * reps + 1) if head is not None else 0.0,
+        target={n: target_forward(n) for n in powers_of_two(max_tokens)},
+        draft_batch=draft_batch,
+    )
+
+
+class LiveCosts:
+    """The measured cost model, refreshed from the engine's own timings.
+
+    Each observation compares the seconds a draft proposal or a target forward took with what the
+    measured model predicts for it; the smoothed ratio per model scales that model's costs. So the
+    measured shape (how cost grows with tokens and sequences) stays and its level follows the host.
+    """
+
+    def __init__(self, measured: CostModel, smoothing: float = SMOOTHING) -> None:
+        self.measured = measured
+        self.smoothing = smoothing
+        self.draft_scale = 1.0
+        self.target_scale = 1.0
+        self.current = measured
+
+    def _smooth(self, scale: float, observed: float, predicted: float) -> float:
+        if predicted <= 0.0 or observed <= 0.0:
+            return scale
+        ratio = min(max(observed / predicted, 0.1), 10.0)  # one stalled forward must not swing the model
+        return (1.0 - self.smoothing) * scale + self.smoothing * ratio
+
+    def observe_draft(self, batch_sizes: list[int], candidates: int, seconds: float, reads_features: bool) -> None:
+        """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, in `seconds`."""
+        predicted = sum(self.measured.draft_seconds(b) for b in batch_sizes)
+        predicted += candidates * self.measured.candidate_seconds(reads_features, reads_features)
+        self.draft_scale = self._smooth(self.draft_scale, seconds, predicted)
+        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
+
+    def observe_target(self, tokens: int, seconds: float) -> None:
+        """A target forward over `tokens` tokens (every sequence's feed together) in `seconds`."""
+        self.target_scale = self._smooth(self.target_scale, seconds, self.measured.target_seconds(tokens))
+        self.current = self.measured.scaled(self.draft_scale, self.target_scale)

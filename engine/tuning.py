@@ -1,0 +1,114 @@
+"""Self-tuning speculation: the specdec++ stop level (`threshold: "auto"`) and each round's candidate
+budgets, from the cost model measured on this host and the acceptance the engine observes.
+
+The derivation is in docs/design.md ("Self-tuning"). In short: a round's value is the tokens it
+yields; its price is its wall time; the best policy maximises tokens per second, rate r. At that
+rate a second of engine time is worth r tokens, so one more candidate pays when its expected
+gain, P(every candidate so far accepted) x a (its own acceptance), exceeds r x its marginal
+seconds m. The head gives P(all accepted) = 1 - P(some rejected), so the rule is the paper's
+threshold rule, stop once P(some candidate rejected) > 1 - r m / a, at a level set by costs.
+Budgets use the same comparison for a candidate that is surely accepted: past the k where
+r m(k) >= 1 no candidate can pay, and none is proposed (0 when even the first one's expected gain,
+a, is below r m). m grows with the verified tokens of the batch, so budgets and the level shrink
+where verification stops being cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.costs import CostModel, LiveCosts
+
+MIN_LEVEL, MAX_LEVEL = 0.01, 0.99  # the auto level stays a probability strictly inside (0, 1)
+PRIOR_ACCEPTANCE = 0.6  # what a deployment's first request assumes before any verification
+GLOBAL_SMOOTHING = 0.01  # weight of one verified candidate in the deployment's acceptance estimate
+REQUEST_SMOOTHING = 0.1  # ... in a request's own estimate (it starts at the deployment's)
+
+
+def expected_tokens(accept: float, k: int) -> float:
+    """Tokens of a round with k candidates each accepted with probability `accept` (independently),
+    plus the target's own token: 1 + a + a^2 + ... + a^k."""
+    return sum(accept**j for j in range(k + 1))
+
+
+def round_seconds(costs: CostModel, batch: int, k: int) -> float:
+    """A round of `batch` sequences proposing k candidates each: k draft forwards over the batch,
+    each candidate drawn and judged, one target forward over every sequence's k + 1 tokens."""
+    return k * costs.draft_seconds(batch) + batch * k * costs.candidate_seconds() + costs.target_seconds(
+        batch * (k + 1))
+
+
+def best_fixed(costs: CostModel, batch: int, accept: float, max_k: int) -> tuple[int, float]:
+    """The best candidate count shared by `batch` sequences (0: the target alone) and its rate in
+    tokens per second, all sequences together: the operating point the marginal rules compare with."""
+    rates = [(batch * expected_tokens(accept, k) / round_seconds(costs, batch, k), k) for k in range(max_k + 1)]
+    rate, k = max(rates)
+    return k, rate
+
+
+def marginal_seconds(costs: CostModel, batch: int, k: int) -> float:
+    """What the k-th candidate of every sequence of a batch adds to the round's wall time, per
+    sequence: a share of one more draft forward, its draw and judgement, and its rows of the target's
+    forward (from k to k + 1 tokens per sequence)."""
+    verify = costs.target_seconds(batch * (k + 1)) - costs.target_seconds(batch * k)
+    return costs.draft_seconds(batch) / batch + costs.candidate_seconds() + verify / batch
+
+
+def stop_level(rate: float, marginal: float, accept: float) -> float:
+    """The stop level: P(some candidate rejected) above which one more candidate costs more than its
+    expected gain, 1 - r m / a."""
+    return min(max(1.0 - rate * marginal / max(accept, 1e-6), MIN_LEVEL), MAX_LEVEL)
+
+
+def candidate_budget(costs: CostModel, batch: int, rate: float, accept: float, max_k: int) -> int:
+    """The most candidates a sequence of `batch` may propose: none if the first one's expected gain
+    (`accept`) does not pay for it, else up to the last k where a surely accepted candidate still pays."""
+    if max_k < 1 or rate * marginal_seconds(costs, batch, 1) >= accept:
+        return 0
+    k = 1
+    while k < max_k and rate * marginal_seconds(costs, batch, k + 1) < 1.0:
+        k += 1
+    return k
+
+
+@dataclass
+class RoundTuning:
+    """What the self-tuning decided for a round: each sequence's budget and stop level."""
+
+    budgets: list[int]
+    levels: list[float]
+    rate: float  # tokens per second the operating point predicts, all sequences together
+
+
+class SelfTuning:
+    """The engine's live cost model and acceptance estimates, and the decisions made from them."""
+
+    def __init__(self, costs: LiveCosts, prior_acceptance: float = PRIOR_ACCEPTANCE) -> None:
+        self.costs = costs
+        self.acceptance = prior_acceptance  # the deployment's smoothed per-candidate acceptance
+
+    def request_acceptance(self, estimate: float | None) -> float:
+        return self.acceptance if estimate is None else estimate
+
+    def plan(self, accepts: list[float | None], max_k: list[int]) -> RoundTuning:
+        """Budgets (within each sequence's `max_k`) and stop levels for a round over len(accepts) sequences,
+        each with its own acceptance estimate (None: the deployment's)."""
+        costs, batch = self.costs.current, len(accepts)
+        own = [self.request_acceptance(a) for a in accepts]
+        mean = sum(own) / batch
+        k_best, rate = best_fixed(costs, batch, mean, max(max_k + [1]))
+        level_marginal = marginal_seconds(costs, batch, max(k_best, 1) + 1)
+        return RoundTuning(
+            budgets=[candidate_budget(costs, batch, rate, a, k) for a, k in zip(own, max_k, strict=True)],
+            levels=[stop_level(rate, level_marginal, a) for a in own],
+            rate=rate,
+        )
+
+    def observe_acceptance(self, estimate: float | None, labels: list[float]) -> float:
+        """Fold a verified round's exact labels a_s into the deployment's estimate and return the
+        request's updated one (`estimate`: its previous, None for a first round)."""
+        own = self.request_acceptance(estimate)
+        for a in labels:
+            self.acceptance += GLOBAL_SMOOTHING * (a - self.acceptance)
+            own += REQUEST_SMOOTHING * (a - own)
+        return own

@@ -1,0 +1,165 @@
+"""Self-tuning (engine/tuning.py, engine/costs.py): the derived stop level on synthetic costs and
+acceptance (known answers), budgets against verification cost, the live cost model, and the engine
+running threshold "auto"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import CHEAP_DRAFT_COSTS, random_head
+
+from engine.costs import CostModel, LiveCosts, interpolate
+from engine.llm_engine import LLMEngine
+from engine.params import SamplingParams, SpecConfig
+from engine.tuning import (
+    MAX_LEVEL,
+    MIN_LEVEL,
+    SelfTuning,
+    best_fixed,
+    candidate_budget,
+    marginal_seconds,
+    stop_level,
+)
+
+
+def flat(draft: float, target: float = 1.0, slope: float = 0.0, knee: int = 1) -> CostModel:
+    """Draft step `draft` s, no per-candidate work, a target forward of `target` s up to `knee` tokens
+    (memory-bound), then `slope` s more per token (compute-bound)."""
+    return CostModel(draft_step=draft, draw=0.0, features=0.0, head=0.0,
+                     target={1: target, knee: target, 256: target + (256 - knee) * slope})
+
+
+def test_interpolate_is_piecewise_linear_and_extrapolates():
+    points = {1: 1.0, 4: 2.5, 8: 4.5}
+    assert interpolate(points, 0.5) == 1.0
+    assert interpolate(points, 2) == pytest.approx(1.5)
+    assert interpolate(points, 6) == pytest.approx(3.5)
+    assert interpolate(points, 12) == pytest.approx(6.5)
+    assert interpolate({2: 3.0}, 4) == pytest.approx(6.0)
+
+
+def test_level_is_the_break_even_of_one_more_candidate():
+    """Known answer: draft 0.1 s, flat verification 1 s, a = 0.8. The best fixed k maximises
+    (1 + a + ... + a^k) / (1 + 0.1 k): k = 6 at 2.4695 tokens/s; one more candidate costs 0.1 s, so the
+    level is 1 - 2.4695 * 0.1 / 0.8 = 0.6913, where P(all accepted) * a equals rate * marginal cost."""
+    costs = flat(0.1)
+    k, rate = best_fixed(costs, 1, 0.8, 20)
+    assert k == 6
+    assert rate == pytest.approx(sum(0.8**j for j in range(7)) / 1.6)
+    level = stop_level(rate, marginal_seconds(costs, 1, k + 1), 0.8)
+    assert level == pytest.approx(1 - rate * 0.1 / 0.8)
+    assert (1 - level) * 0.8 == pytest.approx(rate * 0.1)
+    assert stop_level(100.0, 1.0, 0.5) == MIN_LEVEL and stop_level(0.0, 1.0, 0.5) == MAX_LEVEL
+
+
+def simulated_rate(levels: float, costs: CostModel, accept: np.ndarray) -> float:
+    """Tokens per second of the threshold rule fed the true a_s, on rounds of per-candidate acceptance
+    probabilities `accept` [R, K] (expectations, exact): stop after candidate s once 1 - prod a_i > level."""
+    prod = np.cumprod(accept, axis=1)
+    stop = (1 - prod) > levels
+    length = np.where(stop.any(1), stop.argmax(1) + 1, accept.shape[1])
+    mask = np.arange(1, accept.shape[1] + 1)[None, :] <= length[:, None]
+    tokens = (prod * mask).sum(1) + 1
+    seconds = length * costs.draft_step + np.array([costs.target_seconds(n + 1) for n in length])
+    return float(tokens.sum() / seconds.sum())
+
+
+@pytest.mark.parametrize("draft", [0.05, 0.15, 0.3])
+def test_auto_level_is_near_the_best_fixed_level(draft):
+    """On bursty synthetic acceptance (easy stretches and hard ones, the head exact), the derived level
+    reaches within 3% of the best level a sweep finds, for cheap and dear drafts."""
+    rng = np.random.default_rng(0)
+    easy = rng.random((4000, 1)) < 0.5
+    accept = np.where(easy, rng.beta(18, 1, (4000, 24)), rng.beta(2, 2, (4000, 24)))
+    costs = flat(draft, slope=0.002)
+    tuning = SelfTuning(LiveCosts(costs), prior_acceptance=float(accept.mean()))
+    level = tuning.plan([None], [24]).levels[0]
+    sweep = {t: simulated_rate(t, costs, accept) for t in np.linspace(0.02, 0.98, 49)}
+    best = max(sweep.values())
+    assert simulated_rate(level, costs, accept) >= 0.97 * best, (level, max(sweep, key=sweep.get))
+
+
+def test_budgets_shrink_as_verification_gets_dearer():
+    """The same draft, verification from flat to steep: budgets never grow, and reach 0 (the target
+    alone) once even the first candidate's expected gain does not pay for its rows of the forward."""
+    budgets = []
+    for slope in (0.0, 0.01, 0.1, 0.3, 0.6, 1.0):
+        costs = flat(0.05, slope=slope, knee=16)
+        k, rate = best_fixed(costs, 4, 0.7, 20)
+        budgets.append(candidate_budget(costs, 4, rate, 0.7, 20))
+    assert budgets == sorted(budgets, reverse=True)
+    assert budgets[0] == 20 and budgets[-1] == 3  # up to the knee (4 x 4 tokens), where rows are still free
+    steep = flat(0.05, slope=1.0, knee=4)  # the batch alone fills the memory-bound part
+    assert candidate_budget(steep, 4, best_fixed(steep, 4, 0.7, 20)[1], 0.7, 20) == 0
+
+
+def test_budgets_and_level_shrink_with_the_batch_where_verification_is_compute_bound():
+    costs = flat(0.05, slope=0.05, knee=8)
+    tuning = SelfTuning(LiveCosts(costs), prior_acceptance=0.7)
+    plans = [tuning.plan([None] * b, [20] * b) for b in (1, 2, 4, 8)]
+    budgets = [p.budgets[0] for p in plans]
+    levels = [p.levels[0] for p in plans]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
+    assert levels == sorted(levels, reverse=True) and levels[0] > levels[-1]
+
+
+def test_live_costs_follow_the_observed_level_and_keep_the_shape():
+    measured = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 16: 2.0},
+                         draft_batch={1: 0.1, 4: 0.2})
+    live = LiveCosts(measured)
+    for _ in range(300):
+        live.observe_target(16, 4.0)  # the host got twice as slow for the target
+        live.observe_draft([4, 1], 5, 0.3, reads_features=True)  # the draft as measured
+    assert live.current.target_seconds(1) == pytest.approx(2.0, rel=0.01)
+    assert live.current.target_seconds(16) == pytest.approx(4.0, rel=0.01)
+    assert live.current.draft_seconds(4) == pytest.approx(0.2, rel=0.01)
+    live.observe_target(16, 1e6)  # one stalled forward moves the level by a bounded step only
+    assert live.current.target_seconds(16) < 6.0
+
+
+def test_acceptance_estimates_follow_the_labels():
+    tuning = SelfTuning(LiveCosts(flat(0.1)), prior_acceptance=0.5)
+    own = None
+    for _ in range(100):
+        own = tuning.observe_acceptance(own, [0.9, 0.9, 0.9])
+    assert own == pytest.approx(0.9, abs=0.01)
+    assert 0.5 < tuning.acceptance < 0.9
+
+
+def test_cost_model_round_trips_and_reads_files_without_draft_batch(tmp_path):
+    costs = CostModel(draft_step=0.1, draw=0.001, features=0.002, head=0.003, target={1: 1.0, 8: 1.5},
+                      draft_batch={1: 0.1, 2: 0.12})
+    costs.save(tmp_path / "c.json")
+    assert CostModel.load(tmp_path / "c.json") == costs
+    old = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0})
+    old.save(tmp_path / "old.json")
+    assert CostModel.load(tmp_path / "old.json").draft_seconds(3) == pytest.approx(0.3)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair, tokenizer):
+    target, draft = tiny_pair
+    return LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                     costs=CHEAP_DRAFT_COSTS)
+
+
+def test_engine_reports_the_levels_it_used_and_learns(engine):
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=3)
+    out = engine.generate("hello world", params, SpecConfig(policy="specdec++"))  # the default: auto
+    stats = out.stats
+    assert stats["proposed_tokens"] > 0
+    assert len(stats["stop_levels"]) == stats["rounds"]
+    assert MIN_LEVEL <= stats["mean_stop_level"] <= MAX_LEVEL
+    fixed = engine.generate("hello world", params, SpecConfig(policy="specdec++", threshold=0.3)).stats
+    assert fixed["stop_levels"] == [] and fixed["mean_stop_level"] is None
+    assert engine.tuning.costs.target_scale != 1.0  # the real forwards differ from the cheap model given
+
+
+def test_engine_measures_its_costs_when_given_none(tiny_pair, tokenizer):
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer)
+    measured = engine.tuning.costs.measured
+    assert measured.draft_step > 0 and all(s > 0 for s in measured.target.values())
+    assert sorted(measured.target)[:4] == [1, 2, 4, 8]
+    assert sorted(measured.draft_batch) == [1, 2, 4, 8]
+    assert LLMEngine(target, None, tokenizer).tuning is None
