@@ -115,6 +115,16 @@ def powers_of_two(limit: int) -> list[int]:
     return [*out, limit]
 
 
+def monotone(points: dict[int, float]) -> dict[int, float]:
+    """Timings made non-decreasing in size: more tokens never cost less; a dip is measurement noise,
+    and a negative marginal cost would tell the tuning rules that a longer round is free."""
+    out, top = {}, 0.0
+    for x in sorted(points):
+        top = max(top, points[x])
+        out[x] = top
+    return out
+
+
 @torch.inference_mode()
 def measure_costs(
     target: ModelRunner,
@@ -168,7 +178,7 @@ def measure_costs(
 
         return median(once, reps)
 
-    draft_batch = {b: draft_forward(b) for b in powers_of_two(max_sequences)}
+    draft_batch = monotone({b: draft_forward(b) for b in powers_of_two(max_sequences)})
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
     params = SamplingParams(temperature=1.0)
     one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)
@@ -179,7 +189,7 @@ def measure_costs(
         draw=median(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1),
         features=median(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1),
         head=median(lambda: head.accept_prob(state, features), 2 * reps + 1) if head is not None else 0.0,
-        target={n: target_forward(n) for n in powers_of_two(max_tokens)},
+        target=monotone({n: target_forward(n) for n in powers_of_two(max_tokens)}),
         draft_batch=draft_batch,
     )
 

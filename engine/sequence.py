@@ -75,7 +75,6 @@ class Sequence:
     stats: RequestStats = field(default_factory=RequestStats)
     arrival_time: float = field(default_factory=time.perf_counter)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
-    accept_estimate: float | None = None  # smoothed P(a candidate is accepted) over this request's verified ones
     # the other choices of the same prompt (n > 1), waiting to fork this sequence's prefill once it is done
     siblings: list[Sequence] = field(default_factory=list)
     adjuster: LogitAdjuster | None = field(init=False)  # penalties, bias, min_tokens; None when none is set

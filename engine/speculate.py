@@ -109,7 +109,7 @@ def plan_budgets(
     if candidate_cap is not None:
         maxima = [min(m, candidate_cap) for m in maxima]
     if tuning is not None and draft is not None and any(seq.policy.self_tuning for seq in seqs):
-        plan = tuning.plan([seq.accept_estimate for seq in seqs], maxima)
+        plan = tuning.plan(maxima)
         for i, seq in enumerate(seqs):
             if seq.policy.self_tuning:
                 maxima[i] = plan.budgets[i]
@@ -271,8 +271,7 @@ def verify_candidates(
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator))
         if tuning is not None and p.tokens:
-            labels = acceptance_labels(cand, q, target_probs).tolist()
-            p.seq.accept_estimate = tuning.observe_acceptance(p.seq.accept_estimate, labels)
+            tuning.observe_acceptance(acceptance_labels(cand, q, target_probs).tolist())
         if p.seq.params.logprobs is not None:
             verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:

@@ -21,8 +21,7 @@ from engine.costs import CostModel, LiveCosts
 
 MIN_LEVEL, MAX_LEVEL = 0.01, 0.99  # the auto level stays a probability strictly inside (0, 1)
 PRIOR_ACCEPTANCE = 0.6  # what a deployment's first request assumes before any verification
-GLOBAL_SMOOTHING = 0.01  # weight of one verified candidate in the deployment's acceptance estimate
-REQUEST_SMOOTHING = 0.1  # ... in a request's own estimate (it starts at the deployment's)
+SMOOTHING = 0.01  # weight of one verified candidate in the deployment's acceptance estimate
 
 
 def expected_tokens(accept: float, k: int) -> float:
@@ -81,34 +80,30 @@ class RoundTuning:
 
 
 class SelfTuning:
-    """The engine's live cost model and acceptance estimates, and the decisions made from them."""
+    """The engine's live cost model and acceptance estimate, and the decisions made from them.
+
+    The acceptance estimate a is the deployment's, smoothed over every verified candidate: the head
+    already judges each candidate in its context, so a only prices the next candidate on average.
+    (A per-request estimate, tried in the offline evaluator, swings low after a few rejections and
+    then stops rounds the head would have continued, which cost more than it saved.)
+    """
 
     def __init__(self, costs: LiveCosts, prior_acceptance: float = PRIOR_ACCEPTANCE) -> None:
         self.costs = costs
-        self.acceptance = prior_acceptance  # the deployment's smoothed per-candidate acceptance
+        self.acceptance = prior_acceptance
 
-    def request_acceptance(self, estimate: float | None) -> float:
-        return self.acceptance if estimate is None else estimate
-
-    def plan(self, accepts: list[float | None], max_k: list[int]) -> RoundTuning:
-        """Budgets (within each sequence's `max_k`) and stop levels for a round over len(accepts) sequences,
-        each with its own acceptance estimate (None: the deployment's)."""
-        costs, batch = self.costs.current, len(accepts)
-        own = [self.request_acceptance(a) for a in accepts]
-        mean = sum(own) / batch
-        k_best, rate = best_fixed(costs, batch, mean, max(max_k + [1]))
-        level_marginal = marginal_seconds(costs, batch, max(k_best, 1) + 1)
+    def plan(self, max_k: list[int]) -> RoundTuning:
+        """Budgets (within each sequence's `max_k`) and the stop level of a round over len(max_k) sequences."""
+        costs, batch, accept = self.costs.current, len(max_k), self.acceptance
+        k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
+        level = stop_level(rate, marginal_seconds(costs, batch, max(k_best, 1) + 1), accept)
         return RoundTuning(
-            budgets=[candidate_budget(costs, batch, rate, a, k) for a, k in zip(own, max_k, strict=True)],
-            levels=[stop_level(rate, level_marginal, a) for a in own],
+            budgets=[candidate_budget(costs, batch, rate, accept, k) for k in max_k],
+            levels=[level] * batch,
             rate=rate,
         )
 
-    def observe_acceptance(self, estimate: float | None, labels: list[float]) -> float:
-        """Fold a verified round's exact labels a_s into the deployment's estimate and return the
-        request's updated one (`estimate`: its previous, None for a first round)."""
-        own = self.request_acceptance(estimate)
+    def observe_acceptance(self, labels: list[float]) -> None:
+        """Fold a verified round's exact labels a_s into the deployment's estimate."""
         for a in labels:
-            self.acceptance += GLOBAL_SMOOTHING * (a - self.acceptance)
-            own += REQUEST_SMOOTHING * (a - own)
-        return own
+            self.acceptance += SMOOTHING * (a - self.acceptance)

@@ -73,7 +73,7 @@ def test_auto_level_is_near_the_best_fixed_level(draft):
     accept = np.where(easy, rng.beta(18, 1, (4000, 24)), rng.beta(2, 2, (4000, 24)))
     costs = flat(draft, slope=0.002)
     tuning = SelfTuning(LiveCosts(costs), prior_acceptance=float(accept.mean()))
-    level = tuning.plan([None], [24]).levels[0]
+    level = tuning.plan([24]).levels[0]
     sweep = {t: simulated_rate(t, costs, accept) for t in np.linspace(0.02, 0.98, 49)}
     best = max(sweep.values())
     assert simulated_rate(level, costs, accept) >= 0.97 * best, (level, max(sweep, key=sweep.get))
@@ -96,7 +96,7 @@ def test_budgets_shrink_as_verification_gets_dearer():
 def test_budgets_and_level_shrink_with_the_batch_where_verification_is_compute_bound():
     costs = flat(0.05, slope=0.05, knee=8)
     tuning = SelfTuning(LiveCosts(costs), prior_acceptance=0.7)
-    plans = [tuning.plan([None] * b, [20] * b) for b in (1, 2, 4, 8)]
+    plans = [tuning.plan([20] * b) for b in (1, 2, 4, 8)]
     budgets = [p.budgets[0] for p in plans]
     levels = [p.levels[0] for p in plans]
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
@@ -117,13 +117,13 @@ def test_live_costs_follow_the_observed_level_and_keep_the_shape():
     assert live.current.target_seconds(16) < 6.0
 
 
-def test_acceptance_estimates_follow_the_labels():
+def test_acceptance_estimate_follows_the_labels_and_moves_the_level():
     tuning = SelfTuning(LiveCosts(flat(0.1)), prior_acceptance=0.5)
-    own = None
-    for _ in range(100):
-        own = tuning.observe_acceptance(own, [0.9, 0.9, 0.9])
-    assert own == pytest.approx(0.9, abs=0.01)
-    assert 0.5 < tuning.acceptance < 0.9
+    low = tuning.plan([20]).levels[0]
+    for _ in range(300):
+        tuning.observe_acceptance([0.9, 0.9, 0.9])
+    assert tuning.acceptance == pytest.approx(0.9, abs=0.01)
+    assert tuning.plan([20]).levels[0] != low
 
 
 def test_cost_model_round_trips_and_reads_files_without_draft_batch(tmp_path):

@@ -28,9 +28,11 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
-from engine.costs import CostModel
+from engine.costs import CostModel, LiveCosts
 from engine.factory import build_engine, resolve_paths
 from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
+from engine.params import AUTO
+from engine.tuning import SelfTuning
 from heads.data import load_shards
 from heads.evaluate import head_predictions
 from heads.train import head_inputs
@@ -110,6 +112,8 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
         stop_at = positions
     elif kind in ("specdec++", "oracle"):
         _, name, threshold, low, high = rule
+        if isinstance(threshold, torch.Tensor):  # a level per round ("auto")
+            threshold = threshold.unsqueeze(1)
         # "oracle": the product rule fed the true a_s, the bound a perfect "before" head would reach
         pred = rounds.accept.masked_fill(positions > cap.unsqueeze(1), float("nan")) if kind == "oracle" \
             else rounds.head[name]
@@ -167,9 +171,31 @@ def bootstrap_speedups(
     return torch.stack([t1 * (weights @ tok) / (weights @ sec) for tok, sec in per_prompt], dim=1)
 
 
-def default_rules(rounds: Rounds, bounds: tuple[int, int]) -> list[tuple[str, float | None, tuple]]:
-    """(policy, knob, rule) rows: every constant k the data allows, fine grids for the others, and
-    `oracle` (the product rule on the true a_s: what a perfect head would reach)."""
+def auto_levels(rounds: Rounds, name: str, costs: CostModel, bounds: tuple[int, int]) -> torch.Tensor:
+    """[R] the level threshold "auto" would set for each round, replaying the engine's self-tuning in
+    logged order (one sequence per round, from the engine's prior): each round is planned from the
+    acceptance learnt so far, which then learns the labels of the candidates the round proposed."""
+    tuning = SelfTuning(LiveCosts(costs))
+    low, high = bounds
+    levels = torch.empty(len(rounds.length), dtype=torch.float64)
+    pred = rounds.head[name].nan_to_num(1.0)
+    after = int(rounds.head_timing[name] == "after")
+    for r in range(len(rounds.length)):
+        level = tuning.plan([high]).levels[0]
+        reject = 1 - torch.cumprod(pred[r, : int(rounds.length[r])], 0)
+        stops = [s + 1 + after for s in range(len(reject)) if reject[s] > level and s + 1 + after >= low]
+        length = min(stops[0] if stops else high, int(rounds.length[r]), high)
+        tuning.observe_acceptance(rounds.accept[r, :length].tolist())
+        levels[r] = level
+    return levels
+
+
+def default_rules(
+    rounds: Rounds, bounds: tuple[int, int], costs: CostModel | None = None
+) -> list[tuple[str, float | str | None, tuple]]:
+    """(policy, knob, rule) rows: every constant k the data allows, fine grids for the others, the
+    "auto" level per head given `costs`, and `oracle` (the product rule on the true a_s: what a perfect
+    head would reach)."""
     low, high = bounds
     rows: list[tuple[str, float | None, tuple]] = [("none", None, ("none",))]
     rows += [("constant", k, ("constant", k)) for k in range(1, rounds.accept.shape[1] + 1)]
@@ -178,6 +204,8 @@ def default_rules(rounds: Rounds, bounds: tuple[int, int]) -> list[tuple[str, fl
     for name in rounds.head:
         policy = "specdec++" if name == "default" else f"specdec++-{name}"
         rows += [(policy, t, ("specdec++", name, t, low, high)) for t in grid]
+        if costs is not None:
+            rows.append((policy, AUTO, ("specdec++", name, auto_levels(rounds, name, costs, bounds), low, high)))
     rows += [("oracle", t, ("oracle", None, t, low, high)) for t in grid]
     return rows
 
@@ -185,7 +213,7 @@ def default_rules(rounds: Rounds, bounds: tuple[int, int]) -> list[tuple[str, fl
 def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples: int = 1000) -> dict:
     """Every default rule's predicted figures, the best knob per policy (interior or not), and paired
     bootstrap ratios of the best specdec++ rows over the best constant and confidence rows."""
-    rules = default_rules(rounds, bounds)
+    rules = default_rules(rounds, bounds, costs)
     outcomes, rows = [], []
     for policy, knob, rule in rules:
         lengths = stop_lengths(rounds, rule)
@@ -204,21 +232,23 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
     boot = bootstrap_speedups(outcomes, rounds.seq, costs, resamples)
     for row, column in zip(rows, boot.T, strict=True):
         row["speedup_ci95"] = [round(float(column.quantile(0.025)), 4), round(float(column.quantile(0.975)), 4)]
-    best: dict[str, int] = {}
+    best: dict[str, int] = {}  # by policy; an "auto" row is its own entry, "<policy> auto"
     for i, row in enumerate(rows):
-        if row["policy"] not in best or row["speedup"] > rows[best[row["policy"]]]["speedup"]:
-            best[row["policy"]] = i
+        key = f"{row['policy']} {AUTO}" if row["knob"] == AUTO else row["policy"]
+        if key not in best or row["speedup"] > rows[best[key]]["speedup"]:
+            best[key] = i
     best_rows = {}
-    for policy, i in best.items():
-        knobs = [r["knob"] for r in rows if r["policy"] == policy]
+    for key, i in best.items():
+        knobs = [r["knob"] for r in rows if r["policy"] == key and r["knob"] != AUTO]
         interior = len(knobs) > 2 and rows[i]["knob"] not in (min(knobs), max(knobs))
-        best_rows[policy] = {**rows[i], "interior": interior}
+        best_rows[key] = {**rows[i], "interior": interior}
     comparisons = []
     for a in (p for p in best if p.startswith("specdec++")):
-        for b in ("constant", "confidence"):
+        fixed = [a.removesuffix(f" {AUTO}")] if a.endswith(AUTO) else []
+        for b in ("constant", "confidence", *fixed):
             ratio = boot[:, best[a]] / boot[:, best[b]]
             comparisons.append({
-                "a": f"{a} {rows[best[a]]['knob']}", "b": f"{b} {rows[best[b]]['knob']}",
+                "a": f"{rows[best[a]]['policy']} {rows[best[a]]['knob']}", "b": f"{b} {rows[best[b]]['knob']}",
                 "ratio": round(rows[best[a]]["speedup"] / rows[best[b]]["speedup"], 4),
                 "ci_low": round(float(ratio.quantile(0.025)), 4), "ci_high": round(float(ratio.quantile(0.975)), 4),
             })
