@@ -83,7 +83,10 @@ def run_serving_bench(args: argparse.Namespace) -> int:
 
 
 def parse_config(text: str) -> dict | None:
-    """'server-default' -> None; 'specdec++:threshold=0.3,bounds=2-20' -> a SpecConfig override dict."""
+    """'server-default' -> None; 'specdec++:threshold=0.3,bounds=2-20' (or threshold=auto) -> a SpecConfig
+    override dict."""
+    from engine.params import AUTO, SpecConfig
+
     if text == "server-default":
         return None
     policy, _, rest = text.partition(":")
@@ -95,9 +98,7 @@ def parse_config(text: str) -> dict | None:
         elif key == "k":
             spec[key] = int(value)
         else:
-            spec[key] = float(value)
-    from engine.params import SpecConfig
-
+            spec[key] = value if value == AUTO else float(value)
     SpecConfig.model_validate(spec)  # fail before any request is sent
     return spec
 
