@@ -11,6 +11,7 @@ busier). The self-tuning rules (engine/tuning.py) and the offline evaluator
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +24,7 @@ from engine.params import SamplingParams
 from engine.runner import ModelRunner, crop_cache
 from engine.sampling import processed_probs, sample
 
-SMOOTHING = 0.05  # weight of one observed round in the refreshed cost level
+SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost level
 
 
 def interpolate(points: dict[int, float], x: float) -> float:
@@ -147,14 +148,16 @@ def measure_costs(
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, min(target.vocab_size, draft.vocab_size), (n,), generator=generator)
 
-    def median(fn: Callable[[], object], times: int) -> float:
+    def fastest(fn: Callable[[], object], times: int) -> float:
+        """The fastest of `times` calls after a warm-up: another process stealing the CPU (or an
+        OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do."""
         fn()  # warm-up: first calls allocate
         samples = []
         for _ in range(times):
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
-        return sorted(samples)[len(samples) // 2]
+        return min(samples)
 
     def target_forward(n: int) -> float:
         cache = target.new_cache()
@@ -164,7 +167,7 @@ def measure_costs(
             target.forward(ids(n).unsqueeze(0), cache)
             crop_cache(cache, context)
 
-        return median(once, reps)
+        return fastest(once, reps)
 
     def draft_forward(b: int) -> float:
         caches = [draft.new_cache() for _ in range(b)]
@@ -176,7 +179,7 @@ def measure_costs(
             for cache in caches:
                 crop_cache(cache, context)
 
-        return median(once, reps)
+        return fastest(once, reps)
 
     draft_batch = monotone({b: draft_forward(b) for b in powers_of_two(max_sequences)})
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
@@ -186,9 +189,9 @@ def measure_costs(
     state = torch.randn(1, draft.hidden_size, device=draft.device)
     return CostModel(
         draft_step=draft_batch[1],
-        draw=median(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1),
-        features=median(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1),
-        head=median(lambda: head.accept_prob(state, features), 2 * reps + 1) if head is not None else 0.0,
+        draw=fastest(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1),
+        features=fastest(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1),
+        head=fastest(lambda: head.accept_prob(state, features), 2 * reps + 1) if head is not None else 0.0,
         target=monotone({n: target_forward(n) for n in powers_of_two(max_tokens)}),
         draft_batch=draft_batch,
     )
@@ -198,31 +201,42 @@ class LiveCosts:
     """The measured cost model, refreshed from the engine's own timings.
 
     Each observation compares the seconds a draft proposal or a target forward took with what the
-    measured model predicts for it; the smoothed ratio per model scales that model's costs. So the
-    measured shape (how cost grows with tokens and sequences) stays and its level follows the host.
+    measured model predicts for it; a running mean of the log ratio per model (weight 1/n for the n-th
+    observation, `smoothing` once that is smaller) scales that model's costs. So the measured shape (how
+    cost grows with tokens and sequences) stays and its level follows the host: the first observations
+    correct a start-up measurement that a busy host spoiled, later ones move it slowly, and a single
+    stalled forward moves it by a bounded factor.
     """
 
     def __init__(self, measured: CostModel, smoothing: float = SMOOTHING) -> None:
         self.measured = measured
         self.smoothing = smoothing
-        self.draft_scale = 1.0
-        self.target_scale = 1.0
+        self._log_scale = {"draft": 0.0, "target": 0.0}
+        self._observations = {"draft": 0, "target": 0}
         self.current = measured
 
-    def _smooth(self, scale: float, observed: float, predicted: float) -> float:
+    @property
+    def draft_scale(self) -> float:
+        return math.exp(self._log_scale["draft"])
+
+    @property
+    def target_scale(self) -> float:
+        return math.exp(self._log_scale["target"])
+
+    def _observe(self, model: str, observed: float, predicted: float) -> None:
         if predicted <= 0.0 or observed <= 0.0:
-            return scale
-        ratio = min(max(observed / predicted, 0.1), 10.0)  # one stalled forward must not swing the model
-        return (1.0 - self.smoothing) * scale + self.smoothing * ratio
+            return
+        self._observations[model] += 1
+        weight = max(self.smoothing, 1.0 / self._observations[model])
+        self._log_scale[model] += weight * (math.log(observed / predicted) - self._log_scale[model])
+        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
 
     def observe_draft(self, batch_sizes: list[int], candidates: int, seconds: float, reads_features: bool) -> None:
         """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, in `seconds`."""
         predicted = sum(self.measured.draft_seconds(b) for b in batch_sizes)
         predicted += candidates * self.measured.candidate_seconds(reads_features, reads_features)
-        self.draft_scale = self._smooth(self.draft_scale, seconds, predicted)
-        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
+        self._observe("draft", seconds, predicted)
 
     def observe_target(self, tokens: int, seconds: float) -> None:
         """A target forward over `tokens` tokens (every sequence's feed together) in `seconds`."""
-        self.target_scale = self._smooth(self.target_scale, seconds, self.measured.target_seconds(tokens))
-        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
+        self._observe("target", seconds, self.measured.target_seconds(tokens))

@@ -22,6 +22,7 @@ from engine.costs import CostModel, LiveCosts
 MIN_LEVEL, MAX_LEVEL = 0.01, 0.99  # the auto level stays a probability strictly inside (0, 1)
 PRIOR_ACCEPTANCE = 0.6  # what a deployment's first request assumes before any verification
 SMOOTHING = 0.01  # weight of one verified candidate in the deployment's acceptance estimate
+PROBE_EVERY = 64  # rounds without any candidate after which one round proposes one, to re-time the draft
 
 
 def expected_tokens(accept: float, k: int) -> float:
@@ -91,17 +92,26 @@ class SelfTuning:
     def __init__(self, costs: LiveCosts, prior_acceptance: float = PRIOR_ACCEPTANCE) -> None:
         self.costs = costs
         self.acceptance = prior_acceptance
+        self.rounds_without_candidates = 0
 
     def plan(self, max_k: list[int]) -> RoundTuning:
-        """Budgets (within each sequence's `max_k`) and the stop level of a round over len(max_k) sequences."""
+        """Budgets (within each sequence's `max_k`) and the stop level of a round over len(max_k) sequences.
+
+        Costs and acceptance are only re-learnt from rounds that propose: after PROBE_EVERY rounds
+        without a candidate, one round proposes one per sequence (a probe), so a draft once measured
+        too dear (a busy host at start) or an acceptance that has since risen is noticed.
+        """
         costs, batch, accept = self.costs.current, len(max_k), self.acceptance
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         level = stop_level(rate, marginal_seconds(costs, batch, max(k_best, 1) + 1), accept)
-        return RoundTuning(
-            budgets=[candidate_budget(costs, batch, rate, accept, k) for k in max_k],
-            levels=[level] * batch,
-            rate=rate,
-        )
+        budgets = [candidate_budget(costs, batch, rate, accept, k) for k in max_k]
+        if any(budgets) or not any(max_k):
+            self.rounds_without_candidates = 0
+        else:
+            self.rounds_without_candidates += 1
+            if self.rounds_without_candidates >= PROBE_EVERY:
+                budgets, self.rounds_without_candidates = [min(1, k) for k in max_k], 0
+        return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate)
 
     def observe_acceptance(self, labels: list[float]) -> None:
         """Fold a verified round's exact labels a_s into the deployment's estimate."""

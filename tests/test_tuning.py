@@ -14,6 +14,7 @@ from engine.params import SamplingParams, SpecConfig
 from engine.tuning import (
     MAX_LEVEL,
     MIN_LEVEL,
+    PROBE_EVERY,
     SelfTuning,
     best_fixed,
     candidate_budget,
@@ -103,6 +104,18 @@ def test_budgets_and_level_shrink_with_the_batch_where_verification_is_compute_b
     assert levels == sorted(levels, reverse=True) and levels[0] > levels[-1]
 
 
+def test_a_draft_measured_too_dear_is_probed_and_relearnt():
+    """A draft timed at 100x its cost (a busy host at start) turns speculation off; probe rounds re-time it,
+    and the live model brings speculation back."""
+    live = LiveCosts(flat(5.0))
+    tuning = SelfTuning(live, prior_acceptance=0.8)
+    plans = [tuning.plan([8]) for _ in range(PROBE_EVERY)]
+    assert all(p.budgets == [0] for p in plans[:-1]) and plans[-1].budgets == [1]
+    live.observe_draft([1], 1, 0.05, reads_features=True)  # the probe's draft step: the first observation
+    assert live.current.draft_step == pytest.approx(0.05)
+    assert tuning.plan([8]).budgets[0] > 1
+
+
 def test_live_costs_follow_the_observed_level_and_keep_the_shape():
     measured = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 16: 2.0},
                          draft_batch={1: 0.1, 4: 0.2})
@@ -113,8 +126,8 @@ def test_live_costs_follow_the_observed_level_and_keep_the_shape():
     assert live.current.target_seconds(1) == pytest.approx(2.0, rel=0.01)
     assert live.current.target_seconds(16) == pytest.approx(4.0, rel=0.01)
     assert live.current.draft_seconds(4) == pytest.approx(0.2, rel=0.01)
-    live.observe_target(16, 1e6)  # one stalled forward moves the level by a bounded step only
-    assert live.current.target_seconds(16) < 6.0
+    live.observe_target(16, 1e6)  # one stalled forward moves the level by a bounded factor only
+    assert live.current.target_seconds(16) < 8.0
 
 
 def test_acceptance_estimate_follows_the_labels_and_moves_the_level():
