@@ -117,13 +117,15 @@ def powers_of_two(limit: int) -> list[int]:
 
 
 def monotone(points: dict[int, float]) -> dict[int, float]:
-    """Timings made non-decreasing in size: more tokens never cost less; a dip is measurement noise,
-    and a negative marginal cost would tell the tuning rules that a longer round is free."""
-    out, top = {}, 0.0
-    for x in sorted(points):
-        top = max(top, points[x])
-        out[x] = top
-    return out
+    """Timings made non-decreasing in size, each point lowered to the least time of any larger size:
+    more tokens never cost less, and noise (another process, a cold cache) only ever adds time, so a
+    point above a larger one is the noisy one. A negative marginal cost would tell the tuning rules
+    that a longer round is free."""
+    out, low = {}, math.inf
+    for x in sorted(points, reverse=True):
+        low = min(low, points[x])
+        out[x] = low
+    return dict(sorted(out.items()))
 
 
 @torch.inference_mode()
