@@ -42,7 +42,9 @@ def interpolate(points: dict[int, float], x: float) -> float:
 class CostModel:
     """Seconds per draft forward (`draft_step` for one sequence; `draft_batch` by number of sequences
     when measured), per candidate drawn (processed q and sampling), per candidate's features (rules
-    that read them), per head call, and per target forward by number of tokens in it (`target`)."""
+    that read them), per head call, and per target forward by number of tokens in it: `target` for one
+    sequence, `target_full` for the same tokens spread over `full_batch` sequences (a ragged batch pays
+    for every sequence's cache and mask, so its marginal token costs more)."""
 
     draft_step: float
     draw: float
@@ -50,10 +52,18 @@ class CostModel:
     head: float
     target: dict[int, float]
     draft_batch: dict[int, float] = field(default_factory=dict)
+    target_full: dict[int, float] = field(default_factory=dict)
+    full_batch: int = 1
     machine: dict = field(default_factory=dict)
 
-    def target_seconds(self, tokens: float) -> float:
-        return interpolate(self.target, tokens)
+    def target_seconds(self, tokens: float, sequences: int = 1) -> float:
+        """A target forward over `tokens` tokens of `sequences` sequences: between the one-sequence and the
+        full-batch curves, linearly in the number of sequences."""
+        alone = interpolate(self.target, tokens)
+        if sequences <= 1 or not self.target_full or self.full_batch <= 1:
+            return alone
+        weight = min(1.0, (sequences - 1) / (self.full_batch - 1))
+        return (1.0 - weight) * alone + weight * interpolate(self.target_full, tokens)
 
     def draft_seconds(self, sequences: float) -> float:
         """One batched draft forward over `sequences` sequences (one token each)."""
@@ -85,6 +95,7 @@ class CostModel:
             head=self.head * draft,
             draft_batch={b: s * draft for b, s in self.draft_batch.items()},
             target={n: s * target for n, s in self.target.items()},
+            target_full={n: s * target for n, s in self.target_full.items()},
         )
 
     def to_dict(self) -> dict:
@@ -96,6 +107,8 @@ class CostModel:
             raw["draft_step"], raw["draw"], raw["features"], raw["head"],
             {int(k): float(v) for k, v in raw["target"].items()},
             {int(k): float(v) for k, v in (raw.get("draft_batch") or {}).items()},
+            {int(k): float(v) for k, v in (raw.get("target_full") or {}).items()},
+            int(raw.get("full_batch", 1)),
             raw.get("machine", {}),
         )
 
@@ -139,9 +152,10 @@ def measure_costs(
     max_sequences: int = 8,
     reps: int = 3,
 ) -> CostModel:
-    """Time the engine's own forwards on this host, after `context` tokens of cache: the target over
-    1, 2, 4 ... `max_tokens` tokens, the draft over 1, 2, 4 ... `max_sequences` sequences of one token
-    (a ragged batch, as the round runs it), and the per-candidate work (draw, features, head)."""
+    """Time the engine's own forwards on this host, after `context` tokens of cache per sequence: the
+    target over 1, 2, 4 ... `max_tokens` tokens of one sequence and over `max_sequences` ... `max_tokens`
+    tokens spread over `max_sequences` sequences, the draft over 1, 2, 4 ... `max_sequences` sequences of
+    one token (ragged batches, as the round runs them), and the per-candidate work (draw, features, head)."""
     generator = torch.Generator().manual_seed(0)
     limit = min(getattr(m.config, "max_position_embeddings", None) or 4096 for m in (target, draft))
     context = min(context, limit // 2)
@@ -161,13 +175,16 @@ def measure_costs(
             samples.append(time.perf_counter() - t0)
         return min(samples)
 
-    def target_forward(n: int) -> float:
-        cache = target.new_cache()
-        target.forward(ids(context).unsqueeze(0), cache)
+    def target_forward(n: int, sequences: int = 1) -> float:
+        caches = [target.new_cache() for _ in range(sequences)]
+        for cache in caches:
+            target.forward(ids(context).unsqueeze(0), cache)
+        sizes = [n // sequences + (i < n % sequences) for i in range(sequences)]
 
         def once() -> None:
-            target.forward(ids(n).unsqueeze(0), cache)
-            crop_cache(cache, context)
+            target.forward_batch([ids(size) for size in sizes], caches, [1] * sequences)
+            for cache in caches:
+                crop_cache(cache, context)
 
         return fastest(once, reps)
 
@@ -184,6 +201,7 @@ def measure_costs(
         return fastest(once, reps)
 
     draft_batch = monotone({b: draft_forward(b) for b in powers_of_two(max_sequences)})
+    full = min(max_sequences, max_tokens)
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
     params = SamplingParams(temperature=1.0)
     one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)
@@ -196,6 +214,8 @@ def measure_costs(
         head=fastest(lambda: head.accept_prob(state, features), 2 * reps + 1) if head is not None else 0.0,
         target=monotone({n: target_forward(n) for n in powers_of_two(max_tokens)}),
         draft_batch=draft_batch,
+        target_full=monotone({n: target_forward(n, full) for n in powers_of_two(max_tokens) if n >= full}),
+        full_batch=full,
     )
 
 
@@ -239,6 +259,6 @@ class LiveCosts:
         predicted += candidates * self.measured.candidate_seconds(reads_features, reads_features)
         self._observe("draft", seconds, predicted)
 
-    def observe_target(self, tokens: int, seconds: float) -> None:
-        """A target forward over `tokens` tokens (every sequence's feed together) in `seconds`."""
-        self._observe("target", seconds, self.measured.target_seconds(tokens))
+    def observe_target(self, tokens: int, seconds: float, sequences: int = 1) -> None:
+        """A target forward over `tokens` tokens of `sequences` sequences (their feeds together) in `seconds`."""
+        self._observe("target", seconds, self.measured.target_seconds(tokens, sequences))

@@ -262,7 +262,7 @@ def verify_candidates(
              for p, cand in zip(proposals, candidates, strict=True)]
     _, logits = target.forward_batch(feeds, caches, [len(p.tokens) + 1 for p in proposals])
     if tuning is not None:
-        tuning.costs.observe_target(sum(len(feed) for feed in feeds), time.perf_counter() - t0)
+        tuning.costs.observe_target(sum(len(feed) for feed in feeds), time.perf_counter() - t0, len(feeds))
     verdicts = []
     for p, cand, feed, rows in zip(proposals, candidates, feeds, logits, strict=True):
         p.seq.target_kv.cached += len(feed)

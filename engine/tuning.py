@@ -35,7 +35,7 @@ def round_seconds(costs: CostModel, batch: int, k: int) -> float:
     """A round of `batch` sequences proposing k candidates each: k draft forwards over the batch,
     each candidate drawn and judged, one target forward over every sequence's k + 1 tokens."""
     return k * costs.draft_seconds(batch) + batch * k * costs.candidate_seconds() + costs.target_seconds(
-        batch * (k + 1))
+        batch * (k + 1), batch)
 
 
 def best_fixed(costs: CostModel, batch: int, accept: float, max_k: int) -> tuple[int, float]:
@@ -50,7 +50,7 @@ def marginal_seconds(costs: CostModel, batch: int, k: int) -> float:
     """What the k-th candidate of every sequence of a batch adds to the round's wall time, per
     sequence: a share of one more draft forward, its draw and judgement, and its rows of the target's
     forward (from k to k + 1 tokens per sequence)."""
-    verify = costs.target_seconds(batch * (k + 1)) - costs.target_seconds(batch * k)
+    verify = costs.target_seconds(batch * (k + 1), batch) - costs.target_seconds(batch * k, batch)
     return costs.draft_seconds(batch) / batch + costs.candidate_seconds() + verify / batch
 
 

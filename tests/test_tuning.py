@@ -35,6 +35,15 @@ def test_measured_curves_drop_upward_noise():
     assert monotone({1: 0.58, 2: 0.30, 4: 0.31, 8: 0.29, 16: 0.40}) == {1: 0.29, 2: 0.29, 4: 0.29, 8: 0.29, 16: 0.40}
 
 
+def test_target_cost_moves_from_one_sequence_to_the_full_batch_curve():
+    costs = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 32: 1.0},
+                      target_full={8: 1.0, 32: 2.0}, full_batch=8)
+    assert costs.target_seconds(16) == 1.0
+    assert costs.target_seconds(16, 8) == pytest.approx(1 + 8 / 24)
+    assert costs.target_seconds(16, 4) == pytest.approx(1 + 3 / 7 * 8 / 24)
+    assert costs.target_seconds(16, 20) == costs.target_seconds(16, 8)
+
+
 def test_interpolate_is_piecewise_linear_and_extrapolates():
     points = {1: 1.0, 4: 2.5, 8: 4.5}
     assert interpolate(points, 0.5) == 1.0
@@ -146,7 +155,7 @@ def test_acceptance_estimate_follows_the_labels_and_moves_the_level():
 
 def test_cost_model_round_trips_and_reads_files_without_draft_batch(tmp_path):
     costs = CostModel(draft_step=0.1, draw=0.001, features=0.002, head=0.003, target={1: 1.0, 8: 1.5},
-                      draft_batch={1: 0.1, 2: 0.12})
+                      draft_batch={1: 0.1, 2: 0.12}, target_full={2: 1.2, 8: 1.9}, full_batch=2)
     costs.save(tmp_path / "c.json")
     assert CostModel.load(tmp_path / "c.json") == costs
     old = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0})
@@ -180,4 +189,5 @@ def test_engine_measures_its_costs_when_given_none(tiny_pair, tokenizer):
     assert measured.draft_step > 0 and all(s > 0 for s in measured.target.values())
     assert sorted(measured.target)[:4] == [1, 2, 4, 8]
     assert sorted(measured.draft_batch) == [1, 2, 4, 8]
+    assert measured.full_batch == 8 and min(measured.target_full) == 8
     assert LLMEngine(target, None, tokenizer).tuning is None
