@@ -22,15 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 # pair raise this again with `torch.set_num_threads(os.cpu_count())`.
 torch.set_num_threads(1)
 
-from tiny import char_tokenizer, tiny_model  # noqa: E402
+from tiny import CHEAP_DRAFT_COSTS, char_tokenizer, tiny_model  # noqa: E402
 
-from engine.costs import CostModel  # noqa: E402
 from engine.head import AcceptanceHead, HeadConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 
-# A cost model where drafting is cheap and verification flat: threshold "auto" then speculates, and
-# tests do not depend on what the tiny models' forwards happen to cost on the test machine.
-CHEAP_DRAFT_COSTS = CostModel(draft_step=0.01, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 64: 0.12})
 DISTRIBUTION_VOCAB = 6  # the distribution tests' vocabulary: exact two-token distributions stay cheap
 
 

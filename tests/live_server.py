@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import psutil
+from tiny import CHEAP_DRAFT_COSTS
 
 from engine.head import AcceptanceHead
 from specdecpp.bench.serving import ServerProcess
@@ -36,9 +37,11 @@ class LiveServer(ServerProcess):
     """The tiny models served in fp32 on one thread; errors carry the server's log."""
 
     def __init__(self, paths: dict[str, Path], log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+        costs = log_path.parent / "cheap-draft-costs.json"  # threshold "auto" speculates on the tiny pair
+        CHEAP_DRAFT_COSTS.save(costs)
         serve_args = [
             "--target", str(paths["target"]), "--draft", str(paths["draft"]), "--head", str(paths["head"]),
-            "--dtype", "fp32", "--shutdown-grace", "2", *extra_args,
+            "--dtype", "fp32", "--shutdown-grace", "2", "--cost-model", str(costs), *extra_args,
         ]
         super().__init__(serve_args, log_path, env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
 

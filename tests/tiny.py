@@ -15,6 +15,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from engine.costs import CostModel
+
+# A cost model where drafting is cheap and verification flat: threshold "auto" then speculates, and
+# tests do not depend on what the tiny models' forwards happen to cost on the test machine.
+CHEAP_DRAFT_COSTS = CostModel(draft_step=0.01, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 64: 0.12})
 CHARS = string.ascii_lowercase + " .,\n"
 EOS = "<eos>"
 
