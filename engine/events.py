@@ -7,7 +7,8 @@ multiprocessing queues as itself, pickled, in both directions:
   engine -> server: EngineReady or EngineFailed (once, first), then per request Admitted or
                     RequestRejected, a TokenEvent per step (the final one carries RequestStats),
                     Tokenized or Detokenized (or RequestRejected) per tokenizer query,
-                    and EngineLoad whenever the engine's load changes
+                    EngineLoad whenever the engine's load changes, and EngineCosts every few
+                    seconds while it serves
 
 The tokenizer lives in the engine process only: the server never loads a model directory (nor
 torch), and /tokenize then counts exactly the tokens a generation would (same chat template).
@@ -90,6 +91,7 @@ class EngineReady:
     scheduler: dict  # SchedulerConfig's fields
     sampling_defaults: dict = field(default_factory=dict)  # what a request that omits them samples with
     kernels: dict = field(default_factory=dict)  # per model: the quantization and kernel timings chosen at load
+    costs: dict | None = None  # the cost model measured at start (CostModel.to_dict()); None without a draft
 
 
 @dataclass
@@ -163,8 +165,20 @@ class EngineLoad:
     waiting: int
 
 
+@dataclass
+class EngineCosts:
+    """The engine's live cost model (engine/costs.py: the measured one times the smoothed scales), sent every
+    few seconds while it serves, for the Prometheus gauges."""
+
+    costs: dict  # CostModel.to_dict() of the refreshed model
+    draft_scale: float
+    target_scale: float
+    candidate_budget: int  # what the model lets a sequence propose at the current batch size (engine/tuning.py)
+
+
 ToEngine = AddRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | Shutdown
-FromEngine = EngineReady | EngineFailed | Admitted | RequestRejected | TokenEvent | Tokenized | Detokenized | EngineLoad
+FromEngine = (EngineReady | EngineFailed | Admitted | RequestRejected | TokenEvent | Tokenized | Detokenized
+              | EngineLoad | EngineCosts)
 
 
 @dataclass

@@ -71,6 +71,13 @@ def candidate_budget(costs: CostModel, batch: int, rate: float, accept: float, m
     return k
 
 
+def budget_at(costs: CostModel, batch: int, accept: float, max_k: int) -> int:
+    """The candidate budget a sequence of `batch` gets at acceptance `accept` (within `max_k`), at the
+    best fixed operating point's rate: what the engine reports as its current budget."""
+    _, rate = best_fixed(costs, batch, accept, max_k)
+    return candidate_budget(costs, batch, rate, accept, max_k)
+
+
 @dataclass
 class RoundTuning:
     """What the self-tuning decided for a round: each sequence's budget and stop level."""

@@ -7,7 +7,8 @@ engine/events.py:
   out: EngineReady or EngineFailed, then Admitted or RequestRejected per request,
        TokenEvent (one per request per step; the last one carries the RequestStats),
        Tokenized or Detokenized (or RequestRejected) per tokenizer query,
-       EngineLoad (whenever the engine's load changes)
+       EngineLoad (whenever the engine's load changes),
+       EngineCosts (the live cost model, at most every COSTS_REPORT_SECONDS while busy)
 
 The parameters arrive validated (by the server). The sampling fields a request left unset take
 the target's generation_config values (`LLMEngine.sampling_defaults`, as vLLM's server does);
@@ -22,6 +23,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import queue
+import time
 from typing import Any
 
 from engine.events import (
@@ -29,6 +31,7 @@ from engine.events import (
     AddRequest,
     Detokenized,
     DetokenizeRequest,
+    EngineCosts,
     EngineFailed,
     EngineLoad,
     EngineReady,
@@ -42,6 +45,7 @@ from engine.params import MODEL_DEFAULT_FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is still alive
+COSTS_REPORT_SECONDS = 5.0  # least time between two EngineCosts reports
 
 
 def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -> None:
@@ -77,6 +81,7 @@ def _build(config: dict) -> tuple[Any, EngineReady]:
         sampling_defaults=effective_sampling_defaults(engine.sampling_defaults),
         kernels={"host": cpu_features(), "target": engine.target.kernels.describe(),
                  "draft": engine.draft.kernels.describe() if engine.draft is not None else None},
+        costs=engine.tuning.costs.measured.to_dict() if engine.tuning is not None else None,
     )
     return engine, ready
 
@@ -97,6 +102,7 @@ class EngineLoop:
         self.outbox = outbox
         self.stopping = False
         self._load: tuple[int, int] = (0, 0)
+        self._costs_reported = time.monotonic()  # EngineReady carried the measured model
 
     def run(self) -> None:
         while not self.stopping:
@@ -106,6 +112,7 @@ class EngineLoop:
             if self.engine.has_unfinished():
                 for event in self.engine.step():
                     self.outbox.put(event)
+                self.report_costs()
             self.report_load()
         for request_id in list(self.engine.requests):  # shutdown: cancel what is left, cleanly
             self.abort(request_id)
@@ -203,6 +210,20 @@ class EngineLoop:
         if load != self._load:
             self._load = load
             self.outbox.put(EngineLoad(*load))
+
+
+    def report_costs(self) -> None:
+        """The live cost model and the candidate budget it gives at the current batch size, unless reported
+        less than COSTS_REPORT_SECONDS ago."""
+        tuning = self.engine.tuning
+        if tuning is None or time.monotonic() - self._costs_reported < COSTS_REPORT_SECONDS:
+            return
+        from engine.tuning import budget_at  # torch: the server imports this module, never torch
+
+        self._costs_reported = time.monotonic()
+        live, batch = tuning.costs, max(self.engine.num_running, 1)
+        budget = budget_at(live.current, batch, tuning.acceptance, self.engine.default_spec.bounds[1])
+        self.outbox.put(EngineCosts(live.current.to_dict(), live.draft_scale, live.target_scale, budget))
 
 
 def _parent_alive() -> bool:

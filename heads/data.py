@@ -181,7 +181,7 @@ def generate_dataset(
         "prompts_hash": prompts_hash(prompts),
         "num_prompts": len(prompts),
         "sources": sorted({p.source for p in prompts}),
-        "eval_only": any(p.source == "humaneval" for p in prompts),
+        "eval_only": any(p.source in datasets.EVAL_ONLY_SOURCES for p in prompts),
         "hidden_size": engine.draft.hidden_size,
         "features": list(CANDIDATE_FEATURES),
         **(description or {}),

@@ -91,14 +91,15 @@ def head_inputs(data: dict[str, torch.Tensor], timing: str) -> dict[str, torch.T
 def load_training_data(directories: list[str | Path], timing: str) -> tuple[dict[str, torch.Tensor], dict]:
     """`head_inputs` over every directory (sequence keys made dataset-wide) and a summary.
 
-    Refuses evaluation-only data (HumanEval) and data from different drafts.
+    Refuses evaluation-only data (HumanEval, the mixed set) and data from different drafts.
     """
     parts = []
     summary: dict = {"data": [], "prompts": 0, "tokens": 0, "draft_id": None, "hidden_size": None}
     for i, directory in enumerate(directories):
         manifest = read_manifest(directory)
         if manifest.get("eval_only"):
-            raise ValueError(f"{directory} holds evaluation-only data (HumanEval); it must not be trained on")
+            raise ValueError(f"{directory} holds evaluation-only data (HumanEval or the mixed set); it must not be "
+                             "trained on")
         for key in ("draft_id", "hidden_size"):
             value = manifest.get(key)
             if summary[key] is not None and value != summary[key]:

@@ -26,6 +26,7 @@ from engine.events import (
     Admitted,
     Detokenized,
     DetokenizeRequest,
+    EngineCosts,
     EngineFailed,
     EngineLoad,
     EngineReady,
@@ -309,6 +310,8 @@ class EngineClient:
         if isinstance(message, EngineReady):
             self.info = message
             self._ready_generation = generation
+            if message.costs is not None:
+                self.metrics.set_costs(message.costs)
             if self.state != STOPPING:
                 self._set_state(READY)
         elif isinstance(message, EngineFailed):
@@ -318,6 +321,8 @@ class EngineClient:
             self.metrics.running_requests.set(message.running)
             self._engine_waiting = message.waiting
             self._update_queue_gauge()
+        elif isinstance(message, EngineCosts):
+            self.metrics.set_costs(message.costs, message.draft_scale, message.target_scale, message.candidate_budget)
         elif isinstance(message, Admitted):
             self._pending.discard(message.request_id)
             self._update_queue_gauge()

@@ -4,6 +4,8 @@ Paper ratios are ratios of these counters (sum over the `policy` label, or per p
   discard rate      = specdec_discarded_tokens_total / specdec_generated_tokens_total
   verification rate = specdec_target_calls_total / specdec_generated_tokens_total
   acceptance rate   = specdec_accepted_tokens_total / specdec_draft_tokens_total
+The specdec_cost_* gauges are the engine's cost model (engine/costs.py): measured at start, then
+refreshed from the engine's EngineCosts reports while it serves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5)
+LEVEL_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # a probability in (0, 1)
 
 
 class ServerMetrics:
@@ -68,6 +71,26 @@ class ServerMetrics:
         self.queue_depth = Gauge(
             "specdec_queue_depth", "Requests accepted by the server and not yet running in the engine", registry=r
         )
+        self.auto_stop_level = Histogram(
+            "specdec_auto_stop_level", "Stop level the engine chose per round for threshold auto (specdec++)", p,
+            buckets=LEVEL_BUCKETS, registry=r,
+        )
+        self.auto_candidate_budget = Gauge(
+            "specdec_auto_candidate_budget",
+            "Candidates per round the cost model lets a sequence propose at the current batch size", registry=r,
+        )
+        self.cost_target_forward = Gauge(
+            "specdec_cost_target_forward_seconds", "Cost model: one target forward over this many tokens", ["tokens"],
+            registry=r,
+        )
+        self.cost_draft_step = Gauge(
+            "specdec_cost_draft_step_seconds", "Cost model: one draft forward over this many sequences", ["sequences"],
+            registry=r,
+        )
+        self.cost_scale = Gauge(
+            "specdec_cost_scale", "Observed over measured cost, smoothed (the live model is the measured one times it)",
+            ["model"], registry=r,
+        )
 
     def observe_request(self, stats: RequestStats | None, status: str) -> None:
         """Fold one request's final stats record into the metrics."""
@@ -94,6 +117,21 @@ class ServerMetrics:
                     histogram.observe(per_token)
         if generated:
             self.request_latency.labels(policy).observe(total)
+        for level in stats.stop_levels:
+            self.auto_stop_level.labels(policy).observe(level)
+
+    def set_costs(self, costs: dict, draft_scale: float = 1.0, target_scale: float = 1.0,
+                  candidate_budget: int | None = None) -> None:
+        """The cost gauges from a CostModel.to_dict() (the measured model at start, the live one later), and
+        the candidate budget it gives at the current batch size when the engine reported one."""
+        for tokens, seconds in costs["target"].items():
+            self.cost_target_forward.labels(tokens=str(tokens)).set(seconds)
+        for sequences, seconds in (costs.get("draft_batch") or {1: costs["draft_step"]}).items():
+            self.cost_draft_step.labels(sequences=str(sequences)).set(seconds)
+        self.cost_scale.labels(model="draft").set(draft_scale)
+        self.cost_scale.labels(model="target").set(target_scale)
+        if candidate_budget is not None:
+            self.auto_candidate_budget.set(candidate_budget)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,10 +1,13 @@
-"""Prompt sources for head data: ShareGPT first turns, any JSONL of prompts, HumanEval (eval only).
+"""Prompt sources for head data: ShareGPT first turns, any JSONL of prompts, HumanEval and the mixed
+set (both eval only).
 
 A prompt is one user message; data generation wraps it in the chat template. ShareGPT is
 split deterministically by conversation id (about 10% held out), so the training and the
 held-out sets never overlap whatever the sizes asked for. HumanEval is held out from
 training entirely: `exclude_humaneval` drops any prompt quoting a HumanEval function
-signature or docstring, and every non-HumanEval source goes through it.
+signature or docstring, and every non-HumanEval source goes through it. The mixed set
+(specdecpp/prompts/mixed.jsonl, written for this project) is out of the training data's
+distribution: math word problems, prose, translations and prompts in eight languages.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+MIXED_PATH = Path(__file__).parent / "prompts" / "mixed.jsonl"
+MIXED_CATEGORIES = ("math", "prose", "translation", "multilingual")  # the file is ordered by category
+EVAL_ONLY_SOURCES = ("humaneval", "mixed")  # benchmarks that no head may be trained on
 HELDOUT_PERCENT = 10  # share of ShareGPT conversations (by id hash) reserved for evaluation
 SPLITS = ("train", "heldout")
 CODE_PATTERN = re.compile(
@@ -30,7 +36,7 @@ CODE_PATTERN = re.compile(
 class Prompt:
     id: str
     text: str
-    source: str  # "sharegpt", "humaneval", "jsonl:<file name>"
+    source: str  # "sharegpt", "humaneval", "mixed", "jsonl:<file name>"
 
     @property
     def messages(self) -> list[dict]:
@@ -165,6 +171,15 @@ def humaneval_prompts(num: int | None = None) -> list[Prompt]:
     return evenly_spread(out, num)
 
 
+# ----- the mixed set (held out) -------------------------------------------------------------
+def mixed_prompts(num: int | None = None) -> list[Prompt]:
+    """The mixed out-of-distribution set; `num` of its prompts evenly spread over the file, so every
+    category is represented. For evaluation only, never for training."""
+    lines = MIXED_PATH.read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return evenly_spread([Prompt(r["id"], r["prompt"], "mixed") for r in records], num)
+
+
 def evenly_spread(prompts: list[Prompt], num: int | None) -> list[Prompt]:
     """`num` of `prompts` spread evenly over the list (all of them when `num` is None or too large)."""
     if num is None or num >= len(prompts):
@@ -212,14 +227,17 @@ def load_prompts(
 
     'sharegpt': first user turns of `split` (the benchmarks use the held-out one, never used to train
     the head), `code_fraction` of them code requests; 'humaneval': `num` problems evenly spread over
-    the 164 (evaluation only); 'jsonl:PATH' or a path to a JSONL file: prompts from that file.
+    the 164 (evaluation only); 'mixed': `num` of the mixed set's prompts, evenly spread (evaluation
+    only); 'jsonl:PATH' or a path to a JSONL file: prompts from that file.
     """
     if source == "sharegpt":
         return sharegpt_prompts(num, split, code_fraction, seed=seed)
     if source == "humaneval":
         return humaneval_prompts(num)
+    if source == "mixed":
+        return mixed_prompts(num)
     path = source.removeprefix("jsonl:")
     if source.startswith("jsonl:") or Path(path).is_file():
         return jsonl_prompts(path, num)
-    raise ValueError(f"unknown prompt source {source!r}: sharegpt, humaneval, jsonl:PATH or a JSONL file")
+    raise ValueError(f"unknown prompt source {source!r}: sharegpt, humaneval, mixed, jsonl:PATH or a JSONL file")
 

@@ -315,3 +315,28 @@ def test_rows_follow_the_engine_heads(caplog):
         rows_with_heads(policies, None, {"specdec++-post"}, {"default"})
     with pytest.raises(ValueError, match="--head DIR"):
         rows_with_heads(policies, ["specdec++"], {"specdec++"}, {"post"})
+
+
+def test_cli_offline_sweeps_auto_beside_fixed_thresholds(tiny_pair, tokenizer, tmp_path):
+    """`bench offline --thresholds auto 0.3 0.5` end to end on saved tiny models and the mixed prompt set:
+    one specdec++ row per knob, auto as the string "auto", reported next to the target alone."""
+    from live_server import save_tiny_pair
+    from tiny import CHEAP_DRAFT_COSTS
+
+    from specdecpp.cli import main
+
+    paths = save_tiny_pair(tmp_path / "models", *tiny_pair, tokenizer, random_head(32, seed=3))
+    costs = tmp_path / "costs.json"
+    CHEAP_DRAFT_COSTS.save(costs)
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--target", str(paths["target"]), "--draft", str(paths["draft"]),
+            "--head", str(paths["head"]), "--dtype", "fp32", "--cost-model", str(costs), "--dataset", "mixed",
+            "--num-prompts", "2", "--max-tokens", "6", "--temperatures", "1", "--policies", "none", "specdec++",
+            "--thresholds", "auto", "0.3", "0.5", "--output", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [(r["policy"], r["knob"]) for r in data["rows"]] == [
+        ("none", None), ("specdec++", "auto"), ("specdec++", 0.3), ("specdec++", 0.5)]
+    assert all(r["prompts"] == 2 and r["generated_tokens"] > 0 and r["speedup"] > 0 for r in data["rows"])
+    assert data["meta"]["sweep"]["thresholds"] == ["auto", 0.3, 0.5] and data["meta"]["dataset"] == "mixed"
+    assert "threshold=auto" in out.with_suffix(".md").read_text()

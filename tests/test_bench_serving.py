@@ -148,6 +148,48 @@ def test_cli_serving_writes_results(live, tmp_path):
     assert json.loads(out.read_text())["rows"] == data["rows"]
 
 
+SERVING_FIELDS = ("policy", "knob", "concurrency", "batching", "throughput_tokens_per_s", "ttft_p50_s", "itl_p50_s",
+                  "errors")  # what docs/benchmarks/serving-auto.json's rows must carry
+
+
+def test_cli_serving_auto_rows(live, tmp_path):
+    """The committed auto run's shape: the target alone and specdec++ at threshold auto (and a fixed one) at
+    the same concurrencies, each row with its knob as it ran: "auto", the number, or none."""
+    out = tmp_path / "serving-auto.json"
+    argv = ["bench", "serving", "--base-url", live.url, "--quick", "--concurrency", "1", "2", "--dataset", "mixed",
+            "--configs", "none", "specdec++:threshold=auto", "specdec++:threshold=0.4", "server-default",
+            "--output", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["policy"], r["knob"], r["concurrency"]) for r in rows] == [
+        ("none", None, 1), ("none", None, 2), ("specdec++", "auto", 1), ("specdec++", "auto", 2),
+        ("specdec++", 0.4, 1), ("specdec++", 0.4, 2),
+        ("server-default", "auto", 1), ("server-default", "auto", 2)]  # the server's default: auto
+    for row in rows:
+        assert all(field in row for field in SERVING_FIELDS), sorted(set(SERVING_FIELDS) - set(row))
+        assert row["batching"] == "on" and row["errors"] == 0 and row["throughput_tokens_per_s"] > 0
+        assert row["ttft_p50_s"] > 0 and row["itl_p50_s"] > 0
+    assert rows[2]["throughput_vs_target_alone_same_load"] == pytest.approx(
+        rows[2]["throughput_tokens_per_s"] / rows[0]["throughput_tokens_per_s"])
+    assert "| specdec++ (auto) | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_spec_configs_and_row_knobs():
+    from specdecpp.bench.serving_run import parse_config, row_knob
+
+    assert parse_config("specdec++:threshold=auto,bounds=2-9") == {"policy": "specdec++", "threshold": "auto",
+                                                                    "bounds": [2, 9]}
+    assert parse_config("specdec++:threshold=0.3") == {"policy": "specdec++", "threshold": 0.3}
+    assert parse_config("server-default") is None
+    with pytest.raises(ValueError):
+        parse_config("specdec++:threshold=1.5")
+    default = {"policy": "specdec++", "k": 4, "threshold": "auto", "p_min": 0.4}
+    assert row_knob(None, default) == "auto"
+    assert row_knob({"policy": "specdec++", "threshold": 0.3}, default) == 0.3
+    assert row_knob({"policy": "constant"}, default) == 4 and row_knob({"policy": "confidence"}, default) == 0.4
+    assert row_knob({"policy": "none"}, default) is None and row_knob({"policy": "constant", "k": 2}, {}) == 2
+
+
 def test_cli_serving_batching_modes(tiny_paths, tmp_path):
     """One server per batching mode, started by the benchmark; rows labelled by mode."""
     out = tmp_path / "serving.json"

@@ -135,13 +135,16 @@ def test_dashboard_reads_only_exported_metrics_and_labels(exported):
     assert {family.sub("", n) for n in labels_of} - {family.sub("", n) for n in queried} == set()
 
 
+GAUGES = ("specdec_queue_depth", "specdec_running_requests", "specdec_auto_candidate_budget")
+
+
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make system-deps)")
 def test_every_dashboard_query_returns_data(exported, tmp_path):
     """Evaluate each query with promtool over the exported series, growing as live counters do."""
     series = []
     for name, labels, value in exported:
         text = ",".join(f'{k}="{v}"' for k, v in sorted({**labels, "job": "specdecpp"}.items()))
-        kind_gauge = name in ("specdec_queue_depth", "specdec_running_requests")
+        kind_gauge = name in GAUGES or name.startswith("specdec_cost_")
         v = f"{value:.12f}".rstrip("0").rstrip(".") or "0"  # no exponent: "1e+06" would read as a series step
         series.append({"series": f"{name}{{{text}}}", "values": f"{v}x40" if kind_gauge else f"0+{v}x40"})
     # Grafana's variables as it would fill them: all policies, or one (regex-escaped, as Grafana does).

@@ -17,13 +17,17 @@ from engine.head import CANDIDATE_FEATURES
 from engine.llm_engine import LLMEngine
 from heads.data import GenConfig, generate_dataset, load_shards, read_manifest
 from specdecpp.datasets import (
+    MIXED_CATEGORIES,
+    MIXED_PATH,
     Prompt,
     contains_humaneval,
     exclude_humaneval,
     humaneval_markers,
     humaneval_prompts,
+    is_code_request,
     iter_sharegpt_records,
     jsonl_prompts,
+    load_prompts,
     sharegpt_prompts,
 )
 
@@ -342,3 +346,31 @@ def test_cli_gen_data_loads_the_pair_and_describes_it(tiny_pair, tokenizer, tmp_
     assert main(["heads", "gen-data", *pair[:2], "--out", str(out)]) == 2  # a target without its draft
     with pytest.raises(SystemExit, match="TEMPERATURE:TOP_P"):
         main([*args, "--sampling", "warm"])
+
+
+def test_mixed_set_has_every_category_and_language_and_unique_prompts():
+    """The out-of-distribution set: every category and eight languages besides English, each prompt
+    non-empty, unique and no code request; `num` of them spread over every category."""
+    records = [json.loads(line) for line in MIXED_PATH.read_text(encoding="utf-8").splitlines()]
+    assert len(records) >= 32
+    assert [r["category"] for r in records] == sorted((r["category"] for r in records), key=MIXED_CATEGORIES.index)
+    assert {r["language"] for r in records} >= {"en", "fr", "de", "es", "zh", "ja", "ru", "pt", "hi"}
+    texts = [r["prompt"].strip() for r in records]
+    assert all(texts) and len(set(texts)) == len(texts) and len({r["id"] for r in records}) == len(records)
+    assert not [t for t in texts if is_code_request(t)]
+    every = load_prompts("mixed", len(records) + 10)  # asking for more gives them all
+    assert [p.text for p in every] == [r["prompt"] for r in records] and {p.source for p in every} == {"mixed"}
+    category = {r["id"]: r["category"] for r in records}
+    eight = load_prompts("mixed", 8)
+    assert len(eight) == 8 and {category[p.id] for p in eight} == set(MIXED_CATEGORIES)
+    assert load_prompts("mixed", 8) == eight  # the same selection every time
+
+
+def test_mixed_set_is_evaluation_only(engine, tmp_path):
+    from heads.train import load_training_data
+
+    mixed = load_prompts("mixed", 2)
+    manifest = generate_dataset(engine, mixed, tmp_path, GenConfig(k=2, max_new_tokens=4, max_prompt_tokens=400))
+    assert manifest["eval_only"] and manifest["sources"] == ["mixed"]
+    with pytest.raises(ValueError, match="evaluation-only"):
+        load_training_data([tmp_path], "before")

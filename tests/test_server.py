@@ -17,6 +17,7 @@ import openai
 import pytest
 from conftest import random_head
 from live_server import DRAFT_NAME, TARGET_NAME, LiveServer, save_tiny_pair
+from tiny import CHEAP_DRAFT_COSTS
 from transformers import AutoTokenizer
 
 import specdecpp
@@ -123,6 +124,11 @@ def test_chat_completion_usage_and_stats(client, saved_tokenizer):
     assert vllm["num_accepted_draft_tokens"] == specdec["accepted_tokens"]
     assert sum(vllm["acceptance_histogram"]) == vllm["num_spec_steps"] > 0
     assert vllm["draft_acceptance_rate"] == pytest.approx(specdec["acceptance_rate"])
+    # The server's default: specdec++ at threshold auto, the levels the engine chose reported per round.
+    levels = specdec["stop_levels"]
+    assert specdec["config"]["threshold"] == "auto" and 0 < len(levels) <= specdec["rounds"]
+    assert all(0 < level < 1 for level in levels)
+    assert specdec["mean_stop_level"] == pytest.approx(sum(levels) / len(levels))
 
 
 def test_completion_and_lossless_policies(client, saved_tokenizer):
@@ -453,6 +459,12 @@ def test_models_card_and_openapi_name_the_served_model(server, client):
     assert kernels["target"]["quantization"] == "none"  # the target is never quantized unless asked
     assert kernels["draft"]["requested"] == "auto" and kernels["draft"]["quantization"] in ("none", "int8")
     assert "native_bf16" in kernels["host"] and isinstance(kernels["host"]["flags"], list)
+    costs = card["costs"]  # the cost model the engine started from (the tests' --cost-model)
+    assert costs == json.loads(json.dumps(CHEAP_DRAFT_COSTS.to_dict()))
+    for tokens in costs["target"]:  # the live model in the Prometheus gauges, same sizes
+        assert metric(server, "specdec_cost_target_forward_seconds", f'tokens="{tokens}"') > 0
+    assert metric(server, "specdec_cost_draft_step_seconds", 'sequences="1"') > 0
+    assert all(metric(server, "specdec_cost_scale", f'model="{m}"') > 0 for m in ("draft", "target"))
     schema = httpx.get(f"{server.url}/openapi.json").json()
     components = schema["components"]["schemas"]
     for name in ("ChatCompletionRequest", "CompletionRequest", "TokenizeBody"):

@@ -213,3 +213,27 @@ def test_an_unhandled_error_is_an_openai_500_with_the_request_id():
     assert resp.json()["error"]["code"] == "internal_error"
     too_big = http.post("/boom", content=b"x" * 17)
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+
+def test_metrics_fold_auto_levels_and_the_cost_model():
+    metrics = ServerMetrics()
+    stats = stats_record()
+    stats.stop_levels = [0.2, 0.4, 0.65]
+    metrics.observe_request(stats, "stop")
+    metrics.observe_request(stats_record(), "stop")  # a fixed threshold: no levels
+    costs = {"draft_step": 0.01, "draw": 0.0, "features": 0.0, "head": 0.0, "target": {1: 0.1, 64: 0.3},
+             "draft_batch": {1: 0.01, 8: 0.02}, "machine": {}}
+    metrics.set_costs(costs)
+    metrics.set_costs({**costs, "target": {1: 0.2, 64: 0.6}}, draft_scale=1.5, target_scale=2.0, candidate_budget=3.5)
+    text = metrics.render().decode()
+
+    def value(sample: str) -> float:
+        return float(next(line for line in text.splitlines() if line.startswith(sample + " ")).split()[-1])
+
+    assert value('specdec_auto_stop_level_count{policy="specdec++"}') == 3
+    assert value('specdec_auto_stop_level_sum{policy="specdec++"}') == pytest.approx(1.25)
+    assert value('specdec_auto_stop_level_bucket{le="0.5",policy="specdec++"}') == 2
+    assert value('specdec_cost_target_forward_seconds{tokens="64"}') == pytest.approx(0.6)  # the latest model
+    assert value('specdec_cost_draft_step_seconds{sequences="8"}') == pytest.approx(0.02)
+    assert value('specdec_cost_scale{model="draft"}') == 1.5 and value('specdec_cost_scale{model="target"}') == 2.0
+    assert value("specdec_auto_candidate_budget") == 3.5

@@ -17,6 +17,7 @@ from engine.tuning import (
     PROBE_EVERY,
     SelfTuning,
     best_fixed,
+    budget_at,
     candidate_budget,
     marginal_seconds,
     stop_level,
@@ -191,3 +192,13 @@ def test_engine_measures_its_costs_when_given_none(tiny_pair, tokenizer):
     assert sorted(measured.draft_batch) == [1, 2, 4, 8]
     assert measured.full_batch == 8 and min(measured.target_full) == 8
     assert LLMEngine(target, None, tokenizer).tuning is None
+
+
+def test_reported_budget_is_the_budget_at_the_best_fixed_rate():
+    """`budget_at` (the engine's reported budget): cheap verification allows up to the cap, dear none."""
+    for slope in (0.0, 0.1, 1.0):
+        costs = flat(0.05, slope=slope, knee=16)
+        rate = best_fixed(costs, 4, 0.7, 20)[1]
+        assert budget_at(costs, 4, 0.7, 20) == candidate_budget(costs, 4, rate, 0.7, 20)
+    assert budget_at(flat(0.05), 1, 0.7, 20) == 20
+    assert budget_at(flat(0.05, slope=1.0, knee=4), 4, 0.7, 20) == 0

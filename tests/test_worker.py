@@ -9,14 +9,17 @@ import time
 
 import pytest
 from conftest import random_head
+from tiny import CHEAP_DRAFT_COSTS
 from transformers import GenerationConfig
 
+import engine.worker as worker_module
 from engine.events import (
     AbortRequest,
     AddRequest,
     Admitted,
     Detokenized,
     DetokenizeRequest,
+    EngineCosts,
     EngineFailed,
     EngineLoad,
     RequestRejected,
@@ -27,6 +30,7 @@ from engine.events import (
 )
 from engine.llm_engine import LLMEngine, developer_as_system
 from engine.params import SamplingParams, SpecConfig
+from engine.tuning import budget_at
 from engine.worker import EngineLoop, effective_sampling_defaults, run_worker
 
 
@@ -209,3 +213,33 @@ def test_tokenizer_queries(loop, tokenizer):
     assert answers["chat"].tokens == worker.engine.encode(messages)  # what a chat request would run on
     assert answers["back"] == Detokenized("back", "hello there")
     assert answers["bad"].param == "tokens"
+
+
+def test_busy_engine_reports_its_live_costs(tiny_pair, tokenizer, monkeypatch):
+    """While it steps, the loop sends the refreshed cost model (at most every COSTS_REPORT_SECONDS)."""
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                       costs=CHEAP_DRAFT_COSTS)
+
+    def serve(request_id: str) -> list:
+        inbox, outbox = queue.Queue(), queue.Queue()
+        thread = threading.Thread(target=EngineLoop(engine, inbox, outbox).run, daemon=True)
+        thread.start()
+        add(inbox, request_id, max_tokens=6, ignore_eos=True)  # the default spec: specdec++, threshold auto
+        seen = until(outbox, final_of(request_id))
+        inbox.put(Shutdown())
+        thread.join(timeout=30)
+        return [m for m in seen + list(outbox.queue) if isinstance(m, EngineCosts)]
+
+    monkeypatch.setattr(worker_module, "COSTS_REPORT_SECONDS", 0.0)
+    reports = serve("auto")
+    assert reports, "no EngineCosts while busy"
+    last, live = reports[-1], engine.tuning.costs
+    assert last.costs == live.current.to_dict() and set(last.costs["target"]) == set(CHEAP_DRAFT_COSTS.target)
+    assert (last.draft_scale, last.target_scale) == (live.draft_scale, live.target_scale) != (1.0, 1.0)
+    # The budget at the batch size after the last step (none running: one sequence), drafting cheap: some.
+    assert last.candidate_budget == budget_at(live.current, 1, engine.tuning.acceptance, 20) >= 1
+    pickle.dumps(last)  # it crosses a process queue
+
+    monkeypatch.setattr(worker_module, "COSTS_REPORT_SECONDS", 3600.0)
+    assert serve("again") == []  # within the interval since the loop started (EngineReady had the model): none

@@ -297,7 +297,8 @@ def _get(data: dict, key: tuple) -> object:
 # ----- serving --------------------------------------------------------------------------------
 def serving_markdown(rows: list[dict], meta: dict) -> str:
     out = ["# Serving benchmark", "", _meta_lines(meta), ""]
-    out.append("`x c=1`: output tokens/s over the same policy's concurrency-1 row with the same batching mode. "
+    out.append("policy (knob): the knob the requests ran with (k, p_min or threshold; `auto`: the engine's self-tuned "
+               "level). `x c=1`: output tokens/s over the same policy's concurrency-1 row with the same batching mode. "
                "`slowest / alone`: the slowest request's own tokens/s over the mean request's tokens/s of the "
                "target alone (the baseline row), both prefill included. `vs none, same load` (throughput) and "
                "`slowest vs none, same load`: over the target alone's row at the same concurrency and batching "
@@ -309,7 +310,8 @@ def serving_markdown(rows: list[dict], meta: dict) -> str:
                "| verification rate |")
     out.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        policy = (r.get("policy") or "-") + (" (baseline)" if r.get("baseline") else "")
+        knob = f" ({knob_text(r['knob'])})" if r.get("knob") is not None else ""
+        policy = (r.get("policy") or "-") + knob + (" (baseline)" if r.get("baseline") else "")
         out.append(
             f"| {policy} | {_fmt(r.get('concurrency'))} | {_fmt(r.get('request_rate'), 2)} | "
             f"{r.get('batching') or '-'} | {r['requests']} | {r['errors']} | "

@@ -20,9 +20,10 @@ from typing import NamedTuple
 
 from specdecpp.bench.runs import Checkpoint, ratio
 from specdecpp.datasets import load_prompts
-from specdecpp.model_args import config_flags, engine_config_from_args
+from specdecpp.model_args import config_flags, engine_config_from_args, threshold_arg
 
 QUICK = {"max_tokens": 24, "num_requests": 2, "num_prompts": 4}  # --quick: these win over the flags
+SPEC_KNOBS = {"constant": "k", "heuristic": "k", "confidence": "p_min", "specdec++": "threshold"}  # a row's `knob`
 
 
 class ServingRow(NamedTuple):
@@ -85,7 +86,7 @@ def run_serving_bench(args: argparse.Namespace) -> int:
 def parse_config(text: str) -> dict | None:
     """'server-default' -> None; 'specdec++:threshold=0.3,bounds=2-20' (or threshold=auto) -> a SpecConfig
     override dict."""
-    from engine.params import AUTO, SpecConfig
+    from engine.params import SpecConfig
 
     if text == "server-default":
         return None
@@ -97,8 +98,10 @@ def parse_config(text: str) -> dict | None:
             spec[key] = [int(v) for v in value.split("-")]
         elif key == "k":
             spec[key] = int(value)
+        elif key == "threshold":
+            spec[key] = threshold_arg(value)
         else:
-            spec[key] = value if value == AUTO else float(value)
+            spec[key] = float(value)
     SpecConfig.model_validate(spec)  # fail before any request is sent
     return spec
 
@@ -163,6 +166,7 @@ def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list[ServingRo
                                         planned.concurrency, planned.rate, planned.spec, args.seed, args.api_key,
                                         model, args.ignore_eos))
             row["batching"] = batching
+            row["knob"] = row_knob(planned.spec, (info.get("specdec") or {}).get("default") or {})
             row["baseline"] = planned.baseline
             checkpoint.add({"key": planned.key, "row": row, "server": {str(mode): info}})
             print(f"  {row['throughput_tokens_per_s'] or 0:.2f} tok/s, TTFT p50 {row['ttft_p50_s']}, "
@@ -170,6 +174,14 @@ def _serve_rows(args: argparse.Namespace, mode: str | None, todo: list[ServingRo
     finally:
         if server is not None:
             server.stop()
+
+
+def row_knob(spec: dict | None, default: dict) -> float | int | str | None:
+    """The knob a row's requests ran with (k, p_min or threshold, "auto" included): the request's field
+    over the server's default spec (its model card's); None for the target alone."""
+    merged = {**default, **(spec or {})}
+    field = SPEC_KNOBS.get(merged.get("policy"))
+    return merged.get(field) if field else None
 
 
 def compare_rows(rows: list[dict]) -> None:

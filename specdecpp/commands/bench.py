@@ -138,7 +138,8 @@ def _run_soak(args: argparse.Namespace) -> int:
 
 def _add_dataset_args(p: argparse.ArgumentParser, default_num: int | None) -> None:
     p.add_argument("--dataset", default="humaneval",
-                   help="humaneval | sharegpt (held-out split) | jsonl:PATH (lines with a 'prompt')")
+                   help="humaneval | sharegpt (held-out split) | mixed (math, prose, translations, eight languages) | "
+                   "jsonl:PATH (lines with a 'prompt')")
     p.add_argument("--num-prompts", type=int, default=default_num)
 
 

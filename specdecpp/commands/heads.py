@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--draft-quantization", default="none", choices=("auto", *QUANTIZATION_MODES),
                    help="weight-only quantization of the draft whose rounds are logged (default: %(default)s)")
     g.add_argument("--source", default="sharegpt",
-                   help="'sharegpt', 'humaneval' (evaluation data only) or a JSONL file of prompts")
+                   help="'sharegpt', 'humaneval' or 'mixed' (both evaluation data only) or a JSONL file of prompts")
     g.add_argument("--split", default="train", choices=["train", "heldout"], help="ShareGPT split")
     g.add_argument("--num-prompts", type=int, default=512)
     g.add_argument("--code-fraction", type=float, default=0.4, help="ShareGPT: share of code requests")
