@@ -7,7 +7,8 @@ engine/events.py:
   out: EngineReady or EngineFailed, then Admitted or RequestRejected per request,
        TokenEvent (one per request per step; the last one carries the RequestStats),
        Tokenized or Detokenized (or RequestRejected) per tokenizer query,
-       EngineLoad (whenever the engine's load changes)
+       EngineLoad (whenever the engine's load changes),
+       CalibrationReport (the acceptance heads' online calibrators, while they learn)
 
 The parameters arrive validated (by the server). The sampling fields a request left unset take
 the target's generation_config values (`LLMEngine.sampling_defaults`, as vLLM's server does);
@@ -22,11 +23,13 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import queue
+import time
 from typing import Any
 
 from engine.events import (
     AbortRequest,
     AddRequest,
+    CalibrationReport,
     Detokenized,
     DetokenizeRequest,
     EngineFailed,
@@ -42,6 +45,7 @@ from engine.params import MODEL_DEFAULT_FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is still alive
+CALIBRATION_REPORT_SECONDS = 5.0  # most often the calibrators are reported while requests run (also at each finish)
 
 
 def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -> None:
@@ -97,6 +101,7 @@ class EngineLoop:
         self.outbox = outbox
         self.stopping = False
         self._load: tuple[int, int] = (0, 0)
+        self._calibration_reported: tuple[int, float] = (0, 0.0)  # labels seen and time at the last report
 
     def run(self) -> None:
         while not self.stopping:
@@ -104,7 +109,9 @@ class EngineLoop:
             if self.stopping:
                 break
             if self.engine.has_unfinished():
-                for event in self.engine.step():
+                events = self.engine.step()
+                self.report_calibration(finished=any(event.finished for event in events))
+                for event in events:
                     self.outbox.put(event)
             self.report_load()
         for request_id in list(self.engine.requests):  # shutdown: cancel what is left, cleanly
@@ -203,6 +210,20 @@ class EngineLoop:
         if load != self._load:
             self._load = load
             self.outbox.put(EngineLoad(*load))
+
+
+    def report_calibration(self, finished: bool) -> None:
+        """Report the calibrators when they saw new labels: at most every CALIBRATION_REPORT_SECONDS, and
+        whenever a request finishes (before its final event, so its labels are in the metrics by its end)."""
+        calibration = getattr(self.engine, "calibration", None)
+        if calibration is None:
+            return
+        labels, now = calibration.labels_seen, time.monotonic()
+        last_labels, last_time = self._calibration_reported
+        if labels == last_labels or not (finished or now - last_time >= CALIBRATION_REPORT_SECONDS):
+            return
+        self._calibration_reported = (labels, now)
+        self.outbox.put(CalibrationReport(calibration.snapshots()))
 
 
 def _parent_alive() -> bool:

@@ -24,6 +24,7 @@ from engine.events import (
     AbortRequest,
     AddRequest,
     Admitted,
+    CalibrationReport,
     Detokenized,
     DetokenizeRequest,
     EngineFailed,
@@ -318,6 +319,8 @@ class EngineClient:
             self.metrics.running_requests.set(message.running)
             self._engine_waiting = message.waiting
             self._update_queue_gauge()
+        elif isinstance(message, CalibrationReport):
+            self.metrics.observe_calibration(message)
         elif isinstance(message, Admitted):
             self._pending.discard(message.request_id)
             self._update_queue_gauge()
