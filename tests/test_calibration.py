@@ -182,3 +182,19 @@ def test_calibrators_per_head_and_band():
     assert chosen is calibration.calibrators[("after", "greedy")] and (chosen.scale, chosen.bias) == (2.0, 0.5)
     assert calibration.for_request("after", SamplingParams(temperature=0.7)) is not chosen
     assert [(s.head, s.band) for s in calibration.snapshots()] == list(calibration.calibrators)
+
+
+def test_offline_replay_reports_error_by_half():
+    """`specdecpp heads eval` replays the online calibrator over logged rows: on data the shipped calibration
+    misjudges, the second half's error is below the first half's and below the shipped calibration's."""
+    from heads.evaluate import calibration_halves, online_predictions
+
+    z, truth = synthetic_stream(4000, 0.4, 1.5, seed=9)
+    greedy = torch.arange(4000) % 4 == 2  # as gen-data cycles sampling settings by prompt
+    labels = torch.where(greedy, torch.bernoulli(truth, generator=torch.Generator().manual_seed(1)), truth).float()
+    figures = calibration_halves(z.float(), labels, greedy, {"scale": 1.0, "bias": 0.0})
+    assert figures["ece_online_second_half"] < figures["ece_online_first_half"]
+    assert figures["ece_online_second_half"] < 0.05 < figures["ece_shipped_second_half"]
+    # The first rows of each band are predicted with the shipped calibration, as a fresh engine does.
+    online = online_predictions(z.float(), labels, greedy, {"scale": 1.0, "bias": 0.0})
+    torch.testing.assert_close(online[:8], torch.sigmoid(z[:8].float()))
