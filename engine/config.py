@@ -105,6 +105,9 @@ class EngineConfig:
     cost_model: str | None = field(default=None, metadata=option(
         "--cost-model", "a cost model JSON (as `specdecpp heads predict --save-costs` writes) to start from instead "
         "of measuring the models at start; either way the engine refreshes it from its own timings", metavar="FILE"))
+    online_calibration: bool = field(default=True, metadata=option(
+        "--no-online-calibration", "keep each acceptance head's shipped calibration instead of refitting it online "
+        "from the exact labels every verification yields (its calibration error is measured either way)"))
     default_spec: SpecConfig = field(default_factory=SpecConfig)
 
     def to_dict(self) -> dict:

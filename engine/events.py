@@ -7,8 +7,8 @@ multiprocessing queues as itself, pickled, in both directions:
   engine -> server: EngineReady or EngineFailed (once, first), then per request Admitted or
                     RequestRejected, a TokenEvent per step (the final one carries RequestStats),
                     Tokenized or Detokenized (or RequestRejected) per tokenizer query,
-                    EngineLoad whenever the engine's load changes, and EngineCosts every few
-                    seconds while it serves
+                    EngineLoad whenever the engine's load changes, EngineCosts every few seconds while it
+                    serves, and CalibrationReport now and then while the acceptance heads judge candidates
 
 The tokenizer lives in the engine process only: the server never loads a model directory (nor
 torch), and /tokenize then counts exactly the tokens a generation would (same chat template).
@@ -174,11 +174,29 @@ class EngineCosts:
     draft_scale: float
     target_scale: float
     candidate_budget: int  # what the model lets a sequence propose at the current batch size (engine/tuning.py)
+class HeadCalibration:
+    """One online calibrator's state (engine/calibration.py): a head's P(accept) = sigmoid(scale z + bias) in
+    a temperature band, and how its recent predictions compare with the exact labels."""
+
+    head: str
+    band: str  # "greedy" or "sampled"
+    scale: float
+    bias: float
+    labels: int  # judged candidates labelled since the engine started
+    calibration_error: float | None  # ECE over the recent window (None before any label)
+    bins: list[tuple[int, float, float]]  # reliability per bin of predicted P(accept): count, mean predicted, mean a_s
+
+
+@dataclass
+class CalibrationReport:
+    """Every online calibrator of the engine, sent periodically while they learn."""
+
+    heads: list[HeadCalibration]
 
 
 ToEngine = AddRequest | AbortRequest | TokenizeRequest | DetokenizeRequest | Shutdown
 FromEngine = (EngineReady | EngineFailed | Admitted | RequestRejected | TokenEvent | Tokenized | Detokenized
-              | EngineLoad | EngineCosts)
+              | EngineLoad | EngineCosts | CalibrationReport)
 
 
 @dataclass

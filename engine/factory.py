@@ -72,6 +72,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         draft_quantization=config.draft_quantization,
         target_quantization=config.target_quantization,
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
+        online_calibration=config.online_calibration,
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from engine.calibration import Calibrators
 from engine.costs import CostModel, LiveCosts, measure_costs
 from engine.detokenizer import Detokenizer
 from engine.events import MAX_CHOICES, Admitted, Completion, Prompt, TokenEvent, choice_ids
@@ -76,6 +77,7 @@ class LLMEngine:
         draft_quantization: str = "none",
         target_quantization: str = "none",
         costs: CostModel | None = None,
+        online_calibration: bool = True,
     ) -> None:
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
@@ -89,6 +91,8 @@ class LLMEngine:
             if draft is not None else None
         )
         self.heads = {name: head.to(self.draft.device) for name, head in heads.items()}
+        # one online calibrator per head and temperature band; `online_calibration` False only measures
+        self.calibration = Calibrators(self.heads, learning=online_calibration)
         self.recorder: Callable[[RoundRecord], None] | None = None  # set to log every verified round
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(target, tokenizer)
@@ -146,6 +150,7 @@ class LLMEngine:
         if any(i in self.requests for i in ids):
             raise RequestError(f"duplicate request id {request_id!r}")
         head = self._head_for(spec)
+        head_name = spec.head or DEFAULT_HEAD
         prompt_ids = self._encode_checked(prompt)
         params = self._bounded(params, len(prompt_ids), "messages" if _is_chat(prompt) else "prompt", n)
         if (field_name := params.token_id_field_beyond(self.target.vocab_size)) is not None:
@@ -160,6 +165,7 @@ class LLMEngine:
                 spec=spec,
                 policy=make_policy(spec, head.timing if head is not None else None),
                 head=head,
+                calibrator=self.calibration.for_request(head_name, params) if head is not None else None,
                 detokenizer=Detokenizer(self.tokenizer, params.stop),
                 generator=generator,
                 draft_generator=draft_generator,

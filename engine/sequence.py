@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from engine.calibration import OnlineCalibrator
 from engine.detokenizer import Detokenizer
 from engine.events import FinishReason, TokenLogprob
 from engine.head import AcceptanceHead
@@ -67,6 +68,7 @@ class Sequence:
     draft_generator: torch.Generator  # on the draft's device: proposals (the same object when co-located)
     eos_token_ids: frozenset[int]
     head: AcceptanceHead | None = None  # the acceptance head judging this request's candidates (specdec++)
+    calibrator: OnlineCalibrator | None = None  # its logit -> P(accept), learned online (else its shipped one)
     output_ids: list[int] = field(default_factory=list)
     target_kv: KVState = field(default_factory=KVState)
     draft_kv: KVState = field(default_factory=KVState)

@@ -44,6 +44,7 @@ class Proposal:
     features: list[torch.Tensor] = field(default_factory=list)  # candidate_features of y_s, each [F], where wanted
     state: torch.Tensor | None = None  # hidden state [H] of the draft's last forward
     logits: torch.Tensor | None = None  # its logits [V]: they give the next candidate
+    judgements: dict[int, tuple[float, float]] = field(default_factory=dict)  # judged candidate -> (head logit, P)
     done: bool = False
 
 
@@ -226,7 +227,9 @@ def judge(proposals: list[Proposal], when: HeadTiming) -> None:
 
 
 def head_accept_probs(proposals: list[Proposal], when: HeadTiming) -> dict[int, float]:
-    """P(y_s accepted) by proposal id, from the heads whose timing is `when`: one batched call per head.
+    """P(y_s accepted) by proposal id, from the heads whose timing is `when`: one batched call per head,
+    each logit calibrated by its request's online calibrator (else the head's shipped calibration).
+    Each judged candidate's logit and probability are kept on its proposal (`judgements`).
 
     Each reads the draft's latest state: "before", the one that produced q_s; "after", the forward on y_s.
     """
@@ -236,9 +239,15 @@ def head_accept_probs(proposals: list[Proposal], when: HeadTiming) -> dict[int, 
             groups.setdefault(id(p.seq.head), []).append(p)
     accept_probs: dict[int, float] = {}
     for group in groups.values():
-        states = torch.stack([p.state for p in group])
-        probs = group[0].seq.head.accept_prob(states, torch.stack([p.features[-1] for p in group])).tolist()
-        accept_probs.update({id(p): prob for p, prob in zip(group, probs, strict=True)})
+        head = group[0].seq.head
+        with torch.inference_mode():
+            logits = head(torch.stack([p.state for p in group]), torch.stack([p.features[-1] for p in group]))
+        logits = logits.float().cpu()  # one device sync per head
+        for p, z in zip(group, logits, strict=True):
+            calibrator = p.seq.calibrator
+            prob = float(calibrator.probabilities(z) if calibrator is not None else head.calibrated(z))
+            p.judgements[len(p.tokens) - 1] = (float(z), prob)
+            accept_probs[id(p)] = prob
     return accept_probs
 
 
@@ -272,6 +281,8 @@ def verify_candidates(
         verdicts.append(verify(cand, q, target_probs, p.seq.generator))
         if tuning is not None and p.tokens:
             tuning.observe_acceptance(acceptance_labels(cand, q, target_probs).tolist())
+        if p.judgements:
+            observe_judgements(p, acceptance_labels(cand, q, target_probs).tolist())
         if p.seq.params.logprobs is not None:
             verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:
@@ -280,6 +291,18 @@ def verify_candidates(
     for p in proposals:
         p.seq.stats.target_seconds += elapsed
     return verdicts
+
+
+def observe_judgements(p: Proposal, labels: list[float]) -> None:
+    """Compare each candidate the head judged with its exact label: the request's calibrator learns
+    from them (for later rounds only), the request's stats keep predicted and realized acceptance."""
+    judged = sorted(p.judgements)
+    logits = [p.judgements[i][0] for i in judged]
+    predicted = [p.judgements[i][1] for i in judged]
+    realized = [labels[i] for i in judged]
+    if p.seq.calibrator is not None:
+        p.seq.calibrator.observe(logits, predicted, realized)
+    p.seq.stats.record_judgements(predicted, realized)
 
 
 def emitted_logprobs(

@@ -26,6 +26,9 @@ class RequestStats:
     candidate_lengths: list[int] = field(default_factory=list)
     accepted_lengths: list[int] = field(default_factory=list)
     stop_levels: list[float] = field(default_factory=list)  # the specdec++ level of each round (threshold "auto")
+    judged_candidates: int = 0  # candidates the acceptance head judged (specdec++)
+    predicted_acceptance_sum: float = 0.0  # over those: the P(accepted) the stop rule used
+    realized_acceptance_sum: float = 0.0  # ... and their exact a_s = min(1, p/q)
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     first_token_seconds: float | None = None
@@ -62,6 +65,20 @@ class RequestStats:
         """The mean specdec++ stop level the engine chose (threshold "auto"; None otherwise)."""
         return sum(self.stop_levels) / len(self.stop_levels) if self.stop_levels else None
 
+    @property
+    def mean_predicted_acceptance(self) -> float | None:
+        """The head's mean P(accepted) over the request's judged candidates: compare with the realized mean."""
+        return self.predicted_acceptance_sum / self.judged_candidates if self.judged_candidates else None
+
+    @property
+    def mean_realized_acceptance(self) -> float | None:
+        return self.realized_acceptance_sum / self.judged_candidates if self.judged_candidates else None
+
+    def record_judgements(self, predicted: list[float], realized: list[float]) -> None:
+        self.judged_candidates += len(predicted)
+        self.predicted_acceptance_sum += sum(predicted)
+        self.realized_acceptance_sum += sum(realized)
+
     def record_round(self, candidates: int, accepted: int) -> None:
         self.rounds += 1
         self.target_calls += 1
@@ -81,5 +98,7 @@ class RequestStats:
             mean_candidate_length=self.mean_candidate_length,
             mean_accepted_length=self.mean_accepted_length,
             mean_stop_level=self.mean_stop_level,
+            mean_predicted_acceptance=self.mean_predicted_acceptance,
+            mean_realized_acceptance=self.mean_realized_acceptance,
         )
         return out

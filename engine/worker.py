@@ -9,6 +9,7 @@ engine/events.py:
        Tokenized or Detokenized (or RequestRejected) per tokenizer query,
        EngineLoad (whenever the engine's load changes),
        EngineCosts (the live cost model, at most every COSTS_REPORT_SECONDS while busy)
+       CalibrationReport (the acceptance heads' online calibrators, while they learn)
 
 The parameters arrive validated (by the server). The sampling fields a request left unset take
 the target's generation_config values (`LLMEngine.sampling_defaults`, as vLLM's server does);
@@ -29,6 +30,7 @@ from typing import Any
 from engine.events import (
     AbortRequest,
     AddRequest,
+    CalibrationReport,
     Detokenized,
     DetokenizeRequest,
     EngineCosts,
@@ -46,6 +48,7 @@ from engine.params import MODEL_DEFAULT_FIELDS, SamplingParams
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 1.0  # how often an idle worker checks that its parent is still alive
 COSTS_REPORT_SECONDS = 5.0  # least time between two EngineCosts reports
+CALIBRATION_REPORT_SECONDS = 5.0  # most often the calibrators are reported while requests run (also at each finish)
 
 
 def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -> None:
@@ -103,6 +106,7 @@ class EngineLoop:
         self.stopping = False
         self._load: tuple[int, int] = (0, 0)
         self._costs_reported = time.monotonic()  # EngineReady carried the measured model
+        self._calibration_reported: tuple[int, float] = (0, 0.0)  # labels seen and time at the last report
 
     def run(self) -> None:
         while not self.stopping:
@@ -110,7 +114,9 @@ class EngineLoop:
             if self.stopping:
                 break
             if self.engine.has_unfinished():
-                for event in self.engine.step():
+                events = self.engine.step()
+                self.report_calibration(finished=any(event.finished for event in events))
+                for event in events:
                     self.outbox.put(event)
                 self.report_costs()
             self.report_load()
@@ -224,6 +230,19 @@ class EngineLoop:
         live, batch = tuning.costs, max(self.engine.num_running, 1)
         budget = budget_at(live.current, batch, tuning.acceptance, self.engine.default_spec.bounds[1])
         self.outbox.put(EngineCosts(live.current.to_dict(), live.draft_scale, live.target_scale, budget))
+
+    def report_calibration(self, finished: bool) -> None:
+        """Report the calibrators when they saw new labels: at most every CALIBRATION_REPORT_SECONDS, and
+        whenever a request finishes (before its final event, so its labels are in the metrics by its end)."""
+        calibration = getattr(self.engine, "calibration", None)
+        if calibration is None:
+            return
+        labels, now = calibration.labels_seen, time.monotonic()
+        last_labels, last_time = self._calibration_reported
+        if labels == last_labels or not (finished or now - last_time >= CALIBRATION_REPORT_SECONDS):
+            return
+        self._calibration_reported = (labels, now)
+        self.outbox.put(CalibrationReport(calibration.snapshots()))
 
 
 def _parent_alive() -> bool:

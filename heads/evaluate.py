@@ -12,7 +12,9 @@ Figures, for any predictor a (the head, or the draft's own token probability q(y
 - Brier: mean (a - p_acc)^2.
 
 The head's `accept_prob` is calibrated (heads/train.py), so its figures are those the stop
-rule works with.
+rule works with. `online_calibration` replays the engine's online calibrator over the rows in
+logged order (engine/calibration.py): on prompts unlike the head's training data its ECE over the
+second half should be below the first half's, and below the shipped calibration's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engine.calibration import BANDS, OnlineCalibrator, expected_calibration_error
 from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
 from heads.data import load_shards, read_manifest
 from heads.report import write_report
@@ -56,14 +59,6 @@ def soft_auc(score: torch.Tensor, positive: torch.Tensor) -> float:
     return float((pos_g * (neg_below + 0.5 * neg_g)).sum() / total)
 
 
-def expected_calibration_error(a: torch.Tensor, p: torch.Tensor, bins: int = 10) -> float:
-    a, p = a.double(), p.double()
-    index = (a * bins).long().clamp(0, bins - 1)
-    sum_a = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, a)
-    sum_p = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, p)
-    return float(((sum_a - sum_p).abs()).sum() / a.numel())
-
-
 def predictor_metrics(a: torch.Tensor, p_acc: torch.Tensor) -> dict[str, float]:
     """All figures for predictions `a` = P(accepted) against soft labels `p_acc`."""
     return {
@@ -78,6 +73,34 @@ def predictor_metrics(a: torch.Tensor, p_acc: torch.Tensor) -> dict[str, float]:
 def head_predictions(head: AcceptanceHead, hidden: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """The head's calibrated P(accepted) for every row."""
     return head.calibrated(head_logits(head, hidden, features)).cpu()
+
+
+def online_predictions(logits: torch.Tensor, label: torch.Tensor, greedy: torch.Tensor, calibration: dict,
+                       round_size: int = 8) -> torch.Tensor:
+    """P(accepted) of every row as the engine's online calibration would have given it, rows in logged order:
+    each block of `round_size` rows is predicted with its band's fit of the rows before it, then learned from."""
+    calibrators = {band: OnlineCalibrator(calibration["scale"], calibration["bias"]) for band in BANDS}
+    out = torch.empty(len(logits))
+    for start in range(0, len(logits), round_size):
+        block = torch.arange(start, min(start + round_size, len(logits)))
+        for band, rows in (("greedy", block[greedy[block]]), ("sampled", block[~greedy[block]])):
+            if len(rows):
+                out[rows] = calibrators[band].probabilities(logits[rows])
+                calibrators[band].observe(logits[rows].tolist(), out[rows].tolist(), label[rows].tolist())
+    return out
+
+
+def calibration_halves(logits: torch.Tensor, label: torch.Tensor, greedy: torch.Tensor, calibration: dict) -> dict:
+    """ECE over the first and second half of the rows (logged order) of the online-calibrated predictions
+    and, for comparison, of the shipped calibration's."""
+    shipped = torch.sigmoid(logits.float() * calibration["scale"] + calibration["bias"])
+    online = online_predictions(logits, label, greedy, calibration)
+    half = len(label) // 2
+    figures = {}
+    for name, predictions in (("online", online), ("shipped", shipped)):
+        for part, rows in (("first_half", slice(0, half)), ("second_half", slice(half, None))):
+            figures[f"ece_{name}_{part}"] = round(expected_calibration_error(predictions[rows], label[rows]), 5)
+    return figures
 
 
 def auc_gap_interval(
@@ -102,7 +125,9 @@ def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
     manifest = read_manifest(data_dir)
     rows = head_inputs(load_shards(data_dir), head.timing)
     label = rows["label"]
-    a = head_predictions(head, rows["hidden"], rows["features"])
+    logits = head_logits(head, rows["hidden"], rows["features"]).cpu()
+    a = head.calibrated(logits)
+    greedy = rows["features"][:, CANDIDATE_FEATURES.index("temperature")] == 0
     confidence = rows["features"][:, CANDIDATE_FEATURES.index("log_q")].exp()
     predictors = {
         "head": a,
@@ -123,6 +148,7 @@ def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
         "brier_head": metrics["head"]["brier"],
         "auc_gap_ci95": auc_gap_interval(a, confidence, label, rows["seq"]),
         "predictors": metrics,
+        "online_calibration": calibration_halves(logits, label, greedy, head.config.calibration),
     }
 
 
@@ -138,6 +164,10 @@ def format_table(result: dict) -> str:
             f"{name:<16} {m['auc_reject']:>11.4f} {m['binary_kl']:>10.4f} {m['ece']:>7.4f} "
             f"{m['brier']:>7.4f} {m['mean_prediction']:>7.3f}"
         )
+    c = result["online_calibration"]
+    lines.append(f"ECE by half of the rows in logged order: online calibration {c['ece_online_first_half']:.4f} "
+                 f"-> {c['ece_online_second_half']:.4f}, shipped {c['ece_shipped_first_half']:.4f} -> "
+                 f"{c['ece_shipped_second_half']:.4f}")
     return "\n".join(lines)
 
 

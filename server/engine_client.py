@@ -24,6 +24,7 @@ from engine.events import (
     AbortRequest,
     AddRequest,
     Admitted,
+    CalibrationReport,
     Detokenized,
     DetokenizeRequest,
     EngineCosts,
@@ -323,6 +324,8 @@ class EngineClient:
             self._update_queue_gauge()
         elif isinstance(message, EngineCosts):
             self.metrics.set_costs(message.costs, message.draft_scale, message.target_scale, message.candidate_budget)
+        elif isinstance(message, CalibrationReport):
+            self.metrics.observe_calibration(message)
         elif isinstance(message, Admitted):
             self._pending.discard(message.request_id)
             self._update_queue_gauge()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.events import CalibrationReport
 from engine.stats import RequestStats
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
@@ -91,6 +92,55 @@ class ServerMetrics:
             "specdec_cost_scale", "Observed over measured cost, smoothed (the live model is the measured one times it)",
             ["model"], registry=r,
         )
+
+        calibration = ["head", "band"]
+        self.head_calibration_error = Gauge(
+            "specdec_head_calibration_error",
+            "Expected calibration error of the acceptance head's P(accepted) over its recent judged candidates",
+            calibration, registry=r,
+        )
+        self.head_calibration_scale = Gauge(
+            "specdec_head_calibration_scale", "Online calibrator's A in P(accepted) = sigmoid(A z + B)", calibration,
+            registry=r,
+        )
+        self.head_calibration_bias = Gauge(
+            "specdec_head_calibration_bias", "Online calibrator's B in P(accepted) = sigmoid(A z + B)", calibration,
+            registry=r,
+        )
+        self.head_calibration_labels = Gauge(
+            "specdec_head_calibration_labels", "Judged candidates labelled since the engine started", calibration,
+            registry=r,
+        )
+        reliability = [*calibration, "bin"]
+        self.head_reliability_count = Gauge(
+            "specdec_head_reliability_count", "Recent judged candidates by bin of predicted P(accepted)", reliability,
+            registry=r,
+        )
+        self.head_reliability_predicted = Gauge(
+            "specdec_head_reliability_predicted", "Mean predicted P(accepted) of a bin's recent judged candidates",
+            reliability, registry=r,
+        )
+        self.head_reliability_realized = Gauge(
+            "specdec_head_reliability_realized", "Mean exact acceptance a = min(1, p/q) of a bin's recent judged "
+            "candidates", reliability, registry=r,
+        )
+
+    def observe_calibration(self, report: CalibrationReport) -> None:
+        """Set the calibration gauges from the engine's latest report (engine/calibration.py)."""
+        for head in report.heads:
+            labels = {"head": head.head, "band": head.band}
+            self.head_calibration_scale.labels(**labels).set(head.scale)
+            self.head_calibration_bias.labels(**labels).set(head.bias)
+            self.head_calibration_labels.labels(**labels).set(head.labels)
+            if head.calibration_error is None:
+                continue
+            self.head_calibration_error.labels(**labels).set(head.calibration_error)
+            width = 1.0 / len(head.bins)
+            for i, (count, predicted, realized) in enumerate(head.bins):
+                bin_labels = {**labels, "bin": f"{i * width:.1f}-{(i + 1) * width:.1f}"}
+                self.head_reliability_count.labels(**bin_labels).set(count)
+                self.head_reliability_predicted.labels(**bin_labels).set(predicted)
+                self.head_reliability_realized.labels(**bin_labels).set(realized)
 
     def observe_request(self, stats: RequestStats | None, status: str) -> None:
         """Fold one request's final stats record into the metrics."""

@@ -91,6 +91,19 @@ def test_policy_matches_target_distribution(distribution_engine, spec, params):
     assert pvalue > 1e-3, f"{spec.policy}: chi-square p={pvalue:.2e}"
 
 
+def test_auto_with_online_calibration_refitting_matches_target_distribution(distribution_engine):
+    """Threshold auto while the head's online calibrator refits every few rounds (from labels of earlier
+    rounds only): the stop rule keeps changing, the output distribution stays the target's."""
+    calibrator = distribution_engine.calibration.calibrators[("default", "sampled")]
+    calibrator.min_labels, calibrator.refit_every = 16, 8
+    fits = calibrator.scale, calibrator.bias
+    spec = SpecConfig(policy="specdec++", threshold="auto", bounds=(1, 6))
+    counts = sample_two_tokens(distribution_engine, T1, spec)
+    pvalue = chi_square_pvalue(counts, exact_two_token_distribution(distribution_engine, T1), SAMPLES)
+    assert (calibrator.scale, calibrator.bias) != fits and calibrator.labels_seen > 100
+    assert pvalue > 1e-3, f"auto with online calibration: chi-square p={pvalue:.2e}"
+
+
 def accept_every_draft_token(candidates, draft_probs, target_probs, generator) -> Verdict:
     """A wrong acceptance rule for the controls: every candidate is kept, so the output follows the draft."""
     k = candidates.shape[0]

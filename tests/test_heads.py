@@ -319,14 +319,15 @@ def test_engine_feeds_the_head_what_gen_data_logs(tiny_pair, tokenizer, timing):
     head = random_head(32, seed=4, timing=timing)
     head.config.calibration = {"scale": 0.0, "bias": 30.0}  # a = 1: never stops, every round runs to its budget
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = head.accept_prob
+    original = head.forward
 
     def spy(hidden, features):
         calls.append((hidden.clone(), features.clone()))
         return original(hidden, features)
 
-    head.accept_prob = spy
+    head.forward = spy  # what the head reads, whichever calibration turns its logit into P(accepted)
     engine = LLMEngine(target, draft, tokenizer, heads={"default": head})
+    calls.clear()  # the engine timed its head while measuring its costs
     rounds: list[tuple] = []
 
     def recorder(rec):

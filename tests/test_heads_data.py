@@ -238,6 +238,10 @@ def test_training_refuses_eval_only_data_but_evaluation_reads_it(engine, tmp_pat
     assert result["auc_confidence"] == pytest.approx(soft_auc(1 - q.double(), 1 - label.double()), abs=1e-5)
     assert result["auc_head"] == pytest.approx(soft_auc(1 - a.double(), 1 - label.double()), abs=1e-5)
     assert result["ece_head"] == pytest.approx(expected_calibration_error(a, label), abs=1e-5)
+    half = len(label) // 2  # the shipped calibration's error by half of the rows, beside the online calibrator's
+    assert result["online_calibration"]["ece_shipped_second_half"] == pytest.approx(
+        expected_calibration_error(a[half:], label[half:]), abs=1e-5)
+    assert 0.0 <= result["online_calibration"]["ece_online_first_half"] <= 1.0
     assert result["predictors"]["constant"]["auc_reject"] == pytest.approx(0.5)
     assert result["mean_accept_prob"] == pytest.approx(float(label.mean()), abs=1e-5)
     low, high = result["auc_gap_ci95"]

@@ -150,6 +150,28 @@ def test_completion_and_lossless_policies(client, saved_tokenizer):
     assert texts["none"] == texts["constant"] == texts["specdec++"]
 
 
+def test_head_calibration_metrics_after_a_request(server, client):
+    """The engine reports its online calibrators before a request's final event: once the response is back,
+    /metrics has the head's calibration error, A and B, and a reliability table holding the judged candidates."""
+    resp = client.completions.create(
+        model=TARGET_NAME, prompt="hello", max_tokens=40, temperature=0,
+        extra_body={"specdec": {"policy": "specdec++", "threshold": 0.5}, "ignore_eos": True},
+    )
+    stats = resp.model_extra["specdec"]
+    assert stats["judged_candidates"] > 0
+    assert 0.0 <= stats["mean_predicted_acceptance"] <= 1.0 and 0.0 <= stats["mean_realized_acceptance"] <= 1.0
+    greedy = 'band="greedy",head="default"'  # the exposition sorts labels by name
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("error", "scale", "bias", "labels"):
+        assert re.search(rf"^specdec_head_calibration_{name}\{{{greedy}\}} \S+$", text, re.M), name
+    assert re.search(r'^specdec_head_reliability_realized\{band="greedy",bin="0.9-1.0",head="default"\} \S+$',
+                     text, re.M)
+    labels = metric(server, "specdec_head_calibration_labels", greedy)
+    assert labels >= stats["judged_candidates"]
+    assert metric(server, "specdec_head_reliability_count", 'band="greedy"') == labels  # all: fewer than the window
+    assert 0.0 <= metric(server, "specdec_head_calibration_error", greedy) <= 1.0
+
+
 def test_streaming_matches_non_streaming(client):
     kwargs = dict(model=TARGET_NAME, messages=CHAT, max_tokens=40, temperature=0.8, seed=7)
     full = client.chat.completions.create(**kwargs)

@@ -17,6 +17,7 @@ from engine.events import (
     AbortRequest,
     AddRequest,
     Admitted,
+    CalibrationReport,
     Detokenized,
     DetokenizeRequest,
     EngineCosts,
@@ -84,6 +85,22 @@ def test_add_runs_to_completion_with_stats(loop):
     assert final.finish_reason == "length" and final.stats.generated_tokens == 12
     assert final.stats.policy == "constant"
     assert any(isinstance(m, EngineLoad) and m.running == 1 for m in seen)
+
+
+def test_calibration_is_reported_before_a_final_event(loop):
+    """A request the head judged: the calibrators' state (with its labels) arrives before its final event,
+    so the server's metrics hold them when the response does; a request nobody judged sends none."""
+    _, inbox, outbox = loop
+    add(inbox, "judged", max_tokens=16, spec=SpecConfig(policy="specdec++", threshold=0.5), ignore_eos=True)
+    seen = until(outbox, final_of("judged"))
+    reports = [m for m in seen if isinstance(m, CalibrationReport)]
+    assert reports and isinstance(seen[-2], CalibrationReport)  # the last report just before the final event
+    judged = seen[-1].stats.judged_candidates
+    sampled = next(h for h in reports[-1].heads if (h.head, h.band) == ("default", "sampled"))
+    assert judged > 0 and sampled.labels == judged and sum(count for count, _, _ in sampled.bins) == judged
+    add(inbox, "target-alone", max_tokens=4, spec=SpecConfig(policy="none"))
+    seen = until(outbox, final_of("target-alone"))
+    assert not any(isinstance(m, CalibrationReport) for m in seen)
 
 
 def test_a_partial_spec_runs_over_the_engine_default(tiny_pair, tokenizer):
