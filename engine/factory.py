@@ -70,6 +70,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         cpu_fp32_gemm=config.cpu_fp32_gemm,
         draft_quantization=config.draft_quantization,
         target_quantization=config.target_quantization,
+        max_over_acceptance=config.max_over_acceptance,
     )
 
 

@@ -71,7 +71,12 @@ class LLMEngine:
         cpu_fp32_gemm: str = "auto",
         draft_quantization: str = "none",
         target_quantization: str = "none",
+        max_over_acceptance: float = 0.0,
     ) -> None:
+        if default_spec is not None and not default_spec.lossless:
+            raise ValueError("over-acceptance is lossy: it is asked for per request, never by the default spec")
+        if not 0.0 <= max_over_acceptance <= 1.0:
+            raise ValueError("max_over_acceptance must lie in [0, 1]")
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
         heads = dict(heads or {})
@@ -93,6 +98,7 @@ class LLMEngine:
         self.sampling_defaults = generation_config_defaults(getattr(target, "generation_config", None))
         self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
+        self.max_over_acceptance = max_over_acceptance  # the most lossy over-acceptance a request may ask for
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
 
     # ----- requests -------------------------------------------------------------------
@@ -126,6 +132,11 @@ class LLMEngine:
         spec = self.default_spec.with_overrides(spec)
         if not 1 <= n <= MAX_CHOICES:
             raise RequestError(f"n must lie in [1, {MAX_CHOICES}]", "n")
+        if spec.over_acceptance > self.max_over_acceptance:
+            raise RequestError(
+                f"specdec.over_acceptance ({spec.over_acceptance:g}) makes the output deviate from the target's "
+                f"distribution; this server allows at most {self.max_over_acceptance:g} (--max-over-acceptance)",
+                "specdec.over_acceptance")
         ids = choice_ids(request_id, n)
         if any(i in self.requests for i in ids):
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -148,7 +159,8 @@ class LLMEngine:
                 generator=generator,
                 draft_generator=draft_generator,
                 eos_token_ids=self.eos_token_ids,
-                stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
+                stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids),
+                                   over_acceptance=spec.over_acceptance),
             ))
         seqs[0].siblings = seqs[1:]  # they fork its prefill (`_share_prefill`)
         for seq in seqs:

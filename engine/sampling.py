@@ -199,6 +199,24 @@ class Verdict:
     num_accepted: int
     next_token: int  # the correction (after a rejection) or the bonus (all accepted)
     logprobs: TokenLogprobs | None = None  # of the accepted candidates and the next token, when the request asks
+    # The acceptance test ran at `tested` positions (the accepted ones and the rejected one, if any); its
+    # probability of passing, summed over them, is `expected_accepted` (`acceptance_overlap`).
+    tested: int = 0
+    expected_accepted: float = 0.0
+
+    @property
+    def rejected(self) -> bool:
+        return self.num_accepted < self.tested
+
+
+def acceptance_overlap(target_probs: torch.Tensor, draft_probs: torch.Tensor, over_acceptance: float = 0.0
+                       ) -> torch.Tensor:
+    """P(the acceptance test passes) at each position [..., V] -> [...]: sum_v min(q(v), p(v) + epsilon).
+
+    At epsilon 0 this is the overlap sum_v min(p, q) = 1 - TV(p, q): summed over the tested positions,
+    1 minus it is the expected number of rejections (Yin et al. 2024, Theorem 1).
+    """
+    return torch.minimum(draft_probs, target_probs + over_acceptance).sum(-1)
 
 
 def verify(
@@ -206,6 +224,7 @@ def verify(
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
+    over_acceptance: float = 0.0,
 ) -> Verdict:
     """Exact rejection sampling for one sequence (Leviathan et al.; Chen et al.).
 
@@ -213,6 +232,10 @@ def verify(
     [K+1, V] (p_i for the same prefixes, plus the bonus position). Accept candidate i with
     probability min(1, p_i(y_i) / q_i(y_i)); at the first rejection sample from
     norm(max(0, p_i - q_i)); if all K pass, sample the bonus from p_{K+1}.
+
+    `over_acceptance` epsilon > 0 accepts with min(1, (p_i(y_i) + epsilon) / q_i(y_i)) instead: lossy, with
+    the least bias for its rejections (`over_acceptance_output`). The residual stays norm(max(0, p_i - q_i)),
+    which is the Pareto-optimal one: every position where p > q is accepted surely either way.
     """
     k = candidates.shape[0]
     if k == 0:
@@ -222,12 +245,38 @@ def verify(
     q_tok = draft_probs.gather(-1, idx).squeeze(-1)
     u = torch.rand(k, generator=generator, device=candidates.device)
     # u * q < p  <=>  u < p / q, without dividing by a zero q.
-    rejected = ~(u * q_tok < p_tok)
+    rejected = ~(u * q_tok < p_tok + over_acceptance)
     num_accepted = int(rejected.int().argmax()) if bool(rejected.any()) else k
+    tested = min(num_accepted + 1, k)
+    expected = float(acceptance_overlap(target_probs[:tested], draft_probs[:tested], over_acceptance).sum())
     if num_accepted == k:
-        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
-    residual = (target_probs[num_accepted] - draft_probs[num_accepted]).clamp_min(0.0)
-    total = residual.sum()
-    if float(total) <= 0.0:  # p == q exactly: cannot reject, but guard against rounding
-        residual = target_probs[num_accepted]
-    return Verdict(num_accepted, int(sample(residual.unsqueeze(0), generator)[0]))
+        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]), tested=tested,
+                       expected_accepted=expected)
+    return Verdict(num_accepted, int(sample(residual_of(target_probs[num_accepted], draft_probs[num_accepted]),
+                                            generator)[0]), tested=tested, expected_accepted=expected)
+
+
+def residual_of(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """What to draw from after a rejection, [V] -> [1, V] (unnormalised): max(0, p - q), or p where
+    rounding left nothing (p == q cannot reject, but guard against it)."""
+    residual = (target_probs - draft_probs).clamp_min(0.0)
+    if float(residual.sum()) <= 0.0:
+        residual = target_probs
+    return residual.unsqueeze(0)
+
+
+def over_acceptance_output(target_probs: torch.Tensor, draft_probs: torch.Tensor, over_acceptance: float
+                           ) -> tuple[torch.Tensor, float]:
+    """The exact output distribution [V] of one position verified with over-acceptance epsilon, and its
+    rejection probability: accepted mass min(q, p + epsilon), plus the rejection probability times the
+    residual norm(max(0, p - q)).
+
+    Its bias TV(output, p) is sum_v max(0, min(q, p + epsilon) - p) = sum_v min(max(0, q - p), epsilon), and
+    bias + rejection = TV(p, q): it lies on the Pareto front of Yin et al. 2024 (the least bias any
+    rejection-based rule can have at its rejection probability).
+    """
+    accepted = torch.minimum(draft_probs, target_probs + over_acceptance)
+    rejection = float(1.0 - accepted.sum())
+    residual = (target_probs - draft_probs).clamp_min(0.0)
+    mass = float(residual.sum())
+    return accepted + (rejection / mass * residual if mass > 0 else 0.0), max(rejection, 0.0)

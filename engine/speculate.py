@@ -21,6 +21,7 @@ from engine.runner import ModelRunner
 from engine.sampling import (
     TokenLogprobs,
     Verdict,
+    acceptance_overlap,
     probs_of_processed,
     processed_logits,
     processed_probs,
@@ -239,7 +240,7 @@ def verify_candidates(
         target_logits = processed_logits(p.seq.adjusted_logits(rows, p.tokens), p.seq.params)
         target_probs = probs_of_processed(target_logits, p.seq.params)
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
-        verdicts.append(verify(cand, q, target_probs, p.seq.generator))
+        verdicts.append(verify(cand, q, target_probs, p.seq.generator, p.seq.spec.over_acceptance))
         if p.seq.params.logprobs is not None:
             verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:
@@ -273,7 +274,7 @@ def round_record(
         states=torch.stack(p.states).float().cpu(),
         features=torch.stack(p.features).cpu(),
         accept_prob=(p_tok / q_tok.clamp_min(1e-30)).clamp(max=1.0).cpu(),
-        overlap=torch.minimum(target_probs[:k], q).sum(-1).cpu(),
+        overlap=acceptance_overlap(target_probs[:k], q).cpu(),
         accepted=accepted,
     )
 
@@ -294,6 +295,7 @@ def accept_and_roll_back(p: Proposal, verdict: Verdict) -> list[int]:
     if verdict.logprobs is not None:
         seq.add_logprobs(new_tokens, verdict.logprobs)
     seq.stats.record_round(len(p.tokens), min(accepted, len(new_tokens)))
+    seq.stats.record_verification(verdict.tested, verdict.expected_accepted, verdict.rejected)
     seq.policy.end_round(len(p.tokens), accepted)
     if seq.finished:
         seq.free_caches()

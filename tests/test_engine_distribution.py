@@ -90,7 +90,7 @@ def test_policy_matches_target_distribution(distribution_engine, spec, params):
     assert pvalue > 1e-3, f"{spec.policy}: chi-square p={pvalue:.2e}"
 
 
-def accept_every_draft_token(candidates, draft_probs, target_probs, generator) -> Verdict:
+def accept_every_draft_token(candidates, draft_probs, target_probs, generator, over_acceptance=0.0) -> Verdict:
     """A wrong acceptance rule for the controls: every candidate is kept, so the output follows the draft."""
     k = candidates.shape[0]
     return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
