@@ -137,6 +137,9 @@ class LLMEngine:
                 f"specdec.over_acceptance ({spec.over_acceptance:g}) makes the output deviate from the target's "
                 f"distribution; this server allows at most {self.max_over_acceptance:g} (--max-over-acceptance)",
                 "specdec.over_acceptance")
+        if spec.over_acceptance > 0 and spec.num_drafts > 1:
+            raise RequestError("specdec.over_acceptance applies to single-draft verification; it cannot be combined "
+                               "with specdec.num_drafts > 1", "specdec.over_acceptance")
         ids = choice_ids(request_id, n)
         if any(i in self.requests for i in ids):
             raise RequestError(f"duplicate request id {request_id!r}")

@@ -170,6 +170,16 @@ def token_logprobs(processed: torch.Tensor, tokens: list[int], top: int) -> Toke
     return TokenLogprobs(chosen.tolist(), ids.tolist(), values.tolist())
 
 
+def emitted_logprobs(
+    candidates: torch.Tensor, verdict: Verdict, target_logits: torch.Tensor, top: int
+) -> TokenLogprobs:
+    """Logprobs of the tokens a verdict emits, the accepted candidates and the next token, from the processed
+    target logits of their positions (rows 0..num_accepted)."""
+    accepted = verdict.num_accepted
+    tokens = candidates[:accepted].tolist() + [verdict.next_token]
+    return token_logprobs(target_logits[: accepted + 1], tokens, top)
+
+
 def sampling_cdf(probs: torch.Tensor) -> torch.Tensor:
     """The cumulative distribution `sample` inverts: [B, V] -> [B, V] float64.
 
@@ -280,3 +290,47 @@ def over_acceptance_output(target_probs: torch.Tensor, draft_probs: torch.Tensor
     residual = (target_probs - draft_probs).clamp_min(0.0)
     mass = float(residual.sum())
     return accepted + (rejection / mass * residual if mass > 0 else 0.0), max(rejection, 0.0)
+
+
+def verify_paths(
+    paths: list[torch.Tensor],
+    draft_probs: list[torch.Tensor],
+    target_probs: list[torch.Tensor],
+    generator: torch.Generator | None,
+) -> tuple[int, Verdict]:
+    """Batch speculative decoding (Yin et al. 2024, Algorithm 4): M candidate paths drawn independently from
+    the draft, verified position by position. Returns the winning path and the verdict.
+
+    Path m: candidates [K_m], the q it drew each from [K_m, V], the target's p at the same prefixes plus the
+    bonus position [K_m + 1, V]. At position i the paths that agree with the accepted prefix are tried in
+    order: path m's token y is accepted with probability min(1, r(y) / q_m(y)), where r starts as p_i and
+    after each rejection becomes norm(max(0, r - q_m)). The first acceptance extends the prefix (the paths
+    with another token drop out); if every path rejects, the next token is drawn from the last r; if every
+    agreeing path ran out, the bonus is drawn from p after it. Given that the untried paths' tokens are
+    independent draws from q, each step is exact rejection sampling of r, so the output follows p exactly,
+    and a rejection needs every path to reject: P = prod_j (1 - sum_v min(r_j, q)).
+    """
+    tokens = [t.tolist() for t in paths]
+    agreeing, accepted, tested, expected = list(range(len(paths))), 0, 0, 0.0
+    while True:
+        alive = [m for m in agreeing if len(tokens[m]) > accepted]
+        if not alive:  # every agreeing path was accepted to its end: the bonus
+            winner = agreeing[0]
+            bonus = sample(target_probs[winner][accepted : accepted + 1], generator)
+            return winner, Verdict(accepted, int(bonus[0]), tested=tested, expected_accepted=expected)
+        residual, chosen, all_reject = target_probs[alive[0]][accepted], None, 1.0
+        for m in alive:  # the chain of residuals runs over every alive path, for the expected acceptance
+            q = draft_probs[m][accepted]
+            if chosen is None:
+                y = tokens[m][accepted]
+                u = float(torch.rand((), generator=generator, device=q.device))
+                chosen = y if u * float(q[y]) < float(residual[y]) else None
+            all_reject *= 1.0 - min(float(acceptance_overlap(residual, q)), 1.0)
+            residual = residual_of(residual, q)[0]
+            residual = residual / residual.sum()
+        tested, expected = tested + 1, expected + 1.0 - all_reject
+        if chosen is None:  # every path rejected: the correction comes from the last residual
+            correction = sample(residual.unsqueeze(0), generator)
+            return alive[0], Verdict(accepted, int(correction[0]), tested=tested, expected_accepted=expected)
+        agreeing = [m for m in alive if tokens[m][accepted] == chosen]
+        accepted += 1

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.head import HeadTiming, candidate_features
+from engine.multidraft import DraftPath, draft_paths, path_budget, verify_draft_paths
 from engine.policies import ProposalStep
 from engine.runner import ModelRunner
 from engine.sampling import (
-    TokenLogprobs,
     Verdict,
     acceptance_overlap,
+    emitted_logprobs,
     probs_of_processed,
     processed_logits,
     processed_probs,
     sample,
-    token_logprobs,
     verify,
 )
 from engine.sequence import KVState, Sequence
@@ -45,6 +45,7 @@ class Proposal:
     state: torch.Tensor | None = None  # hidden state [H] of the draft's last forward
     logits: torch.Tensor | None = None  # its logits [V]: they give the next candidate
     done: bool = False
+    other_candidates: int = 0  # a multi-draft sequence's candidates on its other paths (engine/multidraft.py)
 
 
 @dataclass
@@ -79,9 +80,26 @@ def run_round(
     if lagging:
         catch_up_draft(lagging, draft, max_draft_feed)
     proposals = [Proposal(seq, budget) for seq, budget in zip(seqs, budgets, strict=True)]
-    propose([p for p in proposals if p.budget > 0], draft, record=recorder is not None)
-    verdicts = verify_candidates(proposals, target, recorder)
+    groups = [with_paths(p, target, draft, candidate_cap) for p in proposals]
+    rows = [row for group in groups for row in group]
+    propose([p for p in rows if p.budget > 0], draft, record=recorder is not None)
+    row_verdicts = verify_candidates(rows, target, recorder)  # None for draft paths: verified jointly here
+    verdicts, start = [], 0
+    for p, group in zip(proposals, groups, strict=True):
+        verdicts.append(row_verdicts[start] if group[0] is p else verify_draft_paths(p, group))
+        start += len(group)
     return [accept_and_roll_back(p, verdict) for p, verdict in zip(proposals, verdicts, strict=True)]
+
+
+def with_paths(p: Proposal, target: ModelRunner, draft: ModelRunner | None, candidate_cap: int | None
+               ) -> list[Proposal]:
+    """The rows a proposal takes in the round: itself, or for a sequence with num_drafts M > 1 its M draft paths
+    (engine/multidraft.py), verified jointly after the target's forward."""
+    num_drafts = p.seq.spec.num_drafts
+    budget = path_budget(p.budget, num_drafts, candidate_cap) if num_drafts > 1 else 0
+    if budget == 0 or draft is None:
+        return [p]
+    return [Proposal(path, budget) for path in draft_paths(p.seq, target, draft)]  # type: ignore[arg-type]
 
 
 # ----- budget ---------------------------------------------------------------------------------
@@ -222,9 +240,10 @@ def head_accept_probs(proposals: list[Proposal], when: HeadTiming) -> dict[int, 
 # ----- verify ---------------------------------------------------------------------------------
 def verify_candidates(
     proposals: list[Proposal], target: ModelRunner, recorder: Callable[[RoundRecord], None] | None = None
-) -> list[Verdict]:
+) -> list[Verdict | None]:
     """One target forward over each sequence's uncached tokens plus all its candidates, then exact
-    rejection sampling per sequence. p_s sees the history q_s saw; the logprobs a request asks for come
+    rejection sampling per sequence (a multi-draft path's verdict is None: its sequence's paths are verified
+    together, `verify_draft_paths`). p_s sees the history q_s saw; the logprobs a request asks for come
     from the same p, at no extra forward."""
     t0 = time.perf_counter()
     device = target.device
@@ -239,6 +258,10 @@ def verify_candidates(
         p.seq.target_kv.cached += len(feed)
         target_logits = processed_logits(p.seq.adjusted_logits(rows, p.tokens), p.seq.params)
         target_probs = probs_of_processed(target_logits, p.seq.params)
+        if isinstance(p.seq, DraftPath):  # verified with its sibling paths (engine/multidraft.py)
+            p.seq.target_logits, p.seq.target_probs = target_logits, target_probs
+            verdicts.append(None)
+            continue
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator, p.seq.spec.over_acceptance))
         if p.seq.params.logprobs is not None:
@@ -249,16 +272,6 @@ def verify_candidates(
     for p in proposals:
         p.seq.stats.target_seconds += elapsed
     return verdicts
-
-
-def emitted_logprobs(
-    candidates: torch.Tensor, verdict: Verdict, target_logits: torch.Tensor, top: int
-) -> TokenLogprobs:
-    """Logprobs of the tokens a verdict emits, the accepted candidates and the next token, from the processed
-    target logits of their positions (rows 0..num_accepted)."""
-    accepted = verdict.num_accepted
-    tokens = candidates[:accepted].tolist() + [verdict.next_token]
-    return token_logprobs(target_logits[: accepted + 1], tokens, top)
 
 
 def round_record(
@@ -294,7 +307,7 @@ def accept_and_roll_back(p: Proposal, verdict: Verdict) -> list[int]:
             break
     if verdict.logprobs is not None:
         seq.add_logprobs(new_tokens, verdict.logprobs)
-    seq.stats.record_round(len(p.tokens), min(accepted, len(new_tokens)))
+    seq.stats.record_round(len(p.tokens) + p.other_candidates, min(accepted, len(new_tokens)))
     seq.stats.record_verification(verdict.tested, verdict.expected_accepted, verdict.rejected)
     seq.policy.end_round(len(p.tokens), accepted)
     if seq.finished:

@@ -34,6 +34,7 @@ class RequestStats:
     expected_accepted: float = 0.0  # sum over them of P(the test passes)
     rejections: int = 0  # rounds whose acceptance test rejected a candidate
     over_acceptance: float = 0.0  # the request's epsilon: above 0 the output is not the target's distribution
+    accepted_paths: list[int] = field(default_factory=list)  # the winning path of each multi-draft round
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     first_token_seconds: float | None = None

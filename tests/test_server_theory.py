@@ -1,5 +1,6 @@
 """A live server started with --max-over-acceptance: lossy over-acceptance is served when asked for, reported as
-lossy in the response and in Prometheus, and refused above the flag's limit."""
+lossy in the response and in Prometheus, and refused above the flag's limit; multi-draft requests report their
+winning paths."""
 
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ def test_over_acceptance_above_the_flag_is_refused(server, client):
     error = info.value.response.json()["error"]
     assert error["param"] == "specdec.over_acceptance" and "0.1" in error["message"]
     assert client.chat.completions.create(model=TARGET_NAME, messages=CHAT, max_tokens=4).choices
+
+
+def test_multi_draft_requests_report_their_paths(client):
+    resp = client.chat.completions.create(
+        model=TARGET_NAME, messages=CHAT, max_tokens=24, seed=2,
+        extra_body={"ignore_eos": True, "specdec": {"policy": "constant", "k": 2, "num_drafts": 3}})
+    specdec = resp.model_extra["specdec"]
+    assert specdec["config"]["num_drafts"] == 3 and specdec["lossless"] is True
+    assert specdec["accepted_paths"] and set(specdec["accepted_paths"]) <= {0, 1, 2}
+    assert specdec["accepted_per_target_call"] == specdec["accepted_tokens"] / specdec["target_calls"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TARGET_NAME, messages=CHAT, max_tokens=4,
+                                       extra_body={"specdec": {"num_drafts": 9}})
+    assert info.value.response.json()["error"]["param"] == "specdec.num_drafts"
