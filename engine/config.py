@@ -108,7 +108,15 @@ class EngineConfig:
     online_calibration: bool = field(default=True, metadata=option(
         "--no-online-calibration", "keep each acceptance head's shipped calibration instead of refitting it online "
         "from the exact labels every verification yields (its calibration error is measured either way)"))
+    max_over_acceptance: float = field(default=0.0, metadata=option(
+        "--max-over-acceptance", "the largest specdec.over_acceptance (epsilon) a request may ask for. Above 0 such "
+        "a request's output is NOT the target's distribution (it says so: lossless false); the default 0 refuses "
+        "every epsilon > 0 with a 400", metavar="EPS"))
     default_spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_over_acceptance <= 1.0:
+            raise ValueError("max_over_acceptance must lie in [0, 1]")
 
     def to_dict(self) -> dict:
         out = asdict(self)

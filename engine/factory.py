@@ -73,6 +73,7 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         target_quantization=config.target_quantization,
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
         online_calibration=config.online_calibration,
+        max_over_acceptance=config.max_over_acceptance,
     )
 
 

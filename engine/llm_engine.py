@@ -78,7 +78,12 @@ class LLMEngine:
         target_quantization: str = "none",
         costs: CostModel | None = None,
         online_calibration: bool = True,
+        max_over_acceptance: float = 0.0,
     ) -> None:
+        if default_spec is not None and not default_spec.lossless:
+            raise ValueError("over-acceptance is lossy: it is asked for per request, never by the default spec")
+        if not 0.0 <= max_over_acceptance <= 1.0:
+            raise ValueError("max_over_acceptance must lie in [0, 1]")
         if draft is not None:
             check_vocabularies(target, draft, tokenizer, draft_tokenizer or tokenizer)
         heads = dict(heads or {})
@@ -102,6 +107,7 @@ class LLMEngine:
         self.sampling_defaults = generation_config_defaults(getattr(target, "generation_config", None))
         self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
+        self.max_over_acceptance = max_over_acceptance  # the most lossy over-acceptance a request may ask for
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
         # The cost model (`costs`, else measured here now) behind threshold "auto" and its budgets.
         self.tuning = SelfTuning(LiveCosts(costs or self._measure_costs())) if self.draft is not None else None
@@ -146,6 +152,14 @@ class LLMEngine:
         spec = self.default_spec.with_overrides(spec)
         if not 1 <= n <= MAX_CHOICES:
             raise RequestError(f"n must lie in [1, {MAX_CHOICES}]", "n")
+        if spec.over_acceptance > self.max_over_acceptance:
+            raise RequestError(
+                f"specdec.over_acceptance ({spec.over_acceptance:g}) makes the output deviate from the target's "
+                f"distribution; this server allows at most {self.max_over_acceptance:g} (--max-over-acceptance)",
+                "specdec.over_acceptance")
+        if spec.over_acceptance > 0 and spec.num_drafts > 1:
+            raise RequestError("specdec.over_acceptance applies to single-draft verification; it cannot be combined "
+                               "with specdec.num_drafts > 1", "specdec.over_acceptance")
         ids = choice_ids(request_id, n)
         if any(i in self.requests for i in ids):
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -170,7 +184,8 @@ class LLMEngine:
                 generator=generator,
                 draft_generator=draft_generator,
                 eos_token_ids=self.eos_token_ids,
-                stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids)),
+                stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids),
+                                   over_acceptance=spec.over_acceptance),
             ))
         seqs[0].siblings = seqs[1:]  # they fork its prefill (`_share_prefill`)
         for seq in seqs:

@@ -155,6 +155,15 @@ class SpecConfig(BaseModel):
 
     `head` names which of the engine's acceptance heads serves `specdec++` (None: its default).
 
+    `num_drafts` M > 1 draws M candidate paths per round, each with its own stop decisions, and verifies them
+    together in one target forward (Yin et al. 2024, batch speculative decoding): lossless, and more tokens
+    accepted per target call than one path (engine/multidraft.py).
+
+    `over_acceptance` (epsilon) accepts a candidate with probability min(1, (p + epsilon) / q) instead of
+    min(1, p / q): fewer rejections for a bounded bias (Yin et al. 2024, the Pareto front; docs/design.md).
+    Above 0 the output is NOT the target's distribution. Per request only, and only where the engine allows
+    it (`--max-over-acceptance`); the default 0 is lossless.
+
     A request's SpecConfig may be partial: the engine runs it as its default with the fields the
     request set (`with_overrides`), so unset fields follow the server's flags.
     """
@@ -168,6 +177,10 @@ class SpecConfig(BaseModel):
     bounds: tuple[int, int] = (1, 20)
     p_min: float = Field(0.4, gt=0.0, lt=1.0)
     head: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="acceptance head name")
+    num_drafts: int = Field(1, ge=1, le=8, description="draft paths per round, verified jointly (batch speculative "
+                            "decoding); each path proposes up to the policy's candidates")
+    over_acceptance: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                                   description="epsilon of lossy over-acceptance; 0 is lossless")
 
     @field_validator("bounds")
     @classmethod
@@ -184,6 +197,11 @@ class SpecConfig(BaseModel):
     @property
     def speculates(self) -> bool:
         return self.policy != "none"
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the output follows the target's distribution exactly (no over-acceptance)."""
+        return self.over_acceptance == 0.0
 
     def with_overrides(self, spec: SpecConfig | None) -> SpecConfig:
         """This (the engine's default) with the fields `spec` sets; both were validated when built,

@@ -11,17 +11,36 @@ attending to one cache made of every sequence's keys/values back to back, with a
 each token sees only its own sequence's cache and causal prefix; positions are explicit.
 After the pass each sequence's new keys/values go back into its own cache. The copies are
 small next to reading the weights, and rollback stays per sequence.
+
+A row may also read a cache it shares with other rows (`SharedPrefixCache`): the M draft paths of one
+sequence (engine/multidraft.py) each see the sequence's cache, packed once, and then only their own tokens.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from engine.loading.cpu_linear import pack_linears
 from engine.loading.kernels import choose_and_quantize
+
+
+@dataclass
+class SharedPrefixCache:
+    """A row's cache made of `prefix`, read but never written (shared by the rows of one sequence's draft
+    paths), then `own`, which receives the row's new keys/values."""
+
+    prefix: DynamicCache
+    own: DynamicCache
+
+    def get_seq_length(self) -> int:
+        return self.prefix.get_seq_length() + self.own.get_seq_length()
+
+
+RowCache = DynamicCache | SharedPrefixCache
 
 
 class ModelRunner:
@@ -80,7 +99,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_batch(
-        self, feeds: list[torch.Tensor | list[int]], caches: list[DynamicCache], num_logits: list[int]
+        self, feeds: list[torch.Tensor | list[int]], caches: list[RowCache], num_logits: list[int]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Row i appends feeds[i] (1-D token ids) to caches[i]; returns per-row hidden [n_i, H] and
         logits [n_i, V] for its last n_i = num_logits[i] positions.
@@ -93,19 +112,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def hidden_batch(
-        self, feeds: list[torch.Tensor | list[int]], caches: list[DynamicCache], num_hidden: list[int]
+        self, feeds: list[torch.Tensor | list[int]], caches: list[RowCache], num_hidden: list[int]
     ) -> list[torch.Tensor]:
         """`forward_batch` without the LM head: per-row final hidden states [n_i, H].
 
         For forwards whose logits nobody reads (the draft catching up on accepted tokens).
         """
         feeds = [torch.as_tensor(f, dtype=torch.long, device=self.device) for f in feeds]
-        if len(feeds) == 1:
+        if len(feeds) == 1 and isinstance(caches[0], DynamicCache):
             return [self._decode(feeds[0].unsqueeze(0), caches[0], num_hidden[0])[0]]
         lengths = [len(f) for f in feeds]
-        cached = [c.get_seq_length() for c in caches]
-        positions, mask = ragged_positions_and_mask(lengths, cached)
-        batch_cache = self._packed_cache(caches, cached)
+        segments, row_segments = cache_segments(caches)
+        segment_lengths = [c.get_seq_length() for c in segments]
+        positions, mask = packed_positions_and_mask(lengths, row_segments, segment_lengths)
+        batch_cache = self._packed_cache(segments, segment_lengths)
         out = self.decoder(
             input_ids=torch.cat(feeds).unsqueeze(0),
             attention_mask=mask.to(self.device),
@@ -113,18 +133,20 @@ class ModelRunner:
             past_key_values=batch_cache,
             use_cache=True,
         )
-        past, query_starts = sum(cached), list(itertools.accumulate(lengths, initial=0))
+        past, query_starts = sum(segment_lengths), list(itertools.accumulate(lengths, initial=0))
+        writable = [c.own if isinstance(c, SharedPrefixCache) else c for c in caches]
         for layer_idx, layer in enumerate(batch_cache.layers):  # each row's new keys/values into its own cache
-            for cache, n, q in zip(caches, lengths, query_starts[:-1], strict=True):
+            for cache, n, q in zip(writable, lengths, query_starts[:-1], strict=True):
                 new = slice(past + q, past + q + n)
                 cache.update(layer.keys[:, :, new], layer.values[:, :, new], layer_idx)
         hidden = out.last_hidden_state[0]
         return [hidden[q + n - k : q + n] for q, n, k in zip(query_starts[:-1], lengths, num_hidden, strict=True)]
 
-    def _packed_cache(self, caches: list[DynamicCache], cached: list[int]) -> DynamicCache:
-        """One cache holding every row's keys/values (`cached[i]` of row i) back to back along the sequence axis."""
+    def _packed_cache(self, segments: list[DynamicCache], lengths: list[int]) -> DynamicCache:
+        """One cache holding every segment's keys/values (`lengths[i]` of segment i) back to back along the
+        sequence axis."""
         batch_cache = self.new_cache()
-        filled = [c for c, n in zip(caches, cached, strict=True) if n > 0]
+        filled = [c for c, n in zip(segments, lengths, strict=True) if n > 0]
         if not filled:
             return batch_cache
         for layer_idx in range(self.num_layers):
@@ -135,18 +157,38 @@ class ModelRunner:
         return batch_cache
 
 
-def ragged_positions_and_mask(lengths: list[int], cached: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions [T] and attention mask [1, 1, T, past + T] of a ragged batch: row i's `lengths[i]` new
-    tokens follow its `cached[i]` cached ones, and see only those and their own causal prefix. Keys
-    are every row's cache back to back (`past` in all), then every row's new tokens back to back."""
-    past, total = sum(cached), sum(lengths)
-    key_starts = list(itertools.accumulate(cached, initial=0))
+def cache_segments(caches: list[RowCache]) -> tuple[list[DynamicCache], list[list[int]]]:
+    """The distinct caches the rows read (a shared prefix once), and each row's segments in reading order."""
+    segments: list[DynamicCache] = []
+    index: dict[int, int] = {}
+    row_segments = []
+    for cache in caches:
+        parts = [cache.prefix, cache.own] if isinstance(cache, SharedPrefixCache) else [cache]
+        for part in parts:
+            if id(part) not in index:
+                index[id(part)] = len(segments)
+                segments.append(part)
+        row_segments.append([index[id(part)] for part in parts])
+    return segments, row_segments
+
+
+def packed_positions_and_mask(
+    lengths: list[int], row_segments: list[list[int]], segment_lengths: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [T] and attention mask [1, 1, T, past + T] of a packed batch. Keys are the cache segments back
+    to back (`past` in all), then every row's new tokens back to back. Row i's `lengths[i]` new tokens follow
+    its segments `row_segments[i]` (a shared prefix, then its own; or one cache of its own), and see only
+    those and their own causal prefix."""
+    past, total = sum(segment_lengths), sum(lengths)
+    key_starts = list(itertools.accumulate(segment_lengths, initial=0))
     query_starts = list(itertools.accumulate(lengths, initial=0))
+    cached = [sum(segment_lengths[s] for s in segs) for segs in row_segments]
     positions = torch.cat([torch.arange(c, c + n) for c, n in zip(cached, lengths, strict=True)])
     mask = torch.zeros(1, 1, total, past + total, dtype=torch.bool)
-    for i, (n, c) in enumerate(zip(lengths, cached, strict=True)):
+    for i, n in enumerate(lengths):
         rows = slice(query_starts[i], query_starts[i] + n)
-        mask[0, 0, rows, key_starts[i] : key_starts[i] + c] = True
+        for s in row_segments[i]:
+            mask[0, 0, rows, key_starts[s] : key_starts[s] + segment_lengths[s]] = True
         own = past + query_starts[i]
         mask[0, 0, rows, own : own + n] = torch.ones(n, n, dtype=torch.bool).tril()
     return positions, mask

@@ -170,6 +170,16 @@ def token_logprobs(processed: torch.Tensor, tokens: list[int], top: int) -> Toke
     return TokenLogprobs(chosen.tolist(), ids.tolist(), values.tolist())
 
 
+def emitted_logprobs(
+    candidates: torch.Tensor, verdict: Verdict, target_logits: torch.Tensor, top: int
+) -> TokenLogprobs:
+    """Logprobs of the tokens a verdict emits, the accepted candidates and the next token, from the processed
+    target logits of their positions (rows 0..num_accepted)."""
+    accepted = verdict.num_accepted
+    tokens = candidates[:accepted].tolist() + [verdict.next_token]
+    return token_logprobs(target_logits[: accepted + 1], tokens, top)
+
+
 def sampling_cdf(probs: torch.Tensor) -> torch.Tensor:
     """The cumulative distribution `sample` inverts: [B, V] -> [B, V] float64.
 
@@ -199,6 +209,24 @@ class Verdict:
     num_accepted: int
     next_token: int  # the correction (after a rejection) or the bonus (all accepted)
     logprobs: TokenLogprobs | None = None  # of the accepted candidates and the next token, when the request asks
+    # The acceptance test ran at `tested` positions (the accepted ones and the rejected one, if any); its
+    # probability of passing, summed over them, is `expected_accepted` (`acceptance_overlap`).
+    tested: int = 0
+    expected_accepted: float = 0.0
+
+    @property
+    def rejected(self) -> bool:
+        return self.num_accepted < self.tested
+
+
+def acceptance_overlap(target_probs: torch.Tensor, draft_probs: torch.Tensor, over_acceptance: float = 0.0
+                       ) -> torch.Tensor:
+    """P(the acceptance test passes) at each position [..., V] -> [...]: sum_v min(q(v), p(v) + epsilon).
+
+    At epsilon 0 this is the overlap sum_v min(p, q) = 1 - TV(p, q): summed over the tested positions,
+    1 minus it is the expected number of rejections (Yin et al. 2024, Theorem 1).
+    """
+    return torch.minimum(draft_probs, target_probs + over_acceptance).sum(-1)
 
 
 def verify(
@@ -206,6 +234,7 @@ def verify(
     draft_probs: torch.Tensor,
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
+    over_acceptance: float = 0.0,
 ) -> Verdict:
     """Exact rejection sampling for one sequence (Leviathan et al.; Chen et al.).
 
@@ -213,6 +242,10 @@ def verify(
     [K+1, V] (p_i for the same prefixes, plus the bonus position). Accept candidate i with
     probability min(1, p_i(y_i) / q_i(y_i)); at the first rejection sample from
     norm(max(0, p_i - q_i)); if all K pass, sample the bonus from p_{K+1}.
+
+    `over_acceptance` epsilon > 0 accepts with min(1, (p_i(y_i) + epsilon) / q_i(y_i)) instead: lossy, with
+    the least bias for its rejections (`over_acceptance_output`). The residual stays norm(max(0, p_i - q_i)),
+    which is the Pareto-optimal one: every position where p > q is accepted surely either way.
     """
     k = candidates.shape[0]
     if k == 0:
@@ -222,12 +255,82 @@ def verify(
     q_tok = draft_probs.gather(-1, idx).squeeze(-1)
     u = torch.rand(k, generator=generator, device=candidates.device)
     # u * q < p  <=>  u < p / q, without dividing by a zero q.
-    rejected = ~(u * q_tok < p_tok)
+    rejected = ~(u * q_tok < p_tok + over_acceptance)
     num_accepted = int(rejected.int().argmax()) if bool(rejected.any()) else k
+    tested = min(num_accepted + 1, k)
+    expected = float(acceptance_overlap(target_probs[:tested], draft_probs[:tested], over_acceptance).sum())
     if num_accepted == k:
-        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))
-    residual = (target_probs[num_accepted] - draft_probs[num_accepted]).clamp_min(0.0)
-    total = residual.sum()
-    if float(total) <= 0.0:  # p == q exactly: cannot reject, but guard against rounding
-        residual = target_probs[num_accepted]
-    return Verdict(num_accepted, int(sample(residual.unsqueeze(0), generator)[0]))
+        return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]), tested=tested,
+                       expected_accepted=expected)
+    return Verdict(num_accepted, int(sample(residual_of(target_probs[num_accepted], draft_probs[num_accepted]),
+                                            generator)[0]), tested=tested, expected_accepted=expected)
+
+
+def residual_of(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
+    """What to draw from after a rejection, [V] -> [1, V] (unnormalised): max(0, p - q), or p where
+    rounding left nothing (p == q cannot reject, but guard against it)."""
+    residual = (target_probs - draft_probs).clamp_min(0.0)
+    if float(residual.sum()) <= 0.0:
+        residual = target_probs
+    return residual.unsqueeze(0)
+
+
+def over_acceptance_output(target_probs: torch.Tensor, draft_probs: torch.Tensor, over_acceptance: float
+                           ) -> tuple[torch.Tensor, float]:
+    """The exact output distribution [V] of one position verified with over-acceptance epsilon, and its
+    rejection probability: accepted mass min(q, p + epsilon), plus the rejection probability times the
+    residual norm(max(0, p - q)).
+
+    Its bias TV(output, p) is sum_v max(0, min(q, p + epsilon) - p) = sum_v min(max(0, q - p), epsilon), and
+    bias + rejection = TV(p, q): it lies on the Pareto front of Yin et al. 2024 (the least bias any
+    rejection-based rule can have at its rejection probability).
+    """
+    accepted = torch.minimum(draft_probs, target_probs + over_acceptance)
+    rejection = float(1.0 - accepted.sum())
+    residual = (target_probs - draft_probs).clamp_min(0.0)
+    mass = float(residual.sum())
+    return accepted + (rejection / mass * residual if mass > 0 else 0.0), max(rejection, 0.0)
+
+
+def verify_paths(
+    paths: list[torch.Tensor],
+    draft_probs: list[torch.Tensor],
+    target_probs: list[torch.Tensor],
+    generator: torch.Generator | None,
+) -> tuple[int, Verdict]:
+    """Batch speculative decoding (Yin et al. 2024, Algorithm 4): M candidate paths drawn independently from
+    the draft, verified position by position. Returns the winning path and the verdict.
+
+    Path m: candidates [K_m], the q it drew each from [K_m, V], the target's p at the same prefixes plus the
+    bonus position [K_m + 1, V]. At position i the paths that agree with the accepted prefix are tried in
+    order: path m's token y is accepted with probability min(1, r(y) / q_m(y)), where r starts as p_i and
+    after each rejection becomes norm(max(0, r - q_m)). The first acceptance extends the prefix (the paths
+    with another token drop out); if every path rejects, the next token is drawn from the last r; if every
+    agreeing path ran out, the bonus is drawn from p after it. Given that the untried paths' tokens are
+    independent draws from q, each step is exact rejection sampling of r, so the output follows p exactly,
+    and a rejection needs every path to reject: P = prod_j (1 - sum_v min(r_j, q)).
+    """
+    tokens = [t.tolist() for t in paths]
+    agreeing, accepted, tested, expected = list(range(len(paths))), 0, 0, 0.0
+    while True:
+        alive = [m for m in agreeing if len(tokens[m]) > accepted]
+        if not alive:  # every agreeing path was accepted to its end: the bonus
+            winner = agreeing[0]
+            bonus = sample(target_probs[winner][accepted : accepted + 1], generator)
+            return winner, Verdict(accepted, int(bonus[0]), tested=tested, expected_accepted=expected)
+        residual, chosen, all_reject = target_probs[alive[0]][accepted], None, 1.0
+        for m in alive:  # the chain of residuals runs over every alive path, for the expected acceptance
+            q = draft_probs[m][accepted]
+            if chosen is None:
+                y = tokens[m][accepted]
+                u = float(torch.rand((), generator=generator, device=q.device))
+                chosen = y if u * float(q[y]) < float(residual[y]) else None
+            all_reject *= 1.0 - min(float(acceptance_overlap(residual, q)), 1.0)
+            residual = residual_of(residual, q)[0]
+            residual = residual / residual.sum()
+        tested, expected = tested + 1, expected + 1.0 - all_reject
+        if chosen is None:  # every path rejected: the correction comes from the last residual
+            correction = sample(residual.unsqueeze(0), generator)
+            return alive[0], Verdict(accepted, int(correction[0]), tested=tested, expected_accepted=expected)
+        agreeing = [m for m in alive if tokens[m][accepted] == chosen]
+        accepted += 1

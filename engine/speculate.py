@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.head import HeadTiming, candidate_features
+from engine.multidraft import DraftPath, draft_paths, path_budget, verify_draft_paths
 from engine.policies import ProposalStep
 from engine.runner import ModelRunner
 from engine.sampling import (
-    TokenLogprobs,
     Verdict,
+    acceptance_overlap,
+    emitted_logprobs,
     probs_of_processed,
     processed_logits,
     processed_probs,
     sample,
-    token_logprobs,
     verify,
 )
 from engine.sequence import KVState, Sequence
@@ -46,6 +47,7 @@ class Proposal:
     logits: torch.Tensor | None = None  # its logits [V]: they give the next candidate
     judgements: dict[int, tuple[float, float]] = field(default_factory=dict)  # judged candidate -> (head logit, P)
     done: bool = False
+    other_candidates: int = 0  # a multi-draft sequence's candidates on its other paths (engine/multidraft.py)
 
 
 @dataclass
@@ -82,9 +84,26 @@ def run_round(
     if lagging:
         catch_up_draft(lagging, draft, max_draft_feed)
     proposals = [Proposal(seq, budget) for seq, budget in zip(seqs, budgets, strict=True)]
-    propose([p for p in proposals if p.budget > 0], draft, record=recorder is not None, tuning=tuning)
-    verdicts = verify_candidates(proposals, target, recorder, tuning)
+    groups = [with_paths(p, target, draft, candidate_cap) for p in proposals]
+    rows = [row for group in groups for row in group]
+    propose([p for p in rows if p.budget > 0], draft, record=recorder is not None, tuning=tuning)
+    row_verdicts = verify_candidates(rows, target, recorder, tuning)  # None for draft paths: verified jointly here
+    verdicts, start = [], 0
+    for p, group in zip(proposals, groups, strict=True):
+        verdicts.append(row_verdicts[start] if group[0] is p else verify_draft_paths(p, group))
+        start += len(group)
     return [accept_and_roll_back(p, verdict) for p, verdict in zip(proposals, verdicts, strict=True)]
+
+
+def with_paths(p: Proposal, target: ModelRunner, draft: ModelRunner | None, candidate_cap: int | None
+               ) -> list[Proposal]:
+    """The rows a proposal takes in the round: itself, or for a sequence with num_drafts M > 1 its M draft paths
+    (engine/multidraft.py), verified jointly after the target's forward."""
+    num_drafts = p.seq.spec.num_drafts
+    budget = path_budget(p.budget, num_drafts, candidate_cap) if num_drafts > 1 else 0
+    if budget == 0 or draft is None:
+        return [p]
+    return [Proposal(path, budget) for path in draft_paths(p.seq, target, draft)]  # type: ignore[arg-type]
 
 
 # ----- budget ---------------------------------------------------------------------------------
@@ -257,9 +276,10 @@ def verify_candidates(
     target: ModelRunner,
     recorder: Callable[[RoundRecord], None] | None = None,
     tuning: SelfTuning | None = None,
-) -> list[Verdict]:
+) -> list[Verdict | None]:
     """One target forward over each sequence's uncached tokens plus all its candidates, then exact
-    rejection sampling per sequence. p_s sees the history q_s saw; the logprobs a request asks for come
+    rejection sampling per sequence (a multi-draft path's verdict is None: its sequence's paths are verified
+    together, `verify_draft_paths`). p_s sees the history q_s saw; the logprobs a request asks for come
     from the same p, at no extra forward. `tuning` learns the forward's cost and every candidate's exact
     acceptance probability."""
     t0 = time.perf_counter()
@@ -277,8 +297,12 @@ def verify_candidates(
         p.seq.target_kv.cached += len(feed)
         target_logits = processed_logits(p.seq.adjusted_logits(rows, p.tokens), p.seq.params)
         target_probs = probs_of_processed(target_logits, p.seq.params)
+        if isinstance(p.seq, DraftPath):  # verified with its sibling paths (engine/multidraft.py)
+            p.seq.target_logits, p.seq.target_probs = target_logits, target_probs
+            verdicts.append(None)
+            continue
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
-        verdicts.append(verify(cand, q, target_probs, p.seq.generator))
+        verdicts.append(verify(cand, q, target_probs, p.seq.generator, p.seq.spec.over_acceptance))
         if tuning is not None and p.tokens:
             tuning.observe_acceptance(acceptance_labels(cand, q, target_probs).tolist())
         if p.judgements:
@@ -305,16 +329,6 @@ def observe_judgements(p: Proposal, labels: list[float]) -> None:
     p.seq.stats.record_judgements(predicted, realized)
 
 
-def emitted_logprobs(
-    candidates: torch.Tensor, verdict: Verdict, target_logits: torch.Tensor, top: int
-) -> TokenLogprobs:
-    """Logprobs of the tokens a verdict emits, the accepted candidates and the next token, from the processed
-    target logits of their positions (rows 0..num_accepted)."""
-    accepted = verdict.num_accepted
-    tokens = candidates[:accepted].tolist() + [verdict.next_token]
-    return token_logprobs(target_logits[: accepted + 1], tokens, top)
-
-
 def acceptance_labels(candidates: torch.Tensor, q: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """[K] exact a_s = min(1, p_s(y_s) / q_s(y_s)): P(y_s accepted | every earlier candidate was), known for
     every candidate once the target's p is (its forward gives p at every candidate position)."""
@@ -335,7 +349,7 @@ def round_record(
         states=torch.stack(p.states).float().cpu(),
         features=torch.stack(p.features).cpu(),
         accept_prob=acceptance_labels(candidates, q, target_probs).cpu(),
-        overlap=torch.minimum(target_probs[:k], q).sum(-1).cpu(),
+        overlap=acceptance_overlap(target_probs[:k], q).cpu(),
         accepted=accepted,
     )
 
@@ -355,7 +369,8 @@ def accept_and_roll_back(p: Proposal, verdict: Verdict) -> list[int]:
             break
     if verdict.logprobs is not None:
         seq.add_logprobs(new_tokens, verdict.logprobs)
-    seq.stats.record_round(len(p.tokens), min(accepted, len(new_tokens)))
+    seq.stats.record_round(len(p.tokens) + p.other_candidates, min(accepted, len(new_tokens)))
+    seq.stats.record_verification(verdict.tested, verdict.expected_accepted, verdict.rejected)
     seq.policy.end_round(len(p.tokens), accepted)
     if seq.finished:
         seq.free_caches()

@@ -7,6 +7,11 @@ Definitions follow docs/design.md (the SpecDec++ paper):
   acceptance rate   = accepted draft tokens / proposed draft tokens
 A draft token is *accepted* when it ends up in the completion; every other proposed token
 (rejected, after a rejection, or cut by a stop condition) is *discarded*.
+
+Expected-rejection accounting (Yin et al. 2024, Theorem 1): at each position where the acceptance test ran
+(`verified_positions`) the test passes with probability sum_v min(p, q) = 1 - TV(p, q) (with
+over-acceptance epsilon, sum_v min(q, p + epsilon)); `expected_accepted` sums it, and
+expected rejections = verified positions - expected accepted, next to the realized `rejections`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ class RequestStats:
     judged_candidates: int = 0  # candidates the acceptance head judged (specdec++)
     predicted_acceptance_sum: float = 0.0  # over those: the P(accepted) the stop rule used
     realized_acceptance_sum: float = 0.0  # ... and their exact a_s = min(1, p/q)
+    verified_positions: int = 0  # positions where the acceptance test ran
+    expected_accepted: float = 0.0  # sum over them of P(the test passes)
+    rejections: int = 0  # rounds whose acceptance test rejected a candidate
+    over_acceptance: float = 0.0  # the request's epsilon: above 0 the output is not the target's distribution
+    accepted_paths: list[int] = field(default_factory=list)  # the winning path of each multi-draft round
     draft_seconds: float = 0.0
     target_seconds: float = 0.0
     first_token_seconds: float | None = None
@@ -79,6 +89,24 @@ class RequestStats:
         self.predicted_acceptance_sum += sum(predicted)
         self.realized_acceptance_sum += sum(realized)
 
+    @property
+    def expected_rejections(self) -> float:
+        return self.verified_positions - self.expected_accepted
+
+    @property
+    def lossless(self) -> bool:
+        return self.over_acceptance == 0.0
+
+    @property
+    def accepted_per_target_call(self) -> float:
+        return self.accepted_tokens / self.target_calls if self.target_calls else 0.0
+
+    def record_verification(self, tested: int, expected_accepted: float, rejected: bool) -> None:
+        """One round's acceptance test: the positions it ran at, its expected passes, whether it rejected."""
+        self.verified_positions += tested
+        self.expected_accepted += expected_accepted
+        self.rejections += int(rejected)
+
     def record_round(self, candidates: int, accepted: int) -> None:
         self.rounds += 1
         self.target_calls += 1
@@ -100,5 +128,8 @@ class RequestStats:
             mean_stop_level=self.mean_stop_level,
             mean_predicted_acceptance=self.mean_predicted_acceptance,
             mean_realized_acceptance=self.mean_realized_acceptance,
+            expected_rejections=self.expected_rejections,
+            accepted_per_target_call=self.accepted_per_target_call,
+            lossless=self.lossless,
         )
         return out

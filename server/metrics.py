@@ -6,6 +6,10 @@ Paper ratios are ratios of these counters (sum over the `policy` label, or per p
   acceptance rate   = specdec_accepted_tokens_total / specdec_draft_tokens_total
 The specdec_cost_* gauges are the engine's cost model (engine/costs.py): measured at start, then
 refreshed from the engine's EngineCosts reports while it serves.
+Expected against realized rejections (Yin et al. 2024, Theorem 1; engine/stats.py):
+  specdec_expected_rejections_total (= verified positions - expected accepted) next to specdec_rejections_total.
+Requests served with lossy over-acceptance (output not the target's distribution) count in
+specdec_lossy_requests_total as well as in the totals.
 """
 
 from __future__ import annotations
@@ -42,6 +46,23 @@ class ServerMetrics:
         )
         self.target_calls = Counter(
             "specdec_target_calls", "Target forward passes in the decode phase", p, registry=r
+        )
+        self.verified_positions = Counter(
+            "specdec_verified_positions", "Candidate positions where the acceptance test ran", p, registry=r
+        )
+        self.expected_accepted = Counter(
+            "specdec_expected_accepted", "Sum over verified positions of P(accepted): sum_v min(q, p + epsilon), "
+            "epsilon 0 unless lossy", p, registry=r
+        )
+        self.expected_rejections = Counter(
+            "specdec_expected_rejections", "Sum over verified positions of P(rejected): TV(p, q)", p, registry=r
+        )
+        self.rejections = Counter(
+            "specdec_rejections", "Rounds whose acceptance test rejected a candidate", p, registry=r
+        )
+        self.lossy_requests = Counter(
+            "specdec_lossy_requests", "Finished requests served with over-acceptance > 0: output not the target's "
+            "distribution", p, registry=r
         )
         self.requests = Counter(
             "specdec_requests", "Finished requests by outcome (stop, length, abort, error, rejected)", ["status"],
@@ -153,6 +174,12 @@ class ServerMetrics:
         self.accepted_tokens.labels(policy).inc(stats.accepted_tokens)
         self.discarded_tokens.labels(policy).inc(stats.discarded_tokens)
         self.target_calls.labels(policy).inc(stats.target_calls)
+        self.verified_positions.labels(policy).inc(stats.verified_positions)
+        self.expected_accepted.labels(policy).inc(stats.expected_accepted)
+        self.expected_rejections.labels(policy).inc(max(stats.expected_rejections, 0.0))
+        self.rejections.labels(policy).inc(stats.rejections)
+        if not stats.lossless:
+            self.lossy_requests.labels(policy).inc()
         for candidates, accepted in zip(stats.candidate_lengths, stats.accepted_lengths, strict=True):
             if candidates:  # rounds that proposed nothing (the target alone) say nothing about speculation
                 self.candidate_length.labels(policy).observe(candidates)

@@ -3,7 +3,9 @@
 Per-request speculation stats appear twice, from the same record:
   "metrics": {"speculative_decoding": {...}}  vLLM's per-request shape (vllm-project/vllm#48915), so tools
                                               that read vLLM's per-request acceptance (e.g. AIPerf) read ours
-  "specdec": {...}                            our full RequestStats.to_dict() plus the SpecConfig used
+  "specdec": {...}                            our full RequestStats.to_dict() plus the SpecConfig used; its
+                                              `lossless` and `over_acceptance` say whether the output follows
+                                              the target's distribution
 
 Logprobs (engine TokenLogprob, one per completion token) take OpenAI's two shapes: chat's
 `logprobs.content[{token, logprob, bytes, top_logprobs}]` and the completions'
@@ -61,9 +63,9 @@ def merged_stats(records: list[RequestStats | None], prompt_tokens: int | None =
     present = [r for r in records if r is not None]
     if len(present) <= 1:
         return present[0] if present else None
-    out = RequestStats(policy=present[0].policy)
+    out = RequestStats(policy=present[0].policy, over_acceptance=present[0].over_acceptance)
     for f in fields(RequestStats):
-        if f.name not in ("policy", "first_token_seconds", "total_seconds"):
+        if f.name not in ("policy", "over_acceptance", "first_token_seconds", "total_seconds"):
             setattr(out, f.name, sum((getattr(r, f.name) for r in present), type(getattr(out, f.name))()))
     if prompt_tokens is not None:
         out.prompt_tokens = prompt_tokens

@@ -135,11 +135,13 @@ def add_spec_args(parser: argparse.ArgumentParser, default_policy: str | None = 
                         '(default: auto)')
     g.add_argument("--bounds", type=int, nargs=2, metavar=("MIN", "MAX"), help="candidate length bounds")
     g.add_argument("--p-min", type=float, help="confidence policy: stop below this draft probability")
+    g.add_argument("--num-drafts", type=int, help="draft paths per round, verified jointly (default 1)")
 
 
 def spec_from_args(args: argparse.Namespace) -> SpecConfig:
     """A validated SpecConfig from the flags given (others keep their defaults)."""
-    given = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min}
+    given = {"policy": args.policy, "k": args.k, "threshold": args.threshold, "p_min": args.p_min,
+             "num_drafts": args.num_drafts}
     if args.bounds is not None:
         given["bounds"] = tuple(args.bounds)
     return SpecConfig.model_validate({k: v for k, v in given.items() if v is not None})

@@ -104,7 +104,7 @@ def test_auto_with_online_calibration_refitting_matches_target_distribution(dist
     assert pvalue > 1e-3, f"auto with online calibration: chi-square p={pvalue:.2e}"
 
 
-def accept_every_draft_token(candidates, draft_probs, target_probs, generator) -> Verdict:
+def accept_every_draft_token(candidates, draft_probs, target_probs, generator, over_acceptance=0.0) -> Verdict:
     """A wrong acceptance rule for the controls: every candidate is kept, so the output follows the draft."""
     k = candidates.shape[0]
     return Verdict(k, int(sample(target_probs[k : k + 1], generator)[0]))

@@ -249,6 +249,7 @@ def error_of(exc: openai.APIStatusError) -> dict:
         ({"max_tokens": 0}, "max_tokens"),
         ({"extra_body": {"specdec": {"threshold": 2.0}}}, "specdec.threshold"),
         ({"extra_body": {"specdec": {"policy": "magic"}}}, "specdec.policy"),
+        ({"extra_body": {"specdec": {"over_acceptance": -0.1}}}, "specdec.over_acceptance"),
         ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
     ],
 )
@@ -256,6 +257,16 @@ def test_bad_parameters_are_400(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=TARGET_NAME, messages=CHAT, **kwargs)
     assert error_of(info.value)["param"] == param
+
+
+def test_lossy_over_acceptance_is_refused_without_the_server_flag(client):
+    """epsilon > 0 changes the output distribution: this server was started without --max-over-acceptance."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TARGET_NAME, messages=CHAT, max_tokens=4,
+                                       extra_body={"specdec": {"policy": "constant", "over_acceptance": 0.05}})
+    assert error_of(info.value)["param"] == "specdec.over_acceptance"
+    resp = client.chat.completions.create(model=TARGET_NAME, messages=CHAT, max_tokens=4)  # still serving
+    assert resp.model_extra["specdec"]["lossless"] is True
 
 
 def test_empty_messages_unknown_model_and_context(client):

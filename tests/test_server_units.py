@@ -60,6 +60,26 @@ def test_metrics_fold_one_stats_record():
     assert value('specdec_time_to_first_token_seconds_sum{policy="specdec++"}') == pytest.approx(0.5)
 
 
+def test_metrics_count_expected_and_realized_rejections_and_lossy_requests():
+    metrics = ServerMetrics()
+    lossless, lossy = stats_record(), stats_record()
+    lossless.record_verification(4, 3.25, True)
+    lossy.over_acceptance = 0.1
+    lossy.record_verification(2, 1.5, False)
+    for stats in (lossless, lossy):
+        metrics.observe_request(stats, "length")
+    text = metrics.render().decode()
+
+    def value(sample: str) -> float:
+        return float(next(line for line in text.splitlines() if line.startswith(sample + " ")).split()[-1])
+
+    assert value('specdec_verified_positions_total{policy="specdec++"}') == 6
+    assert value('specdec_expected_accepted_total{policy="specdec++"}') == pytest.approx(4.75)
+    assert value('specdec_expected_rejections_total{policy="specdec++"}') == pytest.approx(1.25)
+    assert value('specdec_rejections_total{policy="specdec++"}') == 1
+    assert value('specdec_lossy_requests_total{policy="specdec++"}') == 1
+
+
 def test_schemas_flag_unsupported_parameters():
     messages = [{"role": "user", "content": "hi"}]
     ok = ChatCompletionRequest(model="m", messages=messages, n=1, logprobs=False, response_format={"type": "text"})
@@ -180,6 +200,8 @@ def test_merged_stats_add_up():
     assert merged.candidate_lengths == one.candidate_lengths * 2
     assert (merged.first_token_seconds, merged.total_seconds) == (0.2, 3.0)
     assert merged_stats([one]) is one and merged_stats([None]) is None
+    one.over_acceptance = two.over_acceptance = 0.1  # the request's epsilon, not a count
+    assert merged_stats([one, two]).over_acceptance == 0.1 and not merged_stats([one, two]).lossless
 
 
 def test_cors_is_off_by_default():

@@ -45,21 +45,33 @@ KNOB_NAMES = {
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One row of the table: a policy, its knob, a temperature."""
+    """One row of the table: a policy, its knob, a temperature; for the theory rows (`constant` only) the draft
+    paths per round, k then counting the candidates of all paths, and the lossy over-acceptance epsilon."""
 
     policy: str
     knob: float | str | None  # str: "auto" (specdec++)
     temperature: float
+    num_drafts: int = 1
+    over_acceptance: float = 0.0
 
     @property
     def label(self) -> str:
         knob = "" if self.knob is None else f" {KNOB_NAMES[self.policy]}={knob_text(self.knob)}"
-        return f"T={self.temperature:g} {self.policy}{knob}"
+        return f"T={self.temperature:g} {self.policy}{knob}{self.theory_suffix}"
+
+    @property
+    def theory_suffix(self) -> str:
+        """How a theory row's label and record key differ from the plain row's (empty for a plain row)."""
+        drafts = f" M={self.num_drafts}" if self.num_drafts > 1 else ""
+        return drafts + (f" eps={self.over_acceptance:g}" if self.over_acceptance else "")
 
     def spec(self, bounds: tuple[int, int]) -> SpecConfig:
         """The engine's SpecConfig for this row (engine policies only)."""
-        fields: dict = {"policy": self.policy, "bounds": bounds}
-        if self.policy in ("constant", "heuristic"):
+        fields: dict = {"policy": self.policy, "bounds": bounds, "num_drafts": self.num_drafts,
+                        "over_acceptance": self.over_acceptance}
+        if self.policy == "constant":
+            fields["k"] = int(self.knob) // self.num_drafts  # the same candidates per round, over the paths
+        elif self.policy == "heuristic":
             fields["k"] = int(self.knob)
         elif self.policy == "confidence":
             fields["p_min"] = float(self.knob)
@@ -88,6 +100,8 @@ class Sweep:
     greedy_policies: tuple[str, ...] | None = None  # a smaller set of rows at temperature 0 (None: the same)
     greedy_ks: tuple[int, ...] | None = None  # constant / hf-constant k values at temperature 0 (None: the same)
     greedy_thresholds: tuple[float | str, ...] | None = None  # specdec++ thresholds at temperature 0 (None: the same)
+    num_drafts: tuple[int, ...] = (1,)  # constant rows with M draft paths, at each k (candidates of all paths)
+    over_acceptances: tuple[float, ...] = (0.0,)  # constant rows with lossy over-acceptance epsilon, at each k
 
     def configs(self) -> list[BenchConfig]:
         knobs: dict[str, Iterable[float | None]] = {
@@ -118,11 +132,21 @@ class Sweep:
                 if greedy and self.greedy_thresholds is not None and policy in HEAD_POLICIES:
                     values = self.greedy_thresholds
                 configs += [BenchConfig(policy, knob, float(t)) for knob in values]
+                if policy == "constant":
+                    configs += self.theory_configs(values, float(t))
         return configs
+
+    def theory_configs(self, ks: Iterable[float | None], temperature: float) -> list[BenchConfig]:
+        """The constant rows of the theory sweeps: M draft paths sharing k candidates (k // M each, where
+        that is at least 1), and over-acceptance epsilon with one path."""
+        out = [BenchConfig("constant", k, temperature, num_drafts=m)
+               for k in ks for m in self.num_drafts if m > 1 and int(k) >= m]
+        return out + [BenchConfig("constant", k, temperature, over_acceptance=eps)
+                      for k in ks for eps in self.over_acceptances if eps > 0]
 
 
 def record_key(config: BenchConfig, prompt_id: str) -> str:
-    return f"{config.temperature:g}|{config.policy}|{config.knob}|{prompt_id}"
+    return f"{config.temperature:g}|{config.policy}|{config.knob}{config.theory_suffix}|{prompt_id}"
 
 
 def run_engine(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
@@ -245,7 +269,8 @@ def complete_records(records: list[dict], configs: list[BenchConfig]) -> dict[Be
     """
     by_config: dict[BenchConfig, dict[str, dict]] = {c: {} for c in configs}
     for r in records:
-        config = BenchConfig(r["policy"], r["knob"], r["temperature"])
+        config = BenchConfig(r["policy"], r["knob"], r["temperature"], r.get("num_drafts", 1),
+                             r.get("over_acceptance", 0.0))
         if config in by_config:
             by_config[config][r["prompt_id"]] = r
     common = set.intersection(*(set(v) for v in by_config.values())) if by_config else set()
@@ -266,6 +291,7 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
         proposed, accepted = _sum(rs, "proposed_tokens"), _sum(rs, "accepted_tokens")
         discarded = None if proposed is None or accepted is None else proposed - accepted
         calls, rounds = _sum(rs, "target_calls"), _sum(rs, "rounds")
+        expected_rejections, rejections = _sum(rs, "expected_rejections"), _sum(rs, "rejections")
         wall = sum(r["wall_seconds"] for r in rs)
         decode_tokens, decode_seconds = _decode_totals(rs)
         speculates = config.policy != "none"
@@ -283,6 +309,12 @@ def aggregate(records: list[dict], configs: list[BenchConfig]) -> list[dict]:
             "mean_candidate_length": ratio(proposed, rounds),
             "mean_accepted_length": ratio(accepted, rounds),
             "tokens_per_target_call": ratio(generated, calls),
+            "accepted_per_target_call": ratio(accepted, calls),
+            "num_drafts": config.num_drafts,
+            "over_acceptance": config.over_acceptance,
+            "lossless": config.over_acceptance == 0,
+            "expected_rejections": expected_rejections,
+            "rejections": rejections,
             "decode_tokens_per_s": ratio(decode_tokens, decode_seconds),
             "decode_speedup": None,
             "prompts": len(rs),

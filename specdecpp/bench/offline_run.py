@@ -36,7 +36,15 @@ def run_offline_bench(args: argparse.Namespace) -> int:
 
     from engine.factory import build_engine, resolve_paths
     from specdecpp.bench.machine import results_meta
-    from specdecpp.bench.offline import HEAD_POLICIES, Sweep, aggregate, compare, record_key, run_offline
+    from specdecpp.bench.offline import (
+        HEAD_POLICIES,
+        Sweep,
+        aggregate,
+        compare,
+        complete_records,
+        record_key,
+        run_offline,
+    )
     from specdecpp.bench.report import write_offline_report
 
     for key, value in (QUICK if args.quick else DEFAULTS).items():
@@ -59,6 +67,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     elif "specdec++-post" in asked and post not in extra_heads:
         raise ValueError(f"specdec++-post was asked for but no head {post!r} is given (--post-head DIR)")
     config = engine_config_from_args(args)
+    # the over-acceptance rows are the explicit opt-in: the engine allows the largest epsilon asked for
+    config.max_over_acceptance = max(config.max_over_acceptance, *args.over_acceptance)
     target, draft, head = resolve_paths(config)
     engine = build_engine(config)
     if engine.draft is None:
@@ -79,6 +89,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         greedy_policies=greedy_policies,
         greedy_ks=tuple(args.greedy_ks) if args.greedy_ks else None,
         greedy_thresholds=tuple(args.greedy_thresholds) if args.greedy_thresholds else None,
+        num_drafts=tuple(args.num_drafts),
+        over_acceptances=tuple(args.over_acceptance),
     )
     configs = sweep.configs()
     prompts = load_prompts(args.dataset, args.num_prompts, seed=args.seed)
@@ -108,6 +120,11 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         progress=lambda line: print(line, file=sys.stderr, flush=True), run=not args.report_only,
     )
     rows = aggregate(records, configs)
+    if args.pass_at_1:
+        from specdecpp.bench.pass_at_1 import add_pass_at_1
+
+        add_pass_at_1(rows, complete_records(records, configs),
+                      lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
     comparisons = compare(records, rows, configs)
     finished = [i for i, p in enumerate(prompts) if all(record_key(c, p.id) in checkpoint for c in configs)]
     if len(finished) < len(prompts):
@@ -121,7 +138,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         "sweep": {"temperatures": sweep.temperatures, "ks": sweep.ks, "heuristic_k": sweep.heuristic_k,
                   "p_mins": sweep.p_mins, "thresholds": sweep.thresholds, "hf_ks": sweep.hf_ks,
                   "policies": sweep.policies, "greedy_policies": sweep.greedy_policies, "greedy_ks": sweep.greedy_ks,
-                  "greedy_thresholds": sweep.greedy_thresholds},
+                  "greedy_thresholds": sweep.greedy_thresholds, "num_drafts": sweep.num_drafts,
+                  "over_acceptances": sweep.over_acceptances},
         "threads": torch.get_num_threads(),
         "kernels": {"target": engine.target.kernels.describe(),
                     "draft": engine.draft.kernels.describe() if engine.draft is not None else None},

@@ -52,9 +52,10 @@ def _knob(row: dict) -> str:
 
 
 def best_row(rows: list[dict], policy: str, temperature: float) -> dict | None:
-    """The fastest row of `policy` at `temperature` (its best knob)."""
+    """The fastest row of `policy` at `temperature` (its best knob); theory rows (several draft paths, lossy
+    over-acceptance) compete only among themselves."""
     candidates = [r for r in rows if r["policy"] == policy and r["temperature"] == temperature
-                  and r["tokens_per_s"] is not None]
+                  and r["tokens_per_s"] is not None and r.get("num_drafts", 1) == 1 and r.get("lossless", True)]
     return max(candidates, key=lambda r: r["tokens_per_s"], default=None)
 
 

