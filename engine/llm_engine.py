@@ -11,12 +11,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.detokenizer import Detokenizer
-from engine.events import MAX_CHOICES, Admitted, Completion, Prompt, TokenEvent, choice_ids
+from engine.events import MAX_CHOICES, AbortRequest, AddRequest, Admitted, Completion, Prompt, TokenEvent, choice_ids
 from engine.head import AcceptanceHead
 from engine.loading.loader import check_vocabularies, eos_token_ids
 from engine.params import SEED_SPACE, SamplingParams, SpecConfig, generation_config_defaults
@@ -26,6 +27,10 @@ from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.speculate import RoundRecord, prefill_chunk, run_round
 from engine.stats import RequestStats
+
+if TYPE_CHECKING:
+    from engine.distributed import Ranks
+    from engine.loading.kernels import KernelChoice
 
 DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)
 
@@ -69,7 +74,7 @@ class LLMEngine:
         default_spec: SpecConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         cpu_fp32_gemm: str = "auto",
-        draft_quantization: str = "none",
+        draft_quantization: str | KernelChoice = "none",
         target_quantization: str = "none",
     ) -> None:
         if draft is not None:
@@ -94,6 +99,8 @@ class LLMEngine:
         self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
+        # Rank 0 of a tensor-parallel target (engine/distributed.py): sends each step's requests to the other ranks.
+        self.lockstep: Ranks | None = None
 
     # ----- requests -------------------------------------------------------------------
     def encode(self, prompt: Prompt, add_special_tokens: bool = True, add_generation_prompt: bool = True) -> list[int]:
@@ -124,6 +131,8 @@ class LLMEngine:
         (the one place a request's spec is merged), as `n` independent choices (`choice_ids`) that
         share the prompt's prefill. Raises RequestError for bad input."""
         spec = self.default_spec.with_overrides(spec)
+        if self.lockstep is not None and params.seed is None:  # every rank must sample alike: rank 0 draws
+            params = params.model_copy(update={"seed": random.randrange(SEED_SPACE)})
         if not 1 <= n <= MAX_CHOICES:
             raise RequestError(f"n must lie in [1, {MAX_CHOICES}]", "n")
         ids = choice_ids(request_id, n)
@@ -154,6 +163,8 @@ class LLMEngine:
         for seq in seqs:
             self.requests[seq.request_id] = seq
             self.scheduler.add(seq)
+        if self.lockstep is not None:
+            self.lockstep.record(AddRequest(request_id, prompt, params, spec, n))
         return [Admitted(seq.request_id, len(prompt_ids), spec) for seq in seqs]
 
     def _head_for(self, spec: SpecConfig) -> AcceptanceHead | None:
@@ -238,6 +249,8 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
+        if self.lockstep is not None:
+            self.lockstep.record(AbortRequest(request_id))
         self.scheduler.remove(seq)
         seq.finish_reason = "abort"
         seq.free_caches()
@@ -254,10 +267,21 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    # ----- state shared by the ranks of a tensor-parallel target -------------------------
+    def shared_state(self) -> dict:
+        """State rank 0 decides from its own timings; followers take it (`apply_shared_state`) before
+        each step, so every rank decides alike. Nothing yet."""
+        return {}
+
+    def apply_shared_state(self, state: dict) -> None:
+        """Take rank 0's `shared_state` (a follower rank, before each step)."""
+
     # ----- stepping -------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Admit what fits, prefill one chunk of the oldest new prompt, then one speculation
         round for every sequence ready to decode (batched, or one by one with batching off)."""
+        if self.lockstep is not None:
+            self.lockstep.publish(self)
         events: list[TokenEvent] = []
         self.scheduler.admit()
         chunk = self.scheduler.config.max_num_batched_tokens

@@ -2,7 +2,7 @@
 
 `plan_from_config` gathers the real inventory (CUDA GPUs through torch, host memory through
 psutil) and the footprints (parameter bytes of a meta-device model built from each config,
-plus the KV cache of one full-length sequence), calls the pure planner in
+plus the KV cache of one full-length sequence, and its bytes per token), calls the pure planner in
 `engine.loading.placement`, and for a sharded target turns the budgets into an explicit
 accelerate device map limited to those GPUs.
 """
@@ -10,11 +10,20 @@ accelerate device map limited to those GPUs.
 from __future__ import annotations
 
 import logging
+import os
 
 import psutil
 
 from engine.config import EngineConfig
-from engine.loading.placement import Footprint, GpuInfo, Placement, fmt_bytes, plan_placement, shard_device_map
+from engine.loading.placement import (
+    Footprint,
+    GpuInfo,
+    Placement,
+    fmt_bytes,
+    plan_placement,
+    plan_tensor_parallel,
+    shard_device_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +84,12 @@ def footprint(model, max_model_len: int | None, with_head: bool = False) -> Foot
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     config = model.config
     context = max_model_len or min(getattr(config, "max_position_embeddings", 4096) or 4096, MAX_KV_TOKENS)
-    extra = kv_bytes_per_token(config, dtype_bytes) * context
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    extra = per_token * context
     if with_head:
         h = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
         extra += 4 * (HEAD_DEPTH_ESTIMATE * (h * h + h) + 2 * h + 2)
-    return Footprint(weight_bytes=weights, extra_bytes=extra)
+    return Footprint(weight_bytes=weights, extra_bytes=extra, kv_bytes_per_token=per_token, kv_tokens=context)
 
 
 def _estimate(spec: str, dtype, max_model_len: int | None, with_head: bool):
@@ -106,6 +116,14 @@ def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | N
     gpus = gpu_inventory()
     for g in gpus:
         log.info("cuda:%d %s: %s free of %s", g.index, g.name, fmt_bytes(g.free_bytes), fmt_bytes(g.total_bytes))
+    if config.tensor_parallel_size > 1:
+        placement = plan_tensor_parallel(
+            gpus, target_fp or Footprint(0), draft_fp, config.tensor_parallel_size,
+            cpu_bytes=available_memory_bytes(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+        for note in placement.notes:
+            log.info("placement: %s", note)
+        return placement
     placement = plan_placement(
         gpus,
         target_fp or Footprint(0),
