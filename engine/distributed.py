@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -144,8 +145,8 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def start_followers(world_size: int) -> list[subprocess.Popen]:
-    """Start ranks 1..N-1 on this host and point this process (rank 0) at the same rendezvous."""
+def start_followers(world_size: int) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    """Start ranks 1..N-1 on this host; returns them and the rendezvous of rank 0 (this process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -155,19 +156,21 @@ def start_followers(world_size: int) -> list[subprocess.Popen]:
         env = {**os.environ, **common, "RANK": str(rank), "LOCAL_RANK": str(rank), PARENT_ENV: str(os.getpid())}
         followers.append(subprocess.Popen([sys.executable, "-m", "engine.distributed"], env=env,
                                           stdout=subprocess.DEVNULL))
-    os.environ.update(common, RANK="0", LOCAL_RANK="0")
-    return followers
+    return followers, {**common, "RANK": "0", "LOCAL_RANK": "0"}
 
 
-def join_group() -> Any:
-    """Join the process group the environment describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); returns
-    the gloo group the plans travel on."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+def join_group(env: Mapping[str, str]) -> Any:
+    """Join the process group `env` describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, as
+    torchrun sets them): NCCL on CUDA, gloo on the CPU. Returns the gloo group the plans travel on."""
+    rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+    local_rank = int(env.get("LOCAL_RANK", rank))
+    rendezvous = {"init_method": f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", "rank": rank,
+                  "world_size": world_size}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), **rendezvous)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **rendezvous)
     return dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
 
 
@@ -196,10 +199,10 @@ def build_rank_zero(config: EngineConfig) -> LLMEngine:
         if int(os.environ["WORLD_SIZE"]) != world_size or int(os.environ["RANK"]) != 0:
             raise ValueError(f"under torchrun, --tensor-parallel-size ({world_size}) must equal the world size "
                              f"({os.environ['WORLD_SIZE']}) and the command must run on rank 0")
-        followers = []
+        followers, env = [], dict(os.environ)
     else:
-        followers = start_followers(world_size)
-    ranks = Ranks(join_group(), followers)
+        followers, env = start_followers(world_size)
+    ranks = Ranks(join_group(env), followers)
     ranks.watch()
     placement = plan_from_config(config, target, draft)
     config = with_planned_kv_budget(dataclasses.replace(config, target=target, draft=draft or "none"), placement)
@@ -245,7 +248,7 @@ def run_follower() -> None:
     from engine.loading.inventory import plan_from_config
 
     die_with_parent()
-    plan_group = join_group()
+    plan_group = join_group(os.environ)
     config = EngineConfig.from_dict(receive(plan_group))
     target, draft, head = resolve_paths(config)
     placement = plan_from_config(config, target, draft)  # this rank's device; the KV budget is rank 0's
