@@ -21,6 +21,7 @@ flight cleanly. Under torchrun, torchrun's agent does both.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import dataclasses
 import logging
@@ -120,9 +121,14 @@ class Ranks:
             threading.Thread(target=check, name="rank-watch", daemon=True).start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Tell the followers to leave and wait for them (the engine is shutting down)."""
+        """Tell the followers to leave and wait for them (the engine is shutting down; also at exit).
+        Once only, and bounded: a follower that cannot hear it any more must not keep this process alive."""
+        if self.stopping:
+            return
         self.stopping = True
-        send(StepPlan(stop=True), self.plan_group)
+        sender = threading.Thread(target=send, args=(StepPlan(stop=True), self.plan_group), daemon=True)
+        sender.start()
+        sender.join(timeout)
         for process in self.followers:
             try:
                 process.wait(timeout)
@@ -150,7 +156,8 @@ def start_followers(world_size: int) -> tuple[list[subprocess.Popen], dict[str, 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size)}
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size),
+              "OMP_NUM_THREADS": str(torch.get_num_threads())}  # every rank runs as many threads as rank 0
     followers = []
     for rank in range(1, world_size):
         env = {**os.environ, **common, "RANK": str(rank), "LOCAL_RANK": str(rank), PARENT_ENV: str(os.getpid())}
@@ -161,11 +168,12 @@ def start_followers(world_size: int) -> tuple[list[subprocess.Popen], dict[str, 
 
 def join_group(env: Mapping[str, str]) -> Any:
     """Join the process group `env` describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, as
-    torchrun sets them): NCCL on CUDA, gloo on the CPU. Returns the gloo group the plans travel on."""
+    torchrun sets them): NCCL on CUDA, gloo on the CPU. Returns the gloo group the plans travel on.
+    Under torchrun the rendezvous goes through its agent's store (env://)."""
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
     local_rank = int(env.get("LOCAL_RANK", rank))
-    rendezvous = {"init_method": f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}", "rank": rank,
-                  "world_size": world_size}
+    init_method = "env://" if launched_by_torchrun() else f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    rendezvous = {"init_method": init_method, "rank": rank, "world_size": world_size}
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), **rendezvous)
@@ -204,6 +212,7 @@ def build_rank_zero(config: EngineConfig) -> LLMEngine:
         followers, env = start_followers(world_size)
     ranks = Ranks(join_group(env), followers)
     ranks.watch()
+    atexit.register(ranks.close)  # a command that ends lets its followers go (the server closes them itself)
     placement = plan_from_config(config, target, draft)
     config = with_planned_kv_budget(dataclasses.replace(config, target=target, draft=draft or "none"), placement)
     ranks.share(config.to_dict())

@@ -6,7 +6,11 @@ ranks that run the same code (SPMD), since a fresh prefill of a sharded target t
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +139,38 @@ def test_flags_that_do_not_combine_with_tensor_parallelism(pair_dirs, size, extr
         engine_config(pair_dirs, size, **extra)
 
 
+# ----- past one node: torchrun ----------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_under_torchrun_equal_one_process(engines, pair_dirs, tmp_path):
+    """Two torchrun launchers (--nnodes 2, one rank each) on loopback: node 0's rank runs `specdecpp
+    generate`, node 1's follows; the sampled completion equals the one-process engine's for the seed."""
+    single, _ = engines
+    port = free_port()
+    args = ["generate", "--json", "--target", str(pair_dirs["target"]), "--draft", str(pair_dirs["draft"]),
+            "--head", str(pair_dirs["head"]), "--dtype", "fp32", "--tensor-parallel-size", "2", "--policy",
+            "constant", "--k", "3", "--temperature", "1", "--seed", "3", "--max-tokens", "20", "hello world"]
+    repo = str(Path(__file__).parents[1])
+    path = os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+         str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "engine.distributed", *args],
+        env=env, stdout=subprocess.PIPE, stderr=(tmp_path / f"node{node}.log").open("w"), text=True)
+        for node in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    logs = "\n".join((tmp_path / f"node{node}.log").read_text()[-3000:] for node in (0, 1))
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    assert outputs[1] == ""  # the follower prints nothing
+    expected = single.generate("hello world", SamplingParams(temperature=1.0, seed=3, max_tokens=20),
+                               SpecConfig(policy="constant", k=3))
+    assert json.loads(outputs[0])["token_ids"] == expected.token_ids
+
+
 # ----- caches, on two ranks that run the same code ----------------------------------------------
 def check_caches_on_rank(rank: int, port: int, paths: dict[str, Path]) -> None:
     """One rank: join, load its shard and a draft replica, and after every round compare both caches
@@ -169,7 +205,4 @@ def check_caches_on_rank(rank: int, port: int, paths: dict[str, Path]) -> None:
 
 
 def test_caches_equal_a_fresh_prefill_on_every_rank(pair_dirs):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(check_caches_on_rank, args=(port, pair_dirs), nprocs=2)  # raises if a rank fails
+    mp.spawn(check_caches_on_rank, args=(free_port(), pair_dirs), nprocs=2)  # raises if a rank fails
