@@ -45,6 +45,7 @@ from engine.events import AbortRequest, AddRequest
 if TYPE_CHECKING:
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
+    from engine.loading.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -213,14 +214,25 @@ def build_rank_zero(config: EngineConfig) -> LLMEngine:
     ranks = Ranks(join_group(env), followers)
     ranks.watch()
     atexit.register(ranks.close)  # a command that ends lets its followers go (the server closes them itself)
-    placement = plan_from_config(config, target, draft)
-    config = with_planned_kv_budget(dataclasses.replace(config, target=target, draft=draft or "none"), placement)
+    config = dataclasses.replace(config, target=target, draft=draft or "none")
     ranks.share(config.to_dict())
+    placement = agreed_kv_budget(plan_from_config(config, target, draft), ranks.plan_group)
+    config = with_planned_kv_budget(config, placement)
     engine = assemble_engine(config, load_models(config, target, draft, head, placement))  # all ranks load at once
     ranks.share(draft_decisions(engine))
     engine.lockstep = ranks
     log.info("rank 0 of %d ready", world_size)
     return engine
+
+
+def agreed_kv_budget(placement: Placement, plan_group: Any) -> Placement:
+    """`placement` with the KV budget of the tightest rank's GPU (every rank calls this at the same point),
+    so every scheduler admits the same and none runs its GPU out of memory."""
+    unlimited = 1 << 62
+    budget = torch.tensor([unlimited if placement.kv_cache_tokens is None else placement.kv_cache_tokens])
+    dist.all_reduce(budget, op=dist.ReduceOp.MIN, group=plan_group)
+    agreed = int(budget.item())
+    return dataclasses.replace(placement, kv_cache_tokens=None if agreed == unlimited else agreed)
 
 
 def draft_decisions(engine: LLMEngine) -> dict:
@@ -253,14 +265,15 @@ def run_follower() -> None:
     """A follower rank: join, take rank 0's config, load this rank's shard and replicas with rank 0's
     draft decisions, follow."""
     from engine.config import EngineConfig
-    from engine.factory import assemble_engine, load_models, resolve_paths
+    from engine.factory import assemble_engine, load_models, resolve_paths, with_planned_kv_budget
     from engine.loading.inventory import plan_from_config
 
     die_with_parent()
     plan_group = join_group(os.environ)
     config = EngineConfig.from_dict(receive(plan_group))
     target, draft, head = resolve_paths(config)
-    placement = plan_from_config(config, target, draft)  # this rank's device; the KV budget is rank 0's
+    placement = agreed_kv_budget(plan_from_config(config, target, draft), plan_group)
+    config = with_planned_kv_budget(config, placement)
     models = load_models(config, target, draft, head, placement)
     decisions = receive(plan_group)
     config = dataclasses.replace(config, cpu_fp32_gemm=decisions["cpu_fp32_gemm"])

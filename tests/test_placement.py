@@ -232,31 +232,31 @@ DRAFT_1B = Footprint(int(2.5e9), 2 * 16 * 8 * 64 * 2 * CONTEXT + 10 * 2**20, 2 *
 
 @pytest.mark.parametrize("n", [4, 8])
 def test_tensor_parallel_70b_sizes_a_quarter_or_an_eighth_per_gpu(n):
-    p = plan_tensor_parallel(gpus(n), TARGET_70B, DRAFT_1B, n)
+    inventory = gpus(n)
+    p = plan_tensor_parallel(n, inventory[0], TARGET_70B, DRAFT_1B, n)
     assert (p.target_device, p.draft_device, p.tensor_parallel_size) == ("cuda:0", "cuda:0", n)
     usable = 0.95 * 80 * GiB
     static = TARGET_70B.weight_bytes / n + DRAFT_1B.static_bytes
     per_token = TARGET_70B.kv_bytes_per_token / n + DRAFT_1B.kv_bytes_per_token
     assert p.kv_cache_tokens == pytest.approx((usable - static) / per_token, rel=1e-3)
     assert p.kv_cache_tokens > CONTEXT
-    assert plan_tensor_parallel(gpus(n), TARGET_70B, DRAFT_1B, n, local_rank=n - 1).draft_device == f"cuda:{n - 1}"
+    assert plan_tensor_parallel(n, inventory[n - 1], TARGET_70B, DRAFT_1B, n).draft_device == f"cuda:{n - 1}"
 
 
-def test_tensor_parallel_kv_budget_is_the_tightest_gpus():
-    inventory = gpus(4)
-    inventory[2] = GpuInfo(2, 80 * GiB, 60 * GiB, "busy")
-    busy = plan_tensor_parallel(inventory, TARGET_70B, DRAFT_1B, 4).kv_cache_tokens
-    assert busy < plan_tensor_parallel(gpus(4), TARGET_70B, DRAFT_1B, 4).kv_cache_tokens
+def test_tensor_parallel_kv_budget_is_each_gpus_own():
+    busy = GpuInfo(2, 80 * GiB, 60 * GiB, "busy")  # the ranks then agree on the smallest (engine/distributed.py)
+    assert plan_tensor_parallel(4, busy, TARGET_70B, DRAFT_1B, 4).kv_cache_tokens < plan_tensor_parallel(
+        4, gpus(4)[2], TARGET_70B, DRAFT_1B, 4).kv_cache_tokens
 
 
 def test_tensor_parallel_refusals():
     with pytest.raises(PlacementError, match="needs 4 GPUs on each node; 2 visible"):
-        plan_tensor_parallel(gpus(2), TARGET_70B, DRAFT_1B, 4)
+        plan_tensor_parallel(2, gpus(2)[0], TARGET_70B, DRAFT_1B, 4)
     with pytest.raises(InsufficientMemoryError, match="each needs"):
-        plan_tensor_parallel(gpus(2, gib=40), TARGET_70B, DRAFT_1B, 2)
+        plan_tensor_parallel(2, gpus(2, gib=40)[0], TARGET_70B, DRAFT_1B, 2)
     with pytest.raises(InsufficientMemoryError, match="host memory"):
-        plan_tensor_parallel([], TARGET_70B, DRAFT_1B, 2, cpu_bytes=64 * GiB)
-    p = plan_tensor_parallel([], TARGET_70B, DRAFT_1B, 2, cpu_bytes=512 * GiB)
+        plan_tensor_parallel(0, None, TARGET_70B, DRAFT_1B, 2, cpu_bytes=64 * GiB)
+    p = plan_tensor_parallel(0, None, TARGET_70B, DRAFT_1B, 2, cpu_bytes=512 * GiB)
     assert (p.target_device, p.kv_cache_tokens) == ("cpu", None)  # host RAM: the flag's budget
 
 

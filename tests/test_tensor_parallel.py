@@ -24,7 +24,7 @@ from test_engine_cache_and_stops import cache_tensors, fresh_prefill
 from tiny import char_tokenizer
 
 from engine.config import EngineConfig
-from engine.distributed import check_divides_heads, is_tensor_parallel, join_group
+from engine.distributed import agreed_kv_budget, check_divides_heads, is_tensor_parallel, join_group
 from engine.factory import assemble_engine, build_engine, load_models
 from engine.loading.placement import Placement
 from engine.params import SamplingParams, SpecConfig
@@ -176,7 +176,12 @@ def check_caches_on_rank(rank: int, port: int, paths: dict[str, Path]) -> None:
     """One rank: join, load its shard and a draft replica, and after every round compare both caches
     with a fresh prefill (a sharded forward: both ranks run it, in the same order)."""
     torch.set_num_threads(1)
-    join_group({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    plan_group = join_group({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                             "MASTER_PORT": str(port)})
+    # Each GPU's own KV room (here made up): every rank takes the smallest, or none when no rank has one.
+    room = Placement("cpu", "cpu", kv_cache_tokens=1000 + 500 * rank)
+    assert agreed_kv_budget(room, plan_group).kv_cache_tokens == 1000
+    assert agreed_kv_budget(Placement("cpu", "cpu"), plan_group).kv_cache_tokens is None
     config = engine_config(paths, 2, draft_quantization="none", cpu_fp32_gemm="off")
     models = load_models(config, str(paths["target"]), str(paths["draft"]), str(paths["head"]),
                          Placement(draft_device="cpu", target_device="cpu", tensor_parallel_size=2))

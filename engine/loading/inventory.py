@@ -31,14 +31,15 @@ MAX_KV_TOKENS = 32768  # KV headroom covers one sequence of the context length, 
 HEAD_DEPTH_ESTIMATE = 3  # residual blocks in the acceptance head (fp32), for its footprint
 
 
-def gpu_inventory() -> list[GpuInfo]:
-    """Visible CUDA GPUs with their free and total memory (empty without CUDA)."""
+def gpu_inventory(indices: list[int] | None = None) -> list[GpuInfo]:
+    """Visible CUDA GPUs (or those of `indices`) with their free and total memory (empty without CUDA).
+    Probing a GPU opens a CUDA context on it: a tensor-parallel rank probes only its own."""
     import torch
 
     if not torch.cuda.is_available():
         return []
     gpus = []
-    for i in range(torch.cuda.device_count()):
+    for i in range(torch.cuda.device_count()) if indices is None else indices:
         free, total = torch.cuda.mem_get_info(i)
         gpus.append(GpuInfo(index=i, total_bytes=total, free_bytes=free, name=torch.cuda.get_device_name(i)))
     return gpus
@@ -113,17 +114,11 @@ def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | N
     if draft_spec is not None:
         _, draft_fp = _estimate(draft_spec, draft_dtype, config.max_model_len, with_head=True)
         draft_fp = draft_fp or Footprint(0)
+    if config.tensor_parallel_size > 1:
+        return _plan_rank(config, target_fp or Footprint(0), draft_fp)
     gpus = gpu_inventory()
     for g in gpus:
         log.info("cuda:%d %s: %s free of %s", g.index, g.name, fmt_bytes(g.free_bytes), fmt_bytes(g.total_bytes))
-    if config.tensor_parallel_size > 1:
-        placement = plan_tensor_parallel(
-            gpus, target_fp or Footprint(0), draft_fp, config.tensor_parallel_size,
-            cpu_bytes=available_memory_bytes(), local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        )
-        for note in placement.notes:
-            log.info("placement: %s", note)
-        return placement
     placement = plan_placement(
         gpus,
         target_fp or Footprint(0),
@@ -134,6 +129,20 @@ def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | N
     )
     if placement.target_max_memory and target_meta is not None:
         placement.target_device_map = shard_device_map(target_meta, placement.target_max_memory)
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    return placement
+
+
+def _plan_rank(config: EngineConfig, target: Footprint, draft: Footprint | None) -> Placement:
+    """A tensor-parallel rank's placement: its own GPU (LOCAL_RANK), probed alone, or the CPU."""
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu = gpu_inventory([local_rank])[0] if local_rank < count else None
+    placement = plan_tensor_parallel(count, gpu, target, draft, config.tensor_parallel_size,
+                                     cpu_bytes=available_memory_bytes())
     for note in placement.notes:
         log.info("placement: %s", note)
     return placement

@@ -152,22 +152,23 @@ def plan_placement(
 
 
 def plan_tensor_parallel(
-    gpus: list[GpuInfo],
+    gpu_count: int,
+    gpu: GpuInfo | None,
     target: Footprint | int,
     draft: Footprint | int | None,
     tensor_parallel_size: int,
     reserve_fraction: float = RESERVE_FRACTION,
     cpu_bytes: int | None = None,
-    local_rank: int = 0,
 ) -> Placement:
-    """Every rank: 1/N of the target's weights and KV, a whole draft and head, on GPU `local_rank`
-    (ranks 0..N-1 of a node use GPUs 0..N-1), or on the CPU without GPUs. Raises before anything
-    loads when a GPU cannot hold its share plus one full-length sequence of KV; the KV budget is
-    what the tightest GPU holds."""
+    """One rank's share: 1/N of the target's weights and KV, a whole draft and head, on its GPU `gpu`
+    (ranks 0..N-1 of a node use GPUs 0..N-1; each rank probes only its own), or on the CPU when the
+    node has no GPU (`gpu_count` 0). Raises before anything loads when the GPU cannot hold its share
+    plus one full-length sequence of KV. The KV budget is this GPU's; the ranks take the smallest
+    (engine/distributed.py)."""
     n = tensor_parallel_size
     target = _as_footprint(target)
     draft = _as_footprint(draft) if draft is not None else Footprint(0)
-    if not gpus:
+    if gpu_count == 0 or gpu is None:
         need = target.weight_bytes + n * draft.weight_bytes  # the shards add up to one target; n drafts
         if cpu_bytes is not None and need > cpu_bytes * (1 - reserve_fraction):
             raise InsufficientMemoryError(
@@ -175,25 +176,24 @@ def plan_tensor_parallel(
                 f"{fmt_bytes(need)}, {fmt_bytes(cpu_bytes * (1 - reserve_fraction))} usable")
         notes = [f"target over {n} CPU ranks (tensor parallel), a draft replica on each"]
         return Placement(draft_device="cpu", target_device="cpu", notes=notes, tensor_parallel_size=n)
-    if len(gpus) < n:
-        raise PlacementError(f"--tensor-parallel-size {n} needs {n} GPUs on each node; {len(gpus)} visible")
-    budget = _usable_memory(gpus[:n], reserve_fraction, None)
+    if gpu_count < n:
+        raise PlacementError(f"--tensor-parallel-size {n} needs {n} GPUs on each node; {gpu_count} visible")
+    device = f"cuda:{gpu.index}"
+    budget = _usable_memory([gpu], reserve_fraction, None)
     shard = Footprint(target.weight_bytes // n + 1, target.extra_bytes // n + 1,
                       -(-target.kv_bytes_per_token // n), target.kv_tokens)
     per_rank = Footprint(shard.weight_bytes + draft.weight_bytes, shard.extra_bytes + draft.extra_bytes,
                          shard.kv_bytes_per_token + draft.kv_bytes_per_token, target.kv_tokens)
-    tight = min(budget, key=lambda d: budget[d])
-    if per_rank.total > budget[tight]:
+    if per_rank.total > budget[device]:
         raise InsufficientMemoryError(
             f"not enough memory for tensor parallelism over {n} GPUs: each needs "
-            f"{_describe_need(per_rank, [tight], 'KV cache and head')} (1/{n} of the target, a whole draft), "
-            f"{tight} has {_room(budget, tight)} after reserving {reserve_fraction:.0%}. "
+            f"{_describe_need(per_rank, [device], 'KV cache and head')} (1/{n} of the target, a whole draft), "
+            f"{device} has {_room(budget, device)} after reserving {reserve_fraction:.0%}. "
             "Use more GPUs (--tensor-parallel-size), a smaller --dtype, or a smaller draft."
         )
-    kv_tokens = _tokens_that_fit(budget[tight], per_rank)
-    device = f"cuda:{gpus[local_rank].index}"
-    notes = [f"target over cuda:0..{n - 1} (tensor parallel): {fmt_bytes(per_rank.total)} per GPU with a draft "
-             f"replica; KV budget {kv_tokens} tokens"]
+    kv_tokens = _tokens_that_fit(budget[device], per_rank)
+    notes = [f"1/{n} of the target (tensor parallel) and a draft replica on {device}: {fmt_bytes(per_rank.total)}; "
+             f"KV room for {kv_tokens} tokens"]
     return Placement(draft_device=device, target_device=device, notes=notes, tensor_parallel_size=n,
                      kv_cache_tokens=kv_tokens)
 
