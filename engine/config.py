@@ -86,6 +86,10 @@ class EngineConfig:
     target_devices: list[str] | None = field(default=None, metadata=option(
         "--target-devices", "comma-separated devices for the target; several: sharded (e.g. cuda:1,cuda:2)",
         metavar="DEV[,DEV...]"))
+    tensor_parallel_size: int = field(default=1, metadata=option(
+        "--tensor-parallel-size", "ranks the target is split over by tensor parallelism (one per GPU, or CPU processes "
+        "over gloo); the draft and head are replicated on every rank. Must divide the target's attention and KV "
+        "heads (default: %(default)s)", metavar="N"))
     max_model_len: int | None = field(default=None, metadata=option(
         "--max-model-len", "context limit (default: the target's)"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata={"group": "batching"})
@@ -117,6 +121,15 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_over_acceptance <= 1.0:
             raise ValueError("max_over_acceptance must lie in [0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and (self.target_devices or self.draft_device):
+            raise ValueError("--target-devices and --draft-device do not apply with --tensor-parallel-size: each rank "
+                             "holds its target shard and a draft replica on its own device (GPU LOCAL_RANK, or the "
+                             "CPU)")
+        if self.tensor_parallel_size > 1 and self.target_quantization != "none":
+            raise ValueError("--target-quantization does not apply to a tensor-parallel target (its weights are "
+                             "sharded DTensors); use --tensor-parallel-size 1 to quantize the target")
 
     def to_dict(self) -> dict:
         out = asdict(self)

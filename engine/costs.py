@@ -253,6 +253,16 @@ class LiveCosts:
         self._log_scale[model] += weight * (math.log(observed / predicted) - self._log_scale[model])
         self.current = self.measured.scaled(self.draft_scale, self.target_scale)
 
+    def state(self) -> dict:
+        """The measured model and the learnt scales, as plain data."""
+        return {"measured": self.measured.to_dict(), "log_scale": dict(self._log_scale),
+                "observations": dict(self._observations)}
+
+    def load_state(self, state: dict) -> None:
+        self.measured = CostModel.from_dict(state["measured"])
+        self._log_scale, self._observations = dict(state["log_scale"]), dict(state["observations"])
+        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
+
     def observe_draft(self, batch_sizes: list[int], candidates: int, seconds: float, reads_features: bool) -> None:
         """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, in `seconds`."""
         predicted = sum(self.measured.draft_seconds(b) for b in batch_sizes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from engine.config import EngineConfig
 from engine.costs import CostModel
 from engine.head import AcceptanceHead, HeadMismatchError, load_head
 from engine.llm_engine import DEFAULT_HEAD, LLMEngine
+from engine.loading.kernels import KernelChoice
 from engine.loading.loader import load_model, load_tokenizer, model_identity, parse_dtype
 from engine.loading.placement import Placement
 from engine.params import SpecConfig
@@ -43,11 +45,26 @@ def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
 
 
 def build_engine(config: EngineConfig) -> LLMEngine:
-    """Resolve the model specs, place the models, load them and their heads, assemble the engine."""
+    """Resolve the model specs, place the models, load them and their heads, assemble the engine.
+
+    With --tensor-parallel-size N > 1 this process becomes rank 0 of N (engine/distributed.py)."""
+    if config.tensor_parallel_size > 1:
+        from engine.distributed import build_rank_zero
+
+        return build_rank_zero(config)
     target_spec, draft_spec, head_spec = resolve_paths(config)
     from engine.loading.inventory import plan_from_config
 
     placement = plan_from_config(config, target_spec, draft_spec)
+    config = with_planned_kv_budget(config, placement)
+    return assemble_engine(config, load_models(config, target_spec, draft_spec, head_spec, placement))
+
+
+def load_models(
+    config: EngineConfig, target_spec: str, draft_spec: str | None, head_spec: str | None, placement: Placement
+) -> dict:
+    """The target, the draft, their tokenizers and the heads, loaded where `placement` puts them: the
+    model arguments of LLMEngine."""
     dtype = parse_dtype(config.dtype)
     draft_dtype = parse_dtype(config.draft_dtype or config.dtype)  # both checked before anything loads
     log.info("loading target %s (%s) on %s", target_spec, config.dtype, placement.describe_target())
@@ -59,22 +76,36 @@ def build_engine(config: EngineConfig) -> LLMEngine:
         draft = load_model(draft_spec, draft_dtype, device=placement.draft_device)
         draft_tokenizer = load_tokenizer(draft_spec)
         heads = _load_heads(config, head_spec, draft_spec, draft.config.hidden_size, placement.draft_device)
+    return {"target": target, "draft": draft, "tokenizer": tokenizer, "draft_tokenizer": draft_tokenizer,
+            "heads": heads}
+
+
+def assemble_engine(config: EngineConfig, models: dict, draft_kernels: KernelChoice | None = None) -> LLMEngine:
+    """The engine over `load_models`' models. `draft_kernels`: a kernel choice to replay on the draft
+    instead of measuring one (a follower rank takes rank 0's)."""
     return LLMEngine(
-        target,
-        draft,
-        tokenizer,
-        heads=heads,
-        draft_tokenizer=draft_tokenizer,
+        **models,
         max_model_len=config.max_model_len,
-        default_spec=_default_spec(config.default_spec, DEFAULT_HEAD in heads, draft is not None),
+        default_spec=_default_spec(config.default_spec, DEFAULT_HEAD in models["heads"], models["draft"] is not None),
         scheduler_config=config.scheduler,
         cpu_fp32_gemm=config.cpu_fp32_gemm,
-        draft_quantization=config.draft_quantization,
+        draft_quantization=draft_kernels or config.draft_quantization,
         target_quantization=config.target_quantization,
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
         online_calibration=config.online_calibration,
         max_over_acceptance=config.max_over_acceptance,
     )
+
+
+def with_planned_kv_budget(config: EngineConfig, placement: Placement) -> EngineConfig:
+    """`config` with the scheduler's KV budget lowered to what the planner found room for, so
+    admission cannot run a GPU out of memory."""
+    planned = placement.kv_cache_tokens
+    if planned is None or planned >= config.scheduler.kv_cache_tokens:
+        return config
+    log.info("KV budget: %d tokens (--kv-cache-tokens %d does not fit next to the weights)",
+             planned, config.scheduler.kv_cache_tokens)
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, kv_cache_tokens=max(planned, 1)))
 
 
 def _load_target(
@@ -86,6 +117,7 @@ def _load_target(
         device=placement.target_device,
         device_map=placement.target_device_map,
         max_memory=placement.target_max_memory,
+        tensor_parallel_size=placement.tensor_parallel_size,
     )
     return target, load_tokenizer(target_spec)
 

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from engine.calibration import Calibrators
 from engine.costs import CostModel, LiveCosts, measure_costs
 from engine.detokenizer import Detokenizer
-from engine.events import MAX_CHOICES, Admitted, Completion, Prompt, TokenEvent, choice_ids
+from engine.events import MAX_CHOICES, AbortRequest, AddRequest, Admitted, Completion, Prompt, TokenEvent, choice_ids
 from engine.head import AcceptanceHead
 from engine.loading.loader import check_vocabularies, eos_token_ids
 from engine.params import SEED_SPACE, SamplingParams, SpecConfig, generation_config_defaults
@@ -32,6 +33,10 @@ from engine.stats import RequestStats
 from engine.tuning import SelfTuning
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from engine.distributed import Ranks
+    from engine.loading.kernels import KernelChoice
+
 DEFAULT_HEAD = "default"  # the name of the head loaded by --head (or shipped for the draft)
 
 
@@ -74,7 +79,7 @@ class LLMEngine:
         default_spec: SpecConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         cpu_fp32_gemm: str = "auto",
-        draft_quantization: str = "none",
+        draft_quantization: str | KernelChoice = "none",
         target_quantization: str = "none",
         costs: CostModel | None = None,
         online_calibration: bool = True,
@@ -109,6 +114,8 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.max_over_acceptance = max_over_acceptance  # the most lossy over-acceptance a request may ask for
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
+        # Rank 0 of a tensor-parallel target (engine/distributed.py): sends each step's requests to the other ranks.
+        self.lockstep: Ranks | None = None
         # The cost model (`costs`, else measured here now) behind threshold "auto" and its budgets.
         self.tuning = SelfTuning(LiveCosts(costs or self._measure_costs())) if self.draft is not None else None
 
@@ -150,6 +157,8 @@ class LLMEngine:
         (the one place a request's spec is merged), as `n` independent choices (`choice_ids`) that
         share the prompt's prefill. Raises RequestError for bad input."""
         spec = self.default_spec.with_overrides(spec)
+        if self.lockstep is not None and params.seed is None:  # every rank must sample alike: rank 0 draws
+            params = params.model_copy(update={"seed": random.randrange(SEED_SPACE)})
         if not 1 <= n <= MAX_CHOICES:
             raise RequestError(f"n must lie in [1, {MAX_CHOICES}]", "n")
         if spec.over_acceptance > self.max_over_acceptance:
@@ -191,6 +200,8 @@ class LLMEngine:
         for seq in seqs:
             self.requests[seq.request_id] = seq
             self.scheduler.add(seq)
+        if self.lockstep is not None:
+            self.lockstep.record(AddRequest(request_id, prompt, params, spec, n))
         return [Admitted(seq.request_id, len(prompt_ids), spec) for seq in seqs]
 
     def _head_for(self, spec: SpecConfig) -> AcceptanceHead | None:
@@ -275,6 +286,8 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return None
+        if self.lockstep is not None:
+            self.lockstep.record(AbortRequest(request_id))
         self.scheduler.remove(seq)
         seq.finish_reason = "abort"
         seq.free_caches()
@@ -291,10 +304,24 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    # ----- state shared by the ranks of a tensor-parallel target -------------------------
+    def shared_state(self) -> dict:
+        """State rank 0 decides from its own timings; followers take it (`apply_shared_state`) before
+        each step, so every rank decides alike: the self-tuning's cost model (measured and refreshed from
+        wall-clock times, which differ by rank) and what it decided from it."""
+        return {"tuning": self.tuning.state()} if self.tuning is not None else {}
+
+    def apply_shared_state(self, state: dict) -> None:
+        """Take rank 0's `shared_state` (a follower rank, before each step)."""
+        if self.tuning is not None and "tuning" in state:
+            self.tuning.load_state(state["tuning"])
+
     # ----- stepping -------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
         """Admit what fits, prefill one chunk of the oldest new prompt, then one speculation
         round for every sequence ready to decode (batched, or one by one with batching off)."""
+        if self.lockstep is not None:
+            self.lockstep.publish(self)
         events: list[TokenEvent] = []
         self.scheduler.admit()
         chunk = self.scheduler.config.max_num_batched_tokens

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from engine.loading.cpu_linear import pack_linears
-from engine.loading.kernels import choose_and_quantize
+from engine.loading.kernels import KernelChoice, choose_and_quantize
 
 
 @dataclass
@@ -52,7 +52,7 @@ class ModelRunner:
         model: PreTrainedModel,
         pack_cpu_linears: bool = True,
         cpu_fp32_gemm: str = "auto",
-        quantization: str = "none",
+        quantization: str | KernelChoice = "none",
     ) -> None:
         self.model = model.eval()
         # Weight-only int8/int4 where asked ("auto": where it measures faster here); before packing,

@@ -295,6 +295,9 @@ def verify_candidates(
     verdicts = []
     for p, cand, feed, rows in zip(proposals, candidates, feeds, logits, strict=True):
         p.seq.target_kv.cached += len(feed)
+        # Under a layer map the LM head may sit on another GPU than the embedding: compare on the
+        # embedding's device, where the candidates and the request's generator are.
+        rows = rows.to(device)
         target_logits = processed_logits(p.seq.adjusted_logits(rows, p.tokens), p.seq.params)
         target_probs = probs_of_processed(target_logits, p.seq.params)
         if isinstance(p.seq, DraftPath):  # verified with its sibling paths (engine/multidraft.py)

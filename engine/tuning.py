@@ -120,6 +120,16 @@ class SelfTuning:
                 budgets, self.rounds_without_candidates = [min(1, k) for k in max_k], 0
         return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate)
 
+    def state(self) -> dict:
+        """Everything the decisions depend on, as plain data (another rank of a tensor-parallel target takes it)."""
+        return {"costs": self.costs.state(), "acceptance": self.acceptance,
+                "rounds_without_candidates": self.rounds_without_candidates}
+
+    def load_state(self, state: dict) -> None:
+        self.costs.load_state(state["costs"])
+        self.acceptance = state["acceptance"]
+        self.rounds_without_candidates = state["rounds_without_candidates"]
+
     def observe_acceptance(self, labels: list[float]) -> None:
         """Fold a verified round's exact labels a_s into the deployment's estimate."""
         for a in labels:

@@ -62,6 +62,8 @@ def run_worker(config: dict, inbox: Any, outbox: Any, log_level: str = "INFO") -
         return
     outbox.put(ready)
     EngineLoop(engine, inbox, outbox).run()
+    if engine.lockstep is not None:  # a tensor-parallel target: the other ranks leave with this one
+        engine.lockstep.close()
 
 
 def _build(config: dict) -> tuple[Any, EngineReady]:

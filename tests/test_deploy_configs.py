@@ -10,6 +10,7 @@ those very series, asserting each one returns a number.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_TP = ROOT / "docker" / "compose.tp.yml"  # the tensor-parallel override of the GPU service
 PROMETHEUS = ROOT / "docker" / "prometheus.yml"
 GRAFANA = ROOT / "docker" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "specdecpp.json"
@@ -189,6 +191,17 @@ def test_compose_file_validates():
             capture_output=True, text=True, cwd=ROOT,
         )
         assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (make system-deps)")
+def test_tensor_parallel_override_validates_and_splits_the_target():
+    run = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "-f", str(COMPOSE_TP), "--profile", "gpu", "config"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "SPECDECPP_TP": "8"},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    gpu = yaml.safe_load(run.stdout)["services"]["specdecpp-gpu"]
+    assert gpu["ipc"] == "host" and "--tensor-parallel-size 8" in str(gpu["command"])
 
 
 def test_compose_stack_is_wired_together():

@@ -1,9 +1,11 @@
 """The engine on a CUDA device: the losslessness checks again, with models, caches, RNGs and
-the head on the GPU. Skipped where no GPU is visible (CI has none); run it on a GPU host with
-`pytest tests/test_engine_cuda.py`.
+the head on the GPU; with two GPUs, a layer-mapped target and a tensor-parallel one. Skipped where no
+GPU is visible (CI has none); run it on a GPU host with `pytest tests/test_engine_cuda.py`.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -83,3 +85,57 @@ def test_sampled_distribution_on_cuda(small_vocab_engine, spec):
     counts = sample_two_tokens(small_vocab_engine, T1, spec)
     expected = exact_two_token_distribution(small_vocab_engine, T1)
     assert chi_square_pvalue(counts, expected, SAMPLES) > 1e-3
+
+
+# ----- two GPUs: a layer-mapped target, and tensor parallelism ------------------------------------
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@two_gpus
+def test_layer_mapped_target_over_two_gpus_matches_one_gpu(tokenizer):
+    """Embedding and first layer on GPU 0, the rest and the LM head on GPU 1: verification compares
+    candidates and target probabilities on one device (engine/speculate.py), and the output equals the
+    target on one GPU."""
+    from accelerate import dispatch_model
+
+    target = tiny_model(0, scale=8.0)
+    draft = perturbed(target, 0.05, seed=1)
+    reference = LLMEngine(copy.deepcopy(target).to(CUDA), copy.deepcopy(draft).to(CUDA), tokenizer,
+                          heads={"default": random_head(target.config.hidden_size)})
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
+                  "model.norm": 1, "lm_head": 1}
+    mapped = LLMEngine(dispatch_model(target, device_map=device_map), draft.to(CUDA), tokenizer,
+                       heads={"default": random_head(target.config.hidden_size)})
+    assert mapped.target.lm_head_device != mapped.target.device
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for spec in GREEDY_SPECS:
+        out = mapped.generate("hello world", params, spec)
+        assert out.token_ids == reference.generate("hello world", params, SpecConfig(policy="none")).token_ids
+    sampled = SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, seed=5)
+    assert len(mapped.generate("hello world", sampled, SpecConfig(policy="constant", k=3)).token_ids) == 32
+
+
+@two_gpus
+def test_tensor_parallel_over_two_gpus_matches_one_gpu(tmp_path, tokenizer):
+    """--tensor-parallel-size 2: rank 0 here, its follower on GPU 1, NCCL; greedy output equals one GPU's."""
+    import torch.distributed as dist
+    from live_server import save_tiny_pair
+
+    from engine.config import EngineConfig
+    from engine.factory import build_engine
+
+    target = tiny_model(0, scale=8.0)
+    paths = save_tiny_pair(tmp_path, target, perturbed(target, 0.05, seed=1), tokenizer, random_head(32))
+    config = {"target": str(paths["target"]), "draft": str(paths["draft"]), "head": str(paths["head"]),
+              "dtype": "fp32"}
+    single = build_engine(EngineConfig(**config))
+    split = build_engine(EngineConfig(**config, tensor_parallel_size=2))
+    try:
+        assert split.target.device == torch.device("cuda", 0)
+        params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+        for spec in [SpecConfig(policy="none"), *GREEDY_SPECS]:
+            assert split.generate("hello world", params, spec).token_ids == single.generate(
+                "hello world", params, spec).token_ids
+    finally:
+        split.lockstep.close()
+        dist.destroy_process_group()

@@ -19,6 +19,7 @@ from engine.loading.placement import (
     InsufficientMemoryError,
     PlacementError,
     plan_placement,
+    plan_tensor_parallel,
     shard_device_map,
 )
 
@@ -220,3 +221,67 @@ def test_footprint_of_a_gguf_file_matches_its_model(tmp_path):
     fp = footprint(meta_model(load_model_config(str(path)), torch.bfloat16), max_model_len=100)
     assert fp.weight_bytes == 2 * sum(p.numel() for p in model.parameters())
     assert fp.extra_bytes == 100 * kv_bytes_per_token(model.config, 2)
+
+
+# ----- tensor parallelism and the KV budget ----------------------------------------------------
+CONTEXT = 32768
+# Llama-3-70B-like in bf16: 80 layers, 8 KV heads of 128 dims; a 1B-like draft: 16 layers, 8 KV heads of 64.
+TARGET_70B = Footprint(int(141e9), 2 * 80 * 8 * 128 * 2 * CONTEXT, 2 * 80 * 8 * 128 * 2, CONTEXT)
+DRAFT_1B = Footprint(int(2.5e9), 2 * 16 * 8 * 64 * 2 * CONTEXT + 10 * 2**20, 2 * 16 * 8 * 64 * 2, CONTEXT)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_tensor_parallel_70b_sizes_a_quarter_or_an_eighth_per_gpu(n):
+    inventory = gpus(n)
+    p = plan_tensor_parallel(n, inventory[0], TARGET_70B, DRAFT_1B, n)
+    assert (p.target_device, p.draft_device, p.tensor_parallel_size) == ("cuda:0", "cuda:0", n)
+    usable = 0.95 * 80 * GiB
+    static = TARGET_70B.weight_bytes / n + DRAFT_1B.static_bytes
+    per_token = TARGET_70B.kv_bytes_per_token / n + DRAFT_1B.kv_bytes_per_token
+    assert p.kv_cache_tokens == pytest.approx((usable - static) / per_token, rel=1e-3)
+    assert p.kv_cache_tokens > CONTEXT
+    assert plan_tensor_parallel(n, inventory[n - 1], TARGET_70B, DRAFT_1B, n).draft_device == f"cuda:{n - 1}"
+
+
+def test_tensor_parallel_kv_budget_is_each_gpus_own():
+    busy = GpuInfo(2, 80 * GiB, 60 * GiB, "busy")  # the ranks then agree on the smallest (engine/distributed.py)
+    assert plan_tensor_parallel(4, busy, TARGET_70B, DRAFT_1B, 4).kv_cache_tokens < plan_tensor_parallel(
+        4, gpus(4)[2], TARGET_70B, DRAFT_1B, 4).kv_cache_tokens
+
+
+def test_tensor_parallel_refusals():
+    with pytest.raises(PlacementError, match="needs 4 GPUs on each node; 2 visible"):
+        plan_tensor_parallel(2, gpus(2)[0], TARGET_70B, DRAFT_1B, 4)
+    with pytest.raises(InsufficientMemoryError, match="each needs"):
+        plan_tensor_parallel(2, gpus(2, gib=40)[0], TARGET_70B, DRAFT_1B, 2)
+    with pytest.raises(InsufficientMemoryError, match="host memory"):
+        plan_tensor_parallel(0, None, TARGET_70B, DRAFT_1B, 2, cpu_bytes=64 * GiB)
+    p = plan_tensor_parallel(0, None, TARGET_70B, DRAFT_1B, 2, cpu_bytes=512 * GiB)
+    assert (p.target_device, p.kv_cache_tokens) == ("cpu", None)  # host RAM: the flag's budget
+
+
+def test_one_gpu_kv_budget_counts_both_caches():
+    target = Footprint(30 * GiB, 1000 * 1024, 1024, 1000)
+    draft = Footprint(4 * GiB, 1000 * 256, 256, 1000)
+    p = plan_placement(gpus(1), target, draft)
+    assert p.kv_cache_tokens == int(0.95 * 80 * GiB - 34 * GiB) // (1024 + 256)
+
+
+def test_layer_map_kv_budget_pools_the_target_gpus():
+    target = Footprint(130 * GiB, 1000 * 4096, 4096, 1000)
+    p = plan_placement(gpus(3), target, Footprint(GiB, 1000 * 64, 64, 1000))
+    assert p.target_device is None
+    usable = 2 * int(0.95 * 80 * GiB)  # GPUs 1 and 2; the draft has GPU 0, whose cache holds more tokens
+    assert p.kv_cache_tokens == (usable - 130 * GiB) // 4096
+
+
+def test_the_scheduler_takes_the_planned_kv_budget():
+    from engine.factory import with_planned_kv_budget
+    from engine.loading.placement import Placement
+
+    config = EngineConfig()
+    lowered = with_planned_kv_budget(config, Placement("cuda:0", "cuda:0", kv_cache_tokens=5000))
+    assert lowered.scheduler.kv_cache_tokens == 5000
+    assert with_planned_kv_budget(config, Placement("cpu", "cpu")) is config
+    roomy = Placement("cuda:0", "cuda:0", kv_cache_tokens=10**9)
+    assert with_planned_kv_budget(config, roomy).scheduler.kv_cache_tokens == config.scheduler.kv_cache_tokens

@@ -145,6 +145,19 @@ def test_live_costs_follow_the_observed_level_and_keep_the_shape():
     assert live.current.target_seconds(16) < 8.0
 
 
+def test_state_carries_every_decision_input_to_another_rank():
+    """A follower rank of a tensor-parallel target takes rank 0's state and then plans exactly alike."""
+    leader = SelfTuning(LiveCosts(flat(0.1, slope=0.01, knee=8)), prior_acceptance=0.7)
+    for _ in range(5):
+        leader.costs.observe_target(16, 1.7, 8)
+        leader.costs.observe_draft([8, 4], 12, 0.4, reads_features=True)
+        leader.observe_acceptance([0.9, 0.2])
+    follower = SelfTuning(LiveCosts(flat(0.3)), prior_acceptance=0.5)
+    follower.load_state(leader.state())
+    assert follower.plan([20] * 4) == leader.plan([20] * 4)
+    assert follower.costs.current == leader.costs.current
+
+
 def test_acceptance_estimate_follows_the_labels_and_moves_the_level():
     tuning = SelfTuning(LiveCosts(flat(0.1)), prior_acceptance=0.5)
     low = tuning.plan([20]).levels[0]

@@ -18,8 +18,8 @@ makes it only where it fits in `FP32_COPY_MEMORY_SHARE` of the memory available 
 the LM head never gets one (it only sees the few positions whose logits are used).
 The measurements behind these choices: docs/benchmarks/README.md, "CPU kernels".
 
-Only whole-CPU models in bf16 or fp32 are packed; CUDA models and models split by
-accelerate hooks are left alone.
+Only whole-CPU models in bf16 or fp32 are packed; CUDA models, models split by accelerate
+hooks and tensor-parallel shards (DTensor weights) are left alone.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from engine.config import CPU_FP32_GEMM_MODES
+from engine.distributed import is_tensor_parallel
 from engine.loading.inventory import available_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def can_pack(model: nn.Module) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     params = list(model.parameters())
-    if not params or any(p.device.type != "cpu" for p in params):
+    if not params or any(p.device.type != "cpu" for p in params) or is_tensor_parallel(model):
         return False
     dtype = params[0].dtype
     if dtype not in PACKABLE_DTYPES:

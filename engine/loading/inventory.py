@@ -2,7 +2,7 @@
 
 `plan_from_config` gathers the real inventory (CUDA GPUs through torch, host memory through
 psutil) and the footprints (parameter bytes of a meta-device model built from each config,
-plus the KV cache of one full-length sequence), calls the pure planner in
+plus the KV cache of one full-length sequence, and its bytes per token), calls the pure planner in
 `engine.loading.placement`, and for a sharded target turns the budgets into an explicit
 accelerate device map limited to those GPUs.
 """
@@ -10,11 +10,20 @@ accelerate device map limited to those GPUs.
 from __future__ import annotations
 
 import logging
+import os
 
 import psutil
 
 from engine.config import EngineConfig
-from engine.loading.placement import Footprint, GpuInfo, Placement, fmt_bytes, plan_placement, shard_device_map
+from engine.loading.placement import (
+    Footprint,
+    GpuInfo,
+    Placement,
+    fmt_bytes,
+    plan_placement,
+    plan_tensor_parallel,
+    shard_device_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +31,15 @@ MAX_KV_TOKENS = 32768  # KV headroom covers one sequence of the context length, 
 HEAD_DEPTH_ESTIMATE = 3  # residual blocks in the acceptance head (fp32), for its footprint
 
 
-def gpu_inventory() -> list[GpuInfo]:
-    """Visible CUDA GPUs with their free and total memory (empty without CUDA)."""
+def gpu_inventory(indices: list[int] | None = None) -> list[GpuInfo]:
+    """Visible CUDA GPUs (or those of `indices`) with their free and total memory (empty without CUDA).
+    Probing a GPU opens a CUDA context on it: a tensor-parallel rank probes only its own."""
     import torch
 
     if not torch.cuda.is_available():
         return []
     gpus = []
-    for i in range(torch.cuda.device_count()):
+    for i in range(torch.cuda.device_count()) if indices is None else indices:
         free, total = torch.cuda.mem_get_info(i)
         gpus.append(GpuInfo(index=i, total_bytes=total, free_bytes=free, name=torch.cuda.get_device_name(i)))
     return gpus
@@ -75,11 +85,12 @@ def footprint(model, max_model_len: int | None, with_head: bool = False) -> Foot
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     config = model.config
     context = max_model_len or min(getattr(config, "max_position_embeddings", 4096) or 4096, MAX_KV_TOKENS)
-    extra = kv_bytes_per_token(config, dtype_bytes) * context
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    extra = per_token * context
     if with_head:
         h = config.get_text_config().hidden_size if hasattr(config, "get_text_config") else config.hidden_size
         extra += 4 * (HEAD_DEPTH_ESTIMATE * (h * h + h) + 2 * h + 2)
-    return Footprint(weight_bytes=weights, extra_bytes=extra)
+    return Footprint(weight_bytes=weights, extra_bytes=extra, kv_bytes_per_token=per_token, kv_tokens=context)
 
 
 def _estimate(spec: str, dtype, max_model_len: int | None, with_head: bool):
@@ -103,6 +114,8 @@ def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | N
     if draft_spec is not None:
         _, draft_fp = _estimate(draft_spec, draft_dtype, config.max_model_len, with_head=True)
         draft_fp = draft_fp or Footprint(0)
+    if config.tensor_parallel_size > 1:
+        return _plan_rank(config, target_fp or Footprint(0), draft_fp)
     gpus = gpu_inventory()
     for g in gpus:
         log.info("cuda:%d %s: %s free of %s", g.index, g.name, fmt_bytes(g.free_bytes), fmt_bytes(g.total_bytes))
@@ -116,6 +129,20 @@ def plan_from_config(config: EngineConfig, target_spec: str, draft_spec: str | N
     )
     if placement.target_max_memory and target_meta is not None:
         placement.target_device_map = shard_device_map(target_meta, placement.target_max_memory)
+    for note in placement.notes:
+        log.info("placement: %s", note)
+    return placement
+
+
+def _plan_rank(config: EngineConfig, target: Footprint, draft: Footprint | None) -> Placement:
+    """A tensor-parallel rank's placement: its own GPU (LOCAL_RANK), probed alone, or the CPU."""
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpu = gpu_inventory([local_rank])[0] if local_rank < count else None
+    placement = plan_tensor_parallel(count, gpu, target, draft, config.tensor_parallel_size,
+                                     cpu_bytes=available_memory_bytes())
     for note in placement.notes:
         log.info("placement: %s", note)
     return placement

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from engine.loading.cpu_linear import PackedLinear, can_pack
-from engine.loading.quantize import QUANTIZATION_MODES, QuantizedLinear, quantizable, quantize_linears
+from engine.loading.quantize import (
+    DEFAULT_WIDE_ROWS,
+    QUANTIZATION_MODES,
+    QuantizedLinear,
+    quantizable,
+    quantize_linears,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +108,15 @@ def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, floa
     return timings, wide_rows
 
 
-def choose_and_quantize(model: nn.Module, requested: str) -> KernelChoice:
+def choose_and_quantize(model: nn.Module, requested: str | KernelChoice) -> KernelChoice:
     """Quantize the model's linear layers as `requested` ("auto": int8 where the decode class
-    measures faster than the unquantized kernel on this host), with the measured crossover."""
+    measures faster than the unquantized kernel on this host), with the measured crossover.
+
+    A KernelChoice is replayed without measuring: ranks of a tensor-parallel engine run the draft
+    with rank 0's choice, so that they propose alike."""
+    if isinstance(requested, KernelChoice):
+        quantize_linears(model, requested.quantization, requested.wide_rows or DEFAULT_WIDE_ROWS)
+        return requested
     if requested != "auto" and requested not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {requested!r}: expected auto or one of {', '.join(QUANTIZATION_MODES)}")
     cpu = all(p.device.type == "cpu" for p in model.parameters())

@@ -37,15 +37,27 @@ def _split_gguf(spec: str) -> tuple[str, dict]:
 
 
 def load_model(
-    spec: str, dtype: torch.dtype = torch.bfloat16, device: str | None = "cpu", device_map=None, max_memory=None
+    spec: str,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | None = "cpu",
+    device_map=None,
+    max_memory=None,
+    tensor_parallel_size: int = 1,
 ) -> PreTrainedModel:
     """A causal LM from a directory, GGUF file or hub id, in `dtype`, on `device` (or `device_map`).
 
     `max_memory` ({gpu index: bytes}) limits a string device map ("auto") to the planned GPUs.
+    `tensor_parallel_size` > 1: this rank's shard under the model's own TP plan (transformers places it
+    on the rank's device; torch.distributed must be initialised over that many ranks).
     """
     location, extra = _split_gguf(spec)
     if max_memory is not None:
         extra["max_memory"] = max_memory
+    if tensor_parallel_size > 1:
+        from transformers.distributed import DistributedConfig
+
+        extra["distributed_config"] = DistributedConfig(tp_size=tensor_parallel_size)
+        device = None
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, device_map=device_map, low_cpu_mem_usage=True, **extra
     )

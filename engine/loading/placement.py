@@ -8,6 +8,12 @@ and the model configs is `engine.loading.inventory` (its `plan_from_config` is t
 
 Defaults: N >= 2 GPUs: draft and head on GPU 0, target over the others (and GPU 0 too,
 with what the draft leaves, only if the others are too small). One GPU: both on it. None: CPU.
+With tensor parallelism (`plan_tensor_parallel`) every rank's GPU holds 1/N of the target's
+weights and KV cache next to a full replica of the draft and head.
+
+On GPUs the planner also sizes the KV budget (`Placement.kv_cache_tokens`): the tokens of
+cache that fit in what the weights leave, so the scheduler never admits more than the GPUs
+hold. On the CPU the cache grows in host memory and the budget is the flag's alone.
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ class Footprint:
 
     weight_bytes: int
     extra_bytes: int = 0
+    kv_bytes_per_token: int = 0  # 0: unknown, no KV budget is derived
+    kv_tokens: int = 0  # the tokens of KV cache counted in extra_bytes
+
+    @property
+    def static_bytes(self) -> int:
+        """What does not grow with the cache: weights and the head."""
+        return self.total - self.kv_bytes_per_token * self.kv_tokens
 
     @property
     def total(self) -> int:
@@ -53,8 +66,12 @@ class Placement:
     target_device_map: dict | str | None = None
     target_max_memory: dict[int, int] | None = None  # per-GPU weight budget (bytes) when sharded
     notes: list[str] = field(default_factory=list)  # the planner's reasoning, for the log
+    tensor_parallel_size: int = 1  # > 1: the target loads as this rank's shard (transformers' TP plan)
+    kv_cache_tokens: int | None = None  # the KV tokens the GPUs hold next to the weights (None: not limited)
 
     def describe_target(self) -> str:
+        if self.tensor_parallel_size > 1:
+            return f"{self.target_device}, 1/{self.tensor_parallel_size} of it per rank (tensor parallel)"
         if self.target_device is not None:
             return self.target_device
         if isinstance(self.target_device_map, dict):
@@ -118,18 +135,99 @@ def plan_placement(
         _reserve_draft(draft, draft_dev, budget, reserve_fraction, notes)
     candidates = _target_candidates(gpus, target_devices, draft_dev if draft is not None else None)
     devices = _fit_target(target, candidates, budget, reserve_fraction, draft is not None, notes)
+    kv_tokens = _kv_budget(target, draft, devices, draft_dev, budget, notes)
     if len(devices) == 1:
         notes.append(f"target on {devices[0]}: {fmt_bytes(target.total)}")
         _note_cpu_cache(notes, budget, target, devices[0], "target", budget.get(devices[0], 0) - target.weight_bytes)
-        return Placement(draft_device=draft_dev, target_device=devices[0], notes=notes)
+        return Placement(draft_device=draft_dev, target_device=devices[0], notes=notes, kv_cache_tokens=kv_tokens)
     max_memory = _shard_budgets(target, devices, budget)
     notes.append(
         f"target sharded over {', '.join(devices)}: {fmt_bytes(target.total)} in "
         + ", ".join(f"cuda:{i} <= {fmt_bytes(b)}" for i, b in max_memory.items())
     )
     return Placement(
-        draft_device=draft_dev, target_device=None, target_device_map="auto", target_max_memory=max_memory, notes=notes
+        draft_device=draft_dev, target_device=None, target_device_map="auto", target_max_memory=max_memory, notes=notes,
+        kv_cache_tokens=kv_tokens,
     )
+
+
+def plan_tensor_parallel(
+    gpu_count: int,
+    gpu: GpuInfo | None,
+    target: Footprint | int,
+    draft: Footprint | int | None,
+    tensor_parallel_size: int,
+    reserve_fraction: float = RESERVE_FRACTION,
+    cpu_bytes: int | None = None,
+) -> Placement:
+    """One rank's share: 1/N of the target's weights and KV, a whole draft and head, on its GPU `gpu`
+    (ranks 0..N-1 of a node use GPUs 0..N-1; each rank probes only its own), or on the CPU when the
+    node has no GPU (`gpu_count` 0). Raises before anything loads when the GPU cannot hold its share
+    plus one full-length sequence of KV. The KV budget is this GPU's; the ranks take the smallest
+    (engine/distributed.py)."""
+    n = tensor_parallel_size
+    target = _as_footprint(target)
+    draft = _as_footprint(draft) if draft is not None else Footprint(0)
+    if gpu_count == 0 or gpu is None:
+        need = target.weight_bytes + n * draft.weight_bytes  # the shards add up to one target; n drafts
+        if cpu_bytes is not None and need > cpu_bytes * (1 - reserve_fraction):
+            raise InsufficientMemoryError(
+                f"not enough host memory for {n} tensor-parallel ranks: the target's shards and {n} drafts need "
+                f"{fmt_bytes(need)}, {fmt_bytes(cpu_bytes * (1 - reserve_fraction))} usable")
+        notes = [f"target over {n} CPU ranks (tensor parallel), a draft replica on each"]
+        return Placement(draft_device="cpu", target_device="cpu", notes=notes, tensor_parallel_size=n)
+    if gpu_count < n:
+        raise PlacementError(f"--tensor-parallel-size {n} needs {n} GPUs on each node; {gpu_count} visible")
+    device = f"cuda:{gpu.index}"
+    budget = _usable_memory([gpu], reserve_fraction, None)
+    shard = Footprint(target.weight_bytes // n + 1, target.extra_bytes // n + 1,
+                      -(-target.kv_bytes_per_token // n), target.kv_tokens)
+    per_rank = Footprint(shard.weight_bytes + draft.weight_bytes, shard.extra_bytes + draft.extra_bytes,
+                         shard.kv_bytes_per_token + draft.kv_bytes_per_token, target.kv_tokens)
+    if per_rank.total > budget[device]:
+        raise InsufficientMemoryError(
+            f"not enough memory for tensor parallelism over {n} GPUs: each needs "
+            f"{_describe_need(per_rank, [device], 'KV cache and head')} (1/{n} of the target, a whole draft), "
+            f"{device} has {_room(budget, device)} after reserving {reserve_fraction:.0%}. "
+            "Use more GPUs (--tensor-parallel-size), a smaller --dtype, or a smaller draft."
+        )
+    kv_tokens = _tokens_that_fit(budget[device], per_rank)
+    notes = [f"1/{n} of the target (tensor parallel) and a draft replica on {device}: {fmt_bytes(per_rank.total)}; "
+             f"KV room for {kv_tokens} tokens"]
+    return Placement(draft_device=device, target_device=device, notes=notes, tensor_parallel_size=n,
+                     kv_cache_tokens=kv_tokens)
+
+
+def _tokens_that_fit(usable: int, fp: Footprint) -> int | None:
+    """Tokens of KV cache (`fp.kv_bytes_per_token` each) that `usable` bytes hold next to `fp`'s static part."""
+    if fp.kv_bytes_per_token <= 0:
+        return None
+    return max(usable - fp.static_bytes, 0) // fp.kv_bytes_per_token
+
+
+def _kv_budget(
+    target: Footprint, draft: Footprint | None, devices: list[str], draft_dev: str, budget: dict[str, int],
+    notes: list[str],
+) -> int | None:
+    """The KV tokens the GPUs hold after the weights (None on the CPU or when the sizes are unknown).
+
+    The target's GPUs are one pool (a layer map puts each layer's cache next to its weights, in the
+    proportion `_shard_budgets` keeps); `budget` has the draft's static share taken already. A draft
+    on a GPU of its own limits the budget by its own cache."""
+    if not all(d.startswith("cuda:") and d in budget for d in devices):
+        return None
+    usable = sum(max(budget[d], 0) for d in devices)
+    per_token = target.kv_bytes_per_token
+    if draft is not None and draft_dev in devices:
+        per_token += draft.kv_bytes_per_token
+        usable += draft.kv_bytes_per_token * draft.kv_tokens  # taken with the draft's reserve; counted per token
+    tokens = _tokens_that_fit(usable, Footprint(target.static_bytes, 0, per_token, 0))
+    if draft is not None and draft_dev not in devices and draft_dev in budget and draft.kv_bytes_per_token:
+        own = (budget[draft_dev] + draft.kv_bytes_per_token * draft.kv_tokens) // draft.kv_bytes_per_token
+        tokens = own if tokens is None else min(tokens, own)
+    if tokens is not None:
+        notes.append(f"KV budget: {tokens} tokens fit next to the weights")
+    return tokens
 
 
 def _as_footprint(fp: Footprint | int) -> Footprint:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.config import QUANTIZATION_MODES
+from engine.distributed import is_tensor_parallel
 from engine.loading.cpu_linear import PackedLinear, can_pack
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,15 @@ def wide_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 
 def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, layer) of every plain linear layer but the LM head that `bits` supports."""
+    """(parent, attribute, layer) of every plain linear layer but the LM head that `bits` supports (not the
+    shards of a tensor-parallel model: their weights are DTensors)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is not nn.Linear or child is head or child.weight.device.type != "cpu":
+                continue
+            if is_tensor_parallel(child):
                 continue
             if bits == 4 and child.in_features % INT4_GROUP_SIZE:
                 continue
