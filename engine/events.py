@@ -174,6 +174,9 @@ class EngineCosts:
     draft_scale: float
     target_scale: float
     candidate_budget: int  # what the model lets a sequence propose at the current batch size (engine/tuning.py)
+
+
+@dataclass
 class HeadCalibration:
     """One online calibrator's state (engine/calibration.py): a head's P(accept) = sigmoid(scale z + bias) in
     a temperature band, and how its recent predictions compare with the exact labels."""
