@@ -236,9 +236,7 @@ class EngineLoop:
     def report_calibration(self, finished: bool) -> None:
         """Report the calibrators when they saw new labels: at most every CALIBRATION_REPORT_SECONDS, and
         whenever a request finishes (before its final event, so its labels are in the metrics by its end)."""
-        calibration = getattr(self.engine, "calibration", None)
-        if calibration is None:
-            return
+        calibration = self.engine.calibration
         labels, now = calibration.labels_seen, time.monotonic()
         last_labels, last_time = self._calibration_reported
         if labels == last_labels or not (finished or now - last_time >= CALIBRATION_REPORT_SECONDS):

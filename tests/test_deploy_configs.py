@@ -104,6 +104,10 @@ def exported(tmp_path_factory, tiny_pair, tokenizer) -> list[tuple[str, dict, fl
             }
             r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120)
             assert r.status_code == 200, r.text
+        # a fixed level, so the head surely judges candidates whatever the cost model: the calibration gauges
+        body = {**body, "specdec": {"policy": "specdec++", "threshold": 0.5}}
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["specdec"]["judged_candidates"] > 0, r.text
         text = httpx.get(f"{live.url}/metrics", timeout=10).text
     finally:
         code = live.stop()

@@ -11,10 +11,12 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import CHEAP_DRAFT_COSTS
 from conftest import DISTRIBUTION_VOCAB as VOCAB
 from scipy.stats import chisquare
 
 import engine.speculate as speculate
+from engine.costs import LiveCosts
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from engine.sampling import Verdict, processed_probs, sample, sampling_cdf
@@ -91,11 +93,14 @@ def test_policy_matches_target_distribution(distribution_engine, spec, params):
     assert pvalue > 1e-3, f"{spec.policy}: chi-square p={pvalue:.2e}"
 
 
-def test_auto_with_online_calibration_refitting_matches_target_distribution(distribution_engine):
+def test_auto_with_online_calibration_refitting_matches_target_distribution(distribution_engine, monkeypatch):
     """Threshold auto while the head's online calibrator refits every few rounds (from labels of earlier
     rounds only): the stop rule keeps changing, the output distribution stays the target's."""
+    # The cheap-draft costs as they are (not refreshed from the tiny models' timings), so auto speculates.
+    monkeypatch.setattr(distribution_engine.tuning, "costs", LiveCosts(CHEAP_DRAFT_COSTS, smoothing=0.0))
     calibrator = distribution_engine.calibration.calibrators[("default", "sampled")]
-    calibrator.min_labels, calibrator.refit_every = 16, 8
+    monkeypatch.setattr(calibrator, "min_labels", 16)
+    monkeypatch.setattr(calibrator, "refit_every", 8)
     fits = calibrator.scale, calibrator.bias
     spec = SpecConfig(policy="specdec++", threshold="auto", bounds=(1, 6))
     counts = sample_two_tokens(distribution_engine, T1, spec)
