@@ -54,6 +54,7 @@ class CostModel:
     draft_batch: dict[int, float] = field(default_factory=dict)
     target_full: dict[int, float] = field(default_factory=dict)
     full_batch: int = 1
+    refresh: bool = True  # False: the engine keeps this model as given (reproducible runs, tests), no live refresh
     machine: dict = field(default_factory=dict)
 
     def target_seconds(self, tokens: float, sequences: int = 1) -> float:
@@ -109,6 +110,7 @@ class CostModel:
             {int(k): float(v) for k, v in (raw.get("draft_batch") or {}).items()},
             {int(k): float(v) for k, v in (raw.get("target_full") or {}).items()},
             int(raw.get("full_batch", 1)),
+            bool(raw.get("refresh", True)),
             raw.get("machine", {}),
         )
 
@@ -246,7 +248,7 @@ class LiveCosts:
         return math.exp(self._log_scale["target"])
 
     def _observe(self, model: str, observed: float, predicted: float) -> None:
-        if predicted <= 0.0 or observed <= 0.0:
+        if predicted <= 0.0 or observed <= 0.0 or not self.measured.refresh:
             return
         self._observations[model] += 1
         weight = max(self.smoothing, 1.0 / self._observations[model])

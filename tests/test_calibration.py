@@ -117,7 +117,6 @@ def engine(tiny_pair, tokenizer):
     head = random_head(target.config.hidden_size, seed=7)
     head.config.calibration = {"scale": 0.0, "bias": math.log(0.97 / 0.03)}
     engine = LLMEngine(target, draft, tokenizer, heads={"default": head}, costs=CHEAP_DRAFT_COSTS)
-    engine.tuning.costs.smoothing = 0.0  # keep the cheap-draft costs: the tiny models' timings would price drafts out
     return engine
 
 

@@ -4,6 +4,8 @@ running threshold "auto"."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import CHEAP_DRAFT_COSTS, random_head
@@ -193,7 +195,15 @@ def test_engine_reports_the_levels_it_used_and_learns(engine):
     assert MIN_LEVEL <= stats["mean_stop_level"] <= MAX_LEVEL
     fixed = engine.generate("hello world", params, SpecConfig(policy="specdec++", threshold=0.3)).stats
     assert fixed["stop_levels"] == [] and fixed["mean_stop_level"] is None
-    assert engine.tuning.costs.target_scale != 1.0  # the real forwards differ from the cheap model given
+    assert engine.tuning.costs.target_scale == 1.0  # a model with refresh False is kept as given
+
+
+def test_engine_refreshes_its_costs_from_its_own_forwards(tiny_pair, tokenizer):
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, costs=replace(CHEAP_DRAFT_COSTS, refresh=True))
+    engine.generate("hello", SamplingParams(temperature=0.0, max_tokens=6), SpecConfig(policy="none"))
+    assert engine.tuning.costs.target_scale != 1.0  # the tiny target's forwards cost other than the model given
+    assert engine.tuning.costs.current.target_seconds(1) != CHEAP_DRAFT_COSTS.target_seconds(1)
 
 
 def test_engine_measures_its_costs_when_given_none(tiny_pair, tokenizer):

@@ -17,9 +17,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engine.costs import CostModel
 
-# A cost model where drafting is cheap and verification flat: threshold "auto" then speculates, and
-# tests do not depend on what the tiny models' forwards happen to cost on the test machine.
-CHEAP_DRAFT_COSTS = CostModel(draft_step=0.01, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 64: 0.12})
+# A cost model where drafting is cheap and verification flat, held fixed (no live refresh): threshold "auto"
+# then speculates, and tests do not depend on what the tiny models' forwards cost on the test machine.
+CHEAP_DRAFT_COSTS = CostModel(draft_step=0.01, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 64: 0.12},
+                              refresh=False)
 CHARS = string.ascii_lowercase + " .,\n"
 EOS = "<eos>"
 
