@@ -6,7 +6,7 @@ body with them), and plain data (no tensors), so they cross process queues as th
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -172,7 +172,7 @@ class SpecConfig(BaseModel):
 
     policy: PolicyName = "specdec++"
     k: int = Field(4, ge=1, le=64)
-    threshold: Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)] | Literal["auto"] = Field(
+    threshold: float | Literal["auto"] = Field(
         AUTO, description='"auto": the level the cost model derives each round (engine/tuning.py); a number fixes it')
     bounds: tuple[int, int] = (1, 20)
     p_min: float = Field(0.4, gt=0.0, lt=1.0)
@@ -181,6 +181,22 @@ class SpecConfig(BaseModel):
                             "decoding); each path proposes up to the policy's candidates")
     over_acceptance: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
                                    description="epsilon of lossy over-acceptance; 0 is lossless")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_auto_or_probability(cls, value: object) -> object:
+        """"auto", or a number strictly inside (0, 1): one error naming the field either way."""
+        if value == AUTO:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError('threshold must be "auto" or a number in (0, 1)')
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError('threshold must be "auto" or a number in (0, 1)') from None
+        if not 0.0 < number < 1.0:
+            raise ValueError('threshold must be "auto" or a number in (0, 1)')
+        return number
 
     @field_validator("bounds")
     @classmethod
