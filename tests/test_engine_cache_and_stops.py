@@ -142,8 +142,8 @@ def test_mismatched_vocabularies(tokenizer):
 
 @pytest.mark.parametrize(
     ("fields", "message"),
-    [({"k": 0}, "greater than or equal to 1"), ({"threshold": 0.0}, "greater than 0"),
-     ({"threshold": 1.0}, "less than 1"), ({"bounds": (5, 2)}, "must be <= max"),
+    [({"k": 0}, "greater than or equal to 1"), ({"threshold": 0.0}, r"\"auto\" or a number in \(0, 1\)"),
+     ({"threshold": 1.0}, r"\"auto\" or a number in \(0, 1\)"), ({"bounds": (5, 2)}, "must be <= max"),
      ({"policy": "fastest"}, "Input should be")],
 )
 def test_spec_config_errors(fields, message):

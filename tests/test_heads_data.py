@@ -319,7 +319,8 @@ def test_cli_train_eval_predict(engine, tmp_path, capsys):
     assert main(args) == 0
     predicted = json.loads(out.read_text())
     assert predicted["logged_k"] == 4
-    assert set(predicted["best"]) == {"none", "constant", "confidence", "specdec++", "oracle"}
+    assert set(predicted["best"]) == {"none", "constant", "confidence", "specdec++", "specdec++ auto", "oracle"}
+    assert predicted["best"]["specdec++ auto"]["knob"] == "auto"  # the engine's self-tuning, replayed
     assert predicted["best"]["none"]["speedup"] == pytest.approx(1.0)
     assert "specdec++" in capsys.readouterr().out
 
