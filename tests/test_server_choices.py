@@ -59,8 +59,8 @@ def test_several_prompts_times_n_are_numbered_as_openai(client):
 
 
 def test_streamed_choices_carry_their_index(client):
-    kwargs = dict(model=TARGET_NAME, messages=CHAT, max_tokens=10, temperature=0.9, seed=9,
-                  extra_body={"ignore_eos": True})
+    kwargs = dict(model=TARGET_NAME, messages=CHAT, max_tokens=10, temperature=0.9, seed=9,  # fixed threshold:
+                  extra_body={"ignore_eos": True, "specdec": {"threshold": 0.5}})  # see test_server's streaming test
     full = client.chat.completions.create(n=3, **kwargs)
     chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kwargs))
     texts, roles, finishes = ["", "", ""], set(), []
