@@ -78,7 +78,7 @@ def test_streamed_chat_with_choices_and_sampling(client):
     assert finished == {0: "length", 1: "length"} and all(text.values())
 
 
-@pytest.mark.skip(reason="fails on main after the self-tuning merge (passes on the tp branch); not yet diagnosed (issue 17)")
+@pytest.mark.skip(reason="fails on main after the self-tuning merge, passes on the tp branch; issue 17")
 def test_killing_a_rank_restarts_the_engine(server, client):
     followers = follower_pids(server)
     assert len(followers) == 1
