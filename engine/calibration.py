@@ -150,13 +150,21 @@ class Calibrators:
     """The deployment's online calibrators: one per loaded head and temperature band."""
 
     def __init__(self, heads: dict[str, AcceptanceHead], learning: bool = True) -> None:
-        self.calibrators = {
-            (name, band): OnlineCalibrator(head.config.calibration["scale"], head.config.calibration["bias"], learning)
-            for name, head in heads.items() for band in BANDS
-        }
+        self.heads, self.learning = heads, learning  # the engine's own dict: a head loaded later is calibrated too
+        self.calibrators: dict[tuple[str, str], OnlineCalibrator] = {}
+        for name in heads:
+            for band in BANDS:
+                self._calibrator(name, band)
+
+    def _calibrator(self, head: str, band: str) -> OnlineCalibrator:
+        """The calibrator of `head` in `band`, started from the head's shipped calibration on first use."""
+        if (head, band) not in self.calibrators:
+            shipped = self.heads[head].config.calibration
+            self.calibrators[(head, band)] = OnlineCalibrator(shipped["scale"], shipped["bias"], self.learning)
+        return self.calibrators[(head, band)]
 
     def for_request(self, head: str, params: SamplingParams) -> OnlineCalibrator:
-        return self.calibrators[(head, temperature_band(params))]
+        return self._calibrator(head, temperature_band(params))
 
     @property
     def labels_seen(self) -> int:

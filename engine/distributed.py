@@ -198,6 +198,7 @@ def build_rank_zero(config: EngineConfig) -> LLMEngine:
     """Start (or, under torchrun, join) the ranks and load this rank's shard: rank 0's engine, which
     publishes a plan before each step. The followers take its decisions: the resolved config with its
     KV budget (every scheduler admits alike) and the draft's measured kernels (every draft proposes alike)."""
+    from engine.costs import CostModel
     from engine.factory import assemble_engine, load_models, resolve_paths, with_planned_kv_budget
     from engine.loading.inventory import load_model_config, plan_from_config
 
@@ -218,8 +219,12 @@ def build_rank_zero(config: EngineConfig) -> LLMEngine:
     ranks.share(config.to_dict())
     placement = agreed_kv_budget(plan_from_config(config, target, draft), ranks.plan_group)
     config = with_planned_kv_budget(config, placement)
-    engine = assemble_engine(config, load_models(config, target, draft, head, placement))  # all ranks load at once
+    # All ranks load at once; rank 0 measures its draft's kernels, sends them, and then every rank times the
+    # cost model's target forwards together (they all-reduce). Rank 0's model reaches the followers with
+    # each step's shared state.
+    engine = assemble_engine(config, load_models(config, target, draft, head, placement), measure_costs_now=False)
     ranks.share(draft_decisions(engine))
+    engine.start_self_tuning(CostModel.load(config.cost_model) if config.cost_model else None)
     engine.lockstep = ranks
     log.info("rank 0 of %d ready", world_size)
     return engine

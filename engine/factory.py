@@ -80,9 +80,12 @@ def load_models(
             "heads": heads}
 
 
-def assemble_engine(config: EngineConfig, models: dict, draft_kernels: KernelChoice | None = None) -> LLMEngine:
+def assemble_engine(
+    config: EngineConfig, models: dict, draft_kernels: KernelChoice | None = None, measure_costs_now: bool = True
+) -> LLMEngine:
     """The engine over `load_models`' models. `draft_kernels`: a kernel choice to replay on the draft
-    instead of measuring one (a follower rank takes rank 0's)."""
+    instead of measuring one (a follower rank takes rank 0's). `measure_costs_now` False: a cost model
+    to measure is left to `LLMEngine.start_self_tuning` (rank 0 of a tensor-parallel target)."""
     return LLMEngine(
         **models,
         max_model_len=config.max_model_len,
@@ -94,6 +97,7 @@ def assemble_engine(config: EngineConfig, models: dict, draft_kernels: KernelCho
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
         online_calibration=config.online_calibration,
         max_over_acceptance=config.max_over_acceptance,
+        measure_costs_now=measure_costs_now,
     )
 
 

@@ -84,6 +84,7 @@ class LLMEngine:
         costs: CostModel | None = None,
         online_calibration: bool = True,
         max_over_acceptance: float = 0.0,
+        measure_costs_now: bool = True,
     ) -> None:
         if default_spec is not None and not default_spec.lossless:
             raise ValueError("over-acceptance is lossy: it is asked for per request, never by the default spec")
@@ -116,8 +117,17 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
         # Rank 0 of a tensor-parallel target (engine/distributed.py): sends each step's requests to the other ranks.
         self.lockstep: Ranks | None = None
-        # The cost model (`costs`, else measured here now) behind threshold "auto" and its budgets.
-        self.tuning = SelfTuning(LiveCosts(costs or self._measure_costs())) if self.draft is not None else None
+        # The cost model (`costs`, else measured) behind threshold "auto" and its budgets. Rank 0 of a
+        # tensor-parallel target measures later (`start_self_tuning`): its followers must join the forwards.
+        self.tuning: SelfTuning | None = None
+        if measure_costs_now or costs is not None:
+            self.start_self_tuning(costs)
+
+    def start_self_tuning(self, costs: CostModel | None = None) -> None:
+        """Start the self-tuning from `costs`, else from a cost model measured now (every rank of a
+        tensor-parallel target at once: the target's forwards all-reduce)."""
+        if self.draft is not None:
+            self.tuning = SelfTuning(LiveCosts(costs or self._measure_costs()))
 
     def _measure_costs(self) -> CostModel:
         config = self.scheduler.config

@@ -20,6 +20,10 @@ from specdecpp.bench.serving import free_port as free_port  # re-exported for th
 
 TARGET_NAME = "tiny-target"
 DRAFT_NAME = "tiny-draft"
+# A fixed speculation structure for tests that compare two seeded requests token for token: the specdec++
+# rule's rounds follow live state (online calibration, the acceptance estimate, the cost model), so under it a
+# seed fixes the output's distribution, not its exact tokens from one request to the next.
+SEED_REPRODUCIBLE = {"policy": "constant", "k": 4}
 
 
 def save_tiny_pair(root: Path, target, draft, tokenizer, head: AcceptanceHead) -> dict[str, Path]:

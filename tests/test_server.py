@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 from conftest import random_head
-from live_server import DRAFT_NAME, TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import DRAFT_NAME, SEED_REPRODUCIBLE, TARGET_NAME, LiveServer, save_tiny_pair
 from tiny import CHEAP_DRAFT_COSTS
 from transformers import AutoTokenizer
 
@@ -173,10 +173,8 @@ def test_head_calibration_metrics_after_a_request(server, client):
 
 
 def test_streaming_matches_non_streaming(client):
-    # A fixed threshold: under "auto" the rounds follow live state (the deployment's acceptance estimate), so a
-    # seed fixes the output's distribution but not its exact tokens from one request to the next.
     kwargs = dict(model=TARGET_NAME, messages=CHAT, max_tokens=40, temperature=0.8, seed=7,
-                  extra_body={"specdec": {"threshold": 0.5}})
+                  extra_body={"specdec": SEED_REPRODUCIBLE})
     full = client.chat.completions.create(**kwargs)
     chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -400,7 +398,8 @@ def test_non_finite_and_huge_numbers(server, client):
                           content=b'{"model": "%s", "prompt": "a", "max_tokens": 2, %s}' % (TARGET_NAME.encode(), body))
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == body.split(b'"')[1].decode()
-    kwargs = dict(model=TARGET_NAME, prompt="abc", max_tokens=6, temperature=1.0)
+    kwargs = dict(model=TARGET_NAME, prompt="abc", max_tokens=6, temperature=1.0,
+                  extra_body={"specdec": SEED_REPRODUCIBLE})
     big = client.completions.create(**kwargs, seed=2**80)  # reduced modulo 2**64, deterministically
     assert big.choices[0].text == client.completions.create(**kwargs, seed=2**80).choices[0].text
     assert big.choices[0].text == client.completions.create(**kwargs, seed=2**80 % 2**64).choices[0].text
@@ -408,9 +407,10 @@ def test_non_finite_and_huge_numbers(server, client):
 
 def test_top_k_minus_one_is_off(client):
     kwargs = dict(model=TARGET_NAME, prompt="the quick", max_tokens=12, temperature=1.0, seed=11)
-    plain = client.completions.create(**kwargs).choices[0].text
-    assert client.completions.create(**kwargs, extra_body={"top_k": -1}).choices[0].text == plain
-    assert client.completions.create(**kwargs, extra_body={"top_k": 0}).choices[0].text == plain
+    plain = client.completions.create(**kwargs, extra_body={"specdec": SEED_REPRODUCIBLE}).choices[0].text
+    for top_k in (-1, 0):
+        body = {"top_k": top_k, "specdec": SEED_REPRODUCIBLE}
+        assert client.completions.create(**kwargs, extra_body=body).choices[0].text == plain
 
 
 def test_several_prompts_get_one_choice_each(client):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 from conftest import random_head
-from live_server import TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import SEED_REPRODUCIBLE, TARGET_NAME, LiveServer, save_tiny_pair
 
 CHAT = [{"role": "user", "content": "hello there"}]
 
@@ -39,7 +39,7 @@ def test_greedy_choices_are_the_n_1_answer(client):
 
 def test_seeded_choices_are_reproducible_and_start_with_the_n_1_answer(client):
     kwargs = dict(model=TARGET_NAME, prompt="the quick", max_tokens=16, temperature=1.0, seed=42,
-                  extra_body={"ignore_eos": True})
+                  extra_body={"ignore_eos": True, "specdec": SEED_REPRODUCIBLE})
     single = client.completions.create(**kwargs).choices[0].text
     three = [c.text for c in client.completions.create(n=3, **kwargs).choices]
     assert three[0] == single
@@ -59,8 +59,8 @@ def test_several_prompts_times_n_are_numbered_as_openai(client):
 
 
 def test_streamed_choices_carry_their_index(client):
-    kwargs = dict(model=TARGET_NAME, messages=CHAT, max_tokens=10, temperature=0.9, seed=9,  # fixed threshold:
-                  extra_body={"ignore_eos": True, "specdec": {"threshold": 0.5}})  # see test_server's streaming test
+    kwargs = dict(model=TARGET_NAME, messages=CHAT, max_tokens=10, temperature=0.9, seed=9,
+                  extra_body={"ignore_eos": True, "specdec": SEED_REPRODUCIBLE})
     full = client.chat.completions.create(n=3, **kwargs)
     chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kwargs))
     texts, roles, finishes = ["", "", ""], set(), []

@@ -13,7 +13,7 @@ import signal
 import openai
 import pytest
 from conftest import random_head
-from live_server import TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import SEED_REPRODUCIBLE, TARGET_NAME, LiveServer, save_tiny_pair
 
 from engine.events import TokenLogprob
 from server.protocol import LOGPROB_FLOOR, chat_logprobs, completion_logprobs
@@ -68,7 +68,8 @@ def test_chat_logprobs_shape_and_lossless(client):
 
 
 def test_chat_logprobs_stream_like_the_body(client):
-    kwargs = dict(max_tokens=30, temperature=0.8, seed=5, logprobs=True, top_logprobs=2)
+    kwargs = dict(max_tokens=30, temperature=0.8, seed=5, logprobs=True, top_logprobs=2,
+                  extra_body={"specdec": SEED_REPRODUCIBLE})
     full = chat(client, **kwargs)
     chunks = list(chat(client, **kwargs, stream=True, stream_options={"include_usage": True}))
     streamed = [c for chunk in chunks if chunk.choices and chunk.choices[0].logprobs

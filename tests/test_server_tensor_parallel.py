@@ -24,9 +24,6 @@ from engine.params import SamplingParams, SpecConfig
 
 pytestmark = [
     pytest.mark.timeout(600),
-    # On main the ranks wait in a collective since the self-tuning merge (rank 0 times its forwards at start);
-    # the tp branch passes. Skipped until diagnosed, so CI does not hang (issue 17).
-    pytest.mark.skip(reason="TP ranks hang on main since the self-tuning merge; issue 17"),
 ]
 
 
@@ -83,7 +80,6 @@ def test_streamed_chat_with_choices_and_sampling(client):
     assert finished == {0: "length", 1: "length"} and all(text.values())
 
 
-@pytest.mark.skip(reason="fails on main after the self-tuning merge, passes on the tp branch; issue 17")
 def test_killing_a_rank_restarts_the_engine(server, client):
     followers = follower_pids(server)
     assert len(followers) == 1

@@ -31,9 +31,6 @@ from engine.params import SamplingParams, SpecConfig
 
 pytestmark = [
     pytest.mark.timeout(600),
-    # On main the ranks wait in a collective since the self-tuning merge (rank 0 times its forwards at start);
-    # the tp branch passes. Skipped until diagnosed, so CI does not hang (issue 17).
-    pytest.mark.skip(reason="TP ranks hang on main since the self-tuning merge; issue 17"),
 ]
 POLICIES = [
     SpecConfig(policy="none"),
