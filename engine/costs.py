@@ -25,6 +25,7 @@ from engine.runner import ModelRunner, crop_cache
 from engine.sampling import processed_probs, sample
 
 SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost level
+LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, without a warm-up
 
 
 def interpolate(points: dict[int, float], x: float) -> float:
@@ -166,10 +167,11 @@ def measure_costs(
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, min(target.vocab_size, draft.vocab_size), (n,), generator=generator)
 
-    def fastest(fn: Callable[[], object], times: int) -> float:
+    def fastest(fn: Callable[[], object], times: int, warm_up: bool = True) -> float:
         """The fastest of `times` calls after a warm-up: another process stealing the CPU (or an
         OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do."""
-        fn()  # warm-up: first calls allocate
+        if warm_up:
+            fn()  # first calls allocate
         samples = []
         for _ in range(times):
             t0 = time.perf_counter()
@@ -177,33 +179,34 @@ def measure_costs(
             samples.append(time.perf_counter() - t0)
         return min(samples)
 
-    def target_forward(n: int, sequences: int = 1) -> float:
-        caches = [target.new_cache() for _ in range(sequences)]
+    def prefilled(runner: ModelRunner, sequences: int) -> list:
+        caches = [runner.new_cache() for _ in range(sequences)]
         for cache in caches:
-            target.forward(ids(context).unsqueeze(0), cache)
-        sizes = [n // sequences + (i < n % sequences) for i in range(sequences)]
+            runner.forward(ids(context).unsqueeze(0), cache)
+        return caches
+
+    def timed(runner: ModelRunner, caches: list, n: int) -> float:
+        """One forward of `n` tokens spread over `caches` (cropped back to the context after each call).
+        From LONG_FORWARD tokens on, allocation and noise are small against the forward itself: one
+        call, no warm-up (the counts depend on `n` alone, so every rank of a TP target calls alike)."""
+        sizes = [n // len(caches) + (i < n % len(caches)) for i in range(len(caches))]
 
         def once() -> None:
-            target.forward_batch([ids(size) for size in sizes], caches, [1] * sequences)
+            runner.forward_batch([ids(size) for size in sizes], caches, [1] * len(caches))
             for cache in caches:
                 crop_cache(cache, context)
 
-        return fastest(once, reps)
+        long = n >= LONG_FORWARD
+        return fastest(once, 1 if long else reps, warm_up=not long)
 
-    def draft_forward(b: int) -> float:
-        caches = [draft.new_cache() for _ in range(b)]
-        for cache in caches:
-            draft.forward(ids(context).unsqueeze(0), cache)
-
-        def once() -> None:
-            draft.forward_batch([ids(1) for _ in range(b)], caches, [1] * b)
-            for cache in caches:
-                crop_cache(cache, context)
-
-        return fastest(once, reps)
-
-    draft_batch = monotone({b: draft_forward(b) for b in powers_of_two(max_sequences)})
+    one_sequence = prefilled(target, 1)
+    target_one = monotone({n: timed(target, one_sequence, n) for n in powers_of_two(max_tokens)})
+    del one_sequence
     full = min(max_sequences, max_tokens)
+    full_batch = prefilled(target, full)
+    target_full = monotone({n: timed(target, full_batch, n) for n in powers_of_two(max_tokens) if n >= full})
+    del full_batch
+    draft_batch = monotone({b: timed(draft, prefilled(draft, b), b) for b in powers_of_two(max_sequences)})
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
     params = SamplingParams(temperature=1.0)
     one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)
@@ -214,9 +217,9 @@ def measure_costs(
         draw=fastest(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1),
         features=fastest(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1),
         head=fastest(lambda: head.accept_prob(state, features), 2 * reps + 1) if head is not None else 0.0,
-        target=monotone({n: target_forward(n) for n in powers_of_two(max_tokens)}),
+        target=target_one,
         draft_batch=draft_batch,
-        target_full=monotone({n: target_forward(n, full) for n in powers_of_two(max_tokens) if n >= full}),
+        target_full=target_full,
         full_batch=full,
     )
 

@@ -306,10 +306,11 @@ def verify_candidates(
             continue
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator, p.seq.spec.over_acceptance))
-        if tuning is not None and p.tokens:
-            tuning.observe_acceptance(acceptance_labels(cand, q, target_probs).tolist())
+        labels = acceptance_labels(cand, q, target_probs).tolist() if p.tokens else []
+        if tuning is not None and labels:
+            tuning.observe_acceptance(labels)
         if p.judgements:
-            observe_judgements(p, acceptance_labels(cand, q, target_probs).tolist())
+            observe_judgements(p, labels)
         if p.seq.params.logprobs is not None:
             verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:

@@ -28,38 +28,31 @@ TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2
 LEVEL_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # a probability in (0, 1)
 
 
+# The per-policy counters each finished request adds its stats to: metric name (specdec_NAME_total), the
+# RequestStats field, help.
+POLICY_COUNTERS = (
+    ("generated_tokens", "generated_tokens", "Completion tokens produced"),
+    ("draft_tokens", "proposed_tokens", "Draft tokens proposed"),
+    ("accepted_tokens", "accepted_tokens", "Proposed draft tokens that ended up in the completion"),
+    ("discarded_tokens", "discarded_tokens", "Proposed draft tokens thrown away (rejected or cut)"),
+    ("target_calls", "target_calls", "Target forward passes in the decode phase"),
+    ("verified_positions", "verified_positions", "Candidate positions where the acceptance test ran"),
+    ("expected_accepted", "expected_accepted",
+     "Sum over verified positions of P(accepted): sum_v min(q, p + epsilon), epsilon 0 unless lossy"),
+    ("expected_rejections", "expected_rejections", "Sum over verified positions of P(rejected): TV(p, q)"),
+    ("rejections", "rejections", "Rounds whose acceptance test rejected a candidate"),
+)
+
+
 class ServerMetrics:
     """One registry per server, so several apps (tests) can live in one process."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r, p = self.registry, ["policy"]
-        self.generated_tokens = Counter(
-            "specdec_generated_tokens", "Completion tokens produced", p, registry=r
-        )
-        self.draft_tokens = Counter("specdec_draft_tokens", "Draft tokens proposed", p, registry=r)
-        self.accepted_tokens = Counter(
-            "specdec_accepted_tokens", "Proposed draft tokens that ended up in the completion", p, registry=r
-        )
-        self.discarded_tokens = Counter(
-            "specdec_discarded_tokens", "Proposed draft tokens thrown away (rejected or cut)", p, registry=r
-        )
-        self.target_calls = Counter(
-            "specdec_target_calls", "Target forward passes in the decode phase", p, registry=r
-        )
-        self.verified_positions = Counter(
-            "specdec_verified_positions", "Candidate positions where the acceptance test ran", p, registry=r
-        )
-        self.expected_accepted = Counter(
-            "specdec_expected_accepted", "Sum over verified positions of P(accepted): sum_v min(q, p + epsilon), "
-            "epsilon 0 unless lossy", p, registry=r
-        )
-        self.expected_rejections = Counter(
-            "specdec_expected_rejections", "Sum over verified positions of P(rejected): TV(p, q)", p, registry=r
-        )
-        self.rejections = Counter(
-            "specdec_rejections", "Rounds whose acceptance test rejected a candidate", p, registry=r
-        )
+        self.policy_counters = {
+            field: Counter(f"specdec_{name}", help_text, p, registry=r) for name, field, help_text in POLICY_COUNTERS
+        }
         self.lossy_requests = Counter(
             "specdec_lossy_requests", "Finished requests served with over-acceptance > 0: output not the target's "
             "distribution", p, registry=r
@@ -169,15 +162,8 @@ class ServerMetrics:
         if stats is None:
             return
         policy = stats.policy
-        self.generated_tokens.labels(policy).inc(stats.generated_tokens)
-        self.draft_tokens.labels(policy).inc(stats.proposed_tokens)
-        self.accepted_tokens.labels(policy).inc(stats.accepted_tokens)
-        self.discarded_tokens.labels(policy).inc(stats.discarded_tokens)
-        self.target_calls.labels(policy).inc(stats.target_calls)
-        self.verified_positions.labels(policy).inc(stats.verified_positions)
-        self.expected_accepted.labels(policy).inc(stats.expected_accepted)
-        self.expected_rejections.labels(policy).inc(max(stats.expected_rejections, 0.0))
-        self.rejections.labels(policy).inc(stats.rejections)
+        for field, counter in self.policy_counters.items():
+            counter.labels(policy).inc(max(getattr(stats, field), 0))  # a float sum may round below 0
         if not stats.lossless:
             self.lossy_requests.labels(policy).inc()
         for candidates, accepted in zip(stats.candidate_lengths, stats.accepted_lengths, strict=True):

@@ -30,6 +30,29 @@ from engine.llm_engine import LLMEngine  # noqa: E402
 DISTRIBUTION_VOCAB = 6  # the distribution tests' vocabulary: exact two-token distributions stay cheap
 
 
+def fresh_prefill(runner, ids: list[int]):
+    """A new cache of `runner` (a ModelRunner) after one forward over `ids`."""
+    cache = runner.new_cache()
+    runner.forward(torch.tensor([ids]), cache)
+    return cache
+
+
+def assert_caches_equal_fresh_prefill(engine: LLMEngine, seq) -> None:
+    """After a round (its rollback included), `seq`'s target cache holds every token but the newest and its
+    draft cache a prefix of the sequence, each equal to a fresh prefill of those tokens."""
+    ids = seq.all_ids
+    assert seq.target_kv.cached == len(ids) - 1 == seq.target_kv.cache.get_seq_length()
+    runners = [(engine.target, seq.target_kv)]
+    if engine.draft is not None:
+        assert seq.draft_kv.cached == seq.draft_kv.cache.get_seq_length() <= len(ids)
+        runners.append((engine.draft, seq.draft_kv))
+    for runner, kv in runners:
+        reference = fresh_prefill(runner, ids[: kv.cached])
+        for layer, fresh in zip(kv.cache.layers, reference.layers, strict=True):
+            torch.testing.assert_close(layer.keys, fresh.keys, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(layer.values, fresh.values, atol=1e-5, rtol=1e-4)
+
+
 def perturbed(model: torch.nn.Module, noise: float, seed: int) -> torch.nn.Module:
     """A copy of `model` with Gaussian noise on every weight: a draft that mostly agrees."""
     draft = copy.deepcopy(model)

@@ -9,8 +9,10 @@ launcher (specdecpp/bench/serving.py).
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import psutil
 from tiny import CHEAP_DRAFT_COSTS
 
@@ -65,3 +67,21 @@ class LiveServer(ServerProcess):
     def stop(self) -> int:
         """SIGINT, as Ctrl-C would: the tests check the graceful exit code."""
         return super().stop(signal.SIGINT, timeout=30)
+
+
+def serve(paths: dict[str, Path], log_dir: Path, extra_args: tuple[str, ...] = (),
+          check_exit: bool = False) -> Iterator[LiveServer]:
+    """A module fixture's body (`yield from serve(...)`): the tiny models in `paths` served until the module
+    ends; `check_exit` also asserts the graceful exit code of Ctrl-C."""
+    live = LiveServer(paths, log_dir / "server.log", extra_args)
+    try:
+        live.wait_healthy()
+        yield live
+    finally:
+        code = live.stop()
+        assert not check_exit or code in (0, 130, -signal.SIGINT), live.log()
+
+
+def openai_client(server: LiveServer, api_key: str = "none", timeout: float = 120) -> openai.OpenAI:
+    """The official SDK against `server`, without retries (a retry would hide a failure)."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=timeout)

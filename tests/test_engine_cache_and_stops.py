@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturbed, random_head
+from conftest import assert_caches_equal_fresh_prefill, fresh_prefill, perturbed, random_head
 from pydantic import ValidationError
 from tiny import char_tokenizer, tiny_model
 
@@ -13,16 +13,6 @@ from engine.loading.loader import VocabularyMismatchError
 from engine.params import SamplingParams, SpecConfig
 from engine.runner import ModelRunner
 from engine.scheduler import SchedulerConfig
-
-
-def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def fresh_prefill(runner: ModelRunner, ids: list[int]):
-    cache = runner.new_cache()
-    runner.forward(torch.tensor([ids]), cache)
-    return cache
 
 
 @pytest.mark.parametrize(
@@ -45,15 +35,7 @@ def test_caches_equal_fresh_prefill_after_every_round(tiny_pair, tokenizer, spec
             break
         rounds += 1
         rejected_rounds += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
-        ids = seq.all_ids
-        # Target cache: every token but the newest one; draft cache: a prefix of the sequence.
-        assert seq.target_kv.cached == len(ids) - 1 == seq.target_kv.cache.get_seq_length()
-        assert seq.draft_kv.cached == seq.draft_kv.cache.get_seq_length() <= len(ids)
-        for runner, kv in ((engine.target, seq.target_kv), (engine.draft, seq.draft_kv)):
-            reference = fresh_prefill(runner, ids[: kv.cached])
-            for (k, v), (rk, rv) in zip(cache_tensors(kv.cache), cache_tensors(reference), strict=True):
-                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
+        assert_caches_equal_fresh_prefill(engine, seq)
     assert rounds > 3 and rejected_rounds > 0  # rollback really happened
     assert seq.target_kv.cache is None and seq.draft_kv.cache is None  # freed when finished
 
@@ -221,11 +203,10 @@ def test_forked_caches_equal_a_fresh_prefill(tiny_pair, tokenizer, monkeypatch):
                                  (engine.draft, seq.draft_kv, leader.draft_kv)):
             assert kv.cached == len(prompt) == kv.cache.get_seq_length()
             reference = fresh_prefill(runner, prompt)
-            for (k, v), (rk, rv), (lk, _) in zip(cache_tensors(kv.cache), cache_tensors(reference),
-                                                 cache_tensors(lead.cache), strict=True):
-                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
-                assert k.data_ptr() != lk.data_ptr()  # its own copy: rollbacks stay apart
+            for layer, fresh, lead_layer in zip(kv.cache.layers, reference.layers, lead.cache.layers, strict=True):
+                torch.testing.assert_close(layer.keys, fresh.keys, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(layer.values, fresh.values, atol=1e-5, rtol=1e-4)
+                assert layer.keys.data_ptr() != lead_layer.keys.data_ptr()  # its own copy: rollbacks stay apart
     run_to_end(engine)
 
 

@@ -7,9 +7,8 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import random_head
+from conftest import assert_caches_equal_fresh_prefill, fresh_prefill, random_head
 from test_engine_batching import run_all
-from test_engine_cache_and_stops import cache_tensors, fresh_prefill
 from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
 from test_theory import P, Q, total_variation
 
@@ -171,14 +170,7 @@ def test_caches_equal_fresh_prefill_after_every_round(engine, temperature):
         engine.step()
         if seq.finished:
             break
-        ids = seq.all_ids
-        assert seq.target_kv.cached == len(ids) - 1 == seq.target_kv.cache.get_seq_length()
-        assert seq.draft_kv.cached == seq.draft_kv.cache.get_seq_length() <= len(ids)
-        for runner, kv in ((engine.target, seq.target_kv), (engine.draft, seq.draft_kv)):
-            reference = fresh_prefill(runner, ids[: kv.cached])
-            for (k, v), (rk, rv) in zip(cache_tensors(kv.cache), cache_tensors(reference), strict=True):
-                torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
+        assert_caches_equal_fresh_prefill(engine, seq)
     stats = seq.stats
     assert stats.rounds - 1 <= len(stats.accepted_paths) <= stats.rounds  # the last round may not speculate
     assert stats.rounds > 3

@@ -11,10 +11,9 @@ import subprocess
 import time
 
 import httpx
-import openai
 import pytest
 from conftest import random_head
-from live_server import TARGET_NAME, LiveServer, free_port, save_tiny_pair
+from live_server import TARGET_NAME, free_port, openai_client, save_tiny_pair, serve
 
 PROMETHEUS = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/bin:/usr/local/bin")
 pytestmark = pytest.mark.skipif(
@@ -26,12 +25,7 @@ pytestmark = pytest.mark.skipif(
 def server(tmp_path_factory, tiny_pair, tokenizer):
     root = tmp_path_factory.mktemp("prom-models")
     paths = save_tiny_pair(root, *tiny_pair, tokenizer, random_head(32, seed=4))
-    live = LiveServer(paths, root / "server.log")
-    try:
-        live.wait_healthy()
-        yield live
-    finally:
-        live.stop()
+    yield from serve(paths, root)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +70,7 @@ def query(url: str, expr: str) -> float | None:
 
 
 def test_prometheus_reports_the_discard_rate(server, prometheus):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(server)
     totals = {"discarded": 0, "generated": 0, "target_calls": 0}
     for i, policy in enumerate(("specdec++", "constant", "heuristic", "confidence", "specdec++")):
         resp = client.completions.create(

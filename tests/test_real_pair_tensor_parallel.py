@@ -20,9 +20,6 @@ from specdecpp.model_store import ensure_default_pair
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(3600),
-    # It failed in its first run on the 2-core, 24 GiB development host (the pair loaded three times in one
-    # process tree), not yet diagnosed; the TP=2 identity is proven on tiny models in tests/test_tensor_parallel.py.
-    pytest.mark.skip(reason="real-pair TP=2 failed on the 2-core 24 GiB host, not yet diagnosed (issue 17)"),
 ]
 PROMPT = [{"role": "user", "content": "Write a Python function that reverses a string."}]
 

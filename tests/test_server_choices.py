@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 from conftest import random_head
-from live_server import SEED_REPRODUCIBLE, TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import SEED_REPRODUCIBLE, TARGET_NAME, openai_client, save_tiny_pair, serve
 
 CHAT = [{"role": "user", "content": "hello there"}]
 
@@ -13,17 +13,12 @@ CHAT = [{"role": "user", "content": "hello there"}]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_pair, tokenizer):
     paths = save_tiny_pair(tmp_path_factory.mktemp("choices-models"), *tiny_pair, tokenizer, random_head(32, seed=3))
-    live = LiveServer(paths, tmp_path_factory.mktemp("choices-log") / "server.log", ("--kv-cache-tokens", "2048"))
-    try:
-        live.wait_healthy()
-        yield live
-    finally:
-        live.stop()
+    yield from serve(paths, tmp_path_factory.mktemp("choices-log"), ("--kv-cache-tokens", "2048"))
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def test_greedy_choices_are_the_n_1_answer(client):

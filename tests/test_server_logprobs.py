@@ -8,12 +8,11 @@ extensions reach the engine and stay lossless; bad values are 400s naming the pa
 from __future__ import annotations
 
 import math
-import signal
 
 import openai
 import pytest
 from conftest import random_head
-from live_server import SEED_REPRODUCIBLE, TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import SEED_REPRODUCIBLE, TARGET_NAME, openai_client, save_tiny_pair, serve
 
 from engine.events import TokenLogprob
 from server.protocol import LOGPROB_FLOOR, chat_logprobs, completion_logprobs
@@ -27,17 +26,12 @@ POLICIES = ({"policy": "none"}, {"policy": "constant", "k": 4}, {"policy": "spec
 def server(tmp_path_factory, tiny_pair, tokenizer):
     target, draft = tiny_pair
     paths = save_tiny_pair(tmp_path_factory.mktemp("models"), target, draft, tokenizer, random_head(32, seed=3))
-    live = LiveServer(paths, tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        live.wait_healthy()
-        yield live
-    finally:
-        assert live.stop() in (0, 130, -signal.SIGINT), live.log()
+    yield from serve(paths, tmp_path_factory.mktemp("log"), check_exit=True)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def chat(client, **kwargs):

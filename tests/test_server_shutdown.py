@@ -11,18 +11,13 @@ import time
 import httpx
 import pytest
 from conftest import random_head
-from live_server import TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import TARGET_NAME, save_tiny_pair, serve
 
 
 @pytest.fixture
 def server(tmp_path, tiny_pair, tokenizer):
     paths = save_tiny_pair(tmp_path, *tiny_pair, tokenizer, random_head(32, seed=5))
-    live = LiveServer(paths, tmp_path / "server.log", ("--shutdown-grace", "0.2"))
-    try:
-        live.wait_healthy()
-        yield live
-    finally:
-        live.stop()
+    yield from serve(paths, tmp_path, ("--shutdown-grace", "0.2"))
 
 
 def test_sigint_cancels_in_flight_requests_cleanly(server):

@@ -12,11 +12,10 @@ import signal
 import time
 
 import httpx
-import openai
 import psutil
 import pytest
 from conftest import random_head
-from live_server import TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import TARGET_NAME, LiveServer, openai_client, save_tiny_pair, serve
 
 from engine.config import EngineConfig
 from engine.factory import build_engine
@@ -34,17 +33,12 @@ def paths(tmp_path_factory, tiny_pair, tokenizer):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, paths):
-    live = LiveServer(paths, tmp_path_factory.mktemp("tp-log") / "server.log", ("--tensor-parallel-size", "2"))
-    try:
-        live.wait_healthy()
-        yield live
-    finally:
-        live.stop()
+    yield from serve(paths, tmp_path_factory.mktemp("tp-log"), ("--tensor-parallel-size", "2"))
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def follower_pids(server: LiveServer) -> list[int]:

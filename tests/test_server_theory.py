@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 from conftest import random_head
-from live_server import TARGET_NAME, LiveServer, save_tiny_pair
+from live_server import TARGET_NAME, openai_client, save_tiny_pair, serve
 
 CHAT = [{"role": "user", "content": "hello there"}]
 
@@ -17,17 +17,12 @@ CHAT = [{"role": "user", "content": "hello there"}]
 def server(tmp_path_factory, tiny_pair, tokenizer):
     root = tmp_path_factory.mktemp("theory-models")
     paths = save_tiny_pair(root, *tiny_pair, tokenizer, random_head(32, seed=5))
-    live = LiveServer(paths, root / "server.log", ("--max-over-acceptance", "0.1"))
-    try:
-        live.wait_healthy()
-        yield live
-    finally:
-        live.stop()
+    yield from serve(paths, root, ("--max-over-acceptance", "0.1"))
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def lossy_requests(server) -> float:

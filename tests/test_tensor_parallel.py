@@ -17,10 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_tiny_pair, random_head
+from conftest import assert_caches_equal_fresh_prefill, fresh_prefill, make_tiny_pair, random_head
 from live_server import save_tiny_pair
 from test_engine_batching import MIXED, run_all
-from test_engine_cache_and_stops import cache_tensors, fresh_prefill
 from tiny import char_tokenizer
 
 from engine.config import EngineConfig
@@ -199,13 +198,7 @@ def check_caches_on_rank(rank: int, port: int, paths: dict[str, Path]) -> None:
                 break
             rounds += 1
             rejected += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
-            ids = seq.all_ids
-            assert seq.target_kv.cached == len(ids) - 1 == seq.target_kv.cache.get_seq_length()
-            for runner, kv in ((engine.target, seq.target_kv), (engine.draft, seq.draft_kv)):
-                reference = fresh_prefill(runner, ids[: kv.cached])
-                for (k, v), (rk, rv) in zip(cache_tensors(kv.cache), cache_tensors(reference), strict=True):
-                    torch.testing.assert_close(k, rk, atol=1e-5, rtol=1e-4)
-                    torch.testing.assert_close(v, rv, atol=1e-5, rtol=1e-4)
+            assert_caches_equal_fresh_prefill(engine, seq)
     assert rounds > 6 and rejected > 0  # rollback really happened
     assert fresh_prefill(engine.target, [1, 2]).layers[0].keys.shape[1] == 1  # this rank's share of the 2 KV heads
     dist.destroy_process_group()
