@@ -137,6 +137,15 @@ class Ranks:
                 process.kill()
 
 
+def abandon(exc: Exception) -> None:
+    """A rank's round failed (a collective lost its peer, or an error only this rank saw): the ranks can
+    no longer step in lockstep, so this process exits at once, as when a follower dies, and the server's
+    supervisor restarts all ranks; requests in flight end with `engine_unavailable`."""
+    log.error("a tensor-parallel round failed (%s: %s); stopping this rank", type(exc).__name__, exc)
+    logging.shutdown()
+    os._exit(1)
+
+
 def send(obj: Any, group: Any) -> None:
     dist.broadcast_object_list([obj], src=0, group=group)
 
@@ -225,7 +234,7 @@ def build_rank_zero(config: EngineConfig) -> LLMEngine:
     engine = assemble_engine(config, load_models(config, target, draft, head, placement), measure_costs_now=False)
     ranks.share(draft_decisions(engine))
     engine.start_self_tuning(CostModel.load(config.cost_model) if config.cost_model else None)
-    engine.lockstep = ranks
+    engine.lockstep, engine.on_round_failure = ranks, abandon
     log.info("rank 0 of %d ready", world_size)
     return engine
 
@@ -282,7 +291,9 @@ def run_follower() -> None:
     models = load_models(config, target, draft, head, placement)
     decisions = receive(plan_group)
     config = dataclasses.replace(config, cpu_fp32_gemm=decisions["cpu_fp32_gemm"])
-    follow(assemble_engine(config, models, decisions["draft_kernels"]), plan_group)
+    engine = assemble_engine(config, models, decisions["draft_kernels"])
+    engine.on_round_failure = abandon
+    follow(engine, plan_group)
     dist.destroy_process_group()
 
 

@@ -117,6 +117,9 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running
         # Rank 0 of a tensor-parallel target (engine/distributed.py): sends each step's requests to the other ranks.
         self.lockstep: Ranks | None = None
+        # Every rank of a tensor-parallel target: a failed round ends the process (the ranks may no longer
+        # agree on anything, or one of them is gone), so the supervisor restarts all of them.
+        self.on_round_failure: Callable[[Exception], None] | None = None
         # The cost model (`costs`, else measured) behind threshold "auto" and its budgets. Rank 0 of a
         # tensor-parallel target measures later (`start_self_tuning`): its followers must join the forwards.
         self.tuning: SelfTuning | None = None
@@ -374,6 +377,8 @@ class LLMEngine:
         self.requests.pop(seq.request_id, None)
 
     def _fail(self, seqs: list[Sequence], exc: Exception) -> list[TokenEvent]:
+        if self.on_round_failure is not None:
+            self.on_round_failure(exc)
         events = []
         for seq in seqs:
             seq.finish_reason = "error"
