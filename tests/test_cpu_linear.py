@@ -81,12 +81,24 @@ def test_auto_copies_only_when_they_fit(monkeypatch):
     extra = sum(m.weight.numel() * 4 for m in model.modules()
                 if type(m) is nn.Linear and m is not model.get_output_embeddings())
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: extra * 4)
+    monkeypatch.setattr(cpu_linear, "wide_gemm_ms", lambda linear: (2.0, 1.0))  # fp32 faster: an emulated-bf16 host
     assert fp32_copy_plan(model, "auto")
     monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: extra)  # would take all of it
     assert not fp32_copy_plan(model, "auto")
     assert fp32_copy_plan(model, "on") and not fp32_copy_plan(model, "off")
     with pytest.raises(ValueError, match="expected one of"):
         fp32_copy_plan(model, "sometimes")
+
+
+def test_auto_copies_only_where_fp32_is_measured_faster(monkeypatch):
+    model = tiny_model(seed=0).to(torch.bfloat16)
+    monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: 1 << 40)
+    for bf16_ms, fp32_ms, copies in ((2.0, 1.0, True), (1.0, 2.0, False), (1.0, 0.95, False)):  # within 10%: no
+        monkeypatch.setattr(cpu_linear, "wide_gemm_ms", lambda linear, b=bf16_ms, f=fp32_ms: (b, f))
+        assert bool(fp32_copy_plan(model, "auto")) is copies
+    monkeypatch.undo()
+    bf16_ms, fp32_ms = cpu_linear.wide_gemm_ms(nn.Linear(256, 384).to(torch.bfloat16))  # a real probe
+    assert bf16_ms > 0 and fp32_ms > 0
 
 
 def test_a_bf16_model_with_copies_matches_it_without():

@@ -8,14 +8,17 @@ does; here it is done explicitly, module by module, so the model stays an ordina
 model.
 
 Wide inputs (prefill chunks, verification of large batches) are the opposite case: compute-
-bound, and on CPUs without AMX oneDNN's bf16 GEMM is slower than its fp32 one, while for a few
-rows bf16 stays faster (it reads half the bytes). So a bf16 layer may also keep an fp32 copy of
-its weight, used from `FP32_MIN_ROWS` rows on, the measured crossover. Activations and weights
+bound, and on CPUs without native bf16 (no AMX or AVX512-BF16) oneDNN's bf16 GEMM is slower than
+its fp32 one, while for a few rows bf16 stays faster (it reads half the bytes); with AMX, bf16
+wins at every width. So a bf16 layer may also keep an fp32 copy of its weight, used from
+`FP32_MIN_ROWS` rows on, the crossover measured on an emulated-bf16 host. Activations and weights
 are bf16 values, so every product is exact in fp32 and the sum is rounded to bf16 once, as
 the bf16 kernel does: the two paths differ only in summation order, like two bf16 kernels
 blocked for different row counts. The copy costs twice the layer's bf16 bytes, so `auto`
-makes it only where it fits in `FP32_COPY_MEMORY_SHARE` of the memory available (`fp32_copy_plan`);
-the LM head never gets one (it only sees the few positions whose logits are used).
+makes it only where it fits in `FP32_COPY_MEMORY_SHARE` of the memory available and where a
+probe of the model's widest layer at `FP32_PROBE_ROWS` rows finds fp32 at least
+`FP32_MIN_GAIN` faster on this host (`fp32_copy_plan`); the LM head never gets one (it only
+sees the few positions whose logits are used).
 The measurements behind these choices: docs/benchmarks/README.md, "CPU kernels".
 
 Only whole-CPU models in bf16 or fp32 are packed; CUDA models, models split by accelerate
@@ -25,6 +28,7 @@ hooks and tensor-parallel shards (DTensor weights) are left alone.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
 FP32_MIN_ROWS = 24  # rows from which a bf16 layer's fp32 copy is faster (docs/benchmarks/README.md, CPU kernels)
 FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this share of the available memory
+FP32_PROBE_ROWS = 64  # auto: the width at which the fp32 copy must beat bf16 on this host
+FP32_MIN_GAIN = 0.10  # auto: ... by at least this share of the bf16 time
 
 
 class PackedLinear(nn.Module):
@@ -99,13 +105,34 @@ def fp32_copy_plan(model: nn.Module, mode: str = "auto") -> list[nn.Linear]:
     extra = sum(linear.weight.numel() * 4 for linear in candidates)
     available = available_memory_bytes()
     fits = extra <= FP32_COPY_MEMORY_SHARE * available
+    bf16_ms, fp32_ms = wide_gemm_ms(max(candidates, key=lambda m: m.weight.numel())) if fits else (0.0, 0.0)
+    pays = fits and fp32_ms <= (1 - FP32_MIN_GAIN) * bf16_ms
     log.info(
-        "fp32 copies for wide GEMMs: %s (%.1f GB; %.1f GB available)",
-        "on" if fits else "off",
-        extra / 1e9,
-        available / 1e9,
+        "fp32 copies for wide GEMMs: %s (%.1f GB, %.1f GB available; %d rows of the widest layer: bf16 %.2f ms, "
+        "fp32 %.2f ms)", "on" if pays else "off", extra / 1e9, available / 1e9, FP32_PROBE_ROWS, bf16_ms, fp32_ms,
     )
-    return candidates if fits else []
+    return candidates if pays else []
+
+
+def wide_gemm_ms(linear: nn.Linear, rows: int = FP32_PROBE_ROWS, reps: int = 3) -> tuple[float, float]:
+    """Milliseconds of `linear` on `rows` rows through the packed bf16 weight and through a packed fp32
+    copy, each the fastest of `reps` calls after a warm-up (another process only ever adds time)."""
+    probe = PackedLinear(linear, fp32_copy=True)
+    x = torch.randn(rows, linear.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def fastest(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+
+    with torch.inference_mode():
+        bf16 = fastest(lambda: torch.ops.mkldnn._linear_pointwise(x, probe.packed_weight, None, "none", [], ""))
+        fp32 = fastest(lambda: probe(x))  # `rows` >= FP32_MIN_ROWS: through the copy
+    return bf16, fp32
 
 
 def _fp32_candidates(model: nn.Module) -> list[nn.Linear]:
