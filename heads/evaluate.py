@@ -13,8 +13,10 @@ Figures, for any predictor a (the head, or the draft's own token probability q(y
 
 The head's `accept_prob` is calibrated (heads/train.py), so its figures are those the stop
 rule works with. `online_calibration` replays the engine's online calibrator over the rows in
-logged order (engine/calibration.py): on prompts unlike the head's training data its ECE over the
-second half should be below the first half's, and below the shipped calibration's.
+logged order (engine/calibration.py), and again with whole prompts in a seeded random order (logged
+order may run through a set grouped by kind, so that its halves differ): on prompts unlike the head's
+training data its ECE over the second half should be below the first half's, and below the shipped
+calibration's.
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ def online_predictions(logits: torch.Tensor, label: torch.Tensor, greedy: torch.
     return out
 
 
+def prompts_shuffled(seq: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Row order with whole prompts in a seeded random order (each prompt's rows kept in order): a stream
+    whose two halves draw from the same mix of prompts, where logged order may run through a prompt set
+    grouped by kind (the mixed set: math, prose, translations, languages), so that its halves differ."""
+    prompts = torch.unique(seq)
+    order = prompts[torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))]
+    return torch.cat([torch.nonzero(seq == s).squeeze(-1) for s in order])
+
+
 def calibration_halves(logits: torch.Tensor, label: torch.Tensor, greedy: torch.Tensor, calibration: dict) -> dict:
     """ECE over the first and second half of the rows (logged order) of the online-calibrated predictions
     and, for comparison, of the shipped calibration's."""
@@ -128,6 +139,7 @@ def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
     logits = head_logits(head, rows["hidden"], rows["features"]).cpu()
     a = head.calibrated(logits)
     greedy = rows["features"][:, CANDIDATE_FEATURES.index("temperature")] == 0
+    shuffled = prompts_shuffled(rows["seq"])
     confidence = rows["features"][:, CANDIDATE_FEATURES.index("log_q")].exp()
     predictors = {
         "head": a,
@@ -149,6 +161,8 @@ def evaluate(head: AcceptanceHead, data_dir: str | Path) -> dict:
         "auc_gap_ci95": auc_gap_interval(a, confidence, label, rows["seq"]),
         "predictors": metrics,
         "online_calibration": calibration_halves(logits, label, greedy, head.config.calibration),
+        "online_calibration_prompts_shuffled": calibration_halves(
+            *(t[shuffled] for t in (logits, label, greedy)), head.config.calibration),
     }
 
 
@@ -168,6 +182,10 @@ def format_table(result: dict) -> str:
     lines.append(f"ECE by half of the rows in logged order: online calibration {c['ece_online_first_half']:.4f} "
                  f"-> {c['ece_online_second_half']:.4f}, shipped {c['ece_shipped_first_half']:.4f} -> "
                  f"{c['ece_shipped_second_half']:.4f}")
+    c = result["online_calibration_prompts_shuffled"]
+    lines.append(f"ECE by half, prompts in a seeded random order: online calibration "
+                 f"{c['ece_online_first_half']:.4f} -> {c['ece_online_second_half']:.4f}, shipped "
+                 f"{c['ece_shipped_first_half']:.4f} -> {c['ece_shipped_second_half']:.4f}")
     return "\n".join(lines)
 
 

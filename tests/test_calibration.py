@@ -197,3 +197,18 @@ def test_offline_replay_reports_error_by_half():
     # The first rows of each band are predicted with the shipped calibration, as a fresh engine does.
     online = online_predictions(z.float(), labels, greedy, {"scale": 1.0, "bias": 0.0})
     torch.testing.assert_close(online[:8], torch.sigmoid(z[:8].float()))
+
+
+def test_prompts_shuffled_keeps_each_prompt_whole_and_in_order():
+    from heads.evaluate import prompts_shuffled
+
+    seq = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    order = prompts_shuffled(seq, seed=1)
+    assert sorted(order.tolist()) == list(range(10))  # a permutation of the rows
+    shuffled = seq[order].tolist()
+    starts = [i for i in range(len(shuffled)) if i == 0 or shuffled[i] != shuffled[i - 1]]
+    assert len(starts) == 4  # each prompt's rows stay together ...
+    for s in range(4):
+        rows = order[seq[order] == s]
+        assert rows.tolist() == sorted(rows.tolist())  # ... and in logged order
+    assert any(not torch.equal(prompts_shuffled(seq, seed=0), prompts_shuffled(seq, seed=k)) for k in range(1, 5))
