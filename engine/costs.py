@@ -3,8 +3,9 @@
 It is measured at engine start (`measure_costs`: the engine's own forwards, after a context, by
 number of sequences for the draft and by number of tokens for the target) and refreshed while
 serving from the engine's own timings (`LiveCosts`: a smoothed ratio of observed to modelled
-seconds per model, which keeps the measured shape and follows the level, e.g. when the host gets
-busier). The self-tuning rules (engine/tuning.py) and the offline evaluator
+seconds per model, which follows the level, e.g. when the host gets busier, plus a residual per
+measured target size, which corrects a point of the shape the start-up timing got wrong). The
+self-tuning rules (engine/tuning.py) and the offline evaluator
 (specdecpp/bench/stop_rules.py) read the same class.
 """
 
@@ -229,10 +230,12 @@ class LiveCosts:
 
     Each observation compares the seconds a draft proposal or a target forward took with what the
     measured model predicts for it; a running mean of the log ratio per model (weight 1/n for the n-th
-    observation, `smoothing` once that is smaller) scales that model's costs. So the measured shape (how
-    cost grows with tokens and sequences) stays and its level follows the host: the first observations
-    correct a start-up measurement that a busy host spoiled, later ones move it slowly, and a single
-    stalled forward moves it by a bounded factor.
+    observation, `smoothing` once that is smaller) scales that model's costs, so the level follows the
+    host: the first observations correct a start-up measurement that a busy host spoiled, later ones
+    move it slowly, and a single stalled forward moves it by a bounded factor. Each measured target size
+    also keeps the same mean over the forwards nearest it (in log tokens) and follows it once it has
+    one: the shape (how cost grows with tokens) is learnt where the engine runs, and sizes it never ran
+    follow the level.
     """
 
     def __init__(self, measured: CostModel, smoothing: float = SMOOTHING) -> None:
@@ -240,6 +243,11 @@ class LiveCosts:
         self.smoothing = smoothing
         self._log_scale = {"draft": 0.0, "target": 0.0}
         self._observations = {"draft": 0, "target": 0}
+        # The target curves' shape, learnt too: a log ratio per measured size (and its observation count), so
+        # one start-up point a busy host spoiled (2 tokens timed at twice 1) is corrected by the first forward
+        # of that size, which a probe round provides when that point kept rounds from speculating.
+        self._shape: dict[str, dict[int, float]] = {"target": {}, "target_full": {}}
+        self._shape_observations: dict[str, dict[int, int]] = {"target": {}, "target_full": {}}
         self.current = measured
 
     @property
@@ -256,17 +264,49 @@ class LiveCosts:
         self._observations[model] += 1
         weight = max(self.smoothing, 1.0 / self._observations[model])
         self._log_scale[model] += weight * (math.log(observed / predicted) - self._log_scale[model])
-        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
+        self._rebuild()
+
+    def _observe_shape(self, tokens: int, seconds: float, sequences: int, predicted: float) -> None:
+        """The same running mean of log(observed / measured), kept apart for the measured size nearest
+        `tokens` (in log scale) on the curve this forward ran closest to: that point then follows its own
+        observations, and points never observed follow the level."""
+        full = self.measured.full_batch
+        curve = "target_full" if self.measured.target_full and full > 1 and 2 * (sequences - 1) >= full - 1 \
+            else "target"
+        points = getattr(self.measured, curve)
+        if not points or predicted <= 0.0 or seconds <= 0.0 or not self.measured.refresh:
+            return
+        size = min(points, key=lambda n: abs(math.log(n) - math.log(max(tokens, 1))))
+        count = self._shape_observations[curve][size] = self._shape_observations[curve].get(size, 0) + 1
+        weight = max(self.smoothing, 1.0 / count)
+        old = self._shape[curve].get(size, 0.0)
+        self._shape[curve][size] = old + weight * (math.log(seconds / predicted) - old)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        level = self.measured.scaled(self.draft_scale, self.target_scale)
+
+        def shaped(curve: str) -> dict[int, float]:
+            learnt = self._shape[curve]
+            points = {n: s * math.exp(learnt[n]) if n in learnt else s * self.target_scale
+                      for n, s in getattr(self.measured, curve).items()}
+            return monotone(points) if points else points
+
+        self.current = replace(level, target=shaped("target"), target_full=shaped("target_full"))
 
     def state(self) -> dict:
-        """The measured model and the learnt scales, as plain data."""
+        """The measured model and the learnt scales and shape, as plain data."""
         return {"measured": self.measured.to_dict(), "log_scale": dict(self._log_scale),
-                "observations": dict(self._observations)}
+                "observations": dict(self._observations),
+                "shape": {c: dict(r) for c, r in self._shape.items()},
+                "shape_observations": {c: dict(r) for c, r in self._shape_observations.items()}}
 
     def load_state(self, state: dict) -> None:
         self.measured = CostModel.from_dict(state["measured"])
         self._log_scale, self._observations = dict(state["log_scale"]), dict(state["observations"])
-        self.current = self.measured.scaled(self.draft_scale, self.target_scale)
+        self._shape = {c: dict(r) for c, r in state["shape"].items()}
+        self._shape_observations = {c: dict(r) for c, r in state["shape_observations"].items()}
+        self._rebuild()
 
     def observe_draft(self, batch_sizes: list[int], candidates: int, seconds: float, reads_features: bool) -> None:
         """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, in `seconds`."""
@@ -276,4 +316,6 @@ class LiveCosts:
 
     def observe_target(self, tokens: int, seconds: float, sequences: int = 1) -> None:
         """A target forward over `tokens` tokens of `sequences` sequences (their feeds together) in `seconds`."""
-        self._observe("target", seconds, self.measured.target_seconds(tokens, sequences))
+        predicted = self.measured.target_seconds(tokens, sequences)
+        self._observe("target", seconds, predicted)
+        self._observe_shape(tokens, seconds, sequences, predicted)

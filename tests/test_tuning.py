@@ -225,3 +225,24 @@ def test_reported_budget_is_the_budget_at_the_best_fixed_rate():
         assert budget_at(costs, 4, 0.7, 20) == candidate_budget(costs, 4, rate, 0.7, 20)
     assert budget_at(flat(0.05), 1, 0.7, 20) == 20
     assert budget_at(flat(0.05, slope=1.0, knee=4), 4, 0.7, 20) == 0
+
+
+def test_a_mismeasured_size_is_corrected_by_forwards_of_that_size():
+    """Start-up timed 2..16 tokens at twice 1 token (a busy host), so one candidate looked as dear as a whole
+    forward and auto proposed none; the probe round's 2-token forward corrects that point, and auto speculates."""
+    truth = {1: 0.1, 2: 0.1, 4: 0.1, 8: 0.105, 16: 0.11, 64: 0.3}
+    measured = CostModel(draft_step=0.02, draw=0.0, features=0.0, head=0.0,
+                         target={**truth, 2: 0.2, 4: 0.2, 8: 0.2, 16: 0.2})
+    live = LiveCosts(measured)
+    tuning = SelfTuning(live, prior_acceptance=0.5)
+    for _ in range(5):
+        live.observe_target(1, 0.1)  # rounds without candidates: the level is right
+    assert tuning.plan([8]).budgets == [0]
+    live.observe_target(2, 0.1)  # a probe round: one candidate
+    assert live.current.target_seconds(2) == pytest.approx(0.1, rel=0.01)
+    assert tuning.plan([8]).budgets[0] > 0  # auto speculates again
+    for _ in range(30):  # rounds of 0, 1, 3 and 7 candidates: every point the engine uses converges to the truth
+        for tokens in (1, 2, 4, 8):
+            live.observe_target(tokens, truth[tokens])
+    for tokens in (1, 2, 4, 8):
+        assert live.current.target_seconds(tokens) == pytest.approx(truth[tokens], rel=0.03)
