@@ -37,6 +37,20 @@ def fresh_prefill(runner, ids: list[int]):
     return cache
 
 
+def step_checking_caches(engine: LLMEngine, seq) -> tuple[int, int]:
+    """Step `engine` until `seq` finishes, checking its caches after every round; returns the rounds and
+    how many of them rejected a candidate (so a caller can assert that rollback really happened)."""
+    rounds = rejected = 0
+    while seq.request_id in engine.requests:
+        engine.step()
+        if seq.finished:
+            break
+        rounds += 1
+        rejected += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
+        assert_caches_equal_fresh_prefill(engine, seq)
+    return rounds, rejected
+
+
 def assert_caches_equal_fresh_prefill(engine: LLMEngine, seq) -> None:
     """After a round (its rollback included), `seq`'s target cache holds every token but the newest and its
     draft cache a prefix of the sequence, each equal to a fresh prefill of those tokens."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_caches_equal_fresh_prefill, fresh_prefill, perturbed, random_head
+from conftest import fresh_prefill, perturbed, random_head, step_checking_caches
 from pydantic import ValidationError
 from tiny import char_tokenizer, tiny_model
 
@@ -28,14 +28,7 @@ def test_caches_equal_fresh_prefill_after_every_round(tiny_pair, tokenizer, spec
     engine.add_request("r", "hello world", SamplingParams(temperature=temperature, seed=7, max_tokens=40,
                                                           ignore_eos=True), spec)
     seq = engine.requests["r"]
-    rounds = rejected_rounds = 0
-    while "r" in engine.requests:
-        engine.step()
-        if seq.finished:
-            break
-        rounds += 1
-        rejected_rounds += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
-        assert_caches_equal_fresh_prefill(engine, seq)
+    rounds, rejected_rounds = step_checking_caches(engine, seq)
     assert rounds > 3 and rejected_rounds > 0  # rollback really happened
     assert seq.target_kv.cache is None and seq.draft_kv.cache is None  # freed when finished
 

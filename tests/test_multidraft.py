@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import assert_caches_equal_fresh_prefill, fresh_prefill, random_head
+from conftest import fresh_prefill, random_head, step_checking_caches
 from test_engine_batching import run_all
 from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
 from test_theory import P, Q, total_variation
@@ -166,11 +166,7 @@ def test_caches_equal_fresh_prefill_after_every_round(engine, temperature):
     engine.add_request("m", "hello world", SamplingParams(temperature=temperature, seed=3, max_tokens=40,
                                                           ignore_eos=True), spec)
     seq = engine.requests["m"]
-    while not seq.finished:
-        engine.step()
-        if seq.finished:
-            break
-        assert_caches_equal_fresh_prefill(engine, seq)
+    step_checking_caches(engine, seq)
     stats = seq.stats
     assert stats.rounds - 1 <= len(stats.accepted_paths) <= stats.rounds  # the last round may not speculate
     assert stats.rounds > 3

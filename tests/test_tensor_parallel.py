@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_caches_equal_fresh_prefill, fresh_prefill, make_tiny_pair, random_head
+from conftest import fresh_prefill, make_tiny_pair, random_head, step_checking_caches
 from live_server import save_tiny_pair
 from test_engine_batching import MIXED, run_all
 from tiny import char_tokenizer
@@ -191,14 +191,8 @@ def check_caches_on_rank(rank: int, port: int, paths: dict[str, Path]) -> None:
     for temperature in (0.0, 1.0):
         params = SamplingParams(temperature=temperature, seed=7, max_tokens=30, ignore_eos=True)
         engine.add_request(f"r{temperature}", "hello world", params, SpecConfig(policy="constant", k=4))
-        seq = engine.requests[f"r{temperature}"]
-        while seq.request_id in engine.requests:
-            engine.step()
-            if seq.finished:
-                break
-            rounds += 1
-            rejected += seq.stats.accepted_lengths[-1] < seq.stats.candidate_lengths[-1]
-            assert_caches_equal_fresh_prefill(engine, seq)
+        seen, rejections = step_checking_caches(engine, engine.requests[f"r{temperature}"])
+        rounds, rejected = rounds + seen, rejected + rejections
     assert rounds > 6 and rejected > 0  # rollback really happened
     assert fresh_prefill(engine.target, [1, 2]).layers[0].keys.shape[1] == 1  # this rank's share of the 2 KV heads
     dist.destroy_process_group()
