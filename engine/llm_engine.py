@@ -21,6 +21,7 @@ from engine.calibration import Calibrators
 from engine.costs import CostModel, LiveCosts, measure_costs
 from engine.detokenizer import Detokenizer
 from engine.events import MAX_CHOICES, AbortRequest, AddRequest, Admitted, Completion, Prompt, TokenEvent, choice_ids
+from engine.grammar import GrammarCompiler, GrammarConstraint
 from engine.head import AcceptanceHead
 from engine.loading.loader import check_vocabularies, eos_token_ids
 from engine.params import SEED_SPACE, SamplingParams, SpecConfig, generation_config_defaults
@@ -107,6 +108,7 @@ class LLMEngine:
         self.recorder: Callable[[RoundRecord], None] | None = None  # set to log every verified round
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(target, tokenizer)
+        self.grammars = GrammarCompiler(tokenizer, self.target.vocab_size, self.eos_token_ids)  # structured output
         limit = getattr(target.config, "max_position_embeddings", None) or 32768
         self.max_model_len = min(max_model_len or limit, limit)
         # what the server applies when a request omits them (vLLM's use of generation_config)
@@ -191,6 +193,7 @@ class LLMEngine:
         params = self._bounded(params, len(prompt_ids), "messages" if _is_chat(prompt) else "prompt", n)
         if (field_name := params.token_id_field_beyond(self.target.vocab_size)) is not None:
             raise RequestError(f"{field_name} token ids must lie in [0, {self.target.vocab_size})", field_name)
+        grammars = [self._grammar_for(params, spec) for _ in ids]
         seqs = []
         for j, choice_id in enumerate(ids):
             generator, draft_generator = self._generators(choice_seed(params.seed, j))
@@ -206,6 +209,7 @@ class LLMEngine:
                 generator=generator,
                 draft_generator=draft_generator,
                 eos_token_ids=self.eos_token_ids,
+                grammar=grammars[j],
                 stats=RequestStats(policy=spec.policy, prompt_tokens=len(prompt_ids),
                                    over_acceptance=spec.over_acceptance),
             ))
@@ -216,6 +220,21 @@ class LLMEngine:
         if self.lockstep is not None:
             self.lockstep.record(AddRequest(request_id, prompt, params, spec, n))
         return [Admitted(seq.request_id, len(prompt_ids), spec) for seq in seqs]
+
+    def _grammar_for(self, params: SamplingParams, spec: SpecConfig) -> GrammarConstraint | None:
+        """A fresh grammar for one sequence of a structured request (None for plain text); RequestError for a
+        schema the grammar engine cannot compile, or a combination that would leave the grammar unenforced."""
+        if params.json_schema is None:
+            return None
+        if params.ignore_eos:
+            raise RequestError("a JSON response ends with EOS; it cannot be combined with ignore_eos", "ignore_eos")
+        if not spec.lossless:
+            raise RequestError("over-acceptance may accept tokens the grammar forbids; it cannot be combined with a "
+                               "JSON response", "specdec.over_acceptance")
+        try:
+            return self.grammars.constraint(params.json_schema)
+        except ValueError as exc:
+            raise RequestError(f"invalid JSON schema: {exc}", "response_format") from None
 
     def _head_for(self, spec: SpecConfig) -> AcceptanceHead | None:
         """The acceptance head `spec` runs with (None unless its policy is specdec++); raises

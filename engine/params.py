@@ -6,6 +6,7 @@ body with them), and plain data (no tensors), so they cross process queues as th
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -37,6 +38,8 @@ class SamplingParams(BaseModel):
     min_tokens: int = Field(0, ge=0, description="EOS and stop_token_ids are masked until this many tokens")
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = Field(None, ge=0, le=20, description="report each token's logprob and this many top")
+    # Structured output (engine/grammar.py): the output is JSON valid under this schema, given as JSON text.
+    json_schema: str | None = Field(None, description='a JSON schema as text; \'{"type": "object"}\' is any object')
 
     @field_validator("top_k")
     @classmethod
@@ -98,6 +101,18 @@ class SamplingParams(BaseModel):
         max_tokens = info.data.get("max_tokens")
         if max_tokens is not None and value > max_tokens:
             raise ValueError(f"min_tokens ({value}) must be <= max_tokens ({max_tokens})")
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_is_an_object(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                schema = json.loads(value)
+            except ValueError:
+                raise ValueError("json_schema must be JSON text") from None
+            if not isinstance(schema, dict):
+                raise ValueError("json_schema must be a JSON object")
         return value
 
     @property

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from engine.calibration import OnlineCalibrator
 from engine.detokenizer import Detokenizer
 from engine.events import FinishReason, TokenLogprob
+from engine.grammar import GrammarConstraint
 from engine.head import AcceptanceHead
 from engine.params import SamplingParams, SpecConfig
 from engine.policies import StopPolicy
@@ -79,6 +80,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for
     # the other choices of the same prompt (n > 1), waiting to fork this sequence's prefill once it is done
     siblings: list[Sequence] = field(default_factory=list)
+    grammar: GrammarConstraint | None = None  # structured output (engine/grammar.py); None when not asked for
     adjuster: LogitAdjuster | None = field(init=False)  # penalties, bias, min_tokens; None when none is set
 
     def __post_init__(self) -> None:
@@ -98,8 +100,13 @@ class Sequence:
 
     def adjusted_logits(self, logits: torch.Tensor, drafted: list[torch.Tensor]) -> torch.Tensor:
         """Raw logits [R, V] of R consecutive positions, the last after the output and all of `drafted`,
-        with the request's penalties, bias and min_tokens applied (`LogitAdjuster.apply`)."""
-        return logits if self.adjuster is None else self.adjuster.apply(logits, self.output_ids, drafted)
+        with the request's penalties, bias and min_tokens applied (`LogitAdjuster.apply`), then its grammar
+        (`GrammarConstraint.apply`)."""
+        if self.adjuster is not None:
+            logits = self.adjuster.apply(logits, self.output_ids, drafted)
+        if self.grammar is not None:
+            logits = self.grammar.apply(logits, self.output_ids, drafted)
+        return logits
 
     def append_token(self, token_id: int) -> bool:
         """Append one generated token and apply EOS, stop_token_ids, stop strings and max_tokens.

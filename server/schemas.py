@@ -11,6 +11,7 @@ warning once per field name.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, ClassVar, Literal
 
@@ -49,6 +50,40 @@ class StreamOptions(WireModel):
     wire_prefix = "stream_options."
 
     include_usage: bool = False
+
+
+ANY_JSON_OBJECT = '{"type": "object"}'  # what response_format json_object asks for
+
+
+class JsonSchemaFormat(WireModel):
+    """OpenAI's `response_format.json_schema`: the schema the output must follow."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON schema; {} is any JSON")
+    strict: bool | None = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(WireModel):
+    """`text` (default), `json_object` (any JSON object) or `json_schema`: JSON enforced token by token by a
+    grammar (engine/grammar.py), for the draft and the target alike."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format needs 'json_schema' exactly when its type is 'json_schema'")
+        return self
+
+    def schema_text(self) -> str | None:
+        """The JSON schema, as text, that the engine enforces; None for plain text."""
+        if self.type == "json_object":
+            return ANY_JSON_OBJECT
+        if self.json_schema is not None:
+            return json.dumps(self.json_schema.schema_)
+        return None
 
 
 class ContentPart(BaseModel):
@@ -137,6 +172,7 @@ class BaseCompletionRequest(WireModel):
     logit_bias: dict[str, float] | None = None
     min_tokens: int | None = Field(None, description="extension (vLLM): no EOS or stop_token_ids before this many")
     stop_token_ids: list[int] | None = Field(None, description="extension (vLLM): token ids that end the completion")
+    response_format: ResponseFormat | None = Field(None, description="JSON output; on completions an extension (vLLM)")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -160,6 +196,7 @@ class BaseCompletionRequest(WireModel):
             "logit_bias": self.logit_bias,
             "min_tokens": self.min_tokens,
             "stop_token_ids": self.stop_token_ids,
+            "json_schema": self.response_format.schema_text() if self.response_format else None,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         return SamplingParams.model_validate({**fields, "ignore_eos": self.ignore_eos,
@@ -203,7 +240,6 @@ class ChatCompletionRequest(BaseCompletionRequest):
     functions: list[Any] | None = None
     function_call: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     store: bool | None = None
     metadata: dict[str, Any] | None = None
@@ -230,8 +266,6 @@ class ChatCompletionRequest(BaseCompletionRequest):
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none"):
                 out.append((name, "tool calling is not supported"))
-        if self.response_format and self.response_format.get("type") != "text":
-            out.append(("response_format", "only response_format {'type': 'text'} is supported"))
         if self.modalities and set(self.modalities) != {"text"}:
             out.append(("modalities", "only text output is supported"))
         for i, message in enumerate(self.messages):
