@@ -27,6 +27,7 @@ from engine.sampling import processed_probs, sample
 
 SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost level
 LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, without a warm-up
+STALE_WEIGHT = 0.5  # most weight of the draft observation that ends a spell without proposals
 
 
 def interpolate(points: dict[int, float], x: float) -> float:
@@ -38,6 +39,19 @@ def interpolate(points: dict[int, float], x: float) -> float:
     i = next((i for i in range(1, len(xs)) if x <= xs[i]), len(xs) - 1)
     lo, hi = xs[i - 1], xs[i]
     return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
+
+
+def bracketing(sizes: list[int], x: float) -> list[tuple[int, float]]:
+    """The measured sizes (sorted) around x with their linear-interpolation weights; the end size alone
+    outside the range."""
+    if x <= sizes[0]:
+        return [(sizes[0], 1.0)]
+    if x >= sizes[-1]:
+        return [(sizes[-1], 1.0)]
+    i = next(i for i in range(1, len(sizes)) if x <= sizes[i])
+    lo, hi = sizes[i - 1], sizes[i]
+    w = (x - lo) / (hi - lo)
+    return [(lo, 1.0 - w), (hi, w)] if w < 1.0 else [(hi, 1.0)]
 
 
 @dataclass(frozen=True)
@@ -124,6 +138,19 @@ class CostModel:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def target_sizes(limit: int) -> list[int]:
+    """1, 2, 4, 8, then 12, 16, 24, 32, 48 ... (each power of two and the midpoint after it) up to `limit`, and
+    `limit` itself: the sizes a round verifies (up to ~20 tokens) are measured densely enough that a step in
+    the cost (a kernel that changes with the row count) is not smeared over a whole octave."""
+    out, n = [], 1
+    while n < limit:
+        out.append(n)
+        if n >= 8 and n + n // 2 < limit:
+            out.append(n + n // 2)
+        n *= 2
+    return [*out, limit]
+
+
 def powers_of_two(limit: int) -> list[int]:
     """1, 2, 4, ... up to `limit`, and `limit` itself."""
     out, n = [], 1
@@ -201,11 +228,11 @@ def measure_costs(
         return fastest(once, 1 if long else reps, warm_up=not long)
 
     one_sequence = prefilled(target, 1)
-    target_one = monotone({n: timed(target, one_sequence, n) for n in powers_of_two(max_tokens)})
+    target_one = monotone({n: timed(target, one_sequence, n) for n in target_sizes(max_tokens)})
     del one_sequence
     full = min(max_sequences, max_tokens)
     full_batch = prefilled(target, full)
-    target_full = monotone({n: timed(target, full_batch, n) for n in powers_of_two(max_tokens) if n >= full})
+    target_full = monotone({n: timed(target, full_batch, n) for n in target_sizes(max_tokens) if n >= full})
     del full_batch
     draft_batch = monotone({b: timed(draft, prefilled(draft, b), b) for b in powers_of_two(max_sequences)})
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
@@ -248,6 +275,7 @@ class LiveCosts:
         # of that size, which a probe round provides when that point kept rounds from speculating.
         self._shape: dict[str, dict[int, float]] = {"target": {}, "target_full": {}}
         self._shape_observations: dict[str, dict[int, int]] = {"target": {}, "target_full": {}}
+        self._rounds_without_draft = 0  # target forwards since the draft was last observed
         self.current = measured
 
     @property
@@ -258,29 +286,36 @@ class LiveCosts:
     def target_scale(self) -> float:
         return math.exp(self._log_scale["target"])
 
-    def _observe(self, model: str, observed: float, predicted: float) -> None:
+    def _observe(self, model: str, observed: float, predicted: float, stale: int = 0) -> None:
+        """`stale`: target forwards since the last observation of this model. A draft level left unobserved
+        (rounds without candidates) is old news, so the probe that ends such a spell weighs more
+        (`smoothing` per round missed, up to STALE_WEIGHT): a level a busy spell pushed up, which then kept
+        every round from proposing, recovers in a probe or two instead of tens."""
         if predicted <= 0.0 or observed <= 0.0 or not self.measured.refresh:
             return
         self._observations[model] += 1
-        weight = max(self.smoothing, 1.0 / self._observations[model])
+        weight = max(self.smoothing, 1.0 / self._observations[model], min(STALE_WEIGHT, self.smoothing * stale))
         self._log_scale[model] += weight * (math.log(observed / predicted) - self._log_scale[model])
         self._rebuild()
 
-    def _observe_shape(self, tokens: int, seconds: float, sequences: int, predicted: float) -> None:
-        """The same running mean of log(observed / measured), kept apart for the measured size nearest
-        `tokens` (in log scale) on the curve this forward ran closest to: that point then follows its own
-        observations, and points never observed follow the level."""
+    def _observe_shape(self, tokens: int, seconds: float, sequences: int) -> None:
+        """Learn the curve this forward ran closest to: a log correction per measured size, moved by the
+        forward's error against the current curve and shared between the two measured sizes around `tokens`
+        in proportion to how near each is (the interpolation's weights; a step of gradient descent on the
+        log error). A forward of 11 tokens thus moves the 8-token and 16-token points five to three, and the
+        curve comes to pass through what the sizes the engine runs cost, where they fall between the
+        measured ones too. Points never observed follow the level."""
         full = self.measured.full_batch
         curve = "target_full" if self.measured.target_full and full > 1 and 2 * (sequences - 1) >= full - 1 \
             else "target"
         points = getattr(self.measured, curve)
-        if not points or predicted <= 0.0 or seconds <= 0.0 or not self.measured.refresh:
+        if not points or seconds <= 0.0 or not self.measured.refresh:
             return
-        size = min(points, key=lambda n: abs(math.log(n) - math.log(max(tokens, 1))))
-        count = self._shape_observations[curve][size] = self._shape_observations[curve].get(size, 0) + 1
-        weight = max(self.smoothing, 1.0 / count)
-        old = self._shape[curve].get(size, 0.0)
-        self._shape[curve][size] = old + weight * (math.log(seconds / predicted) - old)
+        error = math.log(seconds / interpolate(getattr(self.current, curve), tokens))
+        for size, share in bracketing(sorted(points), tokens):
+            count = self._shape_observations[curve][size] = self._shape_observations[curve].get(size, 0) + 1
+            start = self._shape[curve].get(size, self._log_scale["target"])  # an unlearnt point follows the level
+            self._shape[curve][size] = start + share * max(self.smoothing, 1.0 / count) * error
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -299,23 +334,27 @@ class LiveCosts:
         return {"measured": self.measured.to_dict(), "log_scale": dict(self._log_scale),
                 "observations": dict(self._observations),
                 "shape": {c: dict(r) for c, r in self._shape.items()},
-                "shape_observations": {c: dict(r) for c, r in self._shape_observations.items()}}
+                "shape_observations": {c: dict(r) for c, r in self._shape_observations.items()},
+                "rounds_without_draft": self._rounds_without_draft}
 
     def load_state(self, state: dict) -> None:
         self.measured = CostModel.from_dict(state["measured"])
         self._log_scale, self._observations = dict(state["log_scale"]), dict(state["observations"])
         self._shape = {c: dict(r) for c, r in state["shape"].items()}
         self._shape_observations = {c: dict(r) for c, r in state["shape_observations"].items()}
+        self._rounds_without_draft = state.get("rounds_without_draft", 0)
         self._rebuild()
 
     def observe_draft(self, batch_sizes: list[int], candidates: int, seconds: float, reads_features: bool) -> None:
         """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, in `seconds`."""
         predicted = sum(self.measured.draft_seconds(b) for b in batch_sizes)
         predicted += candidates * self.measured.candidate_seconds(reads_features, reads_features)
-        self._observe("draft", seconds, predicted)
+        self._observe("draft", seconds, predicted, stale=self._rounds_without_draft)
+        self._rounds_without_draft = 0
 
     def observe_target(self, tokens: int, seconds: float, sequences: int = 1) -> None:
         """A target forward over `tokens` tokens of `sequences` sequences (their feeds together) in `seconds`."""
         predicted = self.measured.target_seconds(tokens, sequences)
+        self._rounds_without_draft += 1
         self._observe("target", seconds, predicted)
-        self._observe_shape(tokens, seconds, sequences, predicted)
+        self._observe_shape(tokens, seconds, sequences)

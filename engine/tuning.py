@@ -22,7 +22,7 @@ from engine.costs import CostModel, LiveCosts
 MIN_LEVEL, MAX_LEVEL = 0.01, 0.99  # the auto level stays a probability strictly inside (0, 1)
 PRIOR_ACCEPTANCE = 0.6  # what a deployment's first request assumes before any verification
 SMOOTHING = 0.01  # weight of one verified candidate in the deployment's acceptance estimate
-PROBE_EVERY = 64  # rounds without any candidate after which one round proposes one, to re-time the draft
+PROBE_EVERY = 8  # rounds without any candidate after which one round proposes one, to re-time the draft
 
 
 def expected_tokens(accept: float, k: int) -> float:

@@ -90,3 +90,19 @@ def test_shipped_head_specdecpp_reproduces_the_target(engine):
     assert spec.token_ids == alone.token_ids
     assert spec.stats["proposed_tokens"] > 0 and spec.stats["verification_rate"] < 1.0
     assert min(spec.stats["candidate_lengths"]) >= 1
+
+
+def test_json_schema_output_on_the_real_tokenizer(engine):
+    """A JSON schema through the real byte-level BPE tokenizer (llguidance reads its tokens' bytes): the
+    answer parses, follows the schema, and speculation reproduces the constrained target alone."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "moons": {"type": "integer"}},
+              "required": ["name", "moons"], "additionalProperties": False}
+    params = SamplingParams(temperature=0.0, max_tokens=48, json_schema=json.dumps(schema))
+    prompt = [{"role": "user", "content": "Name the largest planet and how many moons it has, as JSON."}]
+    alone = engine.generate(prompt, params, SpecConfig(policy="none"))
+    spec = engine.generate(prompt, params, SpecConfig(policy="constant", k=4))
+    assert spec.token_ids == alone.token_ids
+    assert alone.finish_reason == "stop", alone.text
+    answer = json.loads(alone.text)
+    assert set(answer) == {"name", "moons"} and isinstance(answer["name"], str) and type(answer["moons"]) is int
+    assert spec.stats["proposed_tokens"] > 0 and spec.stats["verification_rate"] < 1.0

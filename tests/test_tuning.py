@@ -246,3 +246,42 @@ def test_a_mismeasured_size_is_corrected_by_forwards_of_that_size():
             live.observe_target(tokens, truth[tokens])
     for tokens in (1, 2, 4, 8):
         assert live.current.target_seconds(tokens) == pytest.approx(truth[tokens], rel=0.03)
+
+
+def test_a_forward_between_measured_sizes_moves_the_segment_it_falls_in():
+    """Start-up timed 16 tokens at twice 8 (a kernel step past 16 rows, or noise), but 11 tokens cost what 8 do:
+    forwards of 11 tokens lower the 16-token end of the segment, and leave 11 tokens costing what they cost,
+    without making 8 tokens cheaper than it is."""
+    measured = CostModel(draft_step=0.02, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 8: 0.1, 16: 0.2})
+    live = LiveCosts(measured)
+    for _ in range(300):
+        live.observe_target(11, 0.1)
+        live.observe_target(8, 0.1)
+    assert live.current.target_seconds(11) == pytest.approx(0.1, rel=0.03)
+    assert live.current.target_seconds(8) == pytest.approx(0.1, rel=0.03)
+    assert live.current.target_seconds(16) < 0.2 * 0.6
+
+
+def test_a_draft_level_pushed_up_by_a_busy_spell_recovers_in_a_few_probes():
+    """A busy spell timed the draft at 3x (after many observations, so the running mean moves slowly); auto
+    then stopped proposing. The probe that ends a spell without candidates weighs more, so speculation is
+    back after two probes, not tens, and the rounds that follow bring the level home."""
+    live = LiveCosts(flat(0.1, target=0.2))
+    tuning = SelfTuning(live, prior_acceptance=0.8)
+    for _ in range(100):
+        live.observe_draft([1], 1, 0.1, reads_features=True)
+        live.observe_target(2, 0.2)
+    for _ in range(40):
+        live.observe_draft([1], 1, 0.3, reads_features=True)
+        live.observe_target(2, 0.2)
+    assert live.draft_scale > 2.0 and tuning.plan([8]).budgets == [0]
+    budgets = []
+    for _ in range(2 * PROBE_EVERY + 40):
+        budget = tuning.plan([8]).budgets[0]
+        budgets.append(budget)
+        live.observe_target(1 + budget, 0.2)
+        if budget:
+            live.observe_draft([1] * budget, budget, 0.1 * budget, reads_features=True)
+    probes = [i for i, b in enumerate(budgets) if b == 1]
+    assert len(probes) <= 2 and budgets[2 * PROBE_EVERY] > 1 and budgets[-1] > 1
+    assert live.draft_scale < 1.3
