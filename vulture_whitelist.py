@@ -27,3 +27,7 @@ _.function_call
 _.parallel_tool_calls
 _.store
 _.metadata
+_.strict  # response_format.json_schema.strict: accepted, the schema is always enforced
+
+# llguidance's TokenizerWrapper reads these attributes of the tokenizer it wraps (engine/grammar.py: TokenBytes).
+_.special_token_ids
