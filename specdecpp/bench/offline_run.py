@@ -146,6 +146,9 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         "prompt_format": "chat template, one user message (specdecpp/datasets.py)",
         "notes": NOTES,
         "greedy_agreement": greedy_agreement(records),
+        # what threshold "auto" decided from at the end (the live cost model, its learnt scales, the acceptance
+        # estimate); None when the rows were resumed from a checkpoint without running
+        "self_tuning_end": engine.tuning.state() if engine.tuning is not None else None,
     })
     for path in write_offline_report(args.output, rows, meta, comparisons):
         print(f"wrote {path}", file=sys.stderr)
