@@ -307,7 +307,7 @@ def verify_candidates(
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator, p.seq.spec.over_acceptance))
         labels = acceptance_labels(cand, q, target_probs).tolist() if p.tokens else []
-        if tuning is not None and labels:
+        if tuning is not None and labels and p.seq.policy.self_tuning:  # a fixed k's long rounds would bias it
             tuning.observe_acceptance(labels)
         if p.judgements:
             observe_judgements(p, labels)

@@ -198,6 +198,17 @@ def test_engine_reports_the_levels_it_used_and_learns(engine):
     assert engine.tuning.costs.target_scale == 1.0  # a model with refresh False is kept as given
 
 
+def test_only_self_tuning_requests_teach_the_acceptance_estimate(engine):
+    """A constant k's deep candidates are rejected far more often than those auto proposes: learning from them
+    would make auto stop early in the requests that follow."""
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=4)
+    before = engine.tuning.acceptance
+    fixed = engine.generate("hello world", params, SpecConfig(policy="constant", k=8)).stats
+    assert fixed["proposed_tokens"] > fixed["accepted_tokens"] and engine.tuning.acceptance == before
+    engine.generate("hello world", params, SpecConfig(policy="specdec++"))
+    assert engine.tuning.acceptance != before
+
+
 def test_engine_refreshes_its_costs_from_its_own_forwards(tiny_pair, tokenizer):
     target, draft = tiny_pair
     engine = LLMEngine(target, draft, tokenizer, costs=replace(CHEAP_DRAFT_COSTS, refresh=True))
