@@ -311,7 +311,7 @@ class LiveCosts:
         points = getattr(self.measured, curve)
         if not points or seconds <= 0.0 or not self.measured.refresh:
             return
-        error = math.log(seconds / interpolate(getattr(self.current, curve), tokens))
+        error = math.log(seconds / interpolate(self._learnt(curve), tokens))
         for size, share in bracketing(sorted(points), tokens):
             count = self._shape_observations[curve][size] = self._shape_observations[curve].get(size, 0) + 1
             start = self._shape[curve].get(size, self._log_scale["target"])  # an unlearnt point follows the level
@@ -321,13 +321,17 @@ class LiveCosts:
     def _rebuild(self) -> None:
         level = self.measured.scaled(self.draft_scale, self.target_scale)
 
-        def shaped(curve: str) -> dict[int, float]:
-            learnt = self._shape[curve]
-            points = {n: s * math.exp(learnt[n]) if n in learnt else s * self.target_scale
-                      for n, s in getattr(self.measured, curve).items()}
-            return monotone(points) if points else points
+        self.current = replace(level, target=monotone(self._learnt("target")),
+                               target_full=monotone(self._learnt("target_full")))
 
-        self.current = replace(level, target=shaped("target"), target_full=shaped("target_full"))
+    def _learnt(self, curve: str) -> dict[int, float]:
+        """A target curve with its learnt corrections, before `monotone`: the shape learning's errors are
+        taken against this one, so each point converges to what its sizes cost. (Against the monotone
+        curve, a point clamped down to a larger size's time kept an error no step could reduce, and its
+        correction grew without bound.)"""
+        learnt = self._shape[curve]
+        return {n: s * math.exp(learnt[n]) if n in learnt else s * self.target_scale
+                for n, s in getattr(self.measured, curve).items()}
 
     def state(self) -> dict:
         """The measured model and the learnt scales and shape, as plain data."""

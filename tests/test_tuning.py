@@ -296,3 +296,17 @@ def test_a_draft_level_pushed_up_by_a_busy_spell_recovers_in_a_few_probes():
     probes = [i for i, b in enumerate(budgets) if b == 1]
     assert len(probes) <= 2 and budgets[2 * PROBE_EVERY] > 1 and budgets[-1] > 1
     assert live.draft_scale < 1.3
+
+
+def test_shape_corrections_stay_bounded_where_the_curve_is_clamped():
+    """2 tokens observed dearer than the measured 8 (noise, or a kernel step): the decisions' curve is clamped
+    non-decreasing, but each point's correction converges to what its own sizes cost instead of growing
+    without bound (a replayed ShareGPT run had reached e^6.8 on the 2-token point)."""
+    measured = CostModel(draft_step=0.02, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 2: 0.1, 4: 0.1, 8: 0.2})
+    live = LiveCosts(measured)
+    for _ in range(500):
+        live.observe_target(2, 0.3)
+        live.observe_target(1, 0.1)
+    shape = live.state()["shape"]["target"]
+    assert shape[2] == pytest.approx(np.log(3.0), abs=0.05) and abs(shape[1]) < 0.05
+    assert live.current.target_seconds(2) <= live.current.target_seconds(8)
