@@ -260,9 +260,8 @@ class LiveCosts:
     observation, `smoothing` once that is smaller) scales that model's costs, so the level follows the
     host: the first observations correct a start-up measurement that a busy host spoiled, later ones
     move it slowly, and a single stalled forward moves it by a bounded factor. Each measured target size
-    also keeps the same mean over the forwards nearest it (in log tokens) and follows it once it has
-    one: the shape (how cost grows with tokens) is learnt where the engine runs, and sizes it never ran
-    follow the level.
+    also keeps a log correction, moved by every forward around it (`_observe_shape`): the shape (how cost
+    grows with tokens) is learnt where the engine runs, and sizes it never ran follow the level.
     """
 
     def __init__(self, measured: CostModel, smoothing: float = SMOOTHING) -> None:
@@ -270,8 +269,8 @@ class LiveCosts:
         self.smoothing = smoothing
         self._log_scale = {"draft": 0.0, "target": 0.0}
         self._observations = {"draft": 0, "target": 0}
-        # The target curves' shape, learnt too: a log ratio per measured size (and its observation count), so
-        # one start-up point a busy host spoiled (2 tokens timed at twice 1) is corrected by the first forward
+        # The target curves' shape, learnt too: a log correction per measured size (and its observation count),
+        # so one start-up point a busy host spoiled (2 tokens timed at twice 1) is corrected by the first forward
         # of that size, which a probe round provides when that point kept rounds from speculating.
         self._shape: dict[str, dict[int, float]] = {"target": {}, "target_full": {}}
         self._shape_observations: dict[str, dict[int, int]] = {"target": {}, "target_full": {}}
@@ -320,7 +319,6 @@ class LiveCosts:
 
     def _rebuild(self) -> None:
         level = self.measured.scaled(self.draft_scale, self.target_scale)
-
         self.current = replace(level, target=monotone(self._learnt("target")),
                                target_full=monotone(self._learnt("target_full")))
 
