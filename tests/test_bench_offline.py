@@ -340,3 +340,20 @@ def test_cli_offline_sweeps_auto_beside_fixed_thresholds(tiny_pair, tokenizer, t
     assert all(r["prompts"] == 2 and r["generated_tokens"] > 0 and r["speedup"] > 0 for r in data["rows"])
     assert data["meta"]["sweep"]["thresholds"] == ["auto", 0.3, 0.5] and data["meta"]["dataset"] == "mixed"
     assert "threshold=auto" in out.with_suffix(".md").read_text()
+
+
+def test_stop_strings_end_every_engine_row_alike(engine, tmp_path):
+    rows = ("none", "constant", "specdec++")
+    configs = Sweep(temperatures=(0.0,), ks=(3,), thresholds=(0.3,), policies=rows).configs()
+    free = run_offline(engine, PROMPTS[:1], configs, 12, Checkpoint(tmp_path / "a.jsonl", {}), progress=quiet)
+    text = engine.tokenizer.decode(free[0]["stats"]["token_ids"])
+    stop = text[len(text) // 2:][:2]  # a string the greedy reply reaches mid-way
+    assert stop.strip(), text
+    cut = run_offline(engine, PROMPTS[:1], configs, 12, Checkpoint(tmp_path / "b.jsonl", {}), progress=quiet,
+                      stop=(stop,))
+    for record in cut:
+        assert record["stats"]["finish_reason"] == "stop"
+        assert engine.tokenizer.decode(record["stats"]["token_ids"]) != text
+    with pytest.raises(ValueError, match="engine's rows only"):
+        peers = Sweep(temperatures=(0.0,), hf_ks=(2,), policies=("none", "hf-constant")).configs()
+        run_offline(engine, PROMPTS[:1], peers, 4, Checkpoint(tmp_path / "c.jsonl", {}), progress=quiet, stop=("x",))

@@ -51,6 +51,8 @@ def test_pass_at_1_executes_the_replies():
     right = f"Here it is:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\nDone."
     wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
     assert extract_code("no fence") == "no fence" and extract_code(wrong).startswith("def has_close_elements")
+    cut = right[: right.index("```\nDone")]  # a stop string at the closing fence leaves the block open
+    assert extract_code(cut) == extract_code(right) and passes("HumanEval/0", cut)
     assert passes("HumanEval/0", right) and not passes("HumanEval/0", wrong)
     replies = {1: right, 2: wrong}
     rows = [{"label": "a"}, {"label": "b"}]

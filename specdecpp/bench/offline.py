@@ -150,9 +150,9 @@ def record_key(config: BenchConfig, prompt_id: str) -> str:
 
 
 def run_engine(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
-               bounds: tuple[int, int]) -> dict:
+               bounds: tuple[int, int], stop: tuple[str, ...] = ()) -> dict:
     """One request through our engine; its stats record plus the wall time around it."""
-    params = SamplingParams(temperature=config.temperature, seed=seed, max_tokens=max_tokens)
+    params = SamplingParams(temperature=config.temperature, seed=seed, max_tokens=max_tokens, stop=stop)
     spec = config.spec(bounds)
     start = time.perf_counter()
     completion = engine.generate(prompt.messages, params, spec)
@@ -189,10 +189,12 @@ def run_peer(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens:
 
 
 def run_one(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
-            bounds: tuple[int, int]) -> dict:
+            bounds: tuple[int, int], stop: tuple[str, ...] = ()) -> dict:
     if config.policy in HF_POLICIES:
+        if stop:
+            raise ValueError("stop strings apply to our engine's rows only: drop them or the hf-* rows")
         return run_peer(engine, prompt, config, max_tokens, seed)
-    return run_engine(engine, prompt, config, max_tokens, seed, bounds)
+    return run_engine(engine, prompt, config, max_tokens, seed, bounds, stop)
 
 
 def warm_up(engine: LLMEngine, configs: list[BenchConfig], bounds: tuple[int, int], prompt: Prompt) -> None:
@@ -216,11 +218,12 @@ def run_offline(
     warmup: bool = True,
     progress: Callable[[str], None] = print,
     run: bool = True,
+    stop: tuple[str, ...] = (),
 ) -> list[dict]:
     """Run every (prompt, configuration) not yet in the checkpoint; return the grid's finished records.
 
     `run=False` only reads the checkpoint (a report from a partial run: `aggregate` keeps the
-    prompts every configuration finished).
+    prompts every configuration finished). `stop` strings end every request of every row alike.
     """
     todo = [(i, p, c) for i, p in enumerate(prompts) for c in configs if record_key(c, p.id) not in checkpoint]
     if not run:
@@ -234,7 +237,7 @@ def run_offline(
     started = time.perf_counter()
     for n, (i, prompt, config) in enumerate(todo, start=1):
         seed = base_seed + i  # one seed per prompt, the same for every configuration
-        result = run_one(engine, prompt, config, max_tokens, seed, bounds)
+        result = run_one(engine, prompt, config, max_tokens, seed, bounds, stop)
         record = {
             "key": record_key(config, prompt.id),
             "prompt_id": prompt.id,

@@ -109,6 +109,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         "bounds": list(args.bounds),
         "models": models,
     }
+    if args.stop:  # only then: checkpoints of runs without stop strings keep resuming
+        settings["stop"] = list(args.stop)
     checkpoint_path = args.output.with_suffix(".checkpoint.jsonl")
     checkpoint = Checkpoint(checkpoint_path, settings, fresh=args.fresh)
     if args.limit_prompts:  # the loop is prompt-major, so a stopped run finished a prefix of the prompts
@@ -118,6 +120,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     records = run_offline(
         engine, prompts, configs, args.max_tokens, checkpoint, base_seed=args.seed, bounds=tuple(args.bounds),
         progress=lambda line: print(line, file=sys.stderr, flush=True), run=not args.report_only,
+        stop=tuple(args.stop),
     )
     rows = aggregate(records, configs)
     if args.pass_at_1:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-FENCE = re.compile(r"```(?:[A-Za-z0-9_+-]*)\n(.*?)```", re.DOTALL)
+FENCE = re.compile(r"```(?:[A-Za-z0-9_+-]*)\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(reply: str) -> str:
-    """The first fenced code block of a chat reply, or the reply itself."""
+    """The first fenced code block of a chat reply, or the reply itself. A block the reply never
+    closes (cut by a stop string at its closing fence, or by max_tokens) runs to the reply's end."""
     match = FENCE.search(reply)
     return match.group(1) if match else reply
 

