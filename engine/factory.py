@@ -93,6 +93,7 @@ def assemble_engine(
         scheduler_config=config.scheduler,
         cpu_fp32_gemm=config.cpu_fp32_gemm,
         draft_quantization=draft_kernels or config.draft_quantization,
+        quantize_draft_lm_head=config.draft_lm_head_quantization,
         target_quantization=config.target_quantization,
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
         online_calibration=config.online_calibration,

@@ -81,6 +81,7 @@ class LLMEngine:
         scheduler_config: SchedulerConfig | None = None,
         cpu_fp32_gemm: str = "auto",
         draft_quantization: str | KernelChoice = "none",
+        quantize_draft_lm_head: bool = True,
         target_quantization: str = "none",
         costs: CostModel | None = None,
         online_calibration: bool = True,
@@ -99,7 +100,8 @@ class LLMEngine:
                 raise ValueError(f"head {name!r} (hidden size {head.config.hidden_size}) does not fit the draft")
         self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm, quantization=target_quantization)
         self.draft = (
-            ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm, quantization=draft_quantization)
+            ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm, quantization=draft_quantization,
+                        quantize_lm_head=quantize_draft_lm_head)
             if draft is not None else None
         )
         self.heads = {name: head.to(self.draft.device) for name, head in heads.items()}

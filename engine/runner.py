@@ -53,11 +53,12 @@ class ModelRunner:
         pack_cpu_linears: bool = True,
         cpu_fp32_gemm: str = "auto",
         quantization: str | KernelChoice = "none",
+        quantize_lm_head: bool = False,
     ) -> None:
         self.model = model.eval()
-        # Weight-only int8/int4 where asked ("auto": where it measures faster here); before packing,
-        # which then packs what stays a plain linear layer (the LM head).
-        self.kernels = choose_and_quantize(model, quantization)
+        # Weight-only int8/int4 where asked ("auto": where it measures faster here), the LM head too where
+        # asked and faster; before packing, which then packs what stays a plain linear layer.
+        self.kernels = choose_and_quantize(model, quantization, lm_head=quantize_lm_head)
         if pack_cpu_linears:
             # CPU only; with fp32 copies (`cpu_fp32_gemm`) for wide GEMMs where bf16 ones are slow
             # (engine/loading/cpu_linear.py; measured in docs/benchmarks/README.md, CPU kernels).

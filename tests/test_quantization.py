@@ -83,6 +83,38 @@ def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int
     assert choice.describe()["decode_ms"]["plain"][1] == plain_ms
 
 
+@pytest.mark.parametrize(("head_plain_ms", "asked", "expected"),
+                         [(2.0, True, "int8"), (1.0, True, "none"), (2.0, False, "none")])
+def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_plain_ms, asked, expected):
+    def measure(layer, bits):
+        plain = head_plain_ms if layer.out_features == model.config.vocab_size else 2.0
+        return {"plain": {1: plain, 4: plain}, f"int{bits}": {1: 1.0, 4: 1.0}}, 16
+
+    monkeypatch.setattr(kernels, "measure_layer", measure)
+    model = tiny_model(0)
+    model.lm_head.weight = model.get_input_embeddings().weight  # tied, as the default draft's are
+    embedding = model.get_input_embeddings().weight.clone()
+    hidden = torch.randn(3, model.config.hidden_size)
+    reference = model.get_output_embeddings()(hidden)
+    choice = choose_and_quantize(model, "auto", lm_head=asked)
+    head = model.get_output_embeddings()
+    assert choice.quantization == "int8" and choice.lm_head == expected
+    assert isinstance(head, QuantizedLinear) == (expected == "int8")
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # a tied embedding reads the original
+    assert torch.allclose(head(hidden), reference, atol=0.02 * float(reference.abs().max()))
+    assert model.get_input_embeddings().weight.dtype == embedding.dtype
+    replayed = tiny_model(0)
+    choose_and_quantize(replayed, choice)  # a follower rank's replay, without measuring
+    assert isinstance(replayed.get_output_embeddings(), QuantizedLinear) == (expected == "int8")
+
+
+def test_an_unquantized_model_keeps_its_lm_head(monkeypatch):
+    monkeypatch.setattr(kernels, "measure_layer", fake_measure(1.0, 1.0))  # the body does not pay
+    model = tiny_model(0)
+    assert choose_and_quantize(model, "auto", lm_head=True).lm_head == "none"
+    assert type(model.get_output_embeddings()) is nn.Linear
+
+
 def test_explicit_modes_do_not_depend_on_timings(monkeypatch):
     monkeypatch.setattr(kernels, "measure_layer", fake_measure(1.0, 5.0))  # int8 slower, asked anyway
     model = tiny_model(0)
@@ -106,11 +138,13 @@ SPECS = [
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_draft_keeps_greedy_output_identical(tokenizer, mode):
+def test_quantized_draft_keeps_greedy_output_identical(tokenizer, mode, monkeypatch):
+    monkeypatch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0))  # the LM head too
     target, draft = make_tiny_pair()
     engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
                        draft_quantization=mode)
-    assert engine.draft.kernels.quantization == mode
+    assert engine.draft.kernels.quantization == mode and engine.draft.kernels.lm_head == "int8"
+    assert isinstance(engine.draft.lm_head, QuantizedLinear)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     proposed = 0
     for prompt in ("hello world", "the quick brown fox"):
@@ -139,8 +173,10 @@ def test_quantized_target_is_reproduced_exactly_by_speculation(tokenizer):
 def int8_distribution_engine() -> LLMEngine:
     target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
     draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
-    engine = LLMEngine(target, draft, char_tokenizer("abcde"), draft_quantization="int8")
-    assert engine.draft.kernels.quantization == "int8"
+    with pytest.MonkeyPatch.context() as patch:  # the LM head too
+        patch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0))
+        engine = LLMEngine(target, draft, char_tokenizer("abcde"), draft_quantization="int8")
+    assert engine.draft.kernels.quantization == "int8" and engine.draft.kernels.lm_head == "int8"
     return engine
 
 

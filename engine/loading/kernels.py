@@ -24,6 +24,7 @@ from engine.loading.quantize import (
     QuantizedLinear,
     quantizable,
     quantize_linears,
+    quantize_lm_head,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class KernelChoice:
     wide_rows: int | None = None  # rows from which a quantized layer runs the dequantized GEMM
     layer: str = ""
     decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> ms per call
+    lm_head: str = "none"  # the LM head's quantization (asked for the draft only)
+    lm_head_wide_rows: int | None = None
+    lm_head_decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def describe(self) -> dict:
         return asdict(self)
@@ -108,14 +112,23 @@ def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, floa
     return timings, wide_rows
 
 
-def choose_and_quantize(model: nn.Module, requested: str | KernelChoice) -> KernelChoice:
+def gain(timings: dict[str, dict[int, float]], kernel: str) -> float:
+    """How many times faster `kernel` runs the decode class than the unquantized layer."""
+    return sum(timings["plain"].values()) / sum(timings[kernel].values())
+
+
+def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head: bool = False) -> KernelChoice:
     """Quantize the model's linear layers as `requested` ("auto": int8 where the decode class
     measures faster than the unquantized kernel on this host), with the measured crossover.
+    With `lm_head` (the draft), a quantized model's LM head is measured too and becomes int8 where
+    that is faster on its own shape.
 
     A KernelChoice is replayed without measuring: ranks of a tensor-parallel engine run the draft
     with rank 0's choice, so that they propose alike."""
     if isinstance(requested, KernelChoice):
         quantize_linears(model, requested.quantization, requested.wide_rows or DEFAULT_WIDE_ROWS)
+        if requested.lm_head == "int8":
+            quantize_lm_head(model, requested.lm_head_wide_rows or DEFAULT_WIDE_ROWS)
         return requested
     if requested != "auto" and requested not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {requested!r}: expected auto or one of {', '.join(QUANTIZATION_MODES)}")
@@ -130,10 +143,16 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice) -> Kern
     timings, wide_rows = measure_layer(layer, bits)
     chosen = requested
     if requested == "auto":
-        gain = sum(timings["plain"].values()) / sum(timings["int8"].values())
-        chosen = "int8" if gain >= AUTO_MIN_GAIN else "none"
+        chosen = "int8" if gain(timings, "int8") >= AUTO_MIN_GAIN else "none"
     choice = KernelChoice(requested, chosen, wide_rows if chosen != "none" else None, name, timings)
     quantize_linears(model, chosen, wide_rows)
     log.info("kernels for %s: %s (probe %s, ms per call %s, dequantized GEMM from %s rows)",
              type(model).__name__, chosen, name, timings, wide_rows)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if lm_head and chosen != "none" and type(head) is nn.Linear:
+        choice.lm_head_decode_ms, head_wide_rows = measure_layer(head, 8)
+        if gain(choice.lm_head_decode_ms, "int8") >= AUTO_MIN_GAIN and quantize_lm_head(model, head_wide_rows):
+            choice.lm_head, choice.lm_head_wide_rows = "int8", head_wide_rows
+        log.info("LM head of %s: %s (ms per call %s)", type(model).__name__, choice.lm_head,
+                 choice.lm_head_decode_ms)
     return choice

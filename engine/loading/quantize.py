@@ -11,8 +11,9 @@ verification) and lose on many (prefill, a batch of drafts): from `wide_rows` ro
 measured on the host (`engine/loading/kernels.py`), a layer runs the ordinary (oneDNN-packed where
 possible) GEMM on a copy of its dequantized weight. That copy costs the unquantized layer's memory
 again: the gain is decode speed, not memory. Both paths compute with the same dequantized values,
-so the model is one model whatever the row count. The LM head is left alone: it runs on a few
-positions only, and the proposals depend on it most.
+so the model is one model whatever the row count. The LM head is left alone unless asked for
+(`quantize_lm_head`): the draft's LM head is a large share of a draft step on a small vocabulary-heavy
+model, and quantizing it changes only the proposals; the target's stays as loaded.
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Li
                 continue
             found.append((parent, name, child))
     return found
+
+
+def quantize_lm_head(model: nn.Module, wide_rows: int = DEFAULT_WIDE_ROWS) -> bool:
+    """Replace the model's LM head by an int8 `QuantizedLinear`, in place; False where it is not a plain
+    CPU linear layer. A tied input embedding keeps reading the original weight."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.device.type != "cpu" or is_tensor_parallel(head):
+        return False
+    model.set_output_embeddings(QuantizedLinear(head, 8, wide_rows))
+    log.info("quantized the LM head to int8 (dequantized GEMM from %d rows)", wide_rows)
+    return True
 
 
 def quantize_linears(model: nn.Module, mode: str, wide_rows: int = DEFAULT_WIDE_ROWS) -> int:
