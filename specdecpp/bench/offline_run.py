@@ -128,6 +128,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
 
         add_pass_at_1(rows, complete_records(records, configs),
                       lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+    theory = theory_report(rows, engine)
     comparisons = compare(records, rows, configs)
     finished = [i for i, p in enumerate(prompts) if all(record_key(c, p.id) in checkpoint for c in configs)]
     if len(finished) < len(prompts):
@@ -152,10 +153,26 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         # what threshold "auto" decided from at the end (the live cost model, its learnt scales, the acceptance
         # estimate); None when the rows were resumed from a checkpoint without running
         "self_tuning_end": engine.tuning.state() if engine.tuning is not None else None,
+        **({"theory": theory} if theory else {}),
     })
     for path in write_offline_report(args.output, rows, meta, comparisons):
         print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def theory_report(rows: list[dict], engine, samples: int | None = None) -> dict | None:
+    """For a run with theory rows (several draft paths or over-acceptance): each row's decode speedup predicted
+    under this host's live cost model and a memory-bound GPU's, and the over-acceptance bias measured on a
+    tiny model (specdecpp/bench/theory.py). None for a run without them."""
+    if not any(r["num_drafts"] > 1 or not r["lossless"] for r in rows):
+        return None
+    from specdecpp.bench.theory import MEMORY_BOUND_GPU, TINY_SAMPLES, add_predictions, tiny_model_bias
+
+    here = engine.tuning.costs.current
+    add_predictions(rows, {"here": here, "gpu": MEMORY_BOUND_GPU})
+    epsilons = sorted({r["over_acceptance"] for r in rows})
+    return {"cost_models": {"here": here.to_dict(), "gpu": MEMORY_BOUND_GPU.to_dict()},
+            "tiny_model_bias": tiny_model_bias(epsilons, samples or TINY_SAMPLES) if len(epsilons) > 1 else []}
 
 
 def rows_with_heads(policies: tuple[str, ...], greedy: list[str] | None, asked: set[str],

@@ -118,6 +118,8 @@ def offline_markdown(rows: list[dict], meta: dict, comparisons: list[dict] | Non
                 "Each policy at its fastest knob; tokens/s are ratios of sums over prompts, and the interval "
                 "resamples prompts jointly for both rows. A knob that is not interior sits at an end of its sweep.",
                 "", comparisons_markdown(comparisons).rstrip()]
+    if "theory" in meta:
+        out += ["", theory_markdown(rows, meta["theory"]).rstrip()]
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         rs = [r for r in rows if r["temperature"] == temperature]
         best = {}
@@ -139,6 +141,34 @@ def offline_markdown(rows: list[dict], meta: dict, comparisons: list[dict] | Non
                 f"{_fmt(r['mean_candidate_length'], 2)} | {r['prompts']} | {r['generated_tokens']} |"
                 + (f" {r.get('run', '-')} |" if runs else "")
             )
+    return "\n".join(out) + "\n"
+
+
+def theory_markdown(rows: list[dict], theory: dict) -> str:
+    """The theory rows side by side (draft paths, over-acceptance, pass@1, expected vs realized rejections,
+    predicted speedups) and the tiny model's over-acceptance bias."""
+    out = ["## Theory rows", "",
+           "M: draft paths sharing the round's k candidates (k // M each); eps: over-acceptance (lossy above 0). "
+           "Predicted: decode speedup from each row's tokens per target call, priced by this host's live cost "
+           "model and by a memory-bound GPU's (a draft step a tenth of a target forward, both flat in rows).", "",
+           "| row | M | eps | lossless | tokens/s | speedup | tokens per target call | acceptance rate "
+           "| rejections | expected rejections | pass@1 | predicted here | predicted GPU |",
+           "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['label']} | {r['num_drafts']} | {r['over_acceptance']:g} | {r['lossless']} | "
+                   f"{_fmt(r['tokens_per_s'], 2)} | {_fmt(r['speedup'], 2)} | {_fmt(r['tokens_per_target_call'], 2)} | "
+                   f"{_fmt(r['acceptance_rate'])} | {_fmt(r['rejections'], 0)} | {_fmt(r['expected_rejections'], 1)} | "
+                   f"{_fmt(r.get('pass_at_1'))} | {_fmt(r.get('predicted_speedup_here'), 2)} | "
+                   f"{_fmt(r.get('predicted_speedup_gpu'), 2)} |")
+    if theory.get("tiny_model_bias"):
+        out += ["", "Over-acceptance bias TV(output, target) on a tiny 6-token pair, one-candidate rounds through the "
+                "engine's acceptance rule, next to the theory's value (the Pareto line: bias + rejection = TV(p, q)) "
+                "and Decoding-UNO's (a rejection redrawn from the target):", "",
+                "| eps | measured bias | theory bias | theory rejection | TV(p, q) | Decoding-UNO bias | samples |",
+                "|---:|---:|---:|---:|---:|---:|---:|"]
+        for b in theory["tiny_model_bias"]:
+            out.append(f"| {b['epsilon']:g} | {b['tv_measured']:.4f} | {b['tv_theory']:.4f} | "
+                       f"{b['rejection_theory']:.4f} | {b['tv_pq']:.4f} | {b['tv_uno']:.4f} | {b['samples']} |")
     return "\n".join(out) + "\n"
 
 
