@@ -289,6 +289,8 @@ def gen_data(
     }
     if engine.draft.kernels.quantization != "none":  # absent otherwise: earlier data sets still resume
         description["draft_quantization"] = engine.draft.kernels.quantization
+    if engine.draft.kernels.lm_head != "none":
+        description["draft_lm_head"] = engine.draft.kernels.lm_head
     deadline = time.time() + 60 * stop_after_minutes if stop_after_minutes else None
     manifest = generate_dataset(engine, prompts, out_dir, config, description, deadline)
     print(f"{out_dir}: {len(manifest['shards'])} shards, {manifest['tokens']} candidates, "

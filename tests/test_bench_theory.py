@@ -59,8 +59,11 @@ def test_predicted_speedup_prices_the_rows_tokens_per_call():
     row = {"policy": "constant", "knob": 8, "num_drafts": 1, "tokens_per_target_call": 4.5}
     assert predicted_speedup(row, costs) == pytest.approx(4.5 / 1.8)
     assert predicted_speedup({**row, "num_drafts": 2}, costs) == pytest.approx(4.5 / 1.4)
-    steep = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 9: 3.0}, refresh=False)
+    steep = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 9: 3.0, 12: 3.5},
+                      draft_batch={1: 0.1, 4: 0.1}, refresh=False)
     assert predicted_speedup(row, steep) == pytest.approx(4.5 / 3.8)  # verification that is not flat costs
+    # M=4: each path a row of 1 + 2 tokens, 12 tokens in all: 2 draft steps and a forward of 12 tokens (3.5)
+    assert predicted_speedup({**row, "num_drafts": 4}, steep) == pytest.approx(4.5 / (0.2 + 3.5))
     assert predicted_speedup({"policy": "none"}, costs) == 1.0
     assert predicted_speedup({"policy": "specdec++", "knob": 0.3}, costs) is None
 

@@ -102,10 +102,11 @@ def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_
     assert isinstance(head, QuantizedLinear) == (expected == "int8")
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # a tied embedding reads the original
     assert torch.allclose(head(hidden), reference, atol=0.02 * float(reference.abs().max()))
-    assert model.get_input_embeddings().weight.dtype == embedding.dtype
     replayed = tiny_model(0)
+    replayed.lm_head.weight = replayed.get_input_embeddings().weight
     choose_and_quantize(replayed, choice)  # a follower rank's replay, without measuring
     assert isinstance(replayed.get_output_embeddings(), QuantizedLinear) == (expected == "int8")
+    assert torch.equal(replayed.get_output_embeddings()(hidden), head(hidden))  # the follower proposes alike
 
 
 def test_an_unquantized_model_keeps_its_lm_head(monkeypatch):

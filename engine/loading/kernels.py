@@ -127,8 +127,10 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
     with rank 0's choice, so that they propose alike."""
     if isinstance(requested, KernelChoice):
         quantize_linears(model, requested.quantization, requested.wide_rows or DEFAULT_WIDE_ROWS)
-        if requested.lm_head == "int8":
-            quantize_lm_head(model, requested.lm_head_wide_rows or DEFAULT_WIDE_ROWS)
+        head_rows = requested.lm_head_wide_rows or DEFAULT_WIDE_ROWS
+        if requested.lm_head == "int8" and not quantize_lm_head(model, head_rows):
+            raise ValueError("the kernel choice quantizes the LM head, and this model's cannot be: its proposals "
+                             "would differ from the chooser's")
         return requested
     if requested != "auto" and requested not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {requested!r}: expected auto or one of {', '.join(QUANTIZATION_MODES)}")

@@ -191,8 +191,6 @@ def run_peer(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens:
 def run_one(engine: LLMEngine, prompt: Prompt, config: BenchConfig, max_tokens: int, seed: int,
             bounds: tuple[int, int], stop: tuple[str, ...] = ()) -> dict:
     if config.policy in HF_POLICIES:
-        if stop:
-            raise ValueError("stop strings apply to our engine's rows only: drop them or the hf-* rows")
         return run_peer(engine, prompt, config, max_tokens, seed)
     return run_engine(engine, prompt, config, max_tokens, seed, bounds, stop)
 
@@ -223,8 +221,11 @@ def run_offline(
     """Run every (prompt, configuration) not yet in the checkpoint; return the grid's finished records.
 
     `run=False` only reads the checkpoint (a report from a partial run: `aggregate` keeps the
-    prompts every configuration finished). `stop` strings end every request of every row alike.
+    prompts every configuration finished). `stop` strings end every request of every row alike; they
+    apply to our engine's rows only, so hf-* rows are refused with them.
     """
+    if stop and any(c.policy in HF_POLICIES for c in configs):
+        raise ValueError("stop strings apply to our engine's rows only: drop them or the hf-* rows")
     todo = [(i, p, c) for i, p in enumerate(prompts) for c in configs if record_key(c, p.id) not in checkpoint]
     if not run:
         todo = []

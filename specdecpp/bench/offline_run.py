@@ -101,6 +101,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         runner = getattr(engine, role)
         if runner is not None and runner.kernels.quantization != "none":
             models[f"{role}_quantization"] = runner.kernels.quantization
+    if engine.draft.kernels.lm_head != "none":  # likewise: rows of a draft whose LM head differs do not mix
+        models["draft_lm_head"] = engine.draft.kernels.lm_head
     settings = {
         "dataset": args.dataset,
         "prompt_ids": [p.id for p in prompts],

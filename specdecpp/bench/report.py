@@ -154,7 +154,7 @@ def theory_markdown(rows: list[dict], theory: dict) -> str:
            "| row | M | eps | lossless | tokens/s | speedup | tokens per target call | acceptance rate "
            "| rejections | expected rejections | pass@1 | predicted here | predicted GPU |",
            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    for r in (r for r in rows if r["policy"] in ("none", "constant")):
         out.append(f"| {r['label']} | {r['num_drafts']} | {r['over_acceptance']:g} | {r['lossless']} | "
                    f"{_fmt(r['tokens_per_s'], 2)} | {_fmt(r['speedup'], 2)} | {_fmt(r['tokens_per_target_call'], 2)} | "
                    f"{_fmt(r['acceptance_rate'])} | {_fmt(r['rejections'], 0)} | {_fmt(r['expected_rejections'], 1)} | "

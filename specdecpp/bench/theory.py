@@ -29,7 +29,8 @@ TINY_SAMPLES = 20000
 def predicted_speedup(row: dict, costs: CostModel) -> float | None:
     """The decode speedup over the target alone that a constant row's tokens per target call give under
     `costs`: a round drafts k // M candidates on each of its M paths (one batched draft step per
-    candidate) and verifies them all, after the round's first token, in one target forward."""
+    candidate) and verifies them in one target forward where each path is a row of its own, the
+    sequence's uncached token and the path's candidates (engine/multidraft.py)."""
     if row["policy"] == "none":
         return 1.0
     if row["policy"] != "constant" or not row.get("tokens_per_target_call"):
@@ -37,7 +38,7 @@ def predicted_speedup(row: dict, costs: CostModel) -> float | None:
     paths = row.get("num_drafts", 1)
     per_path = int(row["knob"]) // paths
     draft = per_path * (costs.draft_seconds(paths) + paths * costs.candidate_seconds(False, False))
-    round_seconds = draft + costs.target_seconds(1 + paths * per_path)
+    round_seconds = draft + costs.target_seconds(paths * (1 + per_path), sequences=paths)
     return row["tokens_per_target_call"] * costs.target_seconds(1) / round_seconds
 
 
