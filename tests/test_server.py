@@ -494,6 +494,7 @@ def test_models_card_and_openapi_name_the_served_model(server, client):
     kernels = card["kernels"]  # what the engine chose at load, on this host
     assert kernels["target"]["quantization"] == "none"  # the target is never quantized unless asked
     assert kernels["draft"]["requested"] == "auto" and kernels["draft"]["quantization"] in ("none", "int8")
+    assert kernels["draft"]["lm_head"] in ("none", "int8")  # the draft's LM head, chosen by measurement too
     assert "native_bf16" in kernels["host"] and isinstance(kernels["host"]["flags"], list)
     costs = card["costs"]  # the cost model the engine started from (the tests' --cost-model)
     assert costs == json.loads(json.dumps(CHEAP_DRAFT_COSTS.to_dict()))
