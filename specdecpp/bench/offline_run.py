@@ -130,7 +130,7 @@ def run_offline_bench(args: argparse.Namespace) -> int:
 
         add_pass_at_1(rows, complete_records(records, configs),
                       lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
-    theory = theory_report(rows, engine)
+    theory = theory_report(rows, engine, complete_records(records, configs))
     comparisons = compare(records, rows, configs)
     finished = [i for i, p in enumerate(prompts) if all(record_key(c, p.id) in checkpoint for c in configs)]
     if len(finished) < len(prompts):
@@ -162,18 +162,26 @@ def run_offline_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def theory_report(rows: list[dict], engine, samples: int | None = None) -> dict | None:
+def theory_report(rows: list[dict], engine, complete: dict, samples: int | None = None) -> dict | None:
     """For a run with theory rows (several draft paths or over-acceptance): each row's decode speedup predicted
-    under this host's live cost model and a memory-bound GPU's, and the over-acceptance bias measured on a
+    under this host's live cost model and a memory-bound GPU's, each row against the plain constant row of
+    its k (paired, over `complete`, `offline.complete_records`), and the over-acceptance bias measured on a
     tiny model (specdecpp/bench/theory.py). None for a run without them."""
     if not any(r["num_drafts"] > 1 or not r["lossless"] for r in rows):
         return None
-    from specdecpp.bench.theory import MEMORY_BOUND_GPU, TINY_SAMPLES, add_predictions, tiny_model_bias
+    from specdecpp.bench.theory import (
+        MEMORY_BOUND_GPU,
+        TINY_SAMPLES,
+        add_predictions,
+        theory_comparisons,
+        tiny_model_bias,
+    )
 
     here = engine.tuning.costs.current
     add_predictions(rows, {"here": here, "gpu": MEMORY_BOUND_GPU})
     epsilons = sorted({r["over_acceptance"] for r in rows})
     return {"cost_models": {"here": here.to_dict(), "gpu": MEMORY_BOUND_GPU.to_dict()},
+            "comparisons": theory_comparisons(rows, complete),
             "tiny_model_bias": tiny_model_bias(epsilons, samples or TINY_SAMPLES) if len(epsilons) > 1 else []}
 
 

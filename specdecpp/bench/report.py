@@ -160,6 +160,12 @@ def theory_markdown(rows: list[dict], theory: dict) -> str:
                    f"{_fmt(r['acceptance_rate'])} | {_fmt(r['rejections'], 0)} | {_fmt(r['expected_rejections'], 1)} | "
                    f"{_fmt(r.get('pass_at_1'))} | {_fmt(r.get('predicted_speedup_here'), 2)} | "
                    f"{_fmt(r.get('predicted_speedup_gpu'), 2)} |")
+    if theory.get("comparisons"):
+        out += ["", "Each theory row over the plain constant row of its k (tokens/s, paired bootstrap 95% CI by "
+                "prompt):", "", "| row | over | ratio | 95% CI | prompts |", "|---|---|---:|---|---:|"]
+        for c in theory["comparisons"]:
+            out.append(f"| {c['a']} | {c['b']} | {_fmt(c['ratio'])} | [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] "
+                       f"| {c['prompts']} |")
     if theory.get("tiny_model_bias"):
         out += ["", "Over-acceptance bias TV(output, target) on a tiny 6-token pair, one-candidate rounds through the "
                 "engine's acceptance rule, next to the theory's value (the Pareto line: bias + rejection = TV(p, q)) "

@@ -49,6 +49,28 @@ def add_predictions(rows: list[dict], costs: dict[str, CostModel]) -> None:
             row[f"predicted_speedup_{name}"] = predicted_speedup(row, model)
 
 
+def theory_comparisons(rows: list[dict], complete: dict) -> list[dict]:
+    """Each theory row's tokens/s over the plain constant row of its k and temperature (one path, lossless),
+    with a paired bootstrap 95% interval by prompt. `complete`: `offline.complete_records`, keyed by config."""
+    from specdecpp.bench.offline import paired_bootstrap_ratio
+
+    by_label = {config.label: records for config, records in complete.items()}
+    plain = {(r["knob"], r["temperature"]): r for r in rows
+             if r["policy"] == "constant" and r["num_drafts"] == 1 and r["lossless"]}
+    out = []
+    for row in rows:
+        base = plain.get((row["knob"], row["temperature"]))
+        if row["policy"] != "constant" or base is None or base is row:
+            continue
+        a, b = by_label[row["label"]], by_label[base["label"]]
+        value, low, high = paired_bootstrap_ratio(
+            [r["stats"]["generated_tokens"] for r in a], [r["wall_seconds"] for r in a],
+            [r["stats"]["generated_tokens"] for r in b], [r["wall_seconds"] for r in b])
+        out.append({"a": row["label"], "b": base["label"], "ratio": value, "ci_low": low, "ci_high": high,
+                    "prompts": len(a)})
+    return out
+
+
 def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * float((a - b).abs().sum())
 
