@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specdecpp.bench.machine import machine_record
+from specdecpp.bench.machine import command_line, machine_record
 from specdecpp.bench.report import merge_offline, write_offline_report, write_serving_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,3 +105,14 @@ def test_serving_report_files(tmp_path):
     json_path, md = write_serving_report(tmp_path / "serving.json", [row], {"command": "x", "machine": {}})
     assert json.loads(json_path.read_text())["rows"] == [row]
     assert "| specdec++ | 2 | - | none | 4 | 1 | 10.50 |" in md.read_text()
+
+
+def test_the_command_line_stays_one_line_and_reruns_in_bash():
+    import subprocess
+
+    argv = ["bench", "offline", "--stop", "\n```\n", "--note", "it's a b"]
+    line = command_line(argv)
+    assert "\n" not in line and line.startswith("specdecpp bench offline --stop $'\\n```\\n'")
+    echoed = subprocess.run(["bash", "-c", "printf '%s\\0' " + line.removeprefix("specdecpp ")],
+                            capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    assert echoed == argv

@@ -78,8 +78,15 @@ def machine_record() -> dict:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command to rerun: `specdecpp` plus the arguments given (shell-quoted)."""
-    return shlex.join(["specdecpp", *(sys.argv[1:] if argv is None else argv)])
+    """The command to rerun, on one line: `specdecpp` plus the arguments given, shell-quoted (an argument with
+    a line break in bash's $'...' form, e.g. a stop string)."""
+    return " ".join(_quoted(a) for a in ["specdecpp", *(sys.argv[1:] if argv is None else argv)])
+
+
+def _quoted(arg: str) -> str:
+    if "\n" not in arg:
+        return shlex.quote(arg)
+    return "$'" + arg.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def results_meta(argv: list[str] | None, dataset: str, extra: dict) -> dict:
