@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from specdecpp.bench.kernels import write_kernels_report
 
 
@@ -39,3 +41,16 @@ def test_rows_carry_quantization_costs_and_ttft(tmp_path):
     assert rows[1]["draft_forward_ms"] == 150.0 and rows[3]["draft_forward_ms"] == 80.0
     assert rows[3]["target_forward_ms"] == 370.0 and rows[3]["speedup"] == 1.857
     assert "| int8.json | constant 7 | int8 | none | 3.90 | 1.857 | 80 | 370 | 1.50 |" in md_path.read_text()
+
+
+def test_costs_come_from_the_run_when_no_file_is_given(tmp_path):
+    run = write_run(tmp_path, "recorded", "int8", [("none", None, 2.0, 1.0)], {("none", None): [1.0]})
+    bench = json.loads(run.read_text())
+    bench["meta"]["cost_model_at_start"] = {"draft_step": 0.07, "target": {"1": 0.3}}
+    run.write_text(json.dumps(bench))
+    json_path, _ = write_kernels_report([(run, None)], tmp_path / "k.json", [])
+    row = json.loads(json_path.read_text())["rows"][0]
+    assert (row["draft_forward_ms"], row["target_forward_ms"]) == (70.0, 300.0)
+    old = write_run(tmp_path, "old", None, [("none", None, 2.0, 1.0)], {("none", None): [1.0]})
+    with pytest.raises(ValueError, match="records no cost model"):
+        write_kernels_report([(old, None)], tmp_path / "k2.json", [])

@@ -340,6 +340,7 @@ def test_cli_offline_sweeps_auto_beside_fixed_thresholds(tiny_pair, tokenizer, t
     assert all(r["prompts"] == 2 and r["generated_tokens"] > 0 and r["speedup"] > 0 for r in data["rows"])
     assert data["meta"]["sweep"]["thresholds"] == ["auto", 0.3, 0.5] and data["meta"]["dataset"] == "mixed"
     assert "threshold=auto" in out.with_suffix(".md").read_text()
+    assert data["meta"]["cost_model_at_start"]["draft_step"] == CHEAP_DRAFT_COSTS.draft_step  # as the engine started
 
 
 def test_stop_strings_end_every_engine_row_alike(engine, tmp_path):

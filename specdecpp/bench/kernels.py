@@ -19,12 +19,15 @@ def _ttft(checkpoint: Path) -> dict[tuple, float]:
     return {key: mean(values) for key, values in firsts.items()}
 
 
-def kernel_rows(run: Path, costs: Path) -> list[dict]:
+def kernel_rows(run: Path, costs: Path | None) -> list[dict]:
     """One row per bench row of `run` (an offline bench JSON beside its checkpoint), with the draft
-    and target forward costs of `costs` (a cost model JSON measured with the same quantization)."""
+    and target forward costs of `costs` (a cost model JSON measured with the same quantization), or,
+    without it, of the cost model the run's engine measured at its start."""
     bench = json.loads(run.read_text())
     models = bench["meta"].get("models", {})
-    cost = json.loads(costs.read_text())
+    cost = json.loads(costs.read_text()) if costs is not None else bench["meta"].get("cost_model_at_start")
+    if cost is None:
+        raise ValueError(f"{run} records no cost model (a run from before they were recorded): pass its COSTS file")
     ttft = _ttft(run.with_suffix(".checkpoint.jsonl"))
     return [{
         "run": run.name,
@@ -42,11 +45,11 @@ def kernel_rows(run: Path, costs: Path) -> list[dict]:
     } for row in bench["rows"]]
 
 
-def write_kernels_report(pairs: list[tuple[Path, Path]], output: Path, notes: list[str]) -> list[Path]:
+def write_kernels_report(pairs: list[tuple[Path, Path | None]], output: Path, notes: list[str]) -> list[Path]:
     rows = [row for run, costs in pairs for row in kernel_rows(run, costs)]
-    output.write_text(json.dumps({"rows": rows, "notes": notes,
-                                  "sources": [[str(r), str(c)] for r, c in pairs]}, indent=2) + "\n")
-    lines = ["# Kernels: quantized draft, side by side", "", *[f"- {n}" for n in notes], "",
+    sources = [[str(r), str(c) if c is not None else f"{r} (meta.cost_model_at_start)"] for r, c in pairs]
+    output.write_text(json.dumps({"rows": rows, "notes": notes, "sources": sources}, indent=2) + "\n")
+    lines = ["# Kernels: quantized models, side by side", "", *[f"- {n}" for n in notes], "",
              "| run | row | draft | target | tok/s | speedup vs none (same run) | draft fwd ms | target fwd ms "
              "| TTFT s |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

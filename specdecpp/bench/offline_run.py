@@ -155,6 +155,8 @@ def run_offline_bench(args: argparse.Namespace) -> int:
         # what threshold "auto" decided from at the end (the live cost model, its learnt scales, the acceptance
         # estimate); None when the rows were resumed from a checkpoint without running
         "self_tuning_end": engine.tuning.state() if engine.tuning is not None else None,
+        # the forward costs the engine measured at its start, before any refresh (`bench kernels` reads them)
+        "cost_model_at_start": engine.tuning.costs.measured.to_dict() if engine.tuning is not None else None,
         **({"theory": theory} if theory else {}),
     })
     for path in write_offline_report(args.output, rows, meta, comparisons):

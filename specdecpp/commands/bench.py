@@ -73,8 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     k = modes.add_parser("kernels", help="offline runs that differ by quantization, side by side with their "
                                          "measured forward costs")
-    k.add_argument("--run", nargs=2, action="append", type=Path, required=True, metavar=("RESULTS", "COSTS"),
-                   help="an offline results JSON and the cost model JSON measured with its quantization (repeat)")
+    k.add_argument("--run", nargs="+", action="append", type=Path, required=True, metavar="RESULTS [COSTS]",
+                   help="an offline results JSON and, for a run that does not record the cost model its engine "
+                   "measured at start, the cost model JSON measured with its quantization (repeat)")
     k.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeat)")
     k.add_argument("--output", type=Path, required=True)
     k.set_defaults(func=_run_kernels)
@@ -164,7 +165,10 @@ def _preset(key: str) -> str:
 def _run_kernels(args: argparse.Namespace) -> int:
     from specdecpp.bench.kernels import write_kernels_report
 
-    for path in write_kernels_report([tuple(pair) for pair in args.run], args.output, args.note):
+    if any(len(run) > 2 for run in args.run):
+        raise SystemExit("--run takes RESULTS and at most one COSTS file")
+    pairs = [(run[0], run[1] if len(run) == 2 else None) for run in args.run]
+    for path in write_kernels_report(pairs, args.output, args.note):
         print(f"wrote {path}")
     return 0
 
