@@ -30,14 +30,19 @@ LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, witho
 STALE_WEIGHT = 0.5  # most weight of the draft observation that ends a spell without proposals
 
 
+def segment(sizes: list[int], x: float) -> tuple[int, int]:
+    """The neighbouring measured sizes (sorted, two or more) whose segment holds x; the last one past the end."""
+    i = next((i for i in range(1, len(sizes)) if x <= sizes[i]), len(sizes) - 1)
+    return sizes[i - 1], sizes[i]
+
+
 def interpolate(points: dict[int, float], x: float) -> float:
     """Piecewise-linear through `points` (x -> seconds), flat below the first point, extrapolated
     linearly past the last (two points or more)."""
     xs = sorted(points)
     if x <= xs[0] or len(xs) == 1:
         return points[xs[0]] if x <= xs[0] else points[xs[0]] * x / xs[0]
-    i = next((i for i in range(1, len(xs)) if x <= xs[i]), len(xs) - 1)
-    lo, hi = xs[i - 1], xs[i]
+    lo, hi = segment(xs, x)
     return points[lo] + (points[hi] - points[lo]) * (x - lo) / (hi - lo)
 
 
@@ -48,8 +53,7 @@ def bracketing(sizes: list[int], x: float) -> list[tuple[int, float]]:
         return [(sizes[0], 1.0)]
     if x >= sizes[-1]:
         return [(sizes[-1], 1.0)]
-    i = next(i for i in range(1, len(sizes)) if x <= sizes[i])
-    lo, hi = sizes[i - 1], sizes[i]
+    lo, hi = segment(sizes, x)
     w = (x - lo) / (hi - lo)
     return [(lo, 1.0 - w), (hi, w)] if w < 1.0 else [(hi, 1.0)]
 
@@ -295,7 +299,6 @@ class LiveCosts:
         self._observations[model] += 1
         weight = max(self.smoothing, 1.0 / self._observations[model], min(STALE_WEIGHT, self.smoothing * stale))
         self._log_scale[model] += weight * (math.log(observed / predicted) - self._log_scale[model])
-        self._rebuild()
 
     def _observe_shape(self, tokens: int, seconds: float, sequences: int) -> None:
         """Learn the curve this forward ran closest to: a log correction per measured size, moved by the
@@ -315,7 +318,6 @@ class LiveCosts:
             count = self._shape_observations[curve][size] = self._shape_observations[curve].get(size, 0) + 1
             start = self._shape[curve].get(size, self._log_scale["target"])  # an unlearnt point follows the level
             self._shape[curve][size] = start + share * max(self.smoothing, 1.0 / count) * error
-        self._rebuild()
 
     def _rebuild(self) -> None:
         level = self.measured.scaled(self.draft_scale, self.target_scale)
@@ -353,6 +355,7 @@ class LiveCosts:
         predicted += candidates * self.measured.candidate_seconds(reads_features, reads_features)
         self._observe("draft", seconds, predicted, stale=self._rounds_without_draft)
         self._rounds_without_draft = 0
+        self._rebuild()
 
     def observe_target(self, tokens: int, seconds: float, sequences: int = 1) -> None:
         """A target forward over `tokens` tokens of `sequences` sequences (their feeds together) in `seconds`."""
@@ -360,3 +363,4 @@ class LiveCosts:
         self._rounds_without_draft += 1
         self._observe("target", seconds, predicted)
         self._observe_shape(tokens, seconds, sequences)
+        self._rebuild()  # once, after both the level and the shape moved

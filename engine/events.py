@@ -92,6 +92,7 @@ class EngineReady:
     sampling_defaults: dict = field(default_factory=dict)  # what a request that omits them samples with
     kernels: dict = field(default_factory=dict)  # per model: the quantization and kernel timings chosen at load
     costs: dict | None = None  # the cost model measured at start (CostModel.to_dict()); None without a draft
+    memory: dict | None = None  # host memory of the load (engine/loading/memory.py's load_memory)
 
 
 @dataclass

@@ -47,17 +47,29 @@ def resolve_paths(config: EngineConfig) -> tuple[str, str | None, str | None]:
 def build_engine(config: EngineConfig) -> LLMEngine:
     """Resolve the model specs, place the models, load them and their heads, assemble the engine.
 
-    With --tensor-parallel-size N > 1 this process becomes rank 0 of N (engine/distributed.py)."""
-    if config.tensor_parallel_size > 1:
-        from engine.distributed import build_rank_zero
+    With --tensor-parallel-size N > 1 this process becomes rank 0 of N (engine/distributed.py).
+    What the load held and peaked at in host memory is logged and kept as `engine.load_memory`."""
+    from engine.loading import memory
 
-        return build_rank_zero(config)
-    target_spec, draft_spec, head_spec = resolve_paths(config)
-    from engine.loading.inventory import plan_from_config
+    rss_before = memory.rss_bytes()
+    memory.reset_peak_rss()
+    with memory.layer_by_layer_memory():
+        if config.tensor_parallel_size > 1:
+            from engine.distributed import build_rank_zero
 
-    placement = plan_from_config(config, target_spec, draft_spec)
-    config = with_planned_kv_budget(config, placement)
-    return assemble_engine(config, load_models(config, target_spec, draft_spec, head_spec, placement))
+            engine = build_rank_zero(config)
+        else:
+            target_spec, draft_spec, head_spec = resolve_paths(config)
+            from engine.loading.inventory import plan_from_config
+
+            placement = plan_from_config(config, target_spec, draft_spec)
+            config = with_planned_kv_budget(config, placement)
+            engine = assemble_engine(config, load_models(config, target_spec, draft_spec, head_spec, placement))
+    models = {"target": engine.target.model, "draft": engine.draft.model if engine.draft is not None else None,
+              **{f"head {name}": head for name, head in engine.heads.items()}}
+    engine.load_memory = memory.load_memory(models, rss_before)
+    log.info(memory.describe(engine.load_memory))
+    return engine
 
 
 def load_models(

@@ -97,6 +97,7 @@ class GrammarConstraint:
         self._consumed: list[int] = []  # what the matcher has consumed, in order
         self._final = 0  # how many of them are output, never rolled back again
         self._masks: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # (output length, candidates) -> [V]
+        self._masks_output_length = 0  # the output length the kept masks start from
         self._broken = False
 
     def apply(self, logits: torch.Tensor, output_ids: list[int], drafted: list[torch.Tensor]) -> torch.Tensor:
@@ -118,8 +119,9 @@ class GrammarConstraint:
         """Which tokens [V] (bool, CPU) may follow the output and `candidates`."""
         key = (len(output_ids), tuple(candidates))
         if key not in self._masks:
-            if any(length < len(output_ids) for length, _ in self._masks):  # the output grew: older rounds' masks go
+            if len(output_ids) > self._masks_output_length:  # the output grew: older rounds' masks go
                 self._masks = {k: v for k, v in self._masks.items() if k[0] >= len(output_ids)}
+                self._masks_output_length = len(output_ids)
             self._masks[key] = self._compute(output_ids, candidates)
         return self._masks[key]
 

@@ -127,6 +127,7 @@ class LLMEngine:
         # The cost model (`costs`, else measured) behind threshold "auto" and its budgets. Rank 0 of a
         # tensor-parallel target measures later (`start_self_tuning`): its followers must join the forwards.
         self.tuning: SelfTuning | None = None
+        self.load_memory: dict | None = None  # host memory of the load, set by engine.factory.build_engine
         if measure_costs_now or costs is not None:
             self.start_self_tuning(costs)
 

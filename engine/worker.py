@@ -87,6 +87,7 @@ def _build(config: dict) -> tuple[Any, EngineReady]:
         kernels={"host": cpu_features(), "target": engine.target.kernels.describe(),
                  "draft": engine.draft.kernels.describe() if engine.draft is not None else None},
         costs=engine.tuning.costs.measured.to_dict() if engine.tuning is not None else None,
+        memory=engine.load_memory,
     )
     return engine, ready
 

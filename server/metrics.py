@@ -58,7 +58,8 @@ class ServerMetrics:
             "distribution", p, registry=r
         )
         self.requests = Counter(
-            "specdec_requests", "Finished requests by outcome (stop, length, abort, error, rejected)", ["status"],
+            "specdec_requests", "Finished engine requests by outcome (stop, length, abort, error, "
+            "rejected): one per choice, so an API request with n choices counts n", ["status"],
             registry=r,
         )
         self.candidate_length = Histogram(

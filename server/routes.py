@@ -244,10 +244,10 @@ async def list_models(request: Request) -> dict:
 def _engine_card(info: EngineReady | None) -> dict:
     """What the engine says of itself; nulls before its first start (a --served-model-name answers earlier)."""
     if info is None:
-        return {"max_model_len": None, "sampling_defaults": None, "kernels": None, "costs": None,
+        return {"max_model_len": None, "sampling_defaults": None, "kernels": None, "costs": None, "memory": None,
                 "specdec": {"draft": None, "head": None, "heads": None, "default": {}, "scheduler": None}}
     return {"max_model_len": info.max_model_len, "sampling_defaults": info.sampling_defaults, "kernels": info.kernels,
-            "costs": info.costs,
+            "costs": info.costs, "memory": info.memory,
             "specdec": {"draft": info.draft, "head": info.head, "heads": info.heads,
                         "default": info.default_spec.model_dump(), "scheduler": info.scheduler}}
 

@@ -10,7 +10,7 @@ import torch
 from conftest import fresh_prefill, random_head, step_checking_caches
 from test_engine_batching import run_all
 from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
-from test_theory import P, Q, total_variation
+from test_theory import P, Q
 
 import engine.sampling as sampling
 from engine.llm_engine import LLMEngine, RequestError
@@ -18,6 +18,7 @@ from engine.params import SamplingParams, SpecConfig
 from engine.runner import ModelRunner, SharedPrefixCache
 from engine.sampling import acceptance_overlap, verify_paths
 from engine.scheduler import SchedulerConfig
+from specdecpp.bench.theory import total_variation
 
 SEED_OFFSET = 1000
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)

@@ -66,7 +66,8 @@ def test_quantize_linears_skips_the_lm_head_and_counts():
 
 def fake_measure(plain_ms: float, int8_ms: float):
     def measure(layer, bits):
-        return {"plain": {1: plain_ms, 4: plain_ms}, f"int{bits}": {1: int8_ms, 4: int8_ms}}, 16
+        return {"plain": {1: plain_ms, 4: plain_ms}, f"int{bits}": {1: int8_ms, 4: int8_ms}}, 16, QuantizedLinear(
+            layer, bits, 16)
     return measure
 
 
@@ -86,9 +87,12 @@ def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int
 @pytest.mark.parametrize(("head_plain_ms", "asked", "expected"),
                          [(2.0, True, "int8"), (1.0, True, "none"), (2.0, False, "none")])
 def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_plain_ms, asked, expected):
+    timed = []
+
     def measure(layer, bits):
         plain = head_plain_ms if layer.out_features == model.config.vocab_size else 2.0
-        return {"plain": {1: plain, 4: plain}, f"int{bits}": {1: 1.0, 4: 1.0}}, 16
+        timed.append(QuantizedLinear(layer, bits, 16))
+        return {"plain": {1: plain, 4: plain}, f"int{bits}": {1: 1.0, 4: 1.0}}, 16, timed[-1]
 
     monkeypatch.setattr(kernels, "measure_layer", measure)
     model = tiny_model(0)
@@ -100,6 +104,7 @@ def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_
     head = model.get_output_embeddings()
     assert choice.quantization == "int8" and choice.lm_head == expected
     assert isinstance(head, QuantizedLinear) == (expected == "int8")
+    assert (head is timed[-1]) == (expected == "int8")  # the layer timed is the one installed, not a second build
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # a tied embedding reads the original
     assert torch.allclose(head(hidden), reference, atol=0.02 * float(reference.abs().max()))
     replayed = tiny_model(0)

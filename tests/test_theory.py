@@ -21,21 +21,13 @@ from tiny import char_tokenizer, tiny_model
 from engine.llm_engine import LLMEngine, RequestError
 from engine.params import SamplingParams, SpecConfig
 from engine.sampling import acceptance_overlap, over_acceptance_output, processed_probs, verify
+from specdecpp.bench.theory import total_variation, uno_output
 
 EPSILONS = (0.0, 0.05, 0.1, 0.2)
 # Explicit target and draft distributions with large and small gaps between them.
 P = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.06, 0.04])
 Q = torch.tensor([0.10, 0.30, 0.05, 0.35, 0.12, 0.08])
 
-
-def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 0.5 * float((a - b).abs().sum())
-
-
-def uno_output(p: torch.Tensor, q: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Decoding-UNO: the same over-acceptance, but a rejection resamples from the target p itself."""
-    accepted = torch.minimum(q, p + epsilon)
-    return accepted + (1.0 - accepted.sum()) * p
 
 
 # ----- the acceptance rule on explicit p and q -----------------------------------------------

@@ -155,12 +155,13 @@ def pack_linears(model: nn.Module, fp32_copies: str = "off") -> int:
     if not can_pack(model):
         return 0
     with_copy = {id(m) for m in fp32_copy_plan(model, fp32_copies)}
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype in PACKABLE_DTYPES:
-                setattr(parent, name, PackedLinear(child, fp32_copy=id(child) in with_copy))
-                replaced += 1
+    places = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+              if type(child) is nn.Linear and child.weight.dtype in PACKABLE_DTYPES]
+    replaced = len(places)
+    for parent, name in places:  # layer by layer: each original goes as its packed copy comes
+        child = getattr(parent, name)
+        setattr(parent, name, PackedLinear(child, fp32_copy=id(child) in with_copy))
+        del child
     if replaced:
         log.info("packed %d linear layers for oneDNN (%d with fp32 copies)", replaced, len(with_copy))
     return replaced

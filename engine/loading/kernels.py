@@ -92,24 +92,25 @@ def probe_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
 
 
 @torch.inference_mode()
-def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, float]], int]:
+def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, float]], int, QuantizedLinear]:
     """Decode-class timings of the layer as the engine would run it unquantized (oneDNN-packed where
-    it packs) and quantized, and the row count from which the dequantized GEMM beats the kernel."""
-    plain = PackedLinear(layer) if can_pack(layer) else layer
-    quant = QuantizedLinear(layer, bits, wide_rows=1 << 30)
+    it packs) and quantized, the row count from which the dequantized GEMM beats the kernel, and the
+    quantized layer timed, with that crossover (to install rather than quantize the layer again)."""
     dtype = layer.weight.dtype
-    timings: dict[str, dict[int, float]] = {"plain": {}, f"int{bits}": {}}
-    for rows in DECODE_ROWS:
-        x = torch.randn(rows, layer.in_features, dtype=dtype)
-        timings["plain"][rows] = time_call(plain, x)
-        timings[f"int{bits}"][rows] = time_call(quant, x)
+    inputs = {rows: torch.randn(rows, layer.in_features, dtype=dtype) for rows in DECODE_ROWS}
+    plain = PackedLinear(layer) if can_pack(layer) else layer
+    timings: dict[str, dict[int, float]] = {"plain": {rows: time_call(plain, x) for rows, x in inputs.items()}}
+    del plain  # a packed copy: gone before the quantized one comes (an LM head's copies are large)
+    quant = QuantizedLinear(layer, bits, wide_rows=1 << 30)
+    timings[f"int{bits}"] = {rows: time_call(quant, x) for rows, x in inputs.items()}
     wide_rows = WIDE_ROW_STEPS[-1]
     for rows in WIDE_ROW_STEPS:
         x = torch.randn(rows, layer.in_features, dtype=dtype)
         if time_call(quant.wide, x) < time_call(quant, x):
             wide_rows = rows
             break
-    return timings, wide_rows
+    quant.wide_rows = wide_rows
+    return timings, wide_rows, quant
 
 
 def gain(timings: dict[str, dict[int, float]], kernel: str) -> float:
@@ -142,7 +143,7 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
         return KernelChoice(requested, "none")
     name, layer = probe
     bits = 4 if requested == "int4" else 8
-    timings, wide_rows = measure_layer(layer, bits)
+    timings, wide_rows, _ = measure_layer(layer, bits)
     chosen = requested
     if requested == "auto":
         chosen = "int8" if gain(timings, "int8") >= AUTO_MIN_GAIN else "none"
@@ -152,8 +153,9 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
              type(model).__name__, chosen, name, timings, wide_rows)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head and chosen != "none" and type(head) is nn.Linear:
-        choice.lm_head_decode_ms, head_wide_rows = measure_layer(head, 8)
-        if gain(choice.lm_head_decode_ms, "int8") >= AUTO_MIN_GAIN and quantize_lm_head(model, head_wide_rows):
+        choice.lm_head_decode_ms, head_wide_rows, quantized_head = measure_layer(head, 8)
+        if gain(choice.lm_head_decode_ms, "int8") >= AUTO_MIN_GAIN and quantize_lm_head(
+                model, head_wide_rows, quantized_head):
             choice.lm_head, choice.lm_head_wide_rows = "int8", head_wide_rows
         log.info("LM head of %s: %s (ms per call %s)", type(model).__name__, choice.lm_head,
                  choice.lm_head_decode_ms)

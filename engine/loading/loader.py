@@ -58,12 +58,43 @@ def load_model(
 
         extra["distributed_config"] = DistributedConfig(tp_size=tensor_parallel_size)
         device = None
-    model = AutoModelForCausalLM.from_pretrained(
-        location, dtype=dtype, device_map=device_map, low_cpu_mem_usage=True, **extra
-    )
+    weights = safetensors_files(location) if not extra else []
+    if weights:
+        model = _load_tensor_by_tensor(location, weights, dtype, device_map)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=dtype, device_map=device_map, low_cpu_mem_usage=True, **extra
+        )
     if device_map is None and device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def safetensors_files(location: str) -> list[Path]:
+    """The safetensors weight files of a local model directory (none for a hub id or a GGUF file)."""
+    path = Path(location)
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else []
+
+
+def _load_tensor_by_tensor(location: str, files: list[Path], dtype: torch.dtype, device_map) -> PreTrainedModel:
+    """transformers' own loading (its key renames, tied weights, dtype conversion), fed tensors read one by
+    one from the files (pread) instead of memory-mapped: a mapped file stays resident until the load ends,
+    so the peak held the whole checkpoint next to the model; read this way, the peak holds the model and
+    the tensor being converted."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(location)
+    handles = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    slices = {name: h.get_slice(name) for h in handles for name in h.keys()}
+    model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=slices, dtype=dtype, device_map=device_map, low_cpu_mem_usage=True
+    )
+    model.config._name_or_path = location  # as a load by path records it
+    if (Path(location) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(location)
+    return model
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32  # columns sharing one scale and zero point
 DEFAULT_WIDE_ROWS = 32  # rows from which the dequantized GEMM runs (replaced by a host measurement)
+QUANTIZE_ROWS = 4096  # output rows quantized at a time (bounds the float32 temporaries)
 
 
 class QuantizedLinear(nn.Module):
@@ -53,10 +54,15 @@ class QuantizedLinear(nn.Module):
         self.wide = wide_layer(self.dequantized_weight(), bias)
 
     def _quantize_int8(self, weight: torch.Tensor) -> None:
-        """Symmetric, one scale per output channel."""
-        w = weight.float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-        qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        """Symmetric, one scale per output channel; `QUANTIZE_ROWS` rows at a time, so that the float32
+        temporaries of a large layer (an LM head) stay small next to the model."""
+        qweight = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32)
+        for start in range(0, weight.shape[0], QUANTIZE_ROWS):
+            w = weight[start : start + QUANTIZE_ROWS].float()
+            s = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            qweight[start : start + QUANTIZE_ROWS] = torch.round(w / s[:, None]).clamp(-127, 127)
+            scale[start : start + QUANTIZE_ROWS] = s
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scale", scale.to(self.compute_dtype), persistent=False)
 
@@ -82,7 +88,7 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the quantized layer stands for, [out, in], in the compute dtype."""
         if self.bits == 8:
-            return self.qweight.to(self.compute_dtype) * self.scale[:, None]
+            return self.qweight.to(self.compute_dtype).mul_(self.scale[:, None])  # in place: one temporary
         q = torch.stack([self._q4 & 15, self._q4 >> 4], dim=-1).view(self.out_features, -1, INT4_GROUP_SIZE)
         q = q.to(self.compute_dtype)
         return (q * self._scale4[..., None] + self._low[..., None]).view(self.out_features, self.in_features)
@@ -110,12 +116,10 @@ class QuantizedLinear(nn.Module):
 def wide_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """The layer a quantized one runs on many rows: an ordinary linear layer on the dequantized
     weight, oneDNN-packed where the host packs it."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    linear.requires_grad_(False)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)  # no initialisation, no second copy
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
     return PackedLinear(linear) if can_pack(linear) else linear
 
 
@@ -136,13 +140,15 @@ def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Li
     return found
 
 
-def quantize_lm_head(model: nn.Module, wide_rows: int = DEFAULT_WIDE_ROWS) -> bool:
-    """Replace the model's LM head by an int8 `QuantizedLinear`, in place; False where it is not a plain
-    CPU linear layer. A tied input embedding keeps reading the original weight."""
+def quantize_lm_head(model: nn.Module, wide_rows: int = DEFAULT_WIDE_ROWS,
+                     quantized: QuantizedLinear | None = None) -> bool:
+    """Replace the model's LM head by an int8 `QuantizedLinear` (`quantized`, one already made from it, or
+    a new one), in place; False where it is not a plain CPU linear layer. A tied input embedding keeps
+    reading the original weight."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.weight.device.type != "cpu" or is_tensor_parallel(head):
         return False
-    model.set_output_embeddings(QuantizedLinear(head, 8, wide_rows))
+    model.set_output_embeddings(quantized or QuantizedLinear(head, 8, wide_rows))
     log.info("quantized the LM head to int8 (dequantized GEMM from %d rows)", wide_rows)
     return True
 
@@ -161,7 +167,10 @@ def quantize_linears(model: nn.Module, mode: str, wide_rows: int = DEFAULT_WIDE_
         raise ValueError("weight-only quantization is implemented for CPU models only")
     bits = 8 if mode == "int8" else 4
     layers = quantizable(model, bits)
-    for parent, name, child in layers:
+    count = len(layers)
+    while layers:  # layer by layer, and each original goes as its replacement comes: never two whole models
+        parent, name, child = layers.pop()
         setattr(parent, name, QuantizedLinear(child, bits, wide_rows))
-    log.info("quantized %d linear layers to int%d (dequantized GEMM from %d rows)", len(layers), bits, wide_rows)
-    return len(layers)
+        del child
+    log.info("quantized %d linear layers to int%d (dequantized GEMM from %d rows)", count, bits, wide_rows)
+    return count

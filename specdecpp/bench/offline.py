@@ -227,12 +227,12 @@ def run_offline(
     if stop and any(c.policy in HF_POLICIES for c in configs):
         raise ValueError("stop strings apply to our engine's rows only: drop them or the hf-* rows")
     todo = [(i, p, c) for i, p in enumerate(prompts) for c in configs if record_key(c, p.id) not in checkpoint]
-    if not run:
-        todo = []
     total = len(prompts) * len(configs)
     done = total - len(todo)
     if done:
-        progress(f"resuming: {done}/{total} results already in {checkpoint.path}")
+        progress(f"{'resuming: ' if run else ''}{done}/{total} results already in {checkpoint.path}")
+    if not run:
+        todo = []
     if todo and warmup:
         warm_up(engine, configs, bounds, prompts[0])
     started = time.perf_counter()

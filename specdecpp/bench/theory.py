@@ -75,6 +75,13 @@ def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
     return 0.5 * float((a - b).abs().sum())
 
 
+def uno_output(p: torch.Tensor, q: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Decoding-UNO's output distribution: the same over-acceptance min(q, p + epsilon), but a rejection
+    redraws from the target p itself rather than the residual (the comparison the theory's rule wins)."""
+    accepted = torch.minimum(q, p + epsilon)
+    return accepted + (1.0 - accepted.sum()) * p
+
+
 def tiny_pair_distributions(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The first-token distributions p (target) and q (draft) of two random 1-layer Qwen2 models over
     `TINY_VOCAB` tokens, their LM heads sharpened so that p and q differ a lot."""
@@ -110,8 +117,7 @@ def tiny_model_bias(epsilons: list[float], samples: int = TINY_SAMPLES, seed: in
             counts[int(y) if verdict.num_accepted == 1 else verdict.next_token] += 1
         empirical = torch.tensor([counts.get(v, 0) / samples for v in range(TINY_VOCAB)])
         output, rejection = over_acceptance_output(p, q, epsilon)
-        accepted = torch.minimum(q, p + epsilon)
-        uno = accepted + (1.0 - accepted.sum()) * p
+        uno = uno_output(p, q, epsilon)
         out.append({"epsilon": epsilon, "tv_measured": round(total_variation(empirical, p), 4),
                     "tv_theory": round(total_variation(output, p), 4), "rejection_theory": round(float(rejection), 4),
                     "tv_pq": round(total_variation(p, q), 4), "tv_uno": round(total_variation(uno, p), 4),
