@@ -291,6 +291,18 @@ def test_comparisons_pair_the_best_knobs_and_flag_edge_knobs():
     assert single["a_knob_interior"] is False and single["b_knob_interior"] is False
 
 
+def test_each_pair_is_compared_once_when_auto_is_the_only_threshold():
+    configs = [BenchConfig("none", None, 1.0), BenchConfig("constant", 7, 1.0), BenchConfig("specdec++", "auto", 1.0)]
+    speed = dict(zip(configs, (1.0, 1.3, 1.4), strict=True))
+    records = [_timed(c, pid, 50, 50 / (10 * speed[c])) for c in configs for pid in "abc"]
+    comparisons = compare(records, aggregate(records, configs), configs, resamples=100)
+    assert [(c["a"], c["b"]) for c in comparisons] == [
+        ("T=1 specdec++ threshold=auto", "T=1 constant k=7"),
+        ("T=1 specdec++ threshold=auto", "T=1 none"),
+        ("T=1 constant k=7", "T=1 none"),
+    ]
+
+
 def _offline_args(*flags: str):
     return build_parser().parse_args(["bench", "offline", "--draft", "d", "--target", "t", *flags])
 

@@ -39,9 +39,13 @@ def held_bytes(model: nn.Module, device_type: str | None = None) -> int:
     return total
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 LOAD_MMAP_THRESHOLD = 1 << 20  # while loading: every weight-sized block its own mapping
-SERVE_MMAP_THRESHOLD = 32 << 20  # after: the ceiling glibc's own adaptive threshold reaches on 64-bit
+# After: where glibc's adaptive thresholds end on 64-bit (mmap 32 MiB, trim twice that). Setting one by hand
+# turns the adaptation off, and a trim threshold left at its 128 KiB default would hand back and fault in
+# again the activations' memory at every forward.
+SERVE_MMAP_THRESHOLD = 32 << 20
+SERVE_TRIM_THRESHOLD = 2 * SERVE_MMAP_THRESHOLD
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -67,8 +71,9 @@ def layer_by_layer_memory() -> Iterator[None]:
         yield
     finally:
         if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD)
             libc.malloc_trim(0)
+            libc.mallopt(M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, SERVE_TRIM_THRESHOLD)
 
 
 def rss_bytes() -> int:

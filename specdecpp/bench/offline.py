@@ -424,8 +424,10 @@ def compare(records: list[dict], rows: list[dict], configs: list[BenchConfig], r
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         for policy_a, policy_b in COMPARISONS:
             a, b = best_selected(rows, policy_a, temperature), best_selected(rows, policy_b, temperature)
-            if a is None or b is None:
+            if a is None or b is None or a is b:
                 continue
+            if any(c["temperature"] == temperature and (c["a"], c["b"]) == (a["label"], b["label"]) for c in out):
+                continue  # auto is also the best threshold when it is the only one: each pair once
             ra, rb = complete[a["label"]], complete[b["label"]]
             ratio, low, high = paired_bootstrap_ratio(
                 [r["stats"]["generated_tokens"] for r in ra], [r["wall_seconds"] for r in ra],
