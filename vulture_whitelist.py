@@ -12,6 +12,7 @@ _.model_config  # pydantic: read from the class body (engine/params.py, server/s
 _.pytestmark  # pytest: a module's marks
 _.should_exit  # uvicorn: Server.run polls it; set to stop the server (server/app.py)
 _.pre_tokenizer  # tokenizers: a property setter on Tokenizer (tests/tiny.py)
+_._name_or_path  # transformers: PretrainedConfig.name_or_path reads it (engine/loading/loader.py)
 
 # RequestStats fields: written by the engine, read by name from RequestStats.to_dict()
 # (Prometheus metrics, bench records, the generate command).
