@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psutil
+import torch
 from torch import nn
 
 GIB = 1 << 30
@@ -28,11 +29,7 @@ def held_bytes(model: nn.Module, device_type: str | None = None) -> int:
     for tensor in [*model.parameters(), *model.buffers()]:
         if device_type is not None and tensor.device.type != device_type:
             continue
-        if tensor.is_mkldnn:  # oneDNN's packed layout: opaque storage, but its element count is exact
-            key, size = id(tensor), tensor.numel() * tensor.element_size()
-        else:
-            storage = tensor.untyped_storage()
-            key, size = storage.data_ptr(), storage.nbytes()
+        key, size = _storage(tensor)
         if key not in seen:
             seen.add(key)
             total += size
@@ -74,6 +71,20 @@ def layer_by_layer_memory() -> Iterator[None]:
             libc.malloc_trim(0)
             libc.mallopt(M_MMAP_THRESHOLD, SERVE_MMAP_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, SERVE_TRIM_THRESHOLD)
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, int]:
+    """A key shared by the tensors of one storage, and that storage's bytes. A tensor-parallel shard counts
+    its local part; oneDNN's packed layout (opaque) and other storage-less tensors count their elements."""
+    if hasattr(tensor, "to_local"):  # a DTensor: this rank holds its local shard
+        tensor = tensor.to_local()
+    if not tensor.is_mkldnn:
+        try:
+            storage = tensor.untyped_storage()
+            return storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a wrapper without a storage of its own
+            pass
+    return id(tensor), tensor.numel() * tensor.element_size()
 
 
 def rss_bytes() -> int:
