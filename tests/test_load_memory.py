@@ -30,3 +30,23 @@ def test_the_peak_of_a_load_is_its_own_and_is_reported_against_the_held_bytes():
     assert record["peak_rss_bytes"] - before >= 60 << 20  # the transient is in the peak
     assert record["peak_rise_over_held"] > 10
     assert "held target 0.00 GiB" in memory.describe(record)
+
+
+def test_the_loader_reads_the_models_own_files_and_loads_what_transformers_loads(tmp_path):
+    from tiny import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from engine.loading.loader import load_model, safetensors_files
+
+    model = tiny_model(0)
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    model.save_pretrained(single)
+    (single / "consolidated.safetensors").write_bytes((single / "model.safetensors").read_bytes())  # not read
+    assert len(safetensors_files(str(sharded))) > 1 and safetensors_files(str(single)) == [single / "model.safetensors"]
+    assert safetensors_files(str(tmp_path / "missing")) == []
+    for path in (sharded, single):
+        ours, theirs = load_model(str(path), torch.float32), AutoModelForCausalLM.from_pretrained(path)
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        assert all(torch.equal(ours.state_dict()[k], theirs.state_dict()[k]) for k in ours.state_dict())
+        assert ours.config._name_or_path == str(path)

@@ -71,9 +71,15 @@ def load_model(
 
 
 def safetensors_files(location: str) -> list[Path]:
-    """The safetensors weight files of a local model directory (none for a hub id or a GGUF file)."""
+    """The safetensors weight files of a local model directory, as transformers picks them: the shards its
+    index names, else model.safetensors; none for a hub id, a GGUF file or a directory without them (other
+    .safetensors files, such as a consolidated copy, are not the model's weights)."""
     path = Path(location)
-    return sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
 
 
 def _load_tensor_by_tensor(location: str, files: list[Path], dtype: torch.dtype, device_map) -> PreTrainedModel:
