@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.loading.cpu_linear import PackedLinear, can_pack
+from engine.loading.cpu_linear import PackedLinear, can_pack, native_bf16
 from engine.loading.quantize import (
     DEFAULT_WIDE_ROWS,
     QUANTIZATION_MODES,
@@ -47,7 +47,7 @@ def cpu_features() -> dict:
     return {
         "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        "native_bf16": native_bf16(),
     }
 
 

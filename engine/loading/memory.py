@@ -19,6 +19,13 @@ import torch
 from torch import nn
 
 GIB = 1 << 30
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+LOAD_MMAP_THRESHOLD = 1 << 20  # while loading: every weight-sized block its own mapping
+# After: where glibc's adaptive thresholds end on 64-bit (mmap 32 MiB, trim twice that). Setting one by hand
+# turns the adaptation off, and a trim threshold left at its 128 KiB default would hand back and fault in
+# again the activations' memory at every forward.
+SERVE_MMAP_THRESHOLD = 32 << 20
+SERVE_TRIM_THRESHOLD = 2 * SERVE_MMAP_THRESHOLD
 
 
 def held_bytes(model: nn.Module, device_type: str | None = None) -> int:
@@ -34,15 +41,6 @@ def held_bytes(model: nn.Module, device_type: str | None = None) -> int:
             seen.add(key)
             total += size
     return total
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-LOAD_MMAP_THRESHOLD = 1 << 20  # while loading: every weight-sized block its own mapping
-# After: where glibc's adaptive thresholds end on 64-bit (mmap 32 MiB, trim twice that). Setting one by hand
-# turns the adaptation off, and a trim threshold left at its 128 KiB default would hand back and fault in
-# again the activations' memory at every forward.
-SERVE_MMAP_THRESHOLD = 32 << 20
-SERVE_TRIM_THRESHOLD = 2 * SERVE_MMAP_THRESHOLD
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -10,7 +10,8 @@ Kernels are torch's maintained weight-only ops (`aten._weight_int8pack_mm`,
 verification) and lose on many (prefill, a batch of drafts): from `wide_rows` rows on, a crossover
 measured on the host (`engine/loading/kernels.py`), a layer runs the ordinary (oneDNN-packed where
 possible) GEMM on a copy of its dequantized weight. That copy costs the unquantized layer's memory
-again: the gain is decode speed, not memory. Both paths compute with the same dequantized values,
+again (twice that where bf16 is emulated: it is kept in fp32, `wide_layer`): the gain is decode
+speed, not memory. Both paths compute with the same dequantized values,
 so the model is one model whatever the row count. The LM head is left alone unless asked for
 (`quantize_lm_head`): the draft's LM head is a large share of a draft step on a small vocabulary-heavy
 model, and quantizing it changes only the proposals; the target's stays as loaded.
@@ -25,7 +26,7 @@ from torch import nn
 
 from engine.config import QUANTIZATION_MODES
 from engine.distributed import is_tensor_parallel
-from engine.loading.cpu_linear import PackedLinear, can_pack
+from engine.loading.cpu_linear import Fp32Linear, PackedLinear, can_pack, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,16 @@ class QuantizedLinear(nn.Module):
 
 def wide_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """The layer a quantized one runs on many rows: an ordinary linear layer on the dequantized
-    weight, oneDNN-packed where the host packs it."""
+    weight, oneDNN-packed where the host packs it, in fp32 where bf16 is emulated (twice the memory)."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device="meta")
     linear.weight = nn.Parameter(weight, requires_grad=False)  # no initialisation, no second copy
     if bias is not None:
         linear.bias = nn.Parameter(bias, requires_grad=False)
-    return PackedLinear(linear) if can_pack(linear) else linear
+    if not can_pack(linear):
+        return linear
+    if weight.dtype == torch.bfloat16 and not native_bf16():
+        return Fp32Linear(weight, bias)  # bf16 is emulated here: wide inputs run faster in fp32
+    return PackedLinear(linear)
 
 
 def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Linear]]:

@@ -420,14 +420,13 @@ def compare(records: list[dict], rows: list[dict], configs: list[BenchConfig], r
     """The COMPARISONS pairs at each temperature: best row of a over best row of b, with a paired
     bootstrap interval by prompt on the records behind the rows (the prompts every row finished)."""
     complete = {c.label: rs for c, rs in complete_records(records, configs).items()}
-    out = []
+    out, seen = [], set()
     for temperature in sorted({r["temperature"] for r in rows}, reverse=True):
         for policy_a, policy_b in COMPARISONS:
             a, b = best_selected(rows, policy_a, temperature), best_selected(rows, policy_b, temperature)
-            if a is None or b is None or a is b:
-                continue
-            if any(c["temperature"] == temperature and (c["a"], c["b"]) == (a["label"], b["label"]) for c in out):
+            if a is None or b is None or a is b or (temperature, a["label"], b["label"]) in seen:
                 continue  # auto is also the best threshold when it is the only one: each pair once
+            seen.add((temperature, a["label"], b["label"]))
             ra, rb = complete[a["label"]], complete[b["label"]]
             ratio, low, high = paired_bootstrap_ratio(
                 [r["stats"]["generated_tokens"] for r in ra], [r["wall_seconds"] for r in ra],

@@ -10,32 +10,26 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from step_timing import context_cache, timed_step
 
 from engine.config import EngineConfig
 from engine.factory import resolve_paths
 from engine.loading.loader import load_model
-from engine.runner import ModelRunner, crop_cache
+from engine.runner import ModelRunner
 from specdecpp.bench.machine import machine_record
 
 CONTEXT, REPS = 200, 9
 
 
 def step_seconds(runner: ModelRunner) -> float:
-    """One token after CONTEXT tokens, logits included, as a draft step or a target-alone step runs."""
-    cache = runner.new_cache()
+    """One token after CONTEXT tokens, as a draft step or a target-alone step runs: the fastest of REPS."""
     ids = torch.randint(0, runner.vocab_size, (CONTEXT,))
-    runner.forward(ids.unsqueeze(0), cache)
-    times = []
-    for i in range(REPS + 1):
-        t0 = time.perf_counter()
-        runner.forward_batch([ids[i : i + 1]], [cache], [1])
-        times.append(time.perf_counter() - t0)
-        crop_cache(cache, CONTEXT)
+    cache = context_cache(runner, ids)
+    times = [timed_step(runner, cache, ids[i : i + 1], CONTEXT) for i in range(REPS + 1)]
     return min(times[1:])
 
 

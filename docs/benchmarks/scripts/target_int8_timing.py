@@ -12,15 +12,15 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from step_timing import context_cache, timed_step
 
 from engine.config import EngineConfig
 from engine.factory import resolve_paths
 from engine.loading.loader import load_model
-from engine.runner import ModelRunner, crop_cache
+from engine.runner import ModelRunner
 from specdecpp.bench.machine import machine_record
 
 CONTEXT, REPS = 200, 21
@@ -33,17 +33,11 @@ def main(output: Path) -> None:
                                                                                   quantization="int8")}
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, runners["bf16"].vocab_size, (CONTEXT + REPS + 1,), generator=generator)
-    caches = {}
-    for name, runner in runners.items():
-        caches[name] = runner.new_cache()
-        runner.forward(ids[:CONTEXT].unsqueeze(0), caches[name])
+    caches = {name: context_cache(runner, ids[:CONTEXT]) for name, runner in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(REPS + 1):  # the first call of each is a warm-up
         for name, runner in runners.items():
-            t0 = time.perf_counter()
-            runner.forward_batch([ids[CONTEXT + i : CONTEXT + i + 1]], [caches[name]], [1])
-            elapsed = time.perf_counter() - t0
-            crop_cache(caches[name], CONTEXT)
+            elapsed = timed_step(runner, caches[name], ids[CONTEXT + i : CONTEXT + i + 1], CONTEXT)
             if i:
                 times[name].append(elapsed)
     result = {
