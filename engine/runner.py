@@ -19,12 +19,12 @@ sequence (engine/multidraft.py) each see the sequence's cache, packed once, and 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from engine.loading.cpu_linear import pack_linears
+from engine.loading.cpu_linear import PackedLinear, pack_linears
 from engine.loading.kernels import KernelChoice, choose_and_quantize
 
 
@@ -63,6 +63,9 @@ class ModelRunner:
             # CPU only; with fp32 copies (`cpu_fp32_gemm`) for wide GEMMs where bf16 ones are slow
             # (engine/loading/cpu_linear.py; measured in docs/benchmarks/README.md, CPU kernels).
             pack_linears(model, fp32_copies=cpu_fp32_gemm)
+            copies = [m for m in model.modules() if isinstance(m, PackedLinear) and m.fp32_copy]
+            self.kernels = replace(self.kernels, fp32_copies=len(copies),
+                                   fp32_min_rows=copies[0].fp32_min_rows if copies else None)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.config = model.config

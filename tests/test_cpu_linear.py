@@ -200,3 +200,13 @@ def test_a_bf16_model_with_copies_matches_it_without(bf16_host):
         b = with_copies(ids).logits.float()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
+def test_the_runner_records_its_wide_gemm_choice():
+    """What the `/v1/models` card and the bench show per model: how many layers got a copy, from which rows."""
+    from engine.runner import ModelRunner
+
+    with_copies = ModelRunner(tiny_model(seed=0).to(torch.bfloat16), cpu_fp32_gemm="on").kernels
+    assert with_copies.fp32_copies == 7 * 2 and with_copies.fp32_min_rows == FP32_MIN_ROWS  # 2 tiny layers
+    without = ModelRunner(tiny_model(seed=0).to(torch.bfloat16), cpu_fp32_gemm="off").kernels
+    assert without.fp32_copies == 0 and without.fp32_min_rows is None

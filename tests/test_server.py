@@ -496,6 +496,9 @@ def test_models_card_and_openapi_name_the_served_model(server, client):
     assert kernels["draft"]["requested"] == "auto" and kernels["draft"]["quantization"] in ("none", "int8")
     assert kernels["draft"]["lm_head"] in ("none", "int8")  # the draft's LM head, chosen by measurement too
     assert "native_bf16" in kernels["host"] and isinstance(kernels["host"]["flags"], list)
+    for role in ("target", "draft"):  # the wide-GEMM class: fp32 copies, and from how many rows, where made
+        record = kernels[role]
+        assert record["fp32_copies"] >= 0 and (record["fp32_min_rows"] is None) == (record["fp32_copies"] == 0)
     memory = card["memory"]  # the engine's load: bytes each model holds in host memory, and the peak
     assert memory["held_cpu_bytes"]["target"] > 0 and memory["held_cpu_bytes"]["draft"] > 0
     assert memory["peak_rss_bytes"] >= memory["rss_before_load_bytes"] > 0 and memory["peak_rise_over_held"] > 0

@@ -63,6 +63,8 @@ class KernelChoice:
     lm_head: str = "none"  # the LM head's quantization (asked for the draft only)
     lm_head_wide_rows: int | None = None
     lm_head_decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)
+    fp32_copies: int = 0  # bf16 layers given an fp32 copy for wide inputs (engine/loading/cpu_linear.py) ...
+    fp32_min_rows: int | None = None  # ... used from this many rows on
 
     def describe(self) -> dict:
         return asdict(self)
