@@ -32,6 +32,10 @@ from engine.sampling import (
 from engine.sequence import KVState, Sequence
 from engine.tuning import SelfTuning
 
+# Tokens the draft cache lacks after a round: the token the target added and, when every candidate was
+# accepted, the last candidate (the draft never ran on it).
+ROUND_LAG = 2
+
 
 @dataclass
 class Proposal:
@@ -147,10 +151,12 @@ def plan_budgets(
 
 
 def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None:
-    """Feed each sequence's draft cache its next `chunk` missing tokens, in one batched forward."""
+    """Feed each sequence's draft cache its next `chunk` missing tokens, in one batched forward; never the
+    last token, which a proposal's first forward feeds for the logits of its first candidate."""
     t0 = time.perf_counter()
     caches = [seq.draft_kv.ensure(draft) for seq in seqs]
-    feeds = [seq.all_ids[seq.draft_kv.cached : seq.draft_kv.cached + chunk] for seq in seqs]
+    feeds = [seq.all_ids[seq.draft_kv.cached : min(seq.draft_kv.cached + chunk, len(seq.all_ids) - 1)]
+             for seq in seqs]
     draft.hidden_batch(feeds, caches, [1] * len(seqs))
     elapsed = time.perf_counter() - t0
     for seq, feed in zip(seqs, feeds, strict=True):
@@ -172,6 +178,11 @@ def propose(
     """
     if not proposals:
         return
+    # A draft further behind than a round leaves it (after budget-0 rounds: a large batch, a probe's wait)
+    # catches up first, so that the proposal's timing, which teaches the cost model a draft step, is one.
+    behind = [p.seq for p in proposals if len(p.seq.all_ids) - p.seq.draft_kv.cached > ROUND_LAG]
+    if behind:
+        catch_up_draft(behind, draft, max(len(seq.all_ids) - seq.draft_kv.cached for seq in behind))
     t0 = time.perf_counter()
     for p in proposals:
         p.seq.policy.start_round()

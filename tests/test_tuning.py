@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from conftest import CHEAP_DRAFT_COSTS, random_head
 
+import engine.speculate as speculate
 from engine.costs import CostModel, LiveCosts, interpolate, monotone
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
+from engine.speculate import ROUND_LAG
 from engine.tuning import (
     MAX_LEVEL,
     MIN_LEVEL,
@@ -310,3 +312,24 @@ def test_shape_corrections_stay_bounded_where_the_curve_is_clamped():
     shape = live.state()["shape"]["target"]
     assert shape[2] == pytest.approx(np.log(3.0), abs=0.05) and abs(shape[1]) < 0.05
     assert live.current.target_seconds(2) <= live.current.target_seconds(8)
+
+
+def test_a_probe_catches_the_draft_up_before_its_timed_step(tiny_pair, tokenizer, monkeypatch):
+    """After rounds without candidates the draft lags by as many tokens. The probe round feeds them first,
+    so that its proposal, timed to teach the cost model a draft step, feeds no more than a round leaves.
+    (Timed together, a probe after 8 silent rounds measured an 8-token forward as a step, pushed the draft's
+    cost up with a probe's large weight, and kept speculation off on a host where it paid.)"""
+    target, draft = tiny_pair
+    dear = replace(CHEAP_DRAFT_COSTS, draft_step=100.0)  # never pays: only probes propose
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)}, costs=dear)
+    step_feeds, caught_up = [], []
+    forward_batch, catch_up = engine.draft.forward_batch, speculate.catch_up_draft
+    monkeypatch.setattr(engine.draft, "forward_batch",
+                        lambda feeds, *a: step_feeds.extend(len(f) for f in feeds) or forward_batch(feeds, *a))
+    monkeypatch.setattr(speculate, "catch_up_draft",
+                        lambda seqs, d, chunk: caught_up.append(chunk) or catch_up(seqs, d, chunk))
+    params = SamplingParams(temperature=1.0, max_tokens=5 * PROBE_EVERY, ignore_eos=True, seed=5)
+    stats = engine.generate("hello world", params, SpecConfig(policy="specdec++")).stats
+    assert stats["proposed_tokens"] >= 2  # the probes
+    assert step_feeds and max(step_feeds) <= 2 == ROUND_LAG  # the token the target added, the last candidate
+    assert caught_up and max(caught_up) >= PROBE_EVERY  # what the silent rounds left behind, fed before the step
