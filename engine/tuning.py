@@ -8,9 +8,11 @@ gain, P(every candidate so far accepted) x a (its own acceptance), exceeds r x i
 seconds m. The head gives P(all accepted) = 1 - P(some rejected), so the rule is the paper's
 threshold rule, stop once P(some candidate rejected) > 1 - r m / a, at a level set by costs.
 Budgets use the same comparison for a candidate that is surely accepted: past the k where
-r m(k) >= 1 no candidate can pay, and none is proposed (0 when even the first one's expected gain,
-a, is below r m). m grows with the verified tokens of the batch, so budgets and the level shrink
-where verification stops being cheap.
+r m(k) >= 1 no candidate can pay, and none is proposed. Whether to propose at all compares whole
+rounds: none where the best fixed k is 0 (no round with candidates beats the target alone), since
+the first candidate may cost more than those after it (a kernel that changes from 1 to 2 rows) and
+its margin alone would refuse rounds that pay. m grows with the verified tokens of the batch, so
+budgets and the level shrink where verification stops being cheap.
 """
 
 from __future__ import annotations
@@ -60,22 +62,23 @@ def stop_level(rate: float, marginal: float, accept: float) -> float:
     return min(max(1.0 - rate * marginal / max(accept, 1e-6), MIN_LEVEL), MAX_LEVEL)
 
 
-def candidate_budget(costs: CostModel, batch: int, rate: float, accept: float, max_k: int) -> int:
-    """The most candidates a sequence of `batch` may propose: none if the first one's expected gain
-    (`accept`) does not pay for it, else up to the last k where a surely accepted candidate still pays."""
-    if max_k < 1 or rate * marginal_seconds(costs, batch, 1) >= accept:
+def candidate_budget(costs: CostModel, batch: int, rate: float, k_best: int, max_k: int) -> int:
+    """The most candidates a sequence of `batch` may propose (within `max_k`): none where the best fixed
+    count `k_best` is none, else up to the last k where a surely accepted candidate still pays at `rate`,
+    and at least k_best."""
+    if max_k < 1 or k_best == 0:
         return 0
     k = 1
     while k < max_k and rate * marginal_seconds(costs, batch, k + 1) < 1.0:
         k += 1
-    return k
+    return max(k, min(k_best, max_k))
 
 
 def budget_at(costs: CostModel, batch: int, accept: float, max_k: int) -> int:
     """The candidate budget a sequence of `batch` gets at acceptance `accept` (within `max_k`), at the
     best fixed operating point's rate: what the engine reports as its current budget."""
-    _, rate = best_fixed(costs, batch, accept, max_k)
-    return candidate_budget(costs, batch, rate, accept, max_k)
+    k_best, rate = best_fixed(costs, batch, accept, max_k)
+    return candidate_budget(costs, batch, rate, k_best, max_k)
 
 
 @dataclass
@@ -114,7 +117,7 @@ class SelfTuning:
         costs, batch, accept = self.costs.current, len(max_k), self.acceptance
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         level = stop_level(rate, marginal_seconds(costs, batch, max(k_best, 1) + 1), accept)
-        budgets = [candidate_budget(costs, batch, rate, accept, k) for k in max_k]
+        budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
         if any(budgets) or not any(max_k):
             self.rounds_without_candidates = 0
         else:

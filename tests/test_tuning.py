@@ -106,11 +106,26 @@ def test_budgets_shrink_as_verification_gets_dearer():
     for slope in (0.0, 0.01, 0.1, 0.3, 0.6, 1.0):
         costs = flat(0.05, slope=slope, knee=16)
         k, rate = best_fixed(costs, 4, 0.7, 20)
-        budgets.append(candidate_budget(costs, 4, rate, 0.7, 20))
+        budgets.append(candidate_budget(costs, 4, rate, k, 20))
     assert budgets == sorted(budgets, reverse=True)
     assert budgets[0] == 20 and budgets[-1] == 3  # up to the knee (4 x 4 tokens), where rows are still free
     steep = flat(0.05, slope=1.0, knee=4)  # the batch alone fills the memory-bound part
-    assert candidate_budget(steep, 4, best_fixed(steep, 4, 0.7, 20)[1], 0.7, 20) == 0
+    assert candidate_budget(steep, 4, *best_fixed(steep, 4, 0.7, 20)[::-1], 20) == 0
+
+
+def test_a_first_candidate_dearer_than_the_rest_does_not_turn_speculation_off():
+    """Known answer, the shape measured under AVX2 caps: a 1-token target forward 0.36 s, 2 tokens 0.5 s
+    (another kernel from 2 rows on), then almost flat. The first candidate alone costs 0.095 + 0.14 s and
+    at the best fixed rate does not pay on its margin, but rounds of 6 beat the target alone (4.6 against
+    2.8 tokens/s at a = 0.9): the budget is not 0, and it is 0 where no round with candidates pays."""
+    costs = CostModel(draft_step=0.095, draw=0.0, features=0.0, head=0.0,
+                      target={1: 0.36, 2: 0.5, 4: 0.54, 8: 0.58, 16: 0.75})
+    k, rate = best_fixed(costs, 1, 0.9, 20)
+    assert k > 0 and rate > 1 / 0.36
+    assert rate * marginal_seconds(costs, 1, 1) > 0.9  # the first candidate's margin alone: refused
+    assert candidate_budget(costs, 1, rate, k, 20) >= k
+    dear = replace(costs, draft_step=2.0)
+    assert best_fixed(dear, 1, 0.9, 20)[0] == 0 and budget_at(dear, 1, 0.9, 20) == 0
 
 
 def test_budgets_and_level_shrink_with_the_batch_where_verification_is_compute_bound():
@@ -235,7 +250,7 @@ def test_reported_budget_is_the_budget_at_the_best_fixed_rate():
     for slope in (0.0, 0.1, 1.0):
         costs = flat(0.05, slope=slope, knee=16)
         rate = best_fixed(costs, 4, 0.7, 20)[1]
-        assert budget_at(costs, 4, 0.7, 20) == candidate_budget(costs, 4, rate, 0.7, 20)
+        assert budget_at(costs, 4, 0.7, 20) == candidate_budget(costs, 4, rate, best_fixed(costs, 4, 0.7, 20)[0], 20)
     assert budget_at(flat(0.05), 1, 0.7, 20) == 20
     assert budget_at(flat(0.05, slope=1.0, knee=4), 4, 0.7, 20) == 0
 
