@@ -91,10 +91,12 @@ def test_merge_keeps_each_runs_speedup(tmp_path):
         merge_offline([first, other])
 
 
-def test_machine_record_names_the_environment():
+def test_machine_record_names_the_environment(monkeypatch):
     record = machine_record()
     assert record["cpu_count"] >= 1 and record["torch"] and record["transformers"]
-    assert "memory_bytes" in record
+    assert "memory_bytes" in record and "native_bf16" in record["cpu_features"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a run capped to AVX2 says so
+    assert machine_record()["isa_caps"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def test_serving_report_files(tmp_path):

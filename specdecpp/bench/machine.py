@@ -53,6 +53,9 @@ def _version(module: str) -> str | None:
         return None
 
 
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
 def machine_record() -> dict:
     """Cores, CPU model and flags, memory, GPUs, Python/torch/transformers versions."""
     import torch
@@ -70,6 +73,8 @@ def machine_record() -> dict:
         if torch.cuda.is_available()
         else [],
         "cpu_features": cpu_features(),
+        # ISA caps in force (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2: this host run as an AVX2-only CPU)
+        "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if name in os.environ},
         "torch": torch.__version__,
         "transformers": _version("transformers"),
         "sklearn": _version("sklearn"),

@@ -8,7 +8,6 @@ it as the host is and under `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2` t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,7 @@ def main(output: Path) -> None:
         layers["bf16_packed"] = PackedLinear(bf16)
     table = {name: {rows: ms(layer, torch.randn(rows, 1536, dtype=torch.float32 if name == "fp32" else torch.bfloat16))
                     for rows in ROWS} for name, layer in layers.items()}
-    result = {"ms_per_call": table, "native_bf16": native_bf16(), "machine": machine_record(),
-              "isa_caps": {k: os.environ.get(k) for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}}
+    result = {"ms_per_call": table, "native_bf16": native_bf16(), "machine": machine_record()}
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(table))
 
