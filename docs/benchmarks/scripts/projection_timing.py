@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from engine.loading.cpu_linear import PackedLinear, native_bf16
+from engine.loading.kernels import time_call
 from engine.loading.quantize import QuantizedLinear
 from specdecpp.bench.machine import machine_record
 
@@ -23,14 +23,8 @@ ROWS, REPS = (1, 4, 8, 16, 64), 7
 
 
 def ms(fn, x: torch.Tensor) -> float:
-    fn(x)
-    fn(x)
-    times = []
-    for _ in range(REPS):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return round(1e3 * min(times), 3)
+    """Fastest of REPS calls, as the kernel chooser times a layer."""
+    return round(time_call(fn, x, REPS), 3)
 
 
 @torch.inference_mode()
