@@ -64,7 +64,8 @@ class CostModel:
     when measured), per candidate drawn (processed q and sampling), per candidate's features (rules
     that read them), per head call, and per target forward by number of tokens in it: `target` for one
     sequence, `target_full` for the same tokens spread over `full_batch` sequences (a ragged batch pays
-    for every sequence's cache and mask, so its marginal token costs more)."""
+    for every sequence's cache and mask, so its marginal token costs more). `draft_tokens` times a draft
+    forward by tokens of one sequence: what catching a draft up on a prompt costs."""
 
     draft_step: float
     draw: float
@@ -76,6 +77,7 @@ class CostModel:
     full_batch: int = 1
     refresh: bool = True  # False: the engine keeps this model as given (reproducible runs, tests), no live refresh
     machine: dict = field(default_factory=dict)
+    draft_tokens: dict[int, float] = field(default_factory=dict)
 
     def target_seconds(self, tokens: float, sequences: int = 1) -> float:
         """A target forward over `tokens` tokens of `sequences` sequences: between the one-sequence and the
@@ -89,6 +91,13 @@ class CostModel:
     def draft_seconds(self, sequences: float) -> float:
         """One batched draft forward over `sequences` sequences (one token each)."""
         return interpolate(self.draft_batch or {1: self.draft_step}, sequences)
+
+    def draft_feed_seconds(self, tokens: float) -> float:
+        """One draft forward over `tokens` tokens of one sequence (a catch-up). Unmeasured (an older model
+        file), the target's curve scaled by the ratio of a draft step to a one-token target forward."""
+        if self.draft_tokens:
+            return interpolate(self.draft_tokens, tokens)
+        return self.target_seconds(tokens) * self.draft_step / max(self.target_seconds(1), 1e-9)
 
     def candidate_seconds(self, reads_features: bool = True, judged: bool = True) -> float:
         """What one candidate costs beside the draft forward: drawing it, its features, the head's judgement."""
@@ -115,6 +124,7 @@ class CostModel:
             features=self.features * draft,
             head=self.head * draft,
             draft_batch={b: s * draft for b, s in self.draft_batch.items()},
+            draft_tokens={n: s * draft for n, s in self.draft_tokens.items()},
             target={n: s * target for n, s in self.target.items()},
             target_full={n: s * target for n, s in self.target_full.items()},
         )
@@ -132,6 +142,7 @@ class CostModel:
             int(raw.get("full_batch", 1)),
             bool(raw.get("refresh", True)),
             raw.get("machine", {}),
+            {int(k): float(v) for k, v in (raw.get("draft_tokens") or {}).items()},
         )
 
     @classmethod
@@ -164,6 +175,16 @@ def powers_of_two(limit: int) -> list[int]:
     return [*out, limit]
 
 
+def catch_up_sizes(limit: int) -> list[int]:
+    """16, 64, 256 ... up to `limit`, and `limit` itself: a catch-up's cost is nearly linear in its tokens,
+    so a few sizes place the line (1 token is the draft step)."""
+    out, n = [], 16
+    while n < limit:
+        out.append(n)
+        n *= 4
+    return [*out, limit] if limit > 1 else out
+
+
 def monotone(points: dict[int, float]) -> dict[int, float]:
     """Timings made non-decreasing in size, each point lowered to the least time of any larger size:
     more tokens never cost less, and noise (another process, a cold cache) only ever adds time, so a
@@ -190,7 +211,8 @@ def measure_costs(
     """Time the engine's own forwards on this host, after `context` tokens of cache per sequence: the
     target over 1, 2, 4 ... `max_tokens` tokens of one sequence and over `max_sequences` ... `max_tokens`
     tokens spread over `max_sequences` sequences, the draft over 1, 2, 4 ... `max_sequences` sequences of
-    one token (ragged batches, as the round runs them), and the per-candidate work (draw, features, head)."""
+    one token (ragged batches, as the round runs them) and over 16, 64 ... `max_tokens` tokens of one
+    sequence (a catch-up), and the per-candidate work (draw, features, head)."""
     generator = torch.Generator().manual_seed(0)
     limit = min(getattr(m.config, "max_position_embeddings", None) or 4096 for m in (target, draft))
     context = min(context, limit // 2)
@@ -239,6 +261,9 @@ def measure_costs(
     target_full = monotone({n: timed(target, full_batch, n) for n in target_sizes(max_tokens) if n >= full})
     del full_batch
     draft_batch = monotone({b: timed(draft, prefilled(draft, b), b) for b in powers_of_two(max_sequences)})
+    draft_one = prefilled(draft, 1)
+    draft_tokens = monotone({1: draft_batch[1]} | {n: timed(draft, draft_one, n) for n in catch_up_sizes(max_tokens)})
+    del draft_one
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
     params = SamplingParams(temperature=1.0)
     one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)
@@ -253,6 +278,7 @@ def measure_costs(
         draft_batch=draft_batch,
         target_full=target_full,
         full_batch=full,
+        draft_tokens=draft_tokens,
     )
 
 

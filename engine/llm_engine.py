@@ -363,9 +363,7 @@ class LLMEngine:
         seq = self.scheduler.next_prefill()
         if seq is not None:
             try:
-                # A request joining a batch too large to speculate skips the draft's prefill.
-                with_draft = self.scheduler.draft_prefill_useful()
-                seq.prefilled = prefill_chunk(seq, self.target, self.draft, chunk, with_draft)
+                seq.prefilled = prefill_chunk(seq, self.target, chunk)
                 if seq.prefilled:
                     self._share_prefill(seq)
             except Exception as exc:  # a failing request must not take the engine down

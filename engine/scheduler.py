@@ -59,11 +59,6 @@ class Scheduler:
             return []
         return [ready] if self.config.batching else [[s] for s in ready]
 
-    def draft_prefill_useful(self) -> bool:
-        """Whether a sequence prefilled now joins rounds that may use the draft: with batching off
-        every round is a group of one; with it on, the running batch decides."""
-        return not self.config.batching or self.candidate_cap(self.running) != 0
-
     def candidate_cap(self, group: list[Sequence]) -> int | None:
         """Most candidates each sequence of a round over `group` may propose: None for no cap, 0 for
         the target alone (see `spec_disable_batch_size` and `spec_batch_candidates`)."""

@@ -85,8 +85,12 @@ def run_round(
     sets the budget and stop level of self-tuning policies and learns from the round's timings and labels.
     """
     budgets, lagging = plan_budgets(seqs, draft, candidate_cap, max_draft_feed, tuning)
-    if lagging:
-        catch_up_draft(lagging, draft, max_draft_feed)
+    # A draft further behind than a round leaves it (its deferred prefill, rounds at budget 0) catches up
+    # first, so that the proposal's timing, which teaches the cost model a draft step, is one.
+    behind = [seq for seq, budget in zip(seqs, budgets, strict=True) if budget > 0 and draft_lag(seq) > ROUND_LAG]
+    if lagging or behind:
+        chunk = max_draft_feed if max_draft_feed is not None else max(draft_lag(seq) for seq in behind)
+        catch_up_draft(lagging + behind, draft, chunk)
     proposals = [Proposal(seq, budget) for seq, budget in zip(seqs, budgets, strict=True)]
     groups = [with_paths(p, target, draft, candidate_cap) for p in proposals]
     rows = [row for group in groups for row in group]
@@ -122,32 +126,37 @@ def plan_budgets(
 
     A budget is the policy's maximum, within the tokens left and `candidate_cap`; a self-tuning policy's
     is also within what the cost model says pays at this batch size (`tuning`), which sets its stop
-    level for the round too. At a budget of 0 (a large batch) the target decodes one token per sequence
-    alone and the draft falls behind. It catches up when speculation resumes: in the first forward of
-    the next proposal, or, when it lags by more than `max_draft_feed` tokens, by chunks of that size
-    first (without proposing meanwhile), so catching up stalls the batch no longer than a prefill
-    chunk would.
+    level for the round too. A sequence's first round runs the target alone, so its first token comes
+    as soon as the target alone would give it: the draft's prefill is deferred to the rounds after, where
+    the draft catches up on the prompt. It catches up the same way after rounds at budget 0 (a large
+    batch): in the round's first draft forwards, or, when it lags by more than `max_draft_feed` tokens, by
+    chunks of that size first (without proposing meanwhile), so catching up stalls the batch no longer
+    than a prefill chunk would. A self-tuning policy catches up only where that pays (`catch_up_pays`).
     """
-    budgets, lagging = [], []
-    maxima = [min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None else 0 for seq in seqs]
+    maxima = [min(seq.policy.max_candidates(), seq.remaining_tokens - 1) if draft is not None and seq.output_ids
+              else 0 for seq in seqs]
     if candidate_cap is not None:
         maxima = [min(m, candidate_cap) for m in maxima]
     if tuning is not None and draft is not None and any(seq.policy.self_tuning for seq in seqs):
-        plan = tuning.plan(maxima)
+        catch_ups = [(draft_lag(seq), seq.remaining_tokens) if draft_lag(seq) > ROUND_LAG else None for seq in seqs]
+        plan = tuning.plan(maxima, catch_ups)
         for i, seq in enumerate(seqs):
             if seq.policy.self_tuning:
                 maxima[i] = plan.budgets[i]
                 seq.policy.threshold = plan.levels[i]
                 seq.stats.stop_levels.append(plan.levels[i])
+    budgets, lagging = [], []
     for seq, budget in zip(seqs, maxima, strict=True):
-        lag = len(seq.all_ids) - seq.draft_kv.cached if budget > 0 else 0
-        if lag > seq.remaining_tokens:
-            budget = 0  # catching the draft up would cost more than speculating could save
-        elif max_draft_feed is not None and lag > max_draft_feed:
+        if budget > 0 and max_draft_feed is not None and draft_lag(seq) > max_draft_feed:
             lagging.append(seq)
             budget = 0
         budgets.append(budget)
     return budgets, lagging
+
+
+def draft_lag(seq: Sequence) -> int:
+    """Tokens of the sequence that its draft cache lacks."""
+    return len(seq.all_ids) - seq.draft_kv.cached
 
 
 def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None:
@@ -178,11 +187,6 @@ def propose(
     """
     if not proposals:
         return
-    # A draft further behind than a round leaves it (after budget-0 rounds: a large batch, a probe's wait)
-    # catches up first, so that the proposal's timing, which teaches the cost model a draft step, is one.
-    behind = [p.seq for p in proposals if len(p.seq.all_ids) - p.seq.draft_kv.cached > ROUND_LAG]
-    if behind:
-        catch_up_draft(behind, draft, max(len(seq.all_ids) - seq.draft_kv.cached for seq in behind))
     t0 = time.perf_counter()
     for p in proposals:
         p.seq.policy.start_round()
@@ -396,21 +400,15 @@ def accept_and_roll_back(p: Proposal, verdict: Verdict) -> list[int]:
 
 
 # ----- prefill --------------------------------------------------------------------------------
-def prefill_chunk(
-    seq: Sequence, target: ModelRunner, draft: ModelRunner | None, chunk: int, with_draft: bool = True
-) -> bool:
-    """Feed the next `chunk` prompt tokens (all but the last) to the target and draft caches.
+def prefill_chunk(seq: Sequence, target: ModelRunner, chunk: int) -> bool:
+    """Feed the target's cache the next `chunk` prompt tokens (all but the last); True once it holds them.
 
-    Returns True when the prompt is prefilled; the last prompt token goes into the first round.
-    `with_draft` False (speculation is off for the batch it joins) leaves the draft cache to be
-    filled only if speculation resumes (`catch_up_draft`, then the first proposal).
+    The last prompt token goes into the first round, which runs the target alone and gives the first token.
+    The draft's cache is filled after that, when the sequence first proposes (`plan_budgets`).
     """
     prompt = seq.prompt_ids[:-1]
     seq.stats.target_seconds += prefill_kv(seq.target_kv, target, prompt, chunk)
-    with_draft = with_draft and draft is not None and seq.spec.speculates
-    if with_draft:
-        seq.stats.draft_seconds += prefill_kv(seq.draft_kv, draft, prompt, chunk)
-    return seq.target_kv.cached >= len(prompt) and (not with_draft or seq.draft_kv.cached >= len(prompt))
+    return seq.target_kv.cached >= len(prompt)
 
 
 def prefill_kv(kv: KVState, runner: ModelRunner, prompt: list[int], chunk: int) -> float:

@@ -12,7 +12,9 @@ r m(k) >= 1 no candidate can pay, and none is proposed. Whether to propose at al
 rounds: none where the best fixed k is 0 (no round with candidates beats the target alone), since
 the first candidate may cost more than those after it (a kernel that changes from 1 to 2 rows) and
 its margin alone would refuse rounds that pay. m grows with the verified tokens of the batch, so
-budgets and the level shrink where verification stops being cheap.
+budgets and the level shrink where verification stops being cheap. A draft that lags by a whole prompt
+(its prefill is deferred until the target has given the first token) is caught up only where the
+seconds that costs are less than what speculating over the tokens left is expected to save.
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ def budget_at(costs: CostModel, batch: int, accept: float, max_k: int) -> int:
     return candidate_budget(costs, batch, rate, k_best, max_k)
 
 
+def catch_up_pays(costs: CostModel, batch: int, accept: float, k: int, lag: int, tokens_left: int) -> bool:
+    """Whether feeding a sequence's draft the `lag` tokens it lacks pays: the catch-up holds up every sequence
+    of the batch, and speculating at k candidates saves, on each of the sequence's `tokens_left` tokens, the
+    difference between a round of the target alone and a speculative round's seconds per token. An upper
+    bound of the saving (a request may end before max_tokens), so a catch-up refused here never pays."""
+    if k < 1:
+        return False
+    alone = costs.target_seconds(batch, batch)
+    speculating = round_seconds(costs, batch, k) / expected_tokens(accept, k)
+    return batch * costs.draft_feed_seconds(lag) < tokens_left * (alone - speculating)
+
+
 @dataclass
 class RoundTuning:
     """What the self-tuning decided for a round: each sequence's budget and stop level."""
@@ -107,23 +121,30 @@ class SelfTuning:
         self.acceptance = prior_acceptance
         self.rounds_without_candidates = 0
 
-    def plan(self, max_k: list[int]) -> RoundTuning:
+    def plan(self, max_k: list[int], catch_ups: list[tuple[int, int] | None] | None = None) -> RoundTuning:
         """Budgets (within each sequence's `max_k`) and the stop level of a round over len(max_k) sequences.
+        `catch_ups` gives, for a sequence whose draft lags by more than a round leaves, (tokens it lags by,
+        tokens it has left): it proposes only where catching up pays (`catch_up_pays`).
 
         Costs and acceptance are only re-learnt from rounds that propose: after PROBE_EVERY rounds
         without a candidate, one round proposes one per sequence (a probe), so a draft once measured
-        too dear (a busy host at start) or an acceptance that has since risen is noticed.
+        too dear (a busy host at start) or an acceptance that has since risen is noticed. A probe catches
+        a draft up by no more tokens than its sequence has left.
         """
         costs, batch, accept = self.costs.current, len(max_k), self.acceptance
+        catch_ups = catch_ups or [None] * batch
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         level = stop_level(rate, marginal_seconds(costs, batch, max(k_best, 1) + 1), accept)
         budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
+        budgets = [b if b == 0 or c is None or catch_up_pays(costs, batch, accept, min(b, k_best), *c) else 0
+                   for b, c in zip(budgets, catch_ups, strict=True)]
         if any(budgets) or not any(max_k):
             self.rounds_without_candidates = 0
         else:
             self.rounds_without_candidates += 1
             if self.rounds_without_candidates >= PROBE_EVERY:
-                budgets, self.rounds_without_candidates = [min(1, k) for k in max_k], 0
+                budgets = [min(1, k) if c is None or c[0] <= c[1] else 0 for k, c in zip(max_k, catch_ups, strict=True)]
+                self.rounds_without_candidates = 0
         return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate)
 
     def state(self) -> dict:

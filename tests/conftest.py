@@ -53,11 +53,12 @@ def step_checking_caches(engine: LLMEngine, seq) -> tuple[int, int]:
 
 def assert_caches_equal_fresh_prefill(engine: LLMEngine, seq) -> None:
     """After a round (its rollback included), `seq`'s target cache holds every token but the newest and its
-    draft cache a prefix of the sequence, each equal to a fresh prefill of those tokens."""
+    draft cache a prefix of the sequence (none before its deferred prefill), each equal to a fresh prefill of
+    those tokens."""
     ids = seq.all_ids
     assert seq.target_kv.cached == len(ids) - 1 == seq.target_kv.cache.get_seq_length()
     runners = [(engine.target, seq.target_kv)]
-    if engine.draft is not None:
+    if engine.draft is not None and seq.draft_kv.cache is not None:
         assert seq.draft_kv.cached == seq.draft_kv.cache.get_seq_length() <= len(ids)
         runners.append((engine.draft, seq.draft_kv))
     for runner, kv in runners:

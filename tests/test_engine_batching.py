@@ -225,7 +225,8 @@ def test_batch_candidate_budget_splits_over_the_batch_and_stays_lossless(tiny_pa
     for rid, _, p, _ in requests:
         assert outputs[rid] == reference[rid][: p.max_tokens], rid
     lengths = {rid: s.candidate_lengths for rid, s in stats.items()}
-    # One prefill per step: r0 decodes alone, then beside r1, then beside both until it finishes.
-    assert lengths["r0"][:2] == [4, 2] and max(lengths["r0"][2:]) == 1
+    # One prefill per step; each request's first round is the target alone. r0 decodes alone, then beside r1,
+    # then beside both until it finishes.
+    assert lengths["r0"][:2] == [0, 2] and max(lengths["r0"][2:]) == 1
     assert max(lengths["r1"]) == 2 and lengths["r1"].count(2) > 1  # beside r0 first, again once r0 left
-    assert lengths["r2"][0] == 1 and max(lengths["r2"]) == 4  # alone at the end: its policy's k
+    assert lengths["r2"][:2] == [0, 1] and max(lengths["r2"]) == 4  # alone at the end: its policy's k

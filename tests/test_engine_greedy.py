@@ -113,9 +113,10 @@ def test_every_candidate_judged_and_bounds_hold(tiny_pair, tokenizer, timing, lo
     assert out.token_ids == reference.token_ids
     shortest = max(2, low) if timing == "after" else low
     # Replay each round's budget (max bound, and max_tokens - 1 left) to know what it allowed.
-    remaining, expected_lengths, expected_calls = 40, [], 1  # 1: the prompt's prefill forward
-    for accepted in out.stats["accepted_lengths"]:
-        length = min(shortest, 20, remaining - 1)
+    # The first round runs the target alone; the draft's prefill is the catch-up forward of the second.
+    remaining, expected_lengths, expected_calls = 40, [], 1
+    for i, accepted in enumerate(out.stats["accepted_lengths"]):
+        length = min(shortest, 20, remaining - 1) if i > 0 else 0
         expected_lengths.append(length)
         expected_calls += length  # the round's start, then one forward per candidate but the last
         remaining -= accepted + 1

@@ -23,6 +23,7 @@ from engine.tuning import (
     best_fixed,
     budget_at,
     candidate_budget,
+    catch_up_pays,
     marginal_seconds,
     stop_level,
 )
@@ -186,9 +187,33 @@ def test_acceptance_estimate_follows_the_labels_and_moves_the_level():
     assert tuning.plan([20]).levels[0] != low
 
 
+def test_a_catch_up_pays_where_the_tokens_left_save_more_than_it_costs():
+    """Known answer: a 0.1-s target forward whatever its size, a 0.01-s draft step, a 64-token catch-up of 0.2 s.
+    At k=4 and acceptance 0.8 a token costs (4 x 0.01 + 0.1) / (1 + .8 + .8^2 + .8^3 + .8^4) = 0.04165 s against
+    0.1 s alone: 0.0583 s saved per token, so 0.2 s pays from 4 tokens left (3.43) on. A batch of two waits for
+    the catch-up together: twice the price, from 7 tokens (6.86)."""
+    costs = replace(flat(0.01, target=0.1), draft_tokens={1: 0.01, 64: 0.2})
+    assert [catch_up_pays(costs, 1, 0.8, 4, 64, left) for left in (3, 4)] == [False, True]
+    two = replace(costs, target_full={2: 0.1, 256: 0.1}, full_batch=2, draft_batch={1: 0.01, 2: 0.01})
+    assert [catch_up_pays(two, 2, 0.8, 4, 64, left) for left in (6, 7)] == [False, True]
+    assert not catch_up_pays(costs, 1, 0.8, 0, 64, 1000)  # nothing to save without candidates
+    unmeasured = flat(0.01, target=0.1)  # an older cost file: the target's curve times the draft / target ratio
+    assert unmeasured.draft_feed_seconds(64) == pytest.approx(0.01)
+
+
+def test_plan_refuses_a_catch_up_that_does_not_pay_and_probes_only_short_ones():
+    tuning = SelfTuning(LiveCosts(replace(flat(0.01, target=0.1), draft_tokens={1: 0.01, 64: 0.2})), 0.8)
+    assert tuning.plan([4, 4], [(64, 3), None]).budgets == [0, 4]  # lags 64 with 3 tokens left / caught up
+    assert tuning.plan([4], [(64, 40)]).budgets == [4]
+    dear = SelfTuning(LiveCosts(flat(10.0, target=0.1)), 0.8)  # nothing pays: only probes propose
+    probes = [dear.plan([4, 4, 4], [None, (8, 40), (64, 40)]).budgets for _ in range(PROBE_EVERY)]
+    assert probes[-1] == [1, 1, 0] and not any(map(any, probes[:-1]))  # a probe never feeds 64 for 40 tokens
+
+
 def test_cost_model_round_trips_and_reads_files_without_draft_batch(tmp_path):
     costs = CostModel(draft_step=0.1, draw=0.001, features=0.002, head=0.003, target={1: 1.0, 8: 1.5},
-                      draft_batch={1: 0.1, 2: 0.12}, target_full={2: 1.2, 8: 1.9}, full_batch=2)
+                      draft_batch={1: 0.1, 2: 0.12}, target_full={2: 1.2, 8: 1.9}, full_batch=2,
+                      draft_tokens={1: 0.1, 16: 0.3})
     costs.save(tmp_path / "c.json")
     assert CostModel.load(tmp_path / "c.json") == costs
     old = CostModel(draft_step=0.1, draw=0.0, features=0.0, head=0.0, target={1: 1.0})
@@ -242,6 +267,7 @@ def test_engine_measures_its_costs_when_given_none(tiny_pair, tokenizer):
     assert sorted(measured.target)[:4] == [1, 2, 4, 8]
     assert sorted(measured.draft_batch) == [1, 2, 4, 8]
     assert measured.full_batch == 8 and min(measured.target_full) == 8
+    assert sorted(measured.draft_tokens)[:4] == [1, 16, 64, 256] and min(measured.draft_tokens.values()) > 0
     assert LLMEngine(target, None, tokenizer).tuning is None
 
 
@@ -348,3 +374,37 @@ def test_a_probe_catches_the_draft_up_before_its_timed_step(tiny_pair, tokenizer
     assert stats["proposed_tokens"] >= 2  # the probes
     assert step_feeds and max(step_feeds) <= 2 == ROUND_LAG  # the token the target added, the last candidate
     assert caught_up and max(caught_up) >= PROBE_EVERY  # what the silent rounds left behind, fed before the step
+
+
+def test_the_first_token_comes_before_the_drafts_prefill(engine):
+    """A request's first round runs the target alone, as the target alone would: its first token waits for no
+    draft prefill and no proposal. The draft catches up on the prompt in the next round and speculation starts."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    engine.add_request("first", "hello world", params, SpecConfig(policy="specdec++"))
+    seq = engine.requests["first"]
+    tokens = []
+    while not tokens:
+        tokens = [t for event in engine.step() for t in event.token_ids]
+    assert len(tokens) == 1 and seq.draft_kv.cache is None and seq.stats.candidate_lengths == [0]
+    while engine.has_unfinished():
+        tokens += [t for event in engine.step() for t in event.token_ids]
+    assert seq.stats.proposed_tokens > 0
+    assert tokens == engine.generate("hello world", params, SpecConfig(policy="none")).token_ids
+
+
+def test_auto_leaves_the_draft_out_where_its_catch_up_does_not_pay(tiny_pair, tokenizer, monkeypatch):
+    """A draft whose prefill costs more than speculating could save over the tokens left is never fed: auto runs
+    the target alone (and stays lossless). A constant k, asked for by the request, catches up regardless (control)."""
+    target, draft = tiny_pair
+    dear_prefill = replace(CHEAP_DRAFT_COSTS, draft_tokens={1: 0.01, 8: 100.0})
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                       costs=dear_prefill)
+    fed = []
+    forward_batch = engine.draft.forward_batch
+    monkeypatch.setattr(engine.draft, "forward_batch", lambda feeds, *a: fed.append(feeds) or forward_batch(feeds, *a))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    auto = engine.generate("hello world", params, SpecConfig(policy="specdec++"))
+    assert auto.stats["proposed_tokens"] == 0 and not fed
+    assert auto.token_ids == engine.generate("hello world", params, SpecConfig(policy="none")).token_ids
+    constant = engine.generate("hello world", params, SpecConfig(policy="constant", k=3))
+    assert constant.stats["proposed_tokens"] > 0 and fed and constant.token_ids == auto.token_ids
