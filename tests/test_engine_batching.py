@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import random_head
-from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
+from test_engine_distribution import PAIR, PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
 
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
@@ -92,7 +92,7 @@ def test_sampled_distribution_with_mixed_batches(distribution_engine):
                      for j, mate in enumerate(mates)]
         outputs = run_all(engine, requests)
         for rid, *_ in requests[:batch]:
-            counts[tuple(outputs[rid][:2])] += 1
+            counts[tuple(outputs[rid][PAIR])] += 1
     pvalue = chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES)
     assert pvalue > 1e-3, f"chi-square p={pvalue:.2e}"
 

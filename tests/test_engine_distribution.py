@@ -1,13 +1,16 @@
 """Sampled speculative outputs follow the target's distribution (chi-square tests).
 
-A 6-token vocabulary makes the exact target distribution of the first two tokens cheap
-to compute (36 outcomes). Every policy must match it; a deliberately wrong acceptance
+A 6-token vocabulary makes the exact target distribution of two output tokens cheap to compute
+(36 outcomes). The tokens tested are the 2nd and 3rd (`PAIR`): a request's first token comes from the
+target alone (its first round), and the next ones from its first speculative round, up to two candidates
+and a bonus token with `max_tokens` 4. Every policy must match it; a deliberately wrong acceptance
 rule (accept every draft token) must fail the same test, proving the test has power.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,22 +26,39 @@ from engine.sampling import Verdict, processed_probs, sample, sampling_cdf
 
 PROMPT = [1, 2, 3]
 SAMPLES = 1000
-T1 = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
-FILTERED = SamplingParams(temperature=0.7, top_p=0.9, top_k=4, max_tokens=3, ignore_eos=True)
+PAIR = slice(1, 3)  # the output tokens tested: the first speculative round's first two
+T1 = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
+FILTERED = SamplingParams(temperature=0.7, top_p=0.9, top_k=4, max_tokens=4, ignore_eos=True)
+
+
+def exact_pair_distribution(next_probs: Callable[[list[int]], torch.Tensor]) -> dict[tuple[int, int], float]:
+    """The exact distribution of the output's `PAIR` tokens (t2, t3), summed over the first token t1, from
+    `next_probs(output)`: the distribution of the token after PROMPT + output."""
+    out: dict[tuple[int, int], float] = {}
+    p1 = next_probs([])
+    for t1 in range(VOCAB):
+        if p1[t1] == 0:
+            continue
+        p2 = next_probs([t1])
+        for t2 in range(VOCAB):
+            if p2[t2] == 0:
+                out[(t2, 0)] = out.get((t2, 0), 0.0)
+                continue
+            p3 = next_probs([t1, t2])
+            for t3 in range(VOCAB):
+                out[(t2, t3)] = out.get((t2, t3), 0.0) + float(p1[t1] * p2[t2] * p3[t3])
+    return out
 
 
 def exact_two_token_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
+    """The target's exact distribution of the `PAIR` tokens under `params`."""
     model, device = engine.target.model, engine.target.device
-    with torch.no_grad():
-        p1 = processed_probs(model(torch.tensor([PROMPT], device=device)).logits[0, -1], params)
-        out = {}
-        for t1 in range(VOCAB):
-            if p1[t1] == 0:
-                continue
-            p2 = processed_probs(model(torch.tensor([PROMPT + [t1]], device=device)).logits[0, -1], params)
-            for t2 in range(VOCAB):
-                out[(t1, t2)] = float(p1[t1] * p2[t2])
-    return out
+
+    def next_probs(output: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return processed_probs(model(torch.tensor([PROMPT + output], device=device)).logits[0, -1], params)
+
+    return exact_pair_distribution(next_probs)
 
 
 def chi_square_pvalue(counts: Counter, expected_probs: dict, n: int) -> float:
@@ -63,7 +83,7 @@ def sample_two_tokens(engine: LLMEngine, params: SamplingParams, spec: SpecConfi
     counts: Counter = Counter()
     for seed in range(SAMPLES):
         out = engine.generate(PROMPT, params.model_copy(update={"seed": seed}), spec)
-        counts[tuple(out.token_ids[:2])] += 1
+        counts[tuple(out.token_ids[PAIR])] += 1
     return counts
 
 

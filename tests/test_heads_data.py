@@ -117,9 +117,10 @@ def test_logged_labels_are_exact_acceptance_probabilities(engine, tokenizer, ref
         # Constant k: k candidates, unless max_new_tokens leaves room for fewer (one goes to the correction).
         generated = len(context) - len(ids[seq])
         assert k == min(config.k, config.max_new_tokens - generated - 1)
-        # The context is the prompt, then every earlier round's accepted candidates and one more token.
+        # The context is the prompt, then every earlier round's accepted candidates and one more token (the
+        # request's first round, which runs the target alone and is not logged, gives one token).
         expected = history.get(seq, ids[seq])
-        assert context[: len(expected)] == expected and len(context) == len(expected) + (seq in history)
+        assert context[: len(expected)] == expected and len(context) == len(expected) + 1
         history[seq] = context + cand[: rnd["accepted"]]
 
         temperature, top_p = SAMPLING[seq % len(SAMPLING)]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import fresh_prefill, random_head, step_checking_caches
 from test_engine_batching import run_all
-from test_engine_distribution import PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
+from test_engine_distribution import PAIR, PROMPT, SAMPLES, T1, chi_square_pvalue, exact_two_token_distribution
 from test_theory import P, Q
 
 import engine.sampling as sampling
@@ -141,10 +141,10 @@ def test_greedy_identical_in_a_mixed_batch(tiny_pair, tokenizer):
 
 
 def sample_two_tokens(engine: LLMEngine, spec: SpecConfig) -> Counter:
-    """SAMPLES seeded two-token outputs, on seeds apart from the single-draft tests' (a fixed seed set fails a
+    """SAMPLES seeded outputs' `PAIR` tokens, on seeds apart from the single-draft tests' (a fixed seed set fails a
     correct rule at p < 1e-3 once in a thousand)."""
     seeds = range(SEED_OFFSET, SEED_OFFSET + SAMPLES)
-    return Counter(tuple(engine.generate(PROMPT, T1.model_copy(update={"seed": s}), spec).token_ids[:2])
+    return Counter(tuple(engine.generate(PROMPT, T1.model_copy(update={"seed": s}), spec).token_ids[PAIR])
                    for s in seeds)
 
 

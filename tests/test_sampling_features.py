@@ -15,8 +15,8 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import DISTRIBUTION_VOCAB, random_head
-from test_engine_distribution import chi_square_pvalue
+from conftest import random_head
+from test_engine_distribution import PAIR, chi_square_pvalue, exact_pair_distribution
 
 import engine.sampling as sampling
 from engine.events import TokenLogprob
@@ -141,24 +141,20 @@ def test_verification_rows_see_what_each_draft_step_saw():
 # ----- the sampled distribution ---------------------------------------------------------------
 PROMPT = [1, 2, 3]
 SAMPLES = 1000
-PENALISED = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, frequency_penalty=2.0,
+PENALISED = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, frequency_penalty=2.0,
                            repetition_penalty=3.0, logit_bias={4: 1.0})
 
 
 def exact_penalised_distribution(engine: LLMEngine, params: SamplingParams) -> dict[tuple[int, int], float]:
-    p1 = reference_logits(engine, PROMPT, params, len(PROMPT)).softmax(-1)
-    out = {}
-    for t1 in range(DISTRIBUTION_VOCAB):
-        p2 = reference_logits(engine, PROMPT + [t1], params, len(PROMPT)).softmax(-1)
-        for t2 in range(DISTRIBUTION_VOCAB):
-            out[(t1, t2)] = float(p1[t1] * p2[t2])
-    return out
+    """The modified target's exact distribution of the `PAIR` tokens: penalties see the output so far."""
+    return exact_pair_distribution(
+        lambda output: reference_logits(engine, PROMPT + output, params, len(PROMPT)).softmax(-1))
 
 
 def sample_two_tokens(engine: LLMEngine, params: SamplingParams, spec: SpecConfig) -> Counter:
     counts: Counter = Counter()
     for seed in range(SAMPLES):
-        counts[tuple(engine.generate(PROMPT, params.model_copy(update={"seed": seed}), spec).token_ids[:2])] += 1
+        counts[tuple(engine.generate(PROMPT, params.model_copy(update={"seed": seed}), spec).token_ids[PAIR])] += 1
     return counts
 
 

@@ -187,9 +187,10 @@ def test_load_rounds_lays_out_logged_rows(tmp_path):
         torch.testing.assert_close(r.draft_prob[i, :k], rec.features[:, F["log_q"]].exp().double())
         assert r.accept[i, k:].eq(0).all()
         before = heads["default"].accept_prob(rec.states, rec.features).double()
-        torch.testing.assert_close(r.head["default"][i, :k], before)
+        # float32 heads: a batch of other rows may round differently in the last bits (AVX-512 hosts differ)
+        torch.testing.assert_close(r.head["default"][i, :k], before, atol=1e-6, rtol=1e-5)
         after = heads["post"].accept_prob(rec.states[1:], rec.features[:-1]).double()  # state after y_s
-        torch.testing.assert_close(r.head["post"][i, : k - 1], after)
+        torch.testing.assert_close(r.head["post"][i, : k - 1], after, atol=1e-6, rtol=1e-5)
         assert r.head["post"][i, k - 1 :].isnan().all() and r.head["default"][i, k:].isnan().all()
     greedy = r.only(r.temperature == 0)
     assert greedy.length.tolist() == [3] and set(greedy.head) == {"default", "post"}
@@ -221,7 +222,7 @@ def test_engine_stops_where_the_evaluator_says(tiny_pair, tokenizer, timing, low
     max_tokens = 40
     engine.generate("hello", SamplingParams(temperature=1.0, seed=1, max_tokens=max_tokens, ignore_eos=True), spec)
     assert len(logged) >= 4
-    generated = 0
+    generated = 1  # the first round runs the target alone: one token, no candidate, not logged
     for length, accepted in logged:
         budget = min(8, max_tokens - generated - 1)  # the last token of a request goes to the target alone
         assert length == min(expected, budget)
