@@ -260,8 +260,9 @@ def measure_costs(
     full_batch = prefilled(target, full)
     target_full = monotone({n: timed(target, full_batch, n) for n in target_sizes(max_tokens) if n >= full})
     del full_batch
-    draft_batch = monotone({b: timed(draft, prefilled(draft, b), b) for b in powers_of_two(max_sequences)})
-    draft_one = prefilled(draft, 1)
+    draft_one = prefilled(draft, 1)  # the one-sequence context serves the step and the catch-ups
+    draft_batch = monotone({b: timed(draft, draft_one if b == 1 else prefilled(draft, b), b)
+                            for b in powers_of_two(max_sequences)})
     draft_tokens = monotone({1: draft_batch[1]} | {n: timed(draft, draft_one, n) for n in catch_up_sizes(max_tokens)})
     del draft_one
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()

@@ -138,7 +138,7 @@ def plan_budgets(
     if candidate_cap is not None:
         maxima = [min(m, candidate_cap) for m in maxima]
     if tuning is not None and draft is not None and any(seq.policy.self_tuning for seq in seqs):
-        catch_ups = [(draft_lag(seq), seq.remaining_tokens) if draft_lag(seq) > ROUND_LAG else None for seq in seqs]
+        catch_ups = [(lag, seq.remaining_tokens) if (lag := draft_lag(seq)) > ROUND_LAG else None for seq in seqs]
         plan = tuning.plan(maxima, catch_ups)
         for i, seq in enumerate(seqs):
             if seq.policy.self_tuning:

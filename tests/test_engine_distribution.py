@@ -42,7 +42,6 @@ def exact_pair_distribution(next_probs: Callable[[list[int]], torch.Tensor]) -> 
         p2 = next_probs([t1])
         for t2 in range(VOCAB):
             if p2[t2] == 0:
-                out[(t2, 0)] = out.get((t2, 0), 0.0)
                 continue
             p3 = next_probs([t1, t2])
             for t3 in range(VOCAB):
