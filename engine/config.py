@@ -14,7 +14,11 @@ from engine.loading.dtypes import DTYPES
 from engine.params import SpecConfig
 
 CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/loading/cpu_linear.py
-QUANTIZATION_MODES = ("none", "int8", "int4")  # weight-only; see engine/loading/quantize.py
+# int8/int4: weight-only; w8a8: int8 weights and int8 activations quantized per call; engine/loading/quantize.py
+QUANTIZATION_MODES = ("none", "int8", "int4", "w8a8")
+# A w8a8 layer scales its activations by the whole call's largest, so a target's logits for one token would
+# depend on the other tokens of its forward: speculation could not reproduce such a target alone exactly.
+TARGET_QUANTIZATION_MODES = ("none", "int8", "int4")
 
 
 def option(flag: str, help: str, **argparse_extras) -> dict:
@@ -99,16 +103,17 @@ class EngineConfig:
         "bf16 weights in memory. auto: only if that fits in half the available memory (default: %(default)s)",
         choices=CPU_FP32_GEMM_MODES))
     draft_quantization: str = field(default="auto", metadata=option(
-        "--draft-quantization", "weight-only quantization of the draft's linear layers. Lossless: only the proposals "
-        "change. auto: int8 where it measures faster on this host (default: %(default)s)",
+        "--draft-quantization", "quantization of the draft's linear layers: int8 or int4 weights, or w8a8 "
+        "(int8 weights and activations). Lossless: only the proposals change. auto: the int8 kernel (int8 or "
+        "w8a8) that measures fastest on this host, where it beats the unquantized one (default: %(default)s)",
         choices=("auto", *QUANTIZATION_MODES)))
     draft_lm_head_quantization: bool = field(default=True, metadata=option(
         "--no-draft-lm-head-quantization", "keep the draft's LM head as loaded; by default a quantized draft's LM head "
-        "becomes int8 too where that measures faster on its own shape"))
+        "becomes int8 (w8a8 for a w8a8 draft) too where that measures faster on its own shape"))
     target_quantization: str = field(default="none", metadata=option(
-        "--target-quantization", "weight-only quantization of the target's linear layers. This CHANGES THE TARGET: "
-        "output follows the quantized target's distribution, not the original's (default: %(default)s)",
-        choices=QUANTIZATION_MODES))
+        "--target-quantization", "weight-only quantization of the target's linear layers. This CHANGES "
+        "THE TARGET: output follows the quantized target's distribution, not the original's (default: %(default)s)",
+        choices=TARGET_QUANTIZATION_MODES))
     cost_model: str | None = field(default=None, metadata=option(
         "--cost-model", "a cost model JSON (as `specdecpp heads predict --save-costs` writes) to start from instead "
         "of measuring the models at start; either way the engine refreshes it from its own timings", metavar="FILE"))

@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.calibration import Calibrators
+from engine.config import TARGET_QUANTIZATION_MODES
 from engine.costs import CostModel, LiveCosts, measure_costs
 from engine.detokenizer import Detokenizer
 from engine.events import MAX_CHOICES, AbortRequest, AddRequest, Admitted, Completion, Prompt, TokenEvent, choice_ids
@@ -98,6 +99,9 @@ class LLMEngine:
         for name, head in heads.items():
             if draft is None or head.config.hidden_size != draft.config.hidden_size:
                 raise ValueError(f"head {name!r} (hidden size {head.config.hidden_size}) does not fit the draft")
+        if target_quantization not in TARGET_QUANTIZATION_MODES:  # see there why not w8a8
+            raise ValueError(f"target quantization {target_quantization!r}: expected one of "
+                             f"{', '.join(TARGET_QUANTIZATION_MODES)}")
         self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm, quantization=target_quantization)
         self.draft = (
             ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm, quantization=draft_quantization,

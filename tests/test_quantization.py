@@ -1,4 +1,4 @@
-"""Weight-only int8/int4 layers and the host-aware kernel choice.
+"""Quantized layers (int8/int4 weights, w8a8) and the host-aware kernel choice.
 
 A quantized draft must keep speculative decoding lossless (greedy identity, the chi-square test);
 a quantized target is a different target, and speculation over it must reproduce it exactly.
@@ -54,6 +54,30 @@ def test_quantized_layer_matches_its_dequantized_reference(bits, dtype):
     assert error > 0  # really quantized
 
 
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_layer_matches_its_reference_within_activation_rounding(dtype, reduce_range):
+    """w8a8 rounds each call's activations to int8 (one scale per call): its narrow path is the dequantized
+    layer on rounded inputs (within that rounding), its wide path the dequantized GEMM itself."""
+    layer = linear(dtype=dtype)
+    quant = QuantizedLinear(layer, 8, wide_rows=8, activations=True)
+    quant.reduce_range = reduce_range
+    assert quant.mode == "w8a8"
+    weight, bias = quant.dequantized_weight().float(), layer.bias.float()
+    for rows in (1, 3, 7, 8, 40):
+        x = torch.randn(rows, 64, dtype=dtype)
+        expected = nn.functional.linear(x.float(), weight, bias)
+        step = float(x.float().abs().max()) / (63.5 if reduce_range else 127.5)  # the activation quantum
+        bound = 0.5 * step * float(weight.abs().sum(dim=1).max()) + 2e-2 * float(expected.abs().max())
+        got = quant(x)
+        assert got.shape == (rows, 48) and got.dtype == dtype
+        assert float((got.float() - expected).abs().max()) <= bound, rows
+        if rows < 8:
+            assert not torch.equal(got, quant.wide(x))  # the int8 kernel ran, not the dequantized GEMM
+    control = nn.functional.linear(torch.randn(1, 64).float(), weight, bias)  # an unrelated input: far off
+    assert float((quant(torch.randn(1, 64, dtype=dtype)).float() - control).abs().max()) > bound
+
+
 def test_quantize_linears_skips_the_lm_head_and_counts():
     model = tiny_model(0)
     n = quantize_linears(model, "int8")
@@ -64,35 +88,58 @@ def test_quantize_linears_skips_the_lm_head_and_counts():
         quantize_linears(model, "int3")
 
 
-def fake_measure(plain_ms: float, int8_ms: float):
-    def measure(layer, bits):
-        return {"plain": {1: plain_ms, 4: plain_ms}, f"int{bits}": {1: int8_ms, 4: int8_ms}}, 16, QuantizedLinear(
-            layer, bits, 16)
+def fake_measure(plain_ms: float, int8_ms: float, w8a8_ms: float | None = None):
+    """Timings as `measure_layer` returns them: int8 and int4 at `int8_ms`, w8a8 at `w8a8_ms` (twice
+    `int8_ms` unless given: the weight-only kernel wins)."""
+    def measure(layer, mode):
+        ms = (w8a8_ms or 2 * int8_ms) if mode == "w8a8" else int8_ms
+        quantized = QuantizedLinear(layer, 4 if mode == "int4" else 8, 16, activations=mode == "w8a8")
+        return {"plain": {1: plain_ms, 4: plain_ms}, mode: {1: ms, 4: ms}}, 16, quantized
     return measure
 
 
-@pytest.mark.parametrize(("plain_ms", "int8_ms", "chosen"),
-                         [(2.0, 1.0, "int8"), (1.0, 1.0, "none"), (1.0, 3.0, "none")])
-def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int8_ms, chosen):
-    monkeypatch.setattr(kernels, "measure_layer", fake_measure(plain_ms, int8_ms))
+@pytest.mark.parametrize(("plain_ms", "int8_ms", "w8a8_ms", "chosen"),
+                         [(2.0, 1.0, None, "int8"), (2.0, 1.0, 0.5, "w8a8"), (1.0, 1.0, None, "none"),
+                          (1.0, 3.0, 1.05, "none")])
+def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int8_ms, w8a8_ms, chosen):
+    """auto takes the faster of the int8 kernels where it beats the unquantized one by `AUTO_MIN_GAIN`."""
+    monkeypatch.setattr(kernels, "measure_layer", fake_measure(plain_ms, int8_ms, w8a8_ms))
     model = tiny_model(0)
     choice = choose_and_quantize(model, "auto")
     assert choice.quantization == chosen and choice.requested == "auto"
+    assert set(choice.decode_ms) == {"plain", "int8", "w8a8"}  # both measured, whatever won
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    assert bool(quantized) == (chosen == "int8")
+    assert {m.mode for m in quantized} == (set() if chosen == "none" else {chosen})
     assert all(m.wide_rows == 16 for m in quantized)  # the measured crossover is used
     assert choice.describe()["decode_ms"]["plain"][1] == plain_ms
 
 
-@pytest.mark.parametrize(("head_plain_ms", "asked", "expected"),
-                         [(2.0, True, "int8"), (1.0, True, "none"), (2.0, False, "none")])
-def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_plain_ms, asked, expected):
+def test_auto_skips_w8a8_where_torch_has_no_quantized_engine(monkeypatch):
+    measure = fake_measure(2.0, 1.0, 0.5)
+
+    def without_w8a8(layer, mode):
+        if mode == "w8a8":
+            raise ValueError("w8a8 needs torch's quantized CPU engine")
+        return measure(layer, mode)
+
+    monkeypatch.setattr(kernels, "measure_layer", without_w8a8)
+    assert choose_and_quantize(tiny_model(0), "auto").quantization == "int8"
+    with pytest.raises(ValueError, match="quantized CPU engine"):
+        choose_and_quantize(tiny_model(0), "w8a8")
+
+
+@pytest.mark.parametrize(("head_plain_ms", "asked", "body", "expected"),
+                         [(2.0, True, "int8", "int8"), (2.0, True, "w8a8", "w8a8"), (1.0, True, "int8", "none"),
+                          (2.0, False, "int8", "none")])
+def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_plain_ms, asked, body, expected):
+    """The LM head follows the body's kernel (int8 or w8a8) where that pays on its own shape."""
     timed = []
 
-    def measure(layer, bits):
+    def measure(layer, mode):
         plain = head_plain_ms if layer.out_features == model.config.vocab_size else 2.0
-        timed.append(QuantizedLinear(layer, bits, 16))
-        return {"plain": {1: plain, 4: plain}, f"int{bits}": {1: 1.0, 4: 1.0}}, 16, timed[-1]
+        timed.append(QuantizedLinear(layer, 8, 16, activations=mode == "w8a8"))
+        ms = 1.0 if mode == body else 1.5
+        return {"plain": {1: plain, 4: plain}, mode: {1: ms, 4: ms}}, 16, timed[-1]
 
     monkeypatch.setattr(kernels, "measure_layer", measure)
     model = tiny_model(0)
@@ -102,15 +149,16 @@ def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_
     reference = model.get_output_embeddings()(hidden)
     choice = choose_and_quantize(model, "auto", lm_head=asked)
     head = model.get_output_embeddings()
-    assert choice.quantization == "int8" and choice.lm_head == expected
-    assert isinstance(head, QuantizedLinear) == (expected == "int8")
-    assert (head is timed[-1]) == (expected == "int8")  # the layer timed is the one installed, not a second build
+    assert choice.quantization == body and choice.lm_head == expected
+    assert isinstance(head, QuantizedLinear) == (expected != "none")
+    assert (head is timed[-1]) == (expected != "none")  # the layer timed is the one installed, not a second build
+    assert expected == "none" or head.mode == expected
     assert torch.equal(model.get_input_embeddings().weight, embedding)  # a tied embedding reads the original
     assert torch.allclose(head(hidden), reference, atol=0.02 * float(reference.abs().max()))
     replayed = tiny_model(0)
     replayed.lm_head.weight = replayed.get_input_embeddings().weight
     choose_and_quantize(replayed, choice)  # a follower rank's replay, without measuring
-    assert isinstance(replayed.get_output_embeddings(), QuantizedLinear) == (expected == "int8")
+    assert isinstance(replayed.get_output_embeddings(), QuantizedLinear) == (expected != "none")
     assert torch.equal(replayed.get_output_embeddings()(hidden), head(hidden))  # the follower proposes alike
 
 
@@ -131,8 +179,9 @@ def test_explicit_modes_do_not_depend_on_timings(monkeypatch):
 def test_real_measurement_runs_on_this_host():
     """The chooser measures a real layer here (whatever the CPU), and reports what it saw."""
     choice = choose_and_quantize(tiny_model(0, hidden=64), "auto")
-    assert choice.quantization in ("none", "int8")
-    assert set(choice.decode_ms) == {"plain", "int8"} and all(v > 0 for v in choice.decode_ms["int8"].values())
+    assert choice.quantization in ("none", "int8", "w8a8")
+    assert set(choice.decode_ms) == {"plain", "int8", "w8a8"}
+    assert all(v > 0 for mode in ("int8", "w8a8") for v in choice.decode_ms[mode].values())
     features = cpu_features()
     assert set(features) == {"flags", "torch_capability", "native_bf16"}
 
@@ -143,13 +192,14 @@ SPECS = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_quantized_draft_keeps_greedy_output_identical(tokenizer, mode, monkeypatch):
-    monkeypatch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0))  # the LM head too
+    monkeypatch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0, 1.0))  # the LM head too
     target, draft = make_tiny_pair()
     engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
                        draft_quantization=mode)
-    assert engine.draft.kernels.quantization == mode and engine.draft.kernels.lm_head == "int8"
+    head_mode = "w8a8" if mode == "w8a8" else "int8"
+    assert engine.draft.kernels.quantization == mode and engine.draft.kernels.lm_head == head_mode
     assert isinstance(engine.draft.lm_head, QuantizedLinear)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     proposed = 0
@@ -175,14 +225,23 @@ def test_quantized_target_is_reproduced_exactly_by_speculation(tokenizer):
         assert out.stats["proposed_tokens"] > 0
 
 
-@pytest.fixture(scope="module")
-def int8_distribution_engine() -> LLMEngine:
+def test_a_w8a8_target_is_refused(tokenizer):
+    """A w8a8 target's logits for a token depend on the rest of its forward (one activation scale per call):
+    speculation, which verifies several tokens in one forward, could not reproduce it alone."""
+    target, draft = make_tiny_pair()
+    with pytest.raises(ValueError, match="target quantization 'w8a8'"):
+        LLMEngine(target, draft, tokenizer, target_quantization="w8a8")
+
+
+@pytest.fixture(scope="module", params=["int8", "w8a8"])
+def int8_distribution_engine(request) -> LLMEngine:
+    """A sharp pair whose draft runs an int8 kernel: weight-only, or w8a8 (its activations rounded too)."""
     target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
     draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
     with pytest.MonkeyPatch.context() as patch:  # the LM head too
-        patch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0))
-        engine = LLMEngine(target, draft, char_tokenizer("abcde"), draft_quantization="int8")
-    assert engine.draft.kernels.quantization == "int8" and engine.draft.kernels.lm_head == "int8"
+        patch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0, 1.0))
+        engine = LLMEngine(target, draft, char_tokenizer("abcde"), draft_quantization=request.param)
+    assert engine.draft.kernels.quantization == engine.draft.kernels.lm_head == request.param
     return engine
 
 

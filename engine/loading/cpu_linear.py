@@ -30,8 +30,10 @@ only the layers that get an fp32 copy are replaced; their narrow inputs run aten
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +50,17 @@ FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this shar
 FP32_PROBE_ROWS = 64  # auto: the width at which the fp32 copy must beat bf16 on this host
 FP32_MIN_GAIN = 0.10  # auto: ... by at least this share of the bf16 time
 FP32_ROW_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48)  # auto: candidates for the crossover, below FP32_PROBE_ROWS
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def native_bf16() -> bool:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.loading.cpu_linear import PackedLinear, can_pack, native_bf16
+from engine.loading.cpu_linear import PackedLinear, can_pack, cpu_flags, native_bf16
 from engine.loading.quantize import (
     DEFAULT_WIDE_ROWS,
     QUANTIZATION_MODES,
     QuantizedLinear,
+    mode_bits,
     quantizable,
     quantize_linears,
     quantize_lm_head,
@@ -32,18 +32,14 @@ log = logging.getLogger(__name__)
 DECODE_ROWS = (1, 4)  # the decode/verify class: one token per sequence, a few candidates
 WIDE_ROW_STEPS = (2, 4, 8, 16, 32, 64, 128)  # candidates for the int8 -> dequantized GEMM crossover
 AUTO_MIN_GAIN = 1.1  # "auto" quantizes only when one row measures at least this much faster (`pays`)
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+AUTO_MODES = ("int8", "w8a8")  # what "auto" measures: the int8 kernels (int4 loses accuracy for little more speed)
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+                         "amx_tile")
 
 
 def cpu_features() -> dict:
     """What the host CPU offers, as far as kernel choice cares."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = cpu_flags()
     return {
         "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
@@ -55,12 +51,12 @@ def cpu_features() -> dict:
 class KernelChoice:
     """What was measured on one layer of a model and what it chose."""
 
-    requested: str  # the quantization asked for: "auto", "none", "int8", "int4"
+    requested: str  # the quantization asked for: "auto" or one of QUANTIZATION_MODES
     quantization: str  # what the model runs with
     wide_rows: int | None = None  # rows from which a quantized layer runs the dequantized GEMM
     layer: str = ""
     decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> ms per call
-    lm_head: str = "none"  # the LM head's quantization (asked for the draft only)
+    lm_head: str = "none"  # the LM head's quantization, "int8" or "w8a8" (asked for the draft only)
     lm_head_wide_rows: int | None = None
     lm_head_decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     fp32_copies: int = 0  # bf16 layers given an fp32 copy for wide inputs (engine/loading/cpu_linear.py) ...
@@ -94,16 +90,17 @@ def probe_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
 
 
 @torch.inference_mode()
-def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, float]], int, QuantizedLinear]:
+def measure_layer(layer: nn.Linear, mode: str) -> tuple[dict[str, dict[int, float]], int, QuantizedLinear]:
     """Decode-class timings of the layer as the engine would run it unquantized (oneDNN-packed where
-    it packs) and quantized, the row count from which the dequantized GEMM beats the kernel, and the
-    quantized layer timed, with that crossover (to install rather than quantize the layer again)."""
+    it packs) and quantized as `mode`, the row count from which the dequantized GEMM beats the kernel, and
+    the quantized layer timed, with that crossover (to install rather than quantize the layer again)."""
     dtype = layer.weight.dtype
     inputs = {rows: torch.randn(rows, layer.in_features, dtype=dtype) for rows in DECODE_ROWS}
     plain = PackedLinear(layer) if can_pack(layer) else layer
     timings: dict[str, dict[int, float]] = {"plain": {rows: time_call(plain, x) for rows, x in inputs.items()}}
     del plain  # a packed copy: gone before the quantized one comes (an LM head's copies are large)
-    quant = QuantizedLinear(layer, bits, wide_rows=1 << 30)  # the int kernel at every row count, for now
+    # The int kernel at every row count, for now.
+    quant = QuantizedLinear(layer, mode_bits(mode), wide_rows=1 << 30, activations=mode == "w8a8")
     wide_rows = WIDE_ROW_STEPS[-1]
     for rows in WIDE_ROW_STEPS:
         x = torch.randn(rows, layer.in_features, dtype=dtype)
@@ -114,7 +111,7 @@ def measure_layer(layer: nn.Linear, bits: int) -> tuple[dict[str, dict[int, floa
     # The quantized layer as the engine runs it, past the crossover too: on a host whose packed bf16 GEMM costs
     # the same at 1 and 4 rows (AMX), the int kernel alone loses at 4 rows, and a choice that summed it there
     # came out either way from one load to the next.
-    timings[f"int{bits}"] = {rows: time_call(quant, x) for rows, x in inputs.items()}
+    timings[mode] = {rows: time_call(quant, x) for rows, x in inputs.items()}
     return timings, wide_rows, quant
 
 
@@ -135,17 +132,17 @@ def pays(timings: dict[str, dict[int, float]], kernel: str = "int8") -> bool:
 
 
 def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head: bool = False) -> KernelChoice:
-    """Quantize the model's linear layers as `requested` ("auto": int8 where the decode class
-    measures faster than the unquantized kernel on this host), with the measured crossover.
-    With `lm_head` (the draft), a quantized model's LM head is measured too and becomes int8 where
-    that is faster on its own shape.
+    """Quantize the model's linear layers as `requested` ("auto": the int8 kernel, weight-only or w8a8,
+    whose decode class measures fastest, where it beats the unquantized kernel on this host), with the
+    measured crossover. With `lm_head` (the draft), a quantized model's LM head is measured too (int8, or
+    w8a8 for a w8a8 model) and quantized where that is faster on its own shape.
 
     A KernelChoice is replayed without measuring: ranks of a tensor-parallel engine run the draft
     with rank 0's choice, so that they propose alike."""
     if isinstance(requested, KernelChoice):
         quantize_linears(model, requested.quantization, requested.wide_rows or DEFAULT_WIDE_ROWS)
         head_rows = requested.lm_head_wide_rows or DEFAULT_WIDE_ROWS
-        if requested.lm_head == "int8" and not quantize_lm_head(model, head_rows):
+        if requested.lm_head != "none" and not quantize_lm_head(model, head_rows, mode=requested.lm_head):
             raise ValueError("the kernel choice quantizes the LM head, and this model's cannot be: its proposals "
                              "would differ from the chooser's")
         return requested
@@ -158,21 +155,32 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
             quantize_linears(model, requested)  # raises the clear error for a non-CPU model
         return KernelChoice(requested, "none")
     name, layer = probe
-    bits = 4 if requested == "int4" else 8
-    timings, wide_rows, _ = measure_layer(layer, bits)
+    timings: dict[str, dict[int, float]] = {}
+    crossovers: dict[str, int] = {}
+    for mode in AUTO_MODES if requested == "auto" else (requested,):
+        try:
+            measured, crossovers[mode], _ = measure_layer(layer, mode)
+        except ValueError:  # w8a8 where torch has no quantized CPU engine: auto keeps to the others
+            if requested != "auto":
+                raise
+            continue
+        timings.update(measured)
     chosen = requested
     if requested == "auto":
-        chosen = "int8" if pays(timings) else "none"
-    choice = KernelChoice(requested, chosen, wide_rows if chosen != "none" else None, name, timings)
-    quantize_linears(model, chosen, wide_rows)
+        paying = [mode for mode in crossovers if pays(timings, mode)]
+        chosen = max(paying, key=lambda mode: gain(timings, mode, DECODE_ROWS[0]), default="none")
+    wide_rows = crossovers.get(chosen)
+    choice = KernelChoice(requested, chosen, wide_rows, name, timings)
+    quantize_linears(model, chosen, wide_rows or DEFAULT_WIDE_ROWS)
     log.info("kernels for %s: %s (probe %s, ms per call %s, dequantized GEMM from %s rows)",
              type(model).__name__, chosen, name, timings, wide_rows)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head and chosen != "none" and type(head) is nn.Linear:
-        choice.lm_head_decode_ms, head_wide_rows, quantized_head = measure_layer(head, 8)
-        if pays(choice.lm_head_decode_ms) and quantize_lm_head(
-                model, head_wide_rows, quantized_head):
-            choice.lm_head, choice.lm_head_wide_rows = "int8", head_wide_rows
+        head_mode = "w8a8" if chosen == "w8a8" else "int8"
+        choice.lm_head_decode_ms, head_wide_rows, quantized_head = measure_layer(head, head_mode)
+        if pays(choice.lm_head_decode_ms, head_mode) and quantize_lm_head(
+                model, head_wide_rows, quantized_head, head_mode):
+            choice.lm_head, choice.lm_head_wide_rows = head_mode, head_wide_rows
         log.info("LM head of %s: %s (ms per call %s)", type(model).__name__, choice.lm_head,
                  choice.lm_head_decode_ms)
     return choice

@@ -1,12 +1,17 @@
-"""Weight-only quantization of a model's linear layers (int8 per channel, int4 per group).
+"""Quantization of a model's linear layers: int8 weights per channel, int4 per group, or w8a8.
 
 Why: decoding reads every weight once per token, so it is bound by memory traffic; int8 weights
 halve it, int4 quarter it. For the draft this is free of risk: only the proposals change, and
 rejection sampling keeps the output exactly the target's distribution. Quantizing the target
 changes the target (the output is then the quantized target's distribution).
 
-Kernels are torch's maintained weight-only ops (`aten._weight_int8pack_mm`,
-`aten._weight_int4pack_mm_for_cpu`), no code of our own. They shine on a few rows (decode,
+Kernels are torch's maintained ops, no code of our own: weight-only `aten._weight_int8pack_mm` and
+`aten._weight_int4pack_mm_for_cpu`, and for w8a8 torch's quantized CPU engine (fbgemm/oneDNN:
+`quantized.linear_dynamic`), which quantizes each call's activations to int8 (one scale per call) and
+multiplies int8 by int8. On a CPU with int8 dot products (VNNI, AMX) that beats the weight-only kernels,
+which widen every weight to bf16 first; its activations carry 8 bits there, 7 elsewhere (without VNNI
+the kernel's int16 pair sums would saturate: `int8_dot_products`). w8a8 is approximate in the
+activations too: fine for a draft, a bigger change to a target. They shine on a few rows (decode,
 verification) and lose on many (prefill, a batch of drafts): from `wide_rows` rows on, a crossover
 measured on the host (`engine/loading/kernels.py`), a layer runs the ordinary (oneDNN-packed where
 possible) GEMM on a copy of its dequantized weight. That copy costs the unquantized layer's memory
@@ -20,13 +25,14 @@ model, and quantizing it changes only the proposals; the target's stays as loade
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch import nn
 
 from engine.config import QUANTIZATION_MODES
 from engine.distributed import is_tensor_parallel
-from engine.loading.cpu_linear import Fp32Linear, PackedLinear, can_pack, native_bf16
+from engine.loading.cpu_linear import Fp32Linear, PackedLinear, can_pack, cpu_flags, native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +41,26 @@ DEFAULT_WIDE_ROWS = 32  # rows from which the dequantized GEMM runs (replaced by
 QUANTIZE_ROWS = 4096  # output rows quantized at a time (bounds the float32 temporaries)
 
 
-class QuantizedLinear(nn.Module):
-    """A linear layer with int8 or int4 weights; inference only."""
+def int8_dot_products() -> bool:
+    """Whether the CPU sums int8 products without int16 saturation (VNNI, AMX-INT8), so that w8a8 may
+    quantize activations to 8 bits rather than 7."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
-    def __init__(self, linear: nn.Linear, bits: int, wide_rows: int = DEFAULT_WIDE_ROWS) -> None:
+
+def mode_bits(mode: str) -> int:
+    """The weight bits of a quantization mode other than "none"."""
+    return 4 if mode == "int4" else 8
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer with int8 or int4 weights, or int8 weights and activations (`activations`: w8a8);
+    inference only."""
+
+    def __init__(self, linear: nn.Linear, bits: int, wide_rows: int = DEFAULT_WIDE_ROWS,
+                 activations: bool = False) -> None:
         super().__init__()
-        if bits not in (4, 8):
-            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if bits not in (4, 8) or (activations and bits != 8):
+            raise ValueError(f"bits must be 4 or 8 (8 with int8 activations), not {bits}")
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
         self.wide_rows = wide_rows
         weight = linear.weight.detach()
@@ -52,7 +71,25 @@ class QuantizedLinear(nn.Module):
             self._quantize_int8(weight)
         else:
             self._quantize_int4(weight)
+        self.dynamic = self._pack_w8a8() if activations else None
+        self.reduce_range = not int8_dot_products()
         self.wide = wide_layer(self.dequantized_weight(), bias)
+
+    @property
+    def mode(self) -> str:
+        return "w8a8" if self.dynamic is not None else f"int{self.bits}"
+
+    def _pack_w8a8(self) -> torch.ScriptObject:
+        """The int8 weight (bias in fp32) packed for torch's quantized engine."""
+        zeros = torch.zeros(self.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # torch flags its quantized tensor type for a future change; its ops stay
+            warnings.simplefilter("ignore")
+            weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zeros, 0)
+            bias = None if self.bias is None else self.bias.float()
+            try:
+                return torch.ops.quantized.linear_prepack(weight, bias)
+            except RuntimeError as error:
+                raise ValueError(f"w8a8 needs torch's quantized CPU engine, which this build lacks: {error}") from None
 
     def _quantize_int8(self, weight: torch.Tensor) -> None:
         """Symmetric, one scale per output channel; `QUANTIZE_ROWS` rows at a time, so that the float32
@@ -99,6 +136,9 @@ class QuantizedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).to(self.compute_dtype)
         if rows.shape[0] >= self.wide_rows:
             return self.wide(rows).view(*shape[:-1], self.out_features)
+        if self.dynamic is not None:  # the bias is packed with the weight
+            out = torch.ops.quantized.linear_dynamic(rows.float(), self.dynamic, self.reduce_range)
+            return out.to(self.compute_dtype).view(*shape[:-1], self.out_features)
         if self.bits == 8:
             out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.qweight, self.scale)
         else:
@@ -110,7 +150,7 @@ class QuantizedLinear(nn.Module):
         return out.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weights, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}, "
                 f"dequantized GEMM from {self.wide_rows} rows")
 
 
@@ -146,15 +186,15 @@ def quantizable(model: nn.Module, bits: int) -> list[tuple[nn.Module, str, nn.Li
 
 
 def quantize_lm_head(model: nn.Module, wide_rows: int = DEFAULT_WIDE_ROWS,
-                     quantized: QuantizedLinear | None = None) -> bool:
-    """Replace the model's LM head by an int8 `QuantizedLinear` (`quantized`, one already made from it, or
-    a new one), in place; False where it is not a plain CPU linear layer. A tied input embedding keeps
-    reading the original weight."""
+                     quantized: QuantizedLinear | None = None, mode: str = "int8") -> bool:
+    """Replace the model's LM head by an int8 (or w8a8) `QuantizedLinear` (`quantized`, one already made
+    from it, or a new one), in place; False where it is not a plain CPU linear layer. A tied input
+    embedding keeps reading the original weight."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is not nn.Linear or head.weight.device.type != "cpu" or is_tensor_parallel(head):
         return False
-    model.set_output_embeddings(quantized or QuantizedLinear(head, 8, wide_rows))
-    log.info("quantized the LM head to int8 (dequantized GEMM from %d rows)", wide_rows)
+    model.set_output_embeddings(quantized or QuantizedLinear(head, 8, wide_rows, activations=mode == "w8a8"))
+    log.info("quantized the LM head to %s (dequantized GEMM from %d rows)", mode, wide_rows)
     return True
 
 
@@ -169,13 +209,13 @@ def quantize_linears(model: nn.Module, mode: str, wide_rows: int = DEFAULT_WIDE_
     if mode == "none":
         return 0
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("weight-only quantization is implemented for CPU models only")
-    bits = 8 if mode == "int8" else 4
+        raise ValueError("quantization is implemented for CPU models only")
+    bits = mode_bits(mode)
     layers = quantizable(model, bits)
     count = len(layers)
     while layers:  # layer by layer, and each original goes as its replacement comes: never two whole models
         parent, name, child = layers.pop()
-        setattr(parent, name, QuantizedLinear(child, bits, wide_rows))
+        setattr(parent, name, QuantizedLinear(child, bits, wide_rows, activations=mode == "w8a8"))
         del child
-    log.info("quantized %d linear layers to int%d (dequantized GEMM from %d rows)", count, bits, wide_rows)
+    log.info("quantized %d linear layers to %s (dequantized GEMM from %d rows)", count, mode, wide_rows)
     return count
