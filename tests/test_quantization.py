@@ -62,7 +62,8 @@ def test_w8a8_layer_matches_its_reference_within_activation_rounding(dtype, redu
     layer = linear(dtype=dtype)
     quant = QuantizedLinear(layer, 8, wide_rows=8, activations=True)
     quant.reduce_range = reduce_range
-    assert quant.mode == "w8a8"
+    assert quant.mode == "w8a8" and not hasattr(quant, "qweight")  # its int8 values: in the packed weight only
+    assert torch.equal(quant.dequantized_weight(), QuantizedLinear(layer, 8).dequantized_weight())
     weight, bias = quant.dequantized_weight().float(), layer.bias.float()
     for rows in (1, 3, 7, 8, 40):
         x = torch.randn(rows, 64, dtype=dtype)

@@ -71,9 +71,12 @@ class QuantizedLinear(nn.Module):
             self._quantize_int8(weight)
         else:
             self._quantize_int4(weight)
+        dequantized = self.dequantized_weight()
         self.dynamic = self._pack_w8a8() if activations else None
+        if self.dynamic is not None:  # the packed weight holds the int8 values: no second copy, even at load
+            del self.qweight
         self.reduce_range = not int8_dot_products()
-        self.wide = wide_layer(self.dequantized_weight(), bias)
+        self.wide = wide_layer(dequantized, bias)
 
     @property
     def mode(self) -> str:
@@ -125,8 +128,10 @@ class QuantizedLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the quantized layer stands for, [out, in], in the compute dtype."""
-        if self.bits == 8:
-            return self.qweight.to(self.compute_dtype).mul_(self.scale[:, None])  # in place: one temporary
+        if self.bits == 8:  # a w8a8 layer's int8 values live in its packed weight only
+            qweight = self.qweight if hasattr(self, "qweight") else torch.ops.quantized.linear_unpack(
+                self.dynamic)[0].int_repr()
+            return qweight.to(self.compute_dtype).mul_(self.scale[:, None])  # in place: one temporary
         q = torch.stack([self._q4 & 15, self._q4 >> 4], dim=-1).view(self.out_features, -1, INT4_GROUP_SIZE)
         q = q.to(self.compute_dtype)
         return (q * self._scale4[..., None] + self._low[..., None]).view(self.out_features, self.in_features)
