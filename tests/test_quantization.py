@@ -92,7 +92,7 @@ def test_quantize_linears_skips_the_lm_head_and_counts():
 def fake_measure(plain_ms: float, int8_ms: float, w8a8_ms: float | None = None):
     """Timings as `measure_layer` returns them: int8 and int4 at `int8_ms`, w8a8 at `w8a8_ms` (twice
     `int8_ms` unless given: the weight-only kernel wins)."""
-    def measure(layer, mode):
+    def measure(layer, mode, plain=None):
         ms = (w8a8_ms or 2 * int8_ms) if mode == "w8a8" else int8_ms
         quantized = QuantizedLinear(layer, 4 if mode == "int4" else 8, 16, activations=mode == "w8a8")
         return {"plain": {1: plain_ms, 4: plain_ms}, mode: {1: ms, 4: ms}}, 16, quantized
@@ -118,10 +118,10 @@ def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int
 def test_auto_skips_w8a8_where_torch_has_no_quantized_engine(monkeypatch):
     measure = fake_measure(2.0, 1.0, 0.5)
 
-    def without_w8a8(layer, mode):
+    def without_w8a8(layer, mode, plain=None):
         if mode == "w8a8":
             raise ValueError("w8a8 needs torch's quantized CPU engine")
-        return measure(layer, mode)
+        return measure(layer, mode, plain)
 
     monkeypatch.setattr(kernels, "measure_layer", without_w8a8)
     assert choose_and_quantize(tiny_model(0), "auto").quantization == "int8"
@@ -136,7 +136,7 @@ def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_
     """The LM head follows the body's kernel (int8 or w8a8) where that pays on its own shape."""
     timed = []
 
-    def measure(layer, mode):
+    def measure(layer, mode, plain_ms=None):
         plain = head_plain_ms if layer.out_features == model.config.vocab_size else 2.0
         timed.append(QuantizedLinear(layer, 8, 16, activations=mode == "w8a8"))
         ms = 1.0 if mode == body else 1.5

@@ -90,15 +90,19 @@ def probe_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
 
 
 @torch.inference_mode()
-def measure_layer(layer: nn.Linear, mode: str) -> tuple[dict[str, dict[int, float]], int, QuantizedLinear]:
+def measure_layer(layer: nn.Linear, mode: str, plain_ms: dict[int, float] | None = None
+                  ) -> tuple[dict[str, dict[int, float]], int, QuantizedLinear]:
     """Decode-class timings of the layer as the engine would run it unquantized (oneDNN-packed where
-    it packs) and quantized as `mode`, the row count from which the dequantized GEMM beats the kernel, and
-    the quantized layer timed, with that crossover (to install rather than quantize the layer again)."""
+    it packs; `plain_ms` if already measured) and quantized as `mode`, the row count from which the
+    dequantized GEMM beats the kernel, and the quantized layer timed, with that crossover (to install
+    rather than quantize the layer again)."""
     dtype = layer.weight.dtype
     inputs = {rows: torch.randn(rows, layer.in_features, dtype=dtype) for rows in DECODE_ROWS}
-    plain = PackedLinear(layer) if can_pack(layer) else layer
-    timings: dict[str, dict[int, float]] = {"plain": {rows: time_call(plain, x) for rows, x in inputs.items()}}
-    del plain  # a packed copy: gone before the quantized one comes (an LM head's copies are large)
+    if plain_ms is None:
+        plain = PackedLinear(layer) if can_pack(layer) else layer
+        plain_ms = {rows: time_call(plain, x) for rows, x in inputs.items()}
+        del plain  # a packed copy: gone before the quantized one comes (an LM head's copies are large)
+    timings: dict[str, dict[int, float]] = {"plain": plain_ms}
     # The int kernel at every row count, for now.
     quant = QuantizedLinear(layer, mode_bits(mode), wide_rows=1 << 30, activations=mode == "w8a8")
     wide_rows = WIDE_ROW_STEPS[-1]
@@ -159,7 +163,7 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
     crossovers: dict[str, int] = {}
     for mode in AUTO_MODES if requested == "auto" else (requested,):
         try:
-            measured, crossovers[mode], _ = measure_layer(layer, mode)
+            measured, crossovers[mode], _ = measure_layer(layer, mode, timings.get("plain"))  # plain: once
         except ValueError:  # w8a8 where torch has no quantized CPU engine: auto keeps to the others
             if requested != "auto":
                 raise
