@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from engine.loading.attention import use_grouped_query_attention
 from engine.loading.cpu_linear import PackedLinear, pack_linears
 from engine.loading.kernels import KernelChoice, choose_and_quantize
 
@@ -66,6 +67,9 @@ class ModelRunner:
             copies = [m for m in model.modules() if isinstance(m, PackedLinear) and m.fp32_copy]
             self.kernels = replace(self.kernels, fp32_copies=len(copies),
                                    fp32_min_rows=copies[0].fp32_min_rows if copies else None)
+        # On the CPU, query heads sharing a key/value head attend as rows of one SDPA (engine/loading/attention.py).
+        use_grouped_query_attention(model)
+        self.kernels = replace(self.kernels, attention=model.config._attn_implementation)
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.config = model.config

@@ -61,6 +61,7 @@ class KernelChoice:
     lm_head_decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)
     fp32_copies: int = 0  # bf16 layers given an fp32 copy for wide inputs (engine/loading/cpu_linear.py) ...
     fp32_min_rows: int | None = None  # ... used from this many rows on
+    attention: str = "sdpa"  # transformers' attention implementation the model runs (engine/loading/attention.py)
 
     def describe(self) -> dict:
         return asdict(self)

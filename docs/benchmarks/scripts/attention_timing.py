@@ -1,0 +1,78 @@
+"""Forwards of the default pair under transformers' `sdpa` attention and under grouped-query attention
+(engine/loading/attention.py), side by side in one process, at several cache lengths.
+
+Writes docs/benchmarks/attention.json. Each forward feeds 1 token (a draft step, a target-alone step) or
+5 tokens (verifying 4 candidates) after `context` cached tokens, logits included, the cache cropped back
+after each call; the median of REPS calls after a warm-up, the two attentions interleaved call by call so
+that a host busy for a while slows both alike. The models run as the engine runs them (the draft with the
+kernels `auto` chooses here).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.factory import resolve_paths
+from engine.loading.attention import GROUPED_QUERY_ATTENTION
+from engine.loading.loader import load_model
+from engine.runner import ModelRunner, crop_cache
+from specdecpp.bench.machine import machine_record
+
+CONTEXTS, TOKENS, REPS = (200, 1000, 2000), (1, 5), 15
+ATTENTIONS = ("sdpa", GROUPED_QUERY_ATTENTION)
+
+
+def forward_ms(runner: ModelRunner, context: int) -> dict[str, dict[int, float]]:
+    """attention -> new tokens -> median ms of one forward after `context` cached tokens."""
+    ids = torch.randint(0, runner.vocab_size, (context + max(TOKENS),))
+    cache = runner.new_cache()
+    runner.forward(ids[:context].unsqueeze(0), cache)
+    times: dict[str, dict[int, list[float]]] = {a: {n: [] for n in TOKENS} for a in ATTENTIONS}
+    for rep in range(REPS + 1):
+        for n in TOKENS:
+            for attention in ATTENTIONS:
+                runner.model.set_attn_implementation(attention)
+                t0 = time.perf_counter()
+                runner.forward_batch([ids[context : context + n]], [cache], [n])
+                elapsed = time.perf_counter() - t0
+                crop_cache(cache, context)
+                if rep:  # the first round warms up
+                    times[attention][n].append(1e3 * elapsed)
+    runner.model.set_attn_implementation(GROUPED_QUERY_ATTENTION)
+    return {a: {n: statistics.median(t) for n, t in by_n.items()} for a, by_n in times.items()}
+
+
+def main(output: Path) -> None:
+    torch.set_num_threads(2)
+    target_spec, draft_spec, _ = resolve_paths(EngineConfig())
+    result: dict = {"reps": REPS, "rows": []}
+    for role, spec, quantization in (("draft", draft_spec, "auto"), ("target", target_spec, "none")):
+        runner = ModelRunner(load_model(spec), quantization=quantization, quantize_lm_head=role == "draft")
+        result[f"{role}_kernels"] = runner.kernels.describe()
+        for context in CONTEXTS:
+            ms = forward_ms(runner, context)
+            for n in TOKENS:
+                row = {"model": role, "context_tokens": context, "new_tokens": n,
+                       "sdpa_ms": ms["sdpa"][n], "grouped_ms": ms[GROUPED_QUERY_ATTENTION][n]}
+                row["speedup"] = row["sdpa_ms"] / row["grouped_ms"]
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+        del runner
+    by = {(r["model"], r["context_tokens"], r["new_tokens"]): r for r in result["rows"]}
+    result["draft_over_target_1_token"] = {
+        attention: {c: by["draft", c, 1][f"{attention}_ms"] / by["target", c, 1][f"{attention}_ms"] for c in CONTEXTS}
+        for attention in ("sdpa", "grouped")}
+    result["machine"] = machine_record()
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["draft_over_target_1_token"], indent=2))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("docs/benchmarks/attention.json"))
