@@ -97,8 +97,9 @@ def test_many_queries_and_accelerators_go_to_sdpa(monkeypatch):
     monkeypatch.setattr(attention, "sdpa_attention_forward", sdpa)
     q, k, v = inputs(1, 9, 0)
     grouped_query_attention(attention_layer(), q, k, v, None, scaling=DIM**-0.5)  # a prompt's prefill
-    q, k, v = inputs(1, FEW_QUERIES + 1, 30)
-    grouped_query_attention(attention_layer(), q, k, v, causal(FEW_QUERIES + 1, 30 + FEW_QUERIES + 1), scaling=DIM**-0.5)
+    many = FEW_QUERIES + 1
+    q, k, v = inputs(1, many, 30)
+    grouped_query_attention(attention_layer(), q, k, v, causal(many, 30 + many), scaling=DIM**-0.5)
     q, k, v = inputs(1, 1, 30)
     grouped_query_attention(attention_layer(), q, k, v, None, scaling=DIM**-0.5)  # one new token: packed
     assert calls == [9, FEW_QUERIES + 1]
