@@ -23,7 +23,7 @@ import torch
 from engine.head import AcceptanceHead, candidate_features
 from engine.params import SamplingParams
 from engine.runner import ModelRunner, crop_cache
-from engine.sampling import processed_probs, sample
+from engine.sampling import probs_of_processed, processed_logits, processed_probs, sample
 
 SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost level
 LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, without a warm-up
@@ -62,7 +62,8 @@ def bracketing(sizes: list[int], x: float) -> list[tuple[int, float]]:
 class CostModel:
     """Seconds per draft forward (`draft_step` for one sequence; `draft_batch` by number of sequences
     when measured), per candidate drawn (processed q and sampling), per candidate's features (rules
-    that read them), per head call, and per target forward by number of tokens in it: `target` for one
+    that read them), per head call, and per target forward by number of tokens in it, timed as a verification
+    runs it (logits at every token, the target's probabilities there): `target` for one
     sequence, `target_full` for the same tokens spread over `full_batch` sequences (a ragged batch pays
     for every sequence's cache and mask, so its marginal token costs more). `draft_tokens` times a draft
     forward by tokens of one sequence: what catching a draft up on a prompt costs."""
@@ -239,26 +240,35 @@ def measure_costs(
             runner.forward(ids(context).unsqueeze(0), cache)
         return caches
 
-    def timed(runner: ModelRunner, caches: list, n: int) -> float:
-        """One forward of `n` tokens spread over `caches` (cropped back to the context after each call).
+    def timed(runner: ModelRunner, caches: list, n: int, verification: bool = False) -> float:
+        """One forward of `n` tokens spread over `caches` (cropped back to the context after each call); a
+        `verification` as a round runs it: logits at every token and the target's probabilities there.
         From LONG_FORWARD tokens on, allocation and noise are small against the forward itself: one
-        call, no warm-up (the counts depend on `n` alone, so every rank of a TP target calls alike)."""
+        call, no warm-up (the counts depend on `n` alone, so every rank of a TP target calls alike); and
+        such a forward is a prefill chunk, whose only logits are its last token's."""
         sizes = [n // len(caches) + (i < n % len(caches)) for i in range(len(caches))]
+        verification = verification and n < LONG_FORWARD
 
         def once() -> None:
-            runner.forward_batch([ids(size) for size in sizes], caches, [1] * len(caches))
+            _, logits = runner.forward_batch([ids(size) for size in sizes], caches,
+                                             sizes if verification else [1] * len(caches))
+            if verification:
+                for rows in logits:
+                    probs_of_processed(processed_logits(rows, verify_params), verify_params)
             for cache in caches:
                 crop_cache(cache, context)
 
         long = n >= LONG_FORWARD
         return fastest(once, 1 if long else reps, warm_up=not long)
 
+    verify_params = SamplingParams(temperature=1.0)
     one_sequence = prefilled(target, 1)
-    target_one = monotone({n: timed(target, one_sequence, n) for n in target_sizes(max_tokens)})
+    target_one = monotone({n: timed(target, one_sequence, n, verification=True) for n in target_sizes(max_tokens)})
     del one_sequence
     full = min(max_sequences, max_tokens)
     full_batch = prefilled(target, full)
-    target_full = monotone({n: timed(target, full_batch, n) for n in target_sizes(max_tokens) if n >= full})
+    target_full = monotone({n: timed(target, full_batch, n, verification=True)
+                            for n in target_sizes(max_tokens) if n >= full})
     del full_batch
     draft_one = prefilled(draft, 1)  # the one-sequence context serves the step and the catch-ups
     draft_batch = monotone({b: timed(draft, draft_one if b == 1 else prefilled(draft, b), b)

@@ -305,8 +305,6 @@ def verify_candidates(
     feeds = [torch.cat([torch.tensor(p.seq.all_ids[p.seq.target_kv.cached :], dtype=torch.long, device=device), cand])
              for p, cand in zip(proposals, candidates, strict=True)]
     _, logits = target.forward_batch(feeds, caches, [len(p.tokens) + 1 for p in proposals])
-    if tuning is not None:
-        tuning.costs.observe_target(sum(len(feed) for feed in feeds), time.perf_counter() - t0, len(feeds))
     verdicts = []
     for p, cand, feed, rows in zip(proposals, candidates, feeds, logits, strict=True):
         p.seq.target_kv.cached += len(feed)
@@ -331,6 +329,8 @@ def verify_candidates(
         if recorder is not None and p.tokens:
             recorder(round_record(p, cand, q, target_probs, verdicts[-1].num_accepted))
     elapsed = time.perf_counter() - t0
+    if tuning is not None:  # the forward and the work at every verified position (the cost model's `target`)
+        tuning.costs.observe_target(sum(len(feed) for feed in feeds), elapsed, len(feeds))
     for p in proposals:
         p.seq.stats.target_seconds += elapsed
     return verdicts

@@ -11,9 +11,11 @@ import pytest
 from conftest import CHEAP_DRAFT_COSTS, random_head
 
 import engine.speculate as speculate
-from engine.costs import CostModel, LiveCosts, interpolate, monotone
+from engine import costs
+from engine.costs import LONG_FORWARD, CostModel, LiveCosts, interpolate, measure_costs, monotone
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
+from engine.runner import ModelRunner
 from engine.speculate import ROUND_LAG
 from engine.tuning import (
     MAX_LEVEL,
@@ -269,6 +271,29 @@ def test_engine_measures_its_costs_when_given_none(tiny_pair, tokenizer):
     assert measured.full_batch == 8 and min(measured.target_full) == 8
     assert sorted(measured.draft_tokens)[:4] == [1, 16, 64, 256] and min(measured.draft_tokens.values()) > 0
     assert LLMEngine(target, None, tokenizer).tuning is None
+
+
+def test_target_costs_are_timed_as_verifications(tiny_pair, tokenizer, monkeypatch):
+    """The target's forwards are measured as a round verifies: logits at every token (each row's probabilities
+    computed from them), up to LONG_FORWARD tokens; longer ones, prefill chunks, with their last token's only."""
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, costs=CHEAP_DRAFT_COSTS)
+    calls, processed = [], []
+    forward_batch = ModelRunner.forward_batch
+
+    def recording(runner, feeds, caches, num_logits):
+        if runner is engine.target:
+            calls.append((sum(len(f) for f in feeds), list(num_logits)))
+        return forward_batch(runner, feeds, caches, num_logits)
+
+    monkeypatch.setattr(ModelRunner, "forward_batch", recording)
+    monkeypatch.setattr(costs, "processed_logits", lambda rows, params: processed.append(len(rows)) or rows)
+    measure_costs(engine.target, engine.draft, context=8, max_tokens=96)
+    verifications = [(n, logits) for n, logits in calls if n < LONG_FORWARD]
+    assert verifications and all(sum(logits) == n for n, logits in verifications)
+    assert sum(n for n, _ in verifications) == sum(processed)
+    assert all(logits == [1] * len(logits) for n, logits in calls if n >= LONG_FORWARD)
+    assert any(n >= LONG_FORWARD for n, _ in calls)
 
 
 def test_reported_budget_is_the_budget_at_the_best_fixed_rate():
