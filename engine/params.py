@@ -166,7 +166,8 @@ class SpecConfig(BaseModel):
     stops when the head's estimated P(some candidate rejected) exceeds `threshold` ("auto": a level
     the engine derives every round from its measured costs, with each round's candidate budget).
     `bounds` (min, max) clamp the candidate length of `heuristic`, `confidence` and `specdec++`
-    (`constant` proposes exactly k).
+    (`constant` proposes exactly k); `specdec++` also proposes no deeper than its head was trained on
+    (the head's `max_position`, engine/policies.py).
 
     `head` names which of the engine's acceptance heads serves `specdec++` (None: its default).
 

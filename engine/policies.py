@@ -131,15 +131,23 @@ class SpecDecPP(StopPolicy):
     the draft's forward on y_s yields s + 1 candidates when it stops there, so the lower bound
     counts that one. With threshold "auto" the engine sets the level every round from the cost
     model (engine/tuning.py); `threshold` is the level in force.
+
+    A round proposes no deeper than `depth`, the deepest position the head was trained on (its
+    `max_position`; 0: no limit), and never below the lower bound: past it the head reads every position
+    as its last one seen, so it cannot tell how deep the round is (measured in docs/benchmarks/README.md,
+    "How deep a head may judge").
     """
 
     name = "specdec++"
     reads_features = True
 
-    def __init__(self, threshold: float | str, bounds: tuple[int, int], timing: HeadTiming = "before") -> None:
+    def __init__(self, threshold: float | str, bounds: tuple[int, int], timing: HeadTiming = "before",
+                 depth: int = 0) -> None:
         self.auto = threshold == AUTO
         self.threshold = DEFAULT_AUTO_START if self.auto else float(threshold)
         self.low, self.high = bounds
+        if depth:
+            self.high = max(self.low, min(self.high, depth))
         self.timing = timing
         self._all_accepted_prob = 1.0
 
@@ -162,10 +170,10 @@ class SpecDecPP(StopPolicy):
         return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
 
 
-def make_policy(spec: SpecConfig, head_timing: HeadTiming | None = None) -> StopPolicy:
+def make_policy(spec: SpecConfig, head_timing: HeadTiming | None = None, head_depth: int = 0) -> StopPolicy:
     """A fresh policy object per request (policies may keep per-request state).
 
-    `head_timing` is the timing of the head serving this request (specdec++ only).
+    `head_timing` and `head_depth` (its `max_position`) are those of the head serving this request (specdec++ only).
     """
     if spec.policy == "none":
         return TargetOnly()
@@ -176,5 +184,5 @@ def make_policy(spec: SpecConfig, head_timing: HeadTiming | None = None) -> Stop
     if spec.policy == "confidence":
         return Confidence(spec.p_min, spec.bounds)
     if spec.policy == "specdec++":
-        return SpecDecPP(spec.threshold, spec.bounds, timing=head_timing or "before")
+        return SpecDecPP(spec.threshold, spec.bounds, timing=head_timing or "before", depth=head_depth)
     raise ValueError(f"unknown policy {spec.policy!r}")

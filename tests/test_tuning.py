@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from conftest import CHEAP_DRAFT_COSTS, random_head
 
 import engine.speculate as speculate
@@ -15,6 +16,7 @@ from engine import costs
 from engine.costs import LONG_FORWARD, CostModel, LiveCosts, interpolate, measure_costs, monotone
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
+from engine.policies import SpecDecPP
 from engine.runner import ModelRunner
 from engine.speculate import ROUND_LAG
 from engine.tuning import (
@@ -251,6 +253,30 @@ def test_only_self_tuning_requests_teach_the_acceptance_estimate(engine):
     assert fixed["proposed_tokens"] > fixed["accepted_tokens"] and engine.tuning.acceptance == before
     engine.generate("hello world", params, SpecConfig(policy="specdec++"))
     assert engine.tuning.acceptance != before
+
+
+def test_specdecpp_proposes_no_deeper_than_its_head_was_trained(tiny_pair, tokenizer):
+    """A head trained on rounds of up to 3 candidates caps specdec++ rounds at 3, within the bounds (a fixed level
+    and "auto" alike); a head without a recorded depth leaves the bounds as they are."""
+    assert SpecDecPP(0.5, (1, 20), depth=8).max_candidates() == 8
+    assert SpecDecPP(0.5, (1, 20)).max_candidates() == 20
+    assert SpecDecPP(0.5, (1, 6), depth=8).max_candidates() == 6
+    assert SpecDecPP(0.5, (5, 20), depth=3).max_candidates() == 5  # never below the lower bound
+    target, draft = tiny_pair
+    head = random_head(draft.config.hidden_size, seed=1)
+    with torch.no_grad():
+        head.out.bias.fill_(30.0)  # judges every candidate accepted: only a length cap ends a round
+    head.config.max_position = 3
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": head}, costs=CHEAP_DRAFT_COSTS)
+    params = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=2)
+    for threshold in (0.999, "auto"):  # a level that never stops reaches the cap; auto stays within it
+        lengths = engine.generate("hello world", params, SpecConfig(policy="specdec++", threshold=threshold)
+                                  ).stats["candidate_lengths"]
+        assert max(lengths) == 3 if threshold != "auto" else 0 < max(lengths) <= 3, threshold
+    head.config.max_position = 0
+    lengths = engine.generate("hello world", params, SpecConfig(policy="specdec++", threshold=0.999)
+                              ).stats["candidate_lengths"]
+    assert max(lengths) > 3
 
 
 def test_engine_refreshes_its_costs_from_its_own_forwards(tiny_pair, tokenizer):
