@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.head import CANDIDATE_FEATURES, HeadTiming
+from engine.head import CANDIDATE_FEATURES, AcceptanceHead, HeadTiming
 from engine.params import AUTO, SpecConfig
 
 DEFAULT_AUTO_START = 0.5  # an auto level before the engine's first plan sets it (a policy used outside the engine)
@@ -170,10 +170,10 @@ class SpecDecPP(StopPolicy):
         return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
 
 
-def make_policy(spec: SpecConfig, head_timing: HeadTiming | None = None, head_depth: int = 0) -> StopPolicy:
+def make_policy(spec: SpecConfig, head: AcceptanceHead | None = None) -> StopPolicy:
     """A fresh policy object per request (policies may keep per-request state).
 
-    `head_timing` and `head_depth` (its `max_position`) are those of the head serving this request (specdec++ only).
+    `head` is the head serving this request (specdec++ only): its timing and its depth (`max_position`).
     """
     if spec.policy == "none":
         return TargetOnly()
@@ -184,5 +184,7 @@ def make_policy(spec: SpecConfig, head_timing: HeadTiming | None = None, head_de
     if spec.policy == "confidence":
         return Confidence(spec.p_min, spec.bounds)
     if spec.policy == "specdec++":
-        return SpecDecPP(spec.threshold, spec.bounds, timing=head_timing or "before", depth=head_depth)
+        if head is None:
+            return SpecDecPP(spec.threshold, spec.bounds)
+        return SpecDecPP(spec.threshold, spec.bounds, timing=head.timing, depth=head.config.max_position)
     raise ValueError(f"unknown policy {spec.policy!r}")

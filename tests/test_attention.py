@@ -1,6 +1,6 @@
 """Grouped-query attention on the CPU (engine/loading/attention.py): the same attention as transformers'
 `sdpa` for one new token, a few new tokens under a causal or a packed-batch mask, and an additive
-mask; many new tokens and accelerators go to `sdpa` itself; a CPU model is switched to it and says so."""
+mask; a causal prefill and many new tokens go to `sdpa` itself; a CPU model is switched to it and says so."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_a_wrong_grouping_is_caught():
     assert not torch.allclose(out.double(), reference(q, k, v, None), atol=1e-3)
 
 
-def test_many_queries_and_accelerators_go_to_sdpa(monkeypatch):
+def test_a_prefill_and_many_queries_go_to_sdpa(monkeypatch):
     """A causal prefill without a mask, and more than FEW_QUERIES new tokens, run transformers' `sdpa` itself."""
     calls = []
 

@@ -61,9 +61,7 @@ AttentionInterface.register(GROUPED_QUERY_ATTENTION, grouped_query_attention)
 AttentionMaskInterface.register(GROUPED_QUERY_ATTENTION, sdpa_mask)  # the masks `sdpa` gets, for the same calls
 
 
-def use_grouped_query_attention(model: PreTrainedModel) -> bool:
-    """Switch a CPU model that runs transformers' `sdpa` attention to `grouped_query_attention`; whether it did."""
-    if model.device.type != "cpu" or model.config._attn_implementation != "sdpa":
-        return False
-    model.set_attn_implementation(GROUPED_QUERY_ATTENTION)
-    return True
+def use_grouped_query_attention(model: PreTrainedModel) -> None:
+    """Switch a CPU model that runs transformers' `sdpa` attention to `grouped_query_attention`."""
+    if model.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(GROUPED_QUERY_ATTENTION)
