@@ -14,6 +14,7 @@ from engine.loading.dtypes import DTYPES
 from engine.params import SpecConfig
 
 CPU_FP32_GEMM_MODES = ("auto", "on", "off")  # see engine/loading/cpu_linear.py
+ROW_PADDING_MODES = ("auto", "off")  # ditto
 # int8/int4: weight-only; w8a8: int8 weights and int8 activations quantized per call; engine/loading/quantize.py
 QUANTIZATION_MODES = ("none", "int8", "int4", "w8a8")
 # A w8a8 layer scales its activations by the whole call's largest, so a target's logits for one token would
@@ -102,6 +103,10 @@ class EngineConfig:
         "GEMMs over many rows (prefill), where CPUs without AMX run bf16 at half the fp32 speed; costs twice the "
         "bf16 weights in memory. auto: only if that fits in half the available memory (default: %(default)s)",
         choices=CPU_FP32_GEMM_MODES))
+    cpu_row_padding: str = field(default="auto", metadata=option(
+        "--cpu-row-padding", "models on the CPU: compute inputs of a few rows (decode, verification) as more rows "
+        "where the larger call measures faster here, by groups of same-shaped layers, at load. Results are those "
+        "of the larger call. auto: measure; off: never (default: %(default)s)", choices=ROW_PADDING_MODES))
     draft_quantization: str = field(default="auto", metadata=option(
         "--draft-quantization", "quantization of the draft's linear layers: int8 or int4 weights, or w8a8 "
         "(int8 weights and activations). Lossless: only the proposals change. auto: the int8 kernel (int8 or "

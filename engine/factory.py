@@ -104,6 +104,7 @@ def assemble_engine(
         default_spec=_default_spec(config.default_spec, DEFAULT_HEAD in models["heads"], models["draft"] is not None),
         scheduler_config=config.scheduler,
         cpu_fp32_gemm=config.cpu_fp32_gemm,
+        cpu_row_padding=config.cpu_row_padding,
         draft_quantization=draft_kernels or config.draft_quantization,
         quantize_draft_lm_head=config.draft_lm_head_quantization,
         target_quantization=config.target_quantization,

@@ -81,6 +81,7 @@ class LLMEngine:
         default_spec: SpecConfig | None = None,
         scheduler_config: SchedulerConfig | None = None,
         cpu_fp32_gemm: str = "auto",
+        cpu_row_padding: str = "auto",
         draft_quantization: str | KernelChoice = "none",
         quantize_draft_lm_head: bool = True,
         target_quantization: str = "none",
@@ -102,10 +103,11 @@ class LLMEngine:
         if target_quantization not in TARGET_QUANTIZATION_MODES:  # see there why not w8a8
             raise ValueError(f"target quantization {target_quantization!r}: expected one of "
                              f"{', '.join(TARGET_QUANTIZATION_MODES)}")
-        self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm, quantization=target_quantization)
+        self.target = ModelRunner(target, cpu_fp32_gemm=cpu_fp32_gemm, quantization=target_quantization,
+                                  cpu_row_padding=cpu_row_padding)
         self.draft = (
             ModelRunner(draft, cpu_fp32_gemm=cpu_fp32_gemm, quantization=draft_quantization,
-                        quantize_lm_head=quantize_draft_lm_head)
+                        quantize_lm_head=quantize_draft_lm_head, cpu_row_padding=cpu_row_padding)
             if draft is not None else None
         )
         self.heads = {name: head.to(self.draft.device) for name, head in heads.items()}

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from engine.loading.attention import use_grouped_query_attention
-from engine.loading.cpu_linear import PackedLinear, pack_linears
+from engine.loading.cpu_linear import PackedLinear, pack_linears, row_padding_plan
 from engine.loading.kernels import KernelChoice, choose_and_quantize
 
 
@@ -55,6 +55,7 @@ class ModelRunner:
         cpu_fp32_gemm: str = "auto",
         quantization: str | KernelChoice = "none",
         quantize_lm_head: bool = False,
+        cpu_row_padding: str = "auto",
     ) -> None:
         self.model = model.eval()
         # Weight-only int8/int4 where asked ("auto": where it measures faster here), the LM head too where
@@ -65,8 +66,11 @@ class ModelRunner:
             # (engine/loading/cpu_linear.py; measured in docs/benchmarks/README.md, CPU kernels).
             pack_linears(model, fp32_copies=cpu_fp32_gemm)
             copies = [m for m in model.modules() if isinstance(m, PackedLinear) and m.fp32_copy]
+            # A replayed choice brings its row padding too (a follower rank's draft proposes as rank 0's).
+            padding = quantization.row_padding if isinstance(quantization, KernelChoice) else cpu_row_padding
             self.kernels = replace(self.kernels, fp32_copies=len(copies),
-                                   fp32_min_rows=copies[0].fp32_min_rows if copies else None)
+                                   fp32_min_rows=copies[0].fp32_min_rows if copies else None,
+                                   row_padding=row_padding_plan(model, padding))
         # On the CPU, query heads sharing a key/value head attend as rows of one SDPA (engine/loading/attention.py).
         use_grouped_query_attention(model)
         self.kernels = replace(self.kernels, attention=model.config._attn_implementation)

@@ -1,7 +1,9 @@
 """oneDNN packed linears: identical to nn.Linear on narrow inputs; the fp32 copy for wide inputs
 agrees to bf16 rounding; `auto` respects the memory it may take and measures the crossover; the LM
-head never gets a copy. Every case runs on any x86 host with oneDNN: where bf16 is native, the
-emulated case is forced (`native_bf16` patched) and also run for real under an AVX2 ISA cap."""
+head never gets a copy; few-row inputs are padded to the cheapest measured count at or above theirs,
+and a padded input's rows are exactly those of the larger call. Every case runs on any x86 host with
+oneDNN: where bf16 is native, the emulated case is forced (`native_bf16` patched) and also run for
+real under an AVX2 ISA cap."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from engine.loading.cpu_linear import (
     fp32_copy_plan,
     native_bf16,
     pack_linears,
+    padding_plan,
+    row_padding_plan,
 )
 from engine.loading.quantize import QuantizedLinear
 
@@ -210,3 +214,92 @@ def test_the_runner_records_its_wide_gemm_choice():
     assert with_copies.fp32_copies == 7 * 2 and with_copies.fp32_min_rows == FP32_MIN_ROWS  # 2 tiny layers
     without = ModelRunner(tiny_model(seed=0).to(torch.bfloat16), cpu_fp32_gemm="off").kernels
     assert without.fp32_copies == 0 and without.fp32_min_rows is None
+
+
+# Measured on the AMD EPYC's target MLPs (ms of 28 layers, weights from memory): one and two rows are slower than four.
+EPYC_CURVE = {1: 90.0, 2: 110.0, 3: 79.0, 4: 69.0, 5: 76.0, 6: 72.0, 7: 100.0, 8: 96.0}
+
+
+def test_padding_plan_pads_to_the_cheapest_count_at_or_above():
+    assert padding_plan(EPYC_CURVE) == {1: 4, 2: 4, 3: 4, 5: 6}  # 4 is cheapest; 7 -> 8 gains under 5%
+    assert padding_plan({r: 10.0 + r for r in range(1, 9)}) == {}  # cost rising with rows: nothing to gain
+    assert padding_plan({1: 10.0, 2: 9.7}) == {}  # 3% is within the noise: left as it is
+    assert padding_plan({1: 10.0, 2: 9.0, 3: 9.0}) == {1: 2}  # a tie goes to the fewer rows
+
+
+def test_a_padded_input_gives_the_rows_of_the_larger_call(bf16_host):
+    layer = PackedLinear(_bf16_linear())
+    x = torch.randn(1, 8, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = {rows: layer(x[:, :rows]) for rows in (1, 2, 3, 5)}  # unpadded
+        layer.pad_rows = {1: 5, 2: 5}
+        computed: list[int] = []  # row counts the kernel saw
+        compute = layer.compute
+        layer.compute = lambda rows_in: computed.append(rows_in.shape[0]) or compute(rows_in)
+        for rows in (1, 2):
+            padded = nn.functional.pad(x[0, :rows], (0, 0, 0, 5 - rows))
+            out = layer(x[:, :rows])
+            assert out.shape == (1, rows, 384)
+            assert torch.equal(out[0], compute(padded)[:rows]), rows
+        assert computed == [5, 5]
+        assert torch.equal(layer(x[:, :3]), expected[3])  # not in the plan: as it was
+        assert torch.equal(layer(x[0, :1]), layer(x[:, :1])[0])  # a 2-D input too
+        assert computed[-2:] == [5, 5]
+
+
+def _fake_curve(monkeypatch) -> list[int]:
+    """Every group of layers measured with EPYC_CURVE, whatever its size; returns the sizes of the groups timed."""
+    timed: list[int] = []
+    monkeypatch.setattr(cpu_linear, "ROW_PADDING_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_linear, "few_rows_ms", lambda layers: timed.append(len(layers)) or dict(EPYC_CURVE))
+    return timed
+
+
+def test_row_padding_is_measured_by_groups_of_one_shape_and_replayed(monkeypatch):
+    model = tiny_model(seed=0)
+    pack_linears(model)
+    assert row_padding_plan(model, "auto") == {}  # a tiny model stays in cache: nothing measured, nothing padded
+    timed = _fake_curve(monkeypatch)
+    plan = row_padding_plan(model, "auto")
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    shapes = {m.shape for m in layers}
+    assert set(plan) == shapes and len(timed) == len(shapes) and sum(timed) == len(layers)
+    assert all(m.pad_rows == {1: 4, 2: 4, 3: 4, 5: 6} for m in layers)
+    assert row_padding_plan(model, "off") == {} and all(not m.pad_rows for m in layers)
+    one_shape = next(iter(shapes))
+    assert row_padding_plan(model, {one_shape: {1: 2}}) == {one_shape: {1: 2}}  # replayed, not measured
+    assert len(timed) == len(shapes)
+    assert all(m.pad_rows == ({1: 2} if m.shape == one_shape else {}) for m in layers)
+    with pytest.raises(ValueError, match="row padding"):
+        row_padding_plan(model, "sometimes")
+
+
+def test_the_runner_records_and_replays_its_row_padding(monkeypatch):
+    from engine.runner import ModelRunner
+
+    _fake_curve(monkeypatch)
+    measured = ModelRunner(tiny_model(seed=0)).kernels
+    assert measured.row_padding and all(p == {1: 4, 2: 4, 3: 4, 5: 6} for p in measured.row_padding.values())
+    assert ModelRunner(tiny_model(seed=0), cpu_row_padding="off").kernels.row_padding == {}
+    replayed = ModelRunner(tiny_model(seed=0), cpu_row_padding="off", quantization=measured)  # a follower rank
+    assert replayed.kernels.row_padding == measured.row_padding
+
+
+def test_padded_engine_keeps_greedy_output_identical(tokenizer, monkeypatch):
+    """Target and draft padded as on the EPYC: speculation still reproduces the (padded) target alone."""
+    from conftest import make_tiny_pair, random_head
+
+    from engine.llm_engine import LLMEngine
+    from engine.params import SamplingParams, SpecConfig
+
+    _fake_curve(monkeypatch)
+    target, draft = make_tiny_pair()
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)})
+    assert engine.target.kernels.row_padding and engine.draft.kernels.row_padding
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for prompt in ("hello world", "the quick brown fox"):
+        reference = engine.generate(prompt, params, SpecConfig(policy="none"))
+        for spec in (SpecConfig(policy="constant", k=4), SpecConfig(policy="specdec++", threshold=0.3)):
+            out = engine.generate(prompt, params, spec)
+            assert out.token_ids == reference.token_ids, spec.policy
+            assert out.stats["proposed_tokens"] > 0

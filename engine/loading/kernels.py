@@ -62,6 +62,7 @@ class KernelChoice:
     fp32_copies: int = 0  # bf16 layers given an fp32 copy for wide inputs (engine/loading/cpu_linear.py) ...
     fp32_min_rows: int | None = None  # ... used from this many rows on
     attention: str = "sdpa"  # transformers' attention implementation the model runs (engine/loading/attention.py)
+    row_padding: dict[str, dict[int, int]] = field(default_factory=dict)  # by layer shape: rows -> rows computed
 
     def describe(self) -> dict:
         return asdict(self)
