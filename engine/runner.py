@@ -25,8 +25,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from engine.loading.attention import use_grouped_query_attention
-from engine.loading.cpu_linear import PackedLinear, pack_linears, row_padding_plan
-from engine.loading.kernels import KernelChoice, choose_and_quantize
+from engine.loading.cpu_linear import PackedLinear, pack_linears
+from engine.loading.kernels import KernelChoice, choose_and_quantize, row_padding_plan
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from tiny import tiny_model
 from torch import nn
 
-from engine.loading import cpu_linear, quantize
+from engine.loading import cpu_linear, kernels, quantize
 from engine.loading.cpu_linear import (
     FP32_MIN_ROWS,
     Fp32Linear,
@@ -26,10 +26,9 @@ from engine.loading.cpu_linear import (
     fp32_copy_plan,
     native_bf16,
     pack_linears,
-    padding_plan,
-    row_padding_plan,
 )
-from engine.loading.quantize import QuantizedLinear
+from engine.loading.kernels import padding_plan, row_padding_plan
+from engine.loading.quantize import QuantizedLinear, quantize_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -250,8 +249,8 @@ def test_a_padded_input_gives_the_rows_of_the_larger_call(bf16_host):
 def _fake_curve(monkeypatch) -> list[int]:
     """Every group of layers measured with EPYC_CURVE, whatever its size; returns the sizes of the groups timed."""
     timed: list[int] = []
-    monkeypatch.setattr(cpu_linear, "ROW_PADDING_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_linear, "few_rows_ms", lambda layers: timed.append(len(layers)) or dict(EPYC_CURVE))
+    monkeypatch.setattr(kernels, "ROW_PADDING_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "few_rows_ms", lambda layers: timed.append(len(layers)) or dict(EPYC_CURVE))
     return timed
 
 
@@ -272,6 +271,20 @@ def test_row_padding_is_measured_by_groups_of_one_shape_and_replayed(monkeypatch
     assert all(m.pad_rows == ({1: 2} if m.shape == one_shape else {}) for m in layers)
     with pytest.raises(ValueError, match="row padding"):
         row_padding_plan(model, "sometimes")
+
+
+def test_a_quantized_layers_dequantized_copy_is_not_padded(monkeypatch):
+    """Its PackedLinear only serves wide inputs; the quantized model's other packed layers are padded."""
+    timed = _fake_curve(monkeypatch)
+    model = tiny_model(seed=0)
+    quantize_linears(model, "int8", wide_rows=64)
+    pack_linears(model)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert quantized and all(isinstance(q.wide, PackedLinear) for q in quantized)
+    plan = row_padding_plan(model, "auto")
+    assert not any(q.wide.pad_rows for q in quantized)
+    unquantized = {m.shape for m in model.modules() if isinstance(m, PackedLinear)} - {q.wide.shape for q in quantized}
+    assert unquantized and set(plan) == unquantized and len(timed) == len(unquantized)  # the LM head
 
 
 def test_the_runner_records_and_replays_its_row_padding(monkeypatch):

@@ -22,14 +22,6 @@ the crossover on that layer (`fp32_copy_plan`): on an AVX2-only host it can lie 
 rows, inside verification. The LM head never gets a copy (it only sees the few positions whose
 logits are used).
 
-A few rows are not always cheapest computed as they are: on a host where oneDNN's one- and two-row
-kernels stream the weights more slowly than its kernel for four, computing one row as the first of
-four is faster, and over a whole forward, with the weights coming from memory rather than cache,
-the difference is large. So `auto` times each group of same-shaped layers, one after another as a
-forward runs them, at every row count below `ROW_PADDING_LIMIT`, and pads an input to the
-cheapest count at or above its own where that is at least `ROW_PADDING_MIN_GAIN` faster
-(`row_padding_plan`). A padded input's rows come out exactly as the rows of that larger call.
-Groups small enough to stay in cache are left alone.
 The measurements behind these choices: docs/benchmarks/README.md, "CPU kernels".
 
 Only whole-CPU models in bf16 or fp32 are packed; CUDA models, models split by accelerate
@@ -47,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.config import CPU_FP32_GEMM_MODES, ROW_PADDING_MODES
+from engine.config import CPU_FP32_GEMM_MODES
 from engine.distributed import is_tensor_parallel
 from engine.loading.inventory import available_memory_bytes
 
@@ -59,12 +51,6 @@ FP32_COPY_MEMORY_SHARE = 0.5  # auto: copies only if they take at most this shar
 FP32_PROBE_ROWS = 64  # auto: the width at which the fp32 copy must beat bf16 on this host
 FP32_MIN_GAIN = 0.10  # auto: ... by at least this share of the bf16 time
 FP32_ROW_STEPS = (1, 2, 4, 8, 12, 16, 24, 32, 48)  # auto: candidates for the crossover, below FP32_PROBE_ROWS
-ROW_PADDING_LIMIT = 9  # auto: row counts 1 .. LIMIT - 1 (decode, verification of a few candidates) may be padded
-ROW_PADDING_MIN_GAIN = 0.05  # auto: ... to a larger count measured at least this share faster
-ROW_PADDING_MIN_BYTES = 32 << 20  # auto: only groups of layers whose weights together outgrow the caches
-ROW_PADDING_REPS = 3  # auto: each count timed this many times after a warm-up (the fastest counts)
-
-RowPadding = dict[str, dict[int, int]]  # "in x out" of a group of layers -> rows -> rows computed
 
 
 @functools.cache
@@ -118,7 +104,7 @@ class PackedLinear(nn.Module):
         self.fp32_copy = fp32_copy and weight.dtype == torch.bfloat16
         self.fp32_min_rows = fp32_min_rows
         self.fp32 = Fp32Linear(weight, bias) if self.fp32_copy else None
-        self.pad_rows: dict[int, int] = {}  # rows -> rows computed (`row_padding_plan`)
+        self.pad_rows: dict[int, int] = {}  # rows -> rows computed (engine/loading/kernels.py, `row_padding_plan`)
 
     @property
     def shape(self) -> str:
@@ -225,75 +211,13 @@ def _fp32_candidates(model: nn.Module) -> list[nn.Linear]:
     ]
 
 
-def padding_plan(ms: dict[int, float], min_gain: float = ROW_PADDING_MIN_GAIN) -> dict[int, int]:
-    """Rows -> the row count to compute them as, from milliseconds by row count: the cheapest count at
-    or above, where it beats the count itself by `min_gain`; counts kept as they are are left out."""
-    plan = {}
-    for rows, own in ms.items():
-        cheapest = min((r for r in ms if r >= rows), key=lambda r: (ms[r], r))
-        if ms[cheapest] <= (1 - min_gain) * own:
-            plan[rows] = cheapest
-    return plan
-
-
-def few_rows_ms(layers: list[PackedLinear], reps: int = ROW_PADDING_REPS) -> dict[int, float]:
-    """Milliseconds of running `layers` one after another, unpadded, at each row count below
-    `ROW_PADDING_LIMIT`: the fastest of `reps` passes after a warm-up, the counts interleaved pass by pass
-    so that a host busy for a while slows them alike."""
-    generator = torch.Generator().manual_seed(0)
-    counts = range(1, ROW_PADDING_LIMIT)
-    inputs = {rows: torch.randn(rows, layers[0].in_features, generator=generator).to(layers[0].packed_weight.dtype)
-              for rows in counts}
-    times: dict[int, list[float]] = {rows: [] for rows in counts}
-    with torch.inference_mode():
-        for rep in range(reps + 1):
-            for rows, x in inputs.items():
-                t0 = time.perf_counter()
-                for layer in layers:
-                    layer.compute(x)
-                if rep:  # the first pass warms up
-                    times[rows].append(time.perf_counter() - t0)
-    return {rows: 1e3 * min(t) for rows, t in times.items()}
-
-
-def row_padding_plan(model: nn.Module, mode: str | RowPadding = "auto") -> RowPadding:
-    """Set the row padding of the model's packed layers, by groups of one shape: measured by "auto"
-    (`few_rows_ms`, `padding_plan`; groups under `ROW_PADDING_MIN_BYTES` of weights are not), none by
-    "off", or as given (a plan measured elsewhere: tensor-parallel ranks replay rank 0's for their
-    draft replica, so that they propose alike). Returns the plan in force."""
-    if isinstance(mode, str) and mode not in ROW_PADDING_MODES:
-        raise ValueError(f"row padding {mode!r}: expected one of {', '.join(ROW_PADDING_MODES)}")
-    groups: dict[str, list[PackedLinear]] = {}
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            module.pad_rows = {}
-            groups.setdefault(module.shape, []).append(module)
-    if mode == "off":
-        return {}
-    plan: RowPadding = {}
-    for shape, layers in groups.items():
-        if isinstance(mode, dict):
-            padding = mode.get(shape, {})
-        elif sum(layer.packed_weight.nbytes for layer in layers) >= ROW_PADDING_MIN_BYTES:
-            padding = padding_plan(few_rows_ms(layers))
-        else:
-            padding = {}
-        for layer in layers:
-            layer.pad_rows = dict(padding)
-        if padding:
-            plan[shape] = padding
-    if plan:
-        log.info("rows padded, by layer shape: %s", plan)
-    return plan
-
-
 def pack_linears(model: nn.Module, fp32_copies: str = "off") -> int:
     """Replace every `nn.Linear` of a CPU model by a `PackedLinear`, in place; returns how many.
 
     `fp32_copies` ("auto", "on", "off"): whether bf16 layers other than the LM head also keep an
     fp32 copy for wide inputs (see the module doc). A tied LM head keeps its embedding (the
     embedding still reads the original weight). Idempotent: packed layers are skipped. Row
-    padding is set afterwards (`row_padding_plan`).
+    padding is set afterwards (engine/loading/kernels.py, `row_padding_plan`).
     """
     if not can_pack(model):
         return 0

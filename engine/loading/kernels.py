@@ -5,6 +5,15 @@ kernel for a layer: weight-only int8 wins where decoding is memory-bound and los
 inputs; bf16 may be emulated. Nothing here assumes a machine: at load, one real layer of the
 model is timed for the two shape classes that matter, decode/verify (a few rows) and prefill
 (many rows), and the choice is logged and reported (`KernelChoice.describe`).
+
+A few rows are not always cheapest computed as they are: on a host where oneDNN's one- and two-row
+kernels stream the weights more slowly than its kernel for four, computing one row as the first of
+four is faster, and over a whole forward, with the weights coming from memory rather than cache,
+the difference is large. So `auto` times each group of same-shaped layers, one after another as a
+forward runs them, at every row count below `ROW_PADDING_LIMIT`, and pads an input to the
+cheapest count at or above its own where that is at least `ROW_PADDING_MIN_GAIN` faster
+(`row_padding_plan`). A padded input's rows come out exactly as the rows of that larger call.
+Groups small enough to stay in cache are left alone.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from engine.config import ROW_PADDING_MODES
 from engine.loading.cpu_linear import PackedLinear, can_pack, cpu_flags, native_bf16
 from engine.loading.quantize import (
     DEFAULT_WIDE_ROWS,
@@ -33,6 +43,12 @@ DECODE_ROWS = (1, 4)  # the decode/verify class: one token per sequence, a few c
 WIDE_ROW_STEPS = (2, 4, 8, 16, 32, 64, 128)  # candidates for the int8 -> dequantized GEMM crossover
 AUTO_MIN_GAIN = 1.1  # "auto" quantizes only when one row measures at least this much faster (`pays`)
 AUTO_MODES = ("int8", "w8a8")  # what "auto" measures: the int8 kernels (int4 loses accuracy for little more speed)
+ROW_PADDING_LIMIT = 9  # auto: row counts 1 .. LIMIT - 1 (decode, verification of a few candidates) may be padded
+ROW_PADDING_MIN_GAIN = 0.05  # auto: ... to a larger count measured at least this share faster
+ROW_PADDING_MIN_BYTES = 32 << 20  # auto: only groups of layers whose weights together outgrow the caches
+ROW_PADDING_REPS = 3  # auto: each count timed this many times after a warm-up (the fastest counts)
+
+RowPadding = dict[str, dict[int, int]]  # "in x out" of a group of layers -> rows -> rows computed
 CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
                          "amx_tile")
 
@@ -190,3 +206,67 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
         log.info("LM head of %s: %s (ms per call %s)", type(model).__name__, choice.lm_head,
                  choice.lm_head_decode_ms)
     return choice
+
+
+def padding_plan(ms: dict[int, float], min_gain: float = ROW_PADDING_MIN_GAIN) -> dict[int, int]:
+    """Rows -> the row count to compute them as, from milliseconds by row count: the cheapest count at
+    or above, where it beats the count itself by `min_gain`; counts kept as they are are left out."""
+    plan = {}
+    for rows, own in ms.items():
+        cheapest = min((r for r in ms if r >= rows), key=lambda r: (ms[r], r))
+        if ms[cheapest] <= (1 - min_gain) * own:
+            plan[rows] = cheapest
+    return plan
+
+
+def few_rows_ms(layers: list[PackedLinear], reps: int = ROW_PADDING_REPS) -> dict[int, float]:
+    """Milliseconds of running `layers` one after another, unpadded, at each row count below
+    `ROW_PADDING_LIMIT`: the fastest of `reps` passes after a warm-up, the counts interleaved pass by pass
+    so that a host busy for a while slows them alike."""
+    generator = torch.Generator().manual_seed(0)
+    counts = range(1, ROW_PADDING_LIMIT)
+    inputs = {rows: torch.randn(rows, layers[0].in_features, generator=generator).to(layers[0].packed_weight.dtype)
+              for rows in counts}
+    times: dict[int, list[float]] = {rows: [] for rows in counts}
+    with torch.inference_mode():
+        for rep in range(reps + 1):
+            for rows, x in inputs.items():
+                t0 = time.perf_counter()
+                for layer in layers:
+                    layer.compute(x)
+                if rep:  # the first pass warms up
+                    times[rows].append(time.perf_counter() - t0)
+    return {rows: 1e3 * min(t) for rows, t in times.items()}
+
+
+def row_padding_plan(model: nn.Module, mode: str | RowPadding = "auto") -> RowPadding:
+    """Set the row padding of the model's packed layers, by groups of one shape: measured by "auto"
+    (`few_rows_ms`, `padding_plan`; groups under `ROW_PADDING_MIN_BYTES` of weights are not), none by
+    "off", or as given (a plan measured elsewhere: tensor-parallel ranks replay rank 0's for their
+    draft replica, so that they propose alike). Returns the plan in force."""
+    if isinstance(mode, str) and mode not in ROW_PADDING_MODES:
+        raise ValueError(f"row padding {mode!r}: expected one of {', '.join(ROW_PADDING_MODES)}")
+    # A quantized layer's dequantized copy (a PackedLinear inside it) only serves wide inputs.
+    inside_quantized = {id(m) for q in model.modules() if isinstance(q, QuantizedLinear) for m in q.modules()}
+    groups: dict[str, list[PackedLinear]] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and id(module) not in inside_quantized:
+            module.pad_rows = {}
+            groups.setdefault(module.shape, []).append(module)
+    if mode == "off":
+        return {}
+    plan: RowPadding = {}
+    for shape, layers in groups.items():
+        if isinstance(mode, dict):
+            padding = mode.get(shape, {})
+        elif sum(layer.packed_weight.nbytes for layer in layers) >= ROW_PADDING_MIN_BYTES:
+            padding = padding_plan(few_rows_ms(layers))
+        else:
+            padding = {}
+        for layer in layers:
+            layer.pad_rows = dict(padding)
+        if padding:
+            plan[shape] = padding
+    if plan:
+        log.info("rows padded, by layer shape: %s", plan)
+    return plan
