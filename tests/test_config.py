@@ -15,7 +15,7 @@ EVERY_FLAG = ["--target", "t", "--draft", "d", "--head", "h", "--extra-head", "a
               "--dtype", "fp16", "--draft-dtype", "fp32", "--draft-device", "cpu", "--target-devices", "cuda:1, cuda:2",
               "--max-model-len", "256", "--max-num-seqs", "3", "--max-num-batched-tokens", "64",
               "--kv-cache-tokens", "999", "--no-batching", "--speculative-disable-by-batch-size", "4",
-              "--speculative-batch-candidates", "8", "--cpu-fp32-gemm", "off",
+              "--speculative-batch-candidates", "8", "--cpu-fp32-gemm", "off", "--cpu-row-padding", "off",
               "--max-over-acceptance", "0.1"]
 
 
@@ -36,7 +36,7 @@ def test_every_flag_lands_in_its_field():
         draft_device="cpu", target_devices=["cuda:1", "cuda:2"], max_model_len=256,
         scheduler=SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64, kv_cache_tokens=999, batching=False,
                                   spec_disable_batch_size=4, spec_batch_candidates=8),
-        cpu_fp32_gemm="off", max_over_acceptance=0.1,
+        cpu_fp32_gemm="off", cpu_row_padding="off", max_over_acceptance=0.1,
     )
     assert _config(*config_flags(config)) == config  # the flags a started server gets rebuild it
 

@@ -21,7 +21,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.factory import resolve_paths
-from engine.loading.cpu_linear import PackedLinear, row_padding_plan
+from engine.loading.cpu_linear import PackedLinear
+from engine.loading.kernels import row_padding_plan
 from engine.loading.loader import load_model
 from engine.runner import ModelRunner, crop_cache
 from specdecpp.bench.machine import machine_record
