@@ -27,6 +27,7 @@ from engine.sampling import probs_of_processed, processed_logits, processed_prob
 
 SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost level
 LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, without a warm-up
+DENSE_TARGET_SIZES = 9  # measure_costs times the target at every size up to this (rounds of up to 8 candidates)
 STALE_WEIGHT = 0.5  # most weight of the draft observation that ends a spell without proposals
 
 
@@ -155,16 +156,17 @@ class CostModel:
 
 
 def target_sizes(limit: int) -> list[int]:
-    """1, 2, 4, 8, then 12, 16, 24, 32, 48 ... (each power of two and the midpoint after it) up to `limit`, and
-    `limit` itself: the sizes a round verifies (up to ~20 tokens) are measured densely enough that a step in
-    the cost (a kernel that changes with the row count) is not smeared over a whole octave."""
-    out, n = [], 1
+    """Every size up to `DENSE_TARGET_SIZES`, then 12, 16, 24, 32, 48 ... (each power of two and the midpoint
+    after it) up to `limit`, and `limit` itself: what a round verifies is measured size by size, since a
+    kernel's cost may step at any row count (oneDNN's bf16 GEMM on an AVX-512 CPU without AMX costs the same
+    from 1 to 6 rows, padded, and a quarter more from 7), and linear interpolation would smear that step."""
+    sizes, n = set(range(1, min(DENSE_TARGET_SIZES + 1, limit))), 1
     while n < limit:
-        out.append(n)
+        sizes.add(n)
         if n >= 8 and n + n // 2 < limit:
-            out.append(n + n // 2)
+            sizes.add(n + n // 2)
         n *= 2
-    return [*out, limit]
+    return [*sorted(sizes), limit]
 
 
 def powers_of_two(limit: int) -> list[int]:
