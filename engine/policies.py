@@ -130,7 +130,8 @@ class SpecDecPP(StopPolicy):
     Every candidate is judged, the first included, at the head's timing. A head judging "after"
     the draft's forward on y_s yields s + 1 candidates when it stops there, so the lower bound
     counts that one. With threshold "auto" the engine sets the level every round from the cost
-    model (engine/tuning.py); `threshold` is the level in force.
+    model (engine/tuning.py), one per depth (`depth_thresholds[n - 1]`: a round of n candidates stops
+    there); `threshold` is the level at the best fixed count, in force where no depth's is set.
 
     A round proposes no deeper than `depth`, the deepest position the head was trained on (its
     `max_position`; 0: no limit), and never below the lower bound: past it the head reads every position
@@ -149,6 +150,7 @@ class SpecDecPP(StopPolicy):
         if depth:
             self.high = max(self.low, min(self.high, depth))
         self.timing = timing
+        self.depth_thresholds: list[float] = []
         self._all_accepted_prob = 1.0
 
     def max_candidates(self) -> int:
@@ -167,7 +169,10 @@ class SpecDecPP(StopPolicy):
         assert step.accept_prob is not None, "specdec++ needs the head's estimate"
         self._all_accepted_prob *= step.accept_prob
         length_if_stopped = step.index + int(step.when == "after")
-        return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
+        level = self.threshold
+        if self.depth_thresholds and length_if_stopped >= 1:
+            level = self.depth_thresholds[min(length_if_stopped, len(self.depth_thresholds)) - 1]
+        return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > level
 
 
 def make_policy(spec: SpecConfig, head: AcceptanceHead | None = None) -> StopPolicy:

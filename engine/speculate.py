@@ -144,6 +144,7 @@ def plan_budgets(
             if seq.policy.self_tuning:
                 maxima[i] = plan.budgets[i]
                 seq.policy.threshold = plan.levels[i]
+                seq.policy.depth_thresholds = plan.depth_levels
                 seq.stats.stop_levels.append(plan.levels[i])
     budgets, lagging = [], []
     for seq, budget in zip(seqs, maxima, strict=True):

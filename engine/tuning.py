@@ -6,7 +6,8 @@ yields; its price is its wall time; the best policy maximises tokens per second,
 rate a second of engine time is worth r tokens, so one more candidate pays when its expected
 gain, P(every candidate so far accepted) x a (its own acceptance), exceeds r x its marginal
 seconds m. The head gives P(all accepted) = 1 - P(some rejected), so the rule is the paper's
-threshold rule, stop once P(some candidate rejected) > 1 - r m / a, at a level set by costs.
+threshold rule, stop once P(some candidate rejected) > 1 - r m / a, at a level set by costs, and by
+depth: m is the (n + 1)-th candidate's own margin, which steps where a kernel does.
 Budgets use the same comparison for a candidate that is surely accepted: past the k where
 r m(k) >= 1 no candidate can pay, and none is proposed. Whether to propose at all compares whole
 rounds: none where the best fixed k is 0 (no round with candidates beats the target alone), since
@@ -19,7 +20,7 @@ seconds that costs are less than what speculating over the tokens left is expect
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.costs import CostModel, LiveCosts
 
@@ -100,8 +101,9 @@ class RoundTuning:
     """What the self-tuning decided for a round: each sequence's budget and stop level."""
 
     budgets: list[int]
-    levels: list[float]
+    levels: list[float]  # each sequence's level at the best fixed count (what the stats report)
     rate: float  # tokens per second the operating point predicts, all sequences together
+    depth_levels: list[float] = field(default_factory=list)  # [n - 1]: the level a round of n candidates stops at
 
 
 class SelfTuning:
@@ -135,6 +137,10 @@ class SelfTuning:
         catch_ups = catch_ups or [None] * batch
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         level = stop_level(rate, marginal_seconds(costs, batch, max(k_best, 1) + 1), accept)
+        # The (n + 1)-th candidate costs its own margin: where verification steps in cost at some row count,
+        # one level for every depth would price each candidate at the step (or none of them).
+        depth_levels = [stop_level(rate, marginal_seconds(costs, batch, n + 1), accept)
+                        for n in range(1, max(max_k + [1]) + 1)]
         budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
         budgets = [b if b == 0 or c is None or catch_up_pays(costs, batch, accept, min(b, k_best), *c) else 0
                    for b, c in zip(budgets, catch_ups, strict=True)]
@@ -145,7 +151,7 @@ class SelfTuning:
             if self.rounds_without_candidates >= PROBE_EVERY:
                 budgets = [min(1, k) if c is None or c[0] <= c[1] else 0 for k, c in zip(max_k, catch_ups, strict=True)]
                 self.rounds_without_candidates = 0
-        return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate)
+        return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate, depth_levels=depth_levels)
 
     def state(self) -> dict:
         """Everything the decisions depend on, as plain data (another rank of a tensor-parallel target takes it)."""

@@ -16,7 +16,7 @@ from engine import costs
 from engine.costs import LONG_FORWARD, CostModel, LiveCosts, interpolate, measure_costs, monotone
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
-from engine.policies import SpecDecPP
+from engine.policies import ProposalStep, SpecDecPP
 from engine.runner import ModelRunner
 from engine.speculate import ROUND_LAG
 from engine.tuning import (
@@ -102,6 +102,34 @@ def test_auto_level_is_near_the_best_fixed_level(draft):
     sweep = {t: simulated_rate(t, costs, accept) for t in np.linspace(0.02, 0.98, 49)}
     best = max(sweep.values())
     assert simulated_rate(level, costs, accept) >= 0.97 * best, (level, max(sweep, key=sweep.get))
+
+
+def test_each_depth_gets_the_level_of_its_own_margin():
+    """Known answer, the shape measured on the AMD EPYC with rows padded: the target costs 0.11 s from 1 to 6
+    tokens and 0.14 s from 7. Only the candidate that takes the forward from 6 to 7 tokens (the 6th) pays
+    the step, so the level of a round of 5 candidates is lower than the others'; one level for every depth
+    (its value at the best fixed count) would have charged every candidate the step, or none."""
+    costs = CostModel(draft_step=0.03, draw=0.0, features=0.0, head=0.0,
+                      target={1: 0.11, 6: 0.11, 7: 0.14, 8: 0.145, 16: 0.2})
+    plan = SelfTuning(LiveCosts(costs), prior_acceptance=0.85).plan([8])
+    rate, by_depth = plan.rate, plan.depth_levels
+    assert len(by_depth) == 8
+    for n, level in enumerate(by_depth, start=1):
+        assert level == pytest.approx(stop_level(rate, marginal_seconds(costs, 1, n + 1), 0.85))
+    assert by_depth[4] < min(by_depth[:4]) and by_depth[4] < by_depth[5]  # the 6th candidate: the step
+    assert by_depth[0] == pytest.approx(by_depth[3])  # flat below it: the same margin
+
+
+def test_specdecpp_stops_at_the_level_of_its_depth():
+    policy = SpecDecPP("auto", (1, 8))
+    policy.threshold = 0.9  # the level at the best fixed count: alone it would never stop here
+    policy.depth_thresholds = [0.9, 0.9, 0.05, 0.9]
+    policy.start_round()
+    steps = [ProposalStep(index=s, when="before", accept_prob=0.9) for s in (1, 2, 3, 4)]
+    assert [policy.should_stop(step) for step in steps[:3]] == [False, False, True]  # 1 - 0.9^3 > 0.05
+    policy.start_round()
+    policy.depth_thresholds = []
+    assert not any(policy.should_stop(step) for step in steps)  # no depth's level: `threshold` for all
 
 
 def test_budgets_shrink_as_verification_gets_dearer():

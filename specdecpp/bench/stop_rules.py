@@ -112,8 +112,8 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
         stop_at = positions
     elif kind in ("specdec++", "oracle"):
         _, name, threshold, low, high = rule
-        if isinstance(threshold, torch.Tensor):  # a level per round ("auto")
-            threshold = threshold.unsqueeze(1)
+        if isinstance(threshold, torch.Tensor) and threshold.dim() == 1:  # a level per round
+            threshold = threshold.unsqueeze(1)  # (2-D: "auto"'s, per round and position)
         # "oracle": the product rule fed the true a_s, the bound a perfect "before" head would reach
         pred = rounds.accept.masked_fill(positions > cap.unsqueeze(1), float("nan")) if kind == "oracle" \
             else rounds.head[name]
@@ -172,21 +172,23 @@ def bootstrap_speedups(
 
 
 def auto_levels(rounds: Rounds, name: str, costs: CostModel, bounds: tuple[int, int]) -> torch.Tensor:
-    """[R] the level threshold "auto" would set for each round, replaying the engine's self-tuning in
-    logged order (one sequence per round, from the engine's prior): each round is planned from the
-    acceptance learnt so far, which then learns the labels of the candidates the round proposed."""
+    """[R, K] the levels threshold "auto" would set for each round, by the round's length if it stopped at
+    each logged position, replaying the engine's self-tuning in logged order (one sequence per round, from
+    the engine's prior): each round is planned from the acceptance learnt so far, which then learns the
+    labels of the candidates the round proposed."""
     tuning = SelfTuning(LiveCosts(costs))
     low, high = bounds
-    levels = torch.empty(len(rounds.length), dtype=torch.float64)
+    positions = rounds.accept.shape[1]
+    levels = torch.empty(len(rounds.length), positions, dtype=torch.float64)
     pred = rounds.head[name].nan_to_num(1.0)
     after = int(rounds.head_timing[name] == "after")
     for r in range(len(rounds.length)):
-        level = tuning.plan([high]).levels[0]
+        by_depth = tuning.plan([high]).depth_levels
+        levels[r] = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(positions)])
         reject = 1 - torch.cumprod(pred[r, : int(rounds.length[r])], 0)
-        stops = [s + 1 + after for s in range(len(reject)) if reject[s] > level and s + 1 + after >= low]
+        stops = [s + 1 + after for s in range(len(reject)) if reject[s] > levels[r, s] and s + 1 + after >= low]
         length = min(stops[0] if stops else high, int(rounds.length[r]), high)
         tuning.observe_acceptance(rounds.accept[r, :length].tolist())
-        levels[r] = level
     return levels
 
 
