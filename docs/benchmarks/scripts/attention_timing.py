@@ -10,10 +10,12 @@ kernels `auto` chooses here).
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,24 +31,35 @@ CONTEXTS, TOKENS, REPS = (200, 1000, 2000), (1, 5), 15
 ATTENTIONS = ("sdpa", GROUPED_QUERY_ATTENTION)
 
 
-def forward_ms(runner: ModelRunner, context: int) -> dict[str, dict[int, float]]:
-    """attention -> new tokens -> median ms of one forward after `context` cached tokens."""
-    ids = torch.randint(0, runner.vocab_size, (context + max(TOKENS),))
+def interleaved_forward_ms(runner: ModelRunner, context: int, tokens: tuple[int, ...], reps: int,
+                           variants: dict[str, Callable[[], None]]) -> dict[str, dict[int, float]]:
+    """variant -> new tokens -> median ms of one forward of that many tokens after `context` cached tokens,
+    logits at every token, the cache cropped back after each call. Each variant's callable switches the
+    model to it before its call; the variants take turns call by call, so that a host busy for a while
+    slows them alike. The first round warms up."""
+    ids = torch.randint(0, runner.vocab_size, (context + max(tokens),))
     cache = runner.new_cache()
     runner.forward(ids[:context].unsqueeze(0), cache)
-    times: dict[str, dict[int, list[float]]] = {a: {n: [] for n in TOKENS} for a in ATTENTIONS}
-    for rep in range(REPS + 1):
-        for n in TOKENS:
-            for attention in ATTENTIONS:
-                runner.model.set_attn_implementation(attention)
+    times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in tokens} for v in variants}
+    for rep in range(reps + 1):
+        for n in tokens:
+            for variant, switch in variants.items():
+                switch()
                 t0 = time.perf_counter()
                 runner.forward_batch([ids[context : context + n]], [cache], [n])
                 elapsed = time.perf_counter() - t0
                 crop_cache(cache, context)
-                if rep:  # the first round warms up
-                    times[attention][n].append(1e3 * elapsed)
+                if rep:
+                    times[variant][n].append(1e3 * elapsed)
+    return {v: {n: statistics.median(t) for n, t in by_n.items()} for v, by_n in times.items()}
+
+
+def forward_ms(runner: ModelRunner, context: int) -> dict[str, dict[int, float]]:
+    """attention -> new tokens -> median ms of one forward after `context` cached tokens."""
+    ms = interleaved_forward_ms(runner, context, TOKENS, REPS, {
+        a: functools.partial(runner.model.set_attn_implementation, a) for a in ATTENTIONS})
     runner.model.set_attn_implementation(GROUPED_QUERY_ATTENTION)
-    return {a: {n: statistics.median(t) for n, t in by_n.items()} for a, by_n in times.items()}
+    return ms
 
 
 def main(output: Path) -> None:

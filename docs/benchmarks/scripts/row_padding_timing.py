@@ -12,19 +12,18 @@ calls: oneDNN's one-row kernel may sum in another order than its kernel for more
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from attention_timing import interleaved_forward_ms  # this folder's
 
 from engine.config import EngineConfig
 from engine.factory import resolve_paths
 from engine.loading.cpu_linear import PackedLinear
 from engine.loading.kernels import row_padding_plan
 from engine.loading.loader import load_model
-from engine.runner import ModelRunner, crop_cache
+from engine.runner import ModelRunner
 from specdecpp.bench.machine import machine_record
 
 CONTEXT, TOKENS, REPS, MAX_ROWS = 200, (1, 2, 3, 5, 8), 15, 8
@@ -33,22 +32,11 @@ CONTEXT, TOKENS, REPS, MAX_ROWS = 200, (1, 2, 3, 5, 8), 15, 8
 def forward_ms(runner: ModelRunner) -> dict[str, dict[int, float]]:
     """"padded" / "unpadded" -> new tokens -> median ms of one forward after CONTEXT cached tokens."""
     plan = runner.kernels.row_padding
-    ids = torch.randint(0, runner.vocab_size, (CONTEXT + max(TOKENS),))
-    cache = runner.new_cache()
-    runner.forward(ids[:CONTEXT].unsqueeze(0), cache)
-    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in TOKENS} for k in ("padded", "unpadded")}
-    for rep in range(REPS + 1):
-        for n in TOKENS:
-            for kind in times:
-                row_padding_plan(runner.model, plan if kind == "padded" else "off")
-                t0 = time.perf_counter()
-                runner.forward_batch([ids[CONTEXT : CONTEXT + n]], [cache], [n])
-                elapsed = time.perf_counter() - t0
-                crop_cache(cache, CONTEXT)
-                if rep:  # the first round warms up
-                    times[kind][n].append(1e3 * elapsed)
+    ms = interleaved_forward_ms(runner, CONTEXT, TOKENS, REPS, {
+        "padded": lambda: row_padding_plan(runner.model, plan),
+        "unpadded": lambda: row_padding_plan(runner.model, "off")})
     row_padding_plan(runner.model, plan)
-    return {k: {n: statistics.median(t) for n, t in by_n.items()} for k, by_n in times.items()}
+    return ms
 
 
 @torch.inference_mode()
