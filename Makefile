@@ -39,8 +39,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/vulture
 
+# --capture=sys: the processes tests start (servers, tensor-parallel ranks) write to the log, so a rank that
+# dies leaves its traceback there (rank 0 then exits at once, before pytest could report anything).
 test: install system-deps lint
-	$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -rs --capture=sys $(PYTEST_ARGS)
 
 # Unit tests only (no real model pair).
 test-fast: install
