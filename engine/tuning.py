@@ -136,11 +136,11 @@ class SelfTuning:
         costs, batch, accept = self.costs.current, len(max_k), self.acceptance
         catch_ups = catch_ups or [None] * batch
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
-        level = stop_level(rate, marginal_seconds(costs, batch, max(k_best, 1) + 1), accept)
         # The (n + 1)-th candidate costs its own margin: where verification steps in cost at some row count,
         # one level for every depth would price each candidate at the step (or none of them).
         depth_levels = [stop_level(rate, marginal_seconds(costs, batch, n + 1), accept)
                         for n in range(1, max(max_k + [1]) + 1)]
+        level = depth_levels[max(k_best, 1) - 1]  # the one reported: at the best fixed count
         budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
         budgets = [b if b == 0 or c is None or catch_up_pays(costs, batch, accept, min(b, k_best), *c) else 0
                    for b, c in zip(budgets, catch_ups, strict=True)]
