@@ -23,8 +23,8 @@ from torch import nn
 import engine.loading.kernels as kernels
 import engine.speculate as speculate
 from engine.llm_engine import LLMEngine
-from engine.loading.kernels import choose_and_quantize, cpu_features
-from engine.loading.quantize import QuantizedLinear, quantize_linears
+from engine.loading.kernels import DECODE_ROWS, choose_and_quantize, cpu_features, interleaved_ms, probe_layers
+from engine.loading.quantize import QuantizedLinear, mode_bits, quantizable, quantize_linears
 from engine.params import SamplingParams, SpecConfig
 
 
@@ -89,44 +89,83 @@ def test_quantize_linears_skips_the_lm_head_and_counts():
         quantize_linears(model, "int3")
 
 
-def fake_measure(plain_ms: float, int8_ms: float, w8a8_ms: float | None = None):
-    """Timings as `measure_layer` returns them: int8 and int4 at `int8_ms`, w8a8 at `w8a8_ms` (twice
-    `int8_ms` unless given: the weight-only kernel wins)."""
-    def measure(layer, mode, plain=None):
-        ms = (w8a8_ms or 2 * int8_ms) if mode == "w8a8" else int8_ms
-        quantized = QuantizedLinear(layer, 4 if mode == "int4" else 8, 16, activations=mode == "w8a8")
-        return {"plain": {1: plain_ms, 4: plain_ms}, mode: {1: ms, 4: ms}}, 16, quantized
+def fake_measure(plain_ms: float, int8_ms: float, w8a8_ms: float | None = None, int4_ms: float | None = None):
+    """Timings as `measure_kernels` returns them: int8 at `int8_ms`, w8a8 and int4 at `w8a8_ms` and `int4_ms`
+    (twice `int8_ms` unless given: the weight-only int8 kernel wins)."""
+    def measure(group, modes, plain=None, skip_unavailable=False):
+        ms = {"int8": int8_ms, "w8a8": w8a8_ms or 2 * int8_ms, "int4": int4_ms or 2 * int8_ms}
+        timings = {"plain": plain or {1: plain_ms, 4: plain_ms}} | {m: {1: ms[m], 4: ms[m]} for m in modes}
+        copies = {m: QuantizedLinear(group[0], mode_bits(m), 16, activations=m == "w8a8") for m in modes}
+        return timings, dict.fromkeys(modes, 16), copies
     return measure
 
 
-@pytest.mark.parametrize(("plain_ms", "int8_ms", "w8a8_ms", "chosen"),
-                         [(2.0, 1.0, None, "int8"), (2.0, 1.0, 0.5, "w8a8"), (1.0, 1.0, None, "none"),
-                          (1.0, 3.0, 1.05, "none")])
-def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int8_ms, w8a8_ms, chosen):
-    """auto takes the faster of the int8 kernels where it beats the unquantized one by `AUTO_MIN_GAIN`."""
-    monkeypatch.setattr(kernels, "measure_layer", fake_measure(plain_ms, int8_ms, w8a8_ms))
+@pytest.mark.parametrize(("plain_ms", "int8_ms", "w8a8_ms", "int4_ms", "chosen"),
+                         [(2.0, 1.0, None, None, "int8"), (2.0, 1.0, 0.5, None, "w8a8"), (1.0, 1.0, None, None, "none"),
+                          (1.0, 3.0, 1.05, None, "none"), (2.0, 1.0, 0.5, 0.45, "int4"),
+                          (2.0, 1.0, 0.5, 0.46, "w8a8"), (2.0, 3.0, None, 1.0, "int4")])
+def test_auto_quantizes_only_where_it_measures_faster(monkeypatch, plain_ms, int8_ms, w8a8_ms, int4_ms, chosen):
+    """auto takes the fastest kernel where it beats the unquantized one by `AUTO_MIN_GAIN`; int4 only where it
+    also beats the fastest int8 kernel by `INT4_MIN_GAIN` (0.5 / 0.45 is 1.11, 0.5 / 0.46 is 1.09)."""
+    monkeypatch.setattr(kernels, "measure_kernels", fake_measure(plain_ms, int8_ms, w8a8_ms, int4_ms))
     model = tiny_model(0)
     choice = choose_and_quantize(model, "auto")
     assert choice.quantization == chosen and choice.requested == "auto"
-    assert set(choice.decode_ms) == {"plain", "int8", "w8a8"}  # both measured, whatever won
+    assert set(choice.decode_ms) == {"plain", "int8", "w8a8", "int4"}  # all measured, whatever won
     quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert {m.mode for m in quantized} == (set() if chosen == "none" else {chosen})
     assert all(m.wide_rows == 16 for m in quantized)  # the measured crossover is used
     assert choice.describe()["decode_ms"]["plain"][1] == plain_ms
 
 
-def test_auto_skips_w8a8_where_torch_has_no_quantized_engine(monkeypatch):
+def test_auto_skips_kernels_this_host_cannot_run(monkeypatch):
     measure = fake_measure(2.0, 1.0, 0.5)
 
-    def without_w8a8(layer, mode, plain=None):
-        if mode == "w8a8":
+    def without_w8a8(group, modes, plain=None, skip_unavailable=False):
+        if "w8a8" in modes and not skip_unavailable:
             raise ValueError("w8a8 needs torch's quantized CPU engine")
-        return measure(layer, mode, plain)
+        return measure(group, tuple(m for m in modes if m != "w8a8"), plain, skip_unavailable)
 
-    monkeypatch.setattr(kernels, "measure_layer", without_w8a8)
+    monkeypatch.setattr(kernels, "measure_kernels", without_w8a8)
     assert choose_and_quantize(tiny_model(0), "auto").quantization == "int8"
     with pytest.raises(ValueError, match="quantized CPU engine"):
         choose_and_quantize(tiny_model(0), "w8a8")
+
+
+def test_the_probe_is_the_layers_a_forward_runs_first(monkeypatch):
+    """Enough layers, in model order, to hold `PROBE_MIN_BYTES` of weights (so that their weights come from
+    memory when timed one after another), named by the widest."""
+    model = tiny_model(0, hidden=64)
+    layers = [m for _, _, m in quantizable(model, 8)]
+    monkeypatch.setattr(kernels, "PROBE_MIN_BYTES", 1)
+    assert probe_layers(model)[1] == layers[:1]
+    monkeypatch.setattr(kernels, "PROBE_MIN_BYTES", sum(m.weight.nbytes for m in layers[:9]))
+    name, group = probe_layers(model)
+    assert group == layers[:9] and len({m.weight.shape for m in group}) > 1  # a decoder layer and more
+    assert name == "model.layers.0.mlp.gate_proj"  # first of the widest
+    monkeypatch.setattr(kernels, "PROBE_MIN_BYTES", 1 << 40)
+    assert probe_layers(model)[1] == layers
+
+
+def test_kernels_are_timed_in_turn_on_every_probe_layer():
+    """Every variant runs every layer of its list at each decode row count, and the times come out per variant."""
+    calls: dict[str, list[int]] = {"a": [], "b": []}
+
+    class Recorder(nn.Module):
+        def __init__(self, variant: str, in_features: int) -> None:
+            super().__init__()
+            self.variant, self.in_features = variant, in_features
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[1] == self.in_features
+            calls[self.variant].append(x.shape[0])
+            return x
+
+    variants = {v: [Recorder(v, 8), Recorder(v, 16)] for v in calls}
+    ms = interleaved_ms(variants, torch.float32, rounds=3)
+    assert set(ms) == {"a", "b"} and all(set(by_rows) == set(DECODE_ROWS) for by_rows in ms.values())
+    assert all(t > 0 for by_rows in ms.values() for t in by_rows.values())
+    assert calls["a"] == calls["b"] == [rows for _ in range(4) for rows in DECODE_ROWS for _ in range(2)]
 
 
 @pytest.mark.parametrize(("head_plain_ms", "asked", "body", "expected"),
@@ -136,13 +175,17 @@ def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_
     """The LM head follows the body's kernel (int8 or w8a8) where that pays on its own shape."""
     timed = []
 
-    def measure(layer, mode, plain_ms=None):
-        plain = head_plain_ms if layer.out_features == model.config.vocab_size else 2.0
-        timed.append(QuantizedLinear(layer, 8, 16, activations=mode == "w8a8"))
-        ms = 1.0 if mode == body else 1.5
-        return {"plain": {1: plain, 4: plain}, mode: {1: ms, 4: ms}}, 16, timed[-1]
+    def measure(group, modes, plain_ms=None, skip_unavailable=False):
+        plain = head_plain_ms if group[0].out_features == model.config.vocab_size else 2.0
+        timings, copies = {"plain": {1: plain, 4: plain}}, {}
+        for mode in modes:
+            ms = 1.0 if mode == body else 1.5
+            timings[mode] = {1: ms, 4: ms}
+            copies[mode] = QuantizedLinear(group[0], mode_bits(mode), 16, activations=mode == "w8a8")
+            timed.append(copies[mode])
+        return timings, dict.fromkeys(modes, 16), copies
 
-    monkeypatch.setattr(kernels, "measure_layer", measure)
+    monkeypatch.setattr(kernels, "measure_kernels", measure)
     model = tiny_model(0)
     model.lm_head.weight = model.get_input_embeddings().weight  # tied, as the default draft's are
     embedding = model.get_input_embeddings().weight.clone()
@@ -164,14 +207,27 @@ def test_the_lm_head_is_quantized_only_where_asked_and_faster(monkeypatch, head_
 
 
 def test_an_unquantized_model_keeps_its_lm_head(monkeypatch):
-    monkeypatch.setattr(kernels, "measure_layer", fake_measure(1.0, 1.0))  # the body does not pay
+    monkeypatch.setattr(kernels, "measure_kernels", fake_measure(1.0, 1.0))  # the body does not pay
     model = tiny_model(0)
     assert choose_and_quantize(model, "auto", lm_head=True).lm_head == "none"
     assert type(model.get_output_embeddings()) is nn.Linear
 
 
+def test_an_int4_body_gets_the_faster_int8_lm_head(monkeypatch):
+    """int4 would round the logits themselves: an int4 draft's LM head takes whichever int8 kernel measures
+    faster on its own shape."""
+    monkeypatch.setattr(kernels, "measure_kernels", fake_measure(2.0, 1.0, 0.5))
+    model = tiny_model(0)
+    choice = choose_and_quantize(model, "int4", lm_head=True)
+    assert (choice.quantization, choice.lm_head) == ("int4", "w8a8")
+    assert set(choice.lm_head_decode_ms) == {"plain", "int8", "w8a8"}
+    assert model.get_output_embeddings().mode == "w8a8"
+    monkeypatch.setattr(kernels, "measure_kernels", fake_measure(2.0, 1.0, 1.5))
+    assert choose_and_quantize(tiny_model(0), "int4", lm_head=True).lm_head == "int8"
+
+
 def test_explicit_modes_do_not_depend_on_timings(monkeypatch):
-    monkeypatch.setattr(kernels, "measure_layer", fake_measure(1.0, 5.0))  # int8 slower, asked anyway
+    monkeypatch.setattr(kernels, "measure_kernels", fake_measure(1.0, 5.0))  # int8 slower, asked anyway
     model = tiny_model(0)
     assert choose_and_quantize(model, "int8").quantization == "int8"
     assert choose_and_quantize(tiny_model(0), "none").quantization == "none"
@@ -180,9 +236,9 @@ def test_explicit_modes_do_not_depend_on_timings(monkeypatch):
 def test_real_measurement_runs_on_this_host():
     """The chooser measures a real layer here (whatever the CPU), and reports what it saw."""
     choice = choose_and_quantize(tiny_model(0, hidden=64), "auto")
-    assert choice.quantization in ("none", "int8", "w8a8")
-    assert set(choice.decode_ms) == {"plain", "int8", "w8a8"}
-    assert all(v > 0 for mode in ("int8", "w8a8") for v in choice.decode_ms[mode].values())
+    assert choice.quantization in ("none", "int8", "w8a8", "int4")
+    assert set(choice.decode_ms) == {"plain", "int8", "w8a8", "int4"}
+    assert all(v > 0 for mode in ("int8", "w8a8", "int4") for v in choice.decode_ms[mode].values())
     features = cpu_features()
     assert set(features) == {"flags", "torch_capability", "native_bf16"}
 
@@ -195,7 +251,7 @@ SPECS = [
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_quantized_draft_keeps_greedy_output_identical(tokenizer, mode, monkeypatch):
-    monkeypatch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0, 1.0))  # the LM head too
+    monkeypatch.setattr(kernels, "measure_kernels", fake_measure(2.0, 1.0, 1.0))  # the LM head too
     target, draft = make_tiny_pair()
     engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
                        draft_quantization=mode)
@@ -240,7 +296,7 @@ def int8_distribution_engine(request) -> LLMEngine:
     target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
     draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=32, layers=1, scale=10.0)
     with pytest.MonkeyPatch.context() as patch:  # the LM head too
-        patch.setattr(kernels, "measure_layer", fake_measure(2.0, 1.0, 1.0))
+        patch.setattr(kernels, "measure_kernels", fake_measure(2.0, 1.0, 1.0))
         engine = LLMEngine(target, draft, char_tokenizer("abcde"), draft_quantization=request.param)
     assert engine.draft.kernels.quantization == engine.draft.kernels.lm_head == request.param
     return engine

@@ -2,9 +2,11 @@
 
 CPUs differ (native bf16 or emulated, AMX or not, AVX-512 or AVX2 only), and so does the fastest
 kernel for a layer: weight-only int8 wins where decoding is memory-bound and loses on wide
-inputs; bf16 may be emulated. Nothing here assumes a machine: at load, one real layer of the
-model is timed for the two shape classes that matter, decode/verify (a few rows) and prefill
-(many rows), and the choice is logged and reported (`KernelChoice.describe`).
+inputs; bf16 may be emulated. Nothing here assumes a machine: at load, the first real layers of
+the model (`probe_layers`: enough of them that their weights come from memory, as in a forward) are
+timed for the two shape classes that matter, decode/verify (a few rows) and prefill (many rows),
+with the candidate kernels taking turns, and the choice is logged and reported
+(`KernelChoice.describe`).
 
 A few rows are not always cheapest computed as they are: on a host where oneDNN's one- and two-row
 kernels stream the weights more slowly than its kernel for four, computing one row as the first of
@@ -42,7 +44,10 @@ log = logging.getLogger(__name__)
 DECODE_ROWS = (1, 4)  # the decode/verify class: one token per sequence, a few candidates
 WIDE_ROW_STEPS = (2, 4, 8, 16, 32, 64, 128)  # candidates for the int8 -> dequantized GEMM crossover
 AUTO_MIN_GAIN = 1.1  # "auto" quantizes only when one row measures at least this much faster (`pays`)
-AUTO_MODES = ("int8", "w8a8")  # what "auto" measures: the int8 kernels (int4 loses accuracy for little more speed)
+AUTO_MODES = ("int8", "w8a8", "int4")  # what "auto" measures
+INT4_MIN_GAIN = 1.1  # auto: int4 rounds more than int8, so it must beat the fastest int8 kernel on one row by this
+PROBE_MIN_BYTES = 64 << 20  # auto: the layers a forward runs first, as many as hold this many weight bytes, are timed
+PROBE_ROUNDS = 7  # auto: each kernel timed this many times on them (the fastest counts), the kernels taking turns
 ROW_PADDING_LIMIT = 9  # auto: row counts 1 .. LIMIT - 1 (decode, verification of a few candidates) may be padded
 ROW_PADDING_MIN_GAIN = 0.05  # auto: ... to a larger count measured at least this share faster
 ROW_PADDING_MIN_BYTES = 32 << 20  # auto: only groups of layers whose weights together outgrow the caches
@@ -65,12 +70,12 @@ def cpu_features() -> dict:
 
 @dataclass
 class KernelChoice:
-    """What was measured on one layer of a model and what it chose."""
+    """What was measured on a model's probe layers and what it chose."""
 
     requested: str  # the quantization asked for: "auto" or one of QUANTIZATION_MODES
     quantization: str  # what the model runs with
     wide_rows: int | None = None  # rows from which a quantized layer runs the dequantized GEMM
-    layer: str = ""
+    layer: str = ""  # the widest of the probe layers
     decode_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> ms per call
     lm_head: str = "none"  # the LM head's quantization, "int8" or "w8a8" (asked for the draft only)
     lm_head_wide_rows: int | None = None
@@ -84,7 +89,7 @@ class KernelChoice:
         return asdict(self)
 
 
-def time_call(fn, x: torch.Tensor, repeats: int = 15) -> float:
+def time_call(fn, x: torch.Tensor | None, repeats: int = 15) -> float:
     """Fastest milliseconds of fn(x) over `repeats` calls after two warm-up calls: the minimum is
     what the kernel costs; slower calls measure whatever else the host was doing."""
     fn(x)
@@ -97,44 +102,98 @@ def time_call(fn, x: torch.Tensor, repeats: int = 15) -> float:
     return 1e3 * min(times)
 
 
-def probe_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The widest quantizable linear layer of the model (a real shape, most of the decode cost)."""
-    layers = quantizable(model, 8)
+def probe_layers(model: nn.Module) -> tuple[str, list[nn.Linear]] | None:
+    """The quantizable linear layers a forward runs first, in model order, until they hold `PROBE_MIN_BYTES`
+    of weights, named by the widest of them. Timed one after another, as a forward runs them, their weights
+    come from memory, and each shape and its per-call cost count as in a forward: one layer timed over and
+    over sits in the cache, which favours the wider unquantized weight and hides what int4 saves."""
+    layers = [layer for _, _, layer in quantizable(model, 8)]
     if not layers:
         return None
     names = {id(m): n for n, m in model.named_modules()}
-    parent, attr, layer = max(layers, key=lambda item: item[2].weight.numel())
-    return f"{names.get(id(parent), '?')}.{attr}", layer
+    group, held = [], 0
+    for layer in layers:
+        if held >= PROBE_MIN_BYTES:
+            break
+        group.append(layer)
+        held += layer.weight.nbytes
+    return names.get(id(max(group, key=lambda layer: layer.weight.numel())), "?"), group
+
+
+def layer_inputs(layers: list[nn.Module], rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """Random inputs of `rows` rows for each input width among `layers`."""
+    generator = torch.Generator().manual_seed(rows)
+    return {n: torch.randn(rows, n, generator=generator).to(dtype) for n in {layer.in_features for layer in layers}}
+
+
+def time_layers(layers: list[nn.Module], rows: int, dtype: torch.dtype) -> float:
+    """Fastest milliseconds of running `layers` one after another on `rows` random rows each (`time_call`;
+    fewer repeats for more layers, so that each timing does about the same work)."""
+    feeds = layer_inputs(layers, rows, dtype)
+    return time_call(lambda _: [layer(feeds[layer.in_features]) for layer in layers], None,
+                     repeats=max(3, 15 // len(layers)))
+
+
+def interleaved_ms(variants: dict[str, list[nn.Module]], dtype: torch.dtype, rounds: int = PROBE_ROUNDS
+                   ) -> dict[str, dict[int, float]]:
+    """variant -> decode rows -> fastest milliseconds of one pass over its layers, the variants taking turns
+    pass by pass, so that a host busy for a while (another tenant's memory traffic) slows them alike. The
+    first round warms up."""
+    feeds = {rows: layer_inputs(next(iter(variants.values())), rows, dtype) for rows in DECODE_ROWS}
+    times: dict[str, dict[int, list[float]]] = {v: {rows: [] for rows in DECODE_ROWS} for v in variants}
+    for round_ in range(rounds + 1):
+        for rows, x in feeds.items():
+            for variant, layers in variants.items():
+                t0 = time.perf_counter()
+                for layer in layers:
+                    layer(x[layer.in_features])
+                if round_:
+                    times[variant][rows].append(time.perf_counter() - t0)
+    return {v: {rows: 1e3 * min(t) for rows, t in by_rows.items()} for v, by_rows in times.items()}
+
+
+def crossover(quants: list[QuantizedLinear], dtype: torch.dtype) -> int:
+    """The row count from which the layers' dequantized GEMMs beat their int kernels (`WIDE_ROW_STEPS`)."""
+    for rows in WIDE_ROW_STEPS:
+        if time_layers([q.wide for q in quants], rows, dtype) < time_layers(quants, rows, dtype):
+            return rows
+    return WIDE_ROW_STEPS[-1]
 
 
 @torch.inference_mode()
-def measure_layer(layer: nn.Linear, mode: str, plain_ms: dict[int, float] | None = None
-                  ) -> tuple[dict[str, dict[int, float]], int, QuantizedLinear]:
-    """Decode-class timings of the layer as the engine would run it unquantized (oneDNN-packed where
-    it packs; `plain_ms` if already measured) and quantized as `mode`, the row count from which the
-    dequantized GEMM beats the kernel, and the quantized layer timed, with that crossover (to install
-    rather than quantize the layer again)."""
-    dtype = layer.weight.dtype
-    inputs = {rows: torch.randn(rows, layer.in_features, dtype=dtype) for rows in DECODE_ROWS}
+def measure_kernels(group: list[nn.Linear], modes: tuple[str, ...], plain_ms: dict[int, float] | None = None,
+                    skip_unavailable: bool = False
+                    ) -> tuple[dict[str, dict[int, float]], dict[str, int], dict[str, QuantizedLinear]]:
+    """Decode-class timings of `group` as the engine would run it unquantized (oneDNN-packed where it packs;
+    `plain_ms` if already measured) and quantized as each of `modes` past its measured crossover, all timed
+    in turn (`interleaved_ms`); each mode's crossover (the row count from which the dequantized GEMM runs);
+    and each mode's quantized copy of the first layer, with its crossover (to install rather than quantize
+    that layer again). A mode this host or shape cannot run raises, or with `skip_unavailable` is left out
+    (w8a8 without torch's quantized CPU engine, int4 on widths its groups do not divide)."""
+    dtype = group[0].weight.dtype
+    variants: dict[str, list[nn.Module]] = {}
     if plain_ms is None:
-        plain = PackedLinear(layer) if can_pack(layer) else layer
-        plain_ms = {rows: time_call(plain, x) for rows, x in inputs.items()}
-        del plain  # a packed copy: gone before the quantized one comes (an LM head's copies are large)
-    timings: dict[str, dict[int, float]] = {"plain": plain_ms}
-    # The int kernel at every row count, for now.
-    quant = QuantizedLinear(layer, mode_bits(mode), wide_rows=1 << 30, activations=mode == "w8a8")
-    wide_rows = WIDE_ROW_STEPS[-1]
-    for rows in WIDE_ROW_STEPS:
-        x = torch.randn(rows, layer.in_features, dtype=dtype)
-        if time_call(quant.wide, x) < time_call(quant, x):
-            wide_rows = rows
-            break
-    quant.wide_rows = wide_rows
-    # The quantized layer as the engine runs it, past the crossover too: on a host whose packed bf16 GEMM costs
-    # the same at 1 and 4 rows (AMX), the int kernel alone loses at 4 rows, and a choice that summed it there
-    # came out either way from one load to the next.
-    timings[mode] = {rows: time_call(quant, x) for rows, x in inputs.items()}
-    return timings, wide_rows, quant
+        variants["plain"] = [PackedLinear(m) if can_pack(m) else m for m in group]
+    crossovers: dict[str, int] = {}
+    for mode in modes:
+        try:
+            quants = [QuantizedLinear(m, mode_bits(mode), wide_rows=1 << 30, activations=mode == "w8a8")
+                      for m in group]
+        except ValueError:
+            if not skip_unavailable:
+                raise
+            continue
+        crossovers[mode] = crossover(quants, dtype)
+        for quant in quants:
+            quant.wide_rows = crossovers[mode]
+        variants[mode] = quants
+    # The quantized layers as the engine runs them, past the crossover too: on a host whose packed bf16 GEMM
+    # costs the same at 1 and 4 rows (AMX), the int kernel alone loses at 4 rows, and a choice that summed it
+    # there came out either way from one load to the next.
+    timings = interleaved_ms(variants, dtype)
+    if plain_ms is not None:
+        timings["plain"] = plain_ms
+    return timings, crossovers, {mode: variants[mode][0] for mode in crossovers}
 
 
 def gain(timings: dict[str, dict[int, float]], kernel: str, rows: int | None = None) -> float:
@@ -153,11 +212,24 @@ def pays(timings: dict[str, dict[int, float]], kernel: str = "int8") -> bool:
     return gain(timings, kernel, DECODE_ROWS[0]) >= AUTO_MIN_GAIN and gain(timings, kernel) >= 1.0
 
 
+def auto_mode(timings: dict[str, dict[int, float]], measured: list[str]) -> str:
+    """What "auto" runs: of the `measured` kernels that pay, the fastest on one row, except that int4 must
+    also beat the fastest paying int8 kernel there by `INT4_MIN_GAIN`: its coarser weights make proposals
+    that are accepted a little less often (docs/deployment.md), which a small speed gain would not repay."""
+    paying = [mode for mode in measured if pays(timings, mode)]
+    best = max((m for m in paying if m != "int4"), key=lambda m: gain(timings, m, DECODE_ROWS[0]), default="none")
+    one_row = DECODE_ROWS[0]
+    if "int4" in paying and timings[best if best != "none" else "plain"][one_row] >= (
+            INT4_MIN_GAIN * timings["int4"][one_row]):
+        return "int4"
+    return best
+
+
 def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head: bool = False) -> KernelChoice:
-    """Quantize the model's linear layers as `requested` ("auto": the int8 kernel, weight-only or w8a8,
-    whose decode class measures fastest, where it beats the unquantized kernel on this host), with the
-    measured crossover. With `lm_head` (the draft), a quantized model's LM head is measured too (int8, or
-    w8a8 for a w8a8 model) and quantized where that is faster on its own shape.
+    """Quantize the model's linear layers as `requested` ("auto": `auto_mode` of the kernels measured on the
+    probe layers), with the measured crossover. With `lm_head` (the draft), a quantized model's LM head is
+    measured too (the body's int8 kernel; for an int4 body, both int8 kernels) and quantized where that is
+    faster on its own shape.
 
     A KernelChoice is replayed without measuring: ranks of a tensor-parallel engine run the draft
     with rank 0's choice, so that they propose alike."""
@@ -171,26 +243,17 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
     if requested != "auto" and requested not in QUANTIZATION_MODES:
         raise ValueError(f"quantization {requested!r}: expected auto or one of {', '.join(QUANTIZATION_MODES)}")
     cpu = all(p.device.type == "cpu" for p in model.parameters())
-    probe = probe_layer(model) if cpu else None
+    probe = probe_layers(model) if cpu else None
     if requested == "none" or probe is None:
         if requested not in ("none", "auto"):
             quantize_linears(model, requested)  # raises the clear error for a non-CPU model
         return KernelChoice(requested, "none")
-    name, layer = probe
-    timings: dict[str, dict[int, float]] = {}
-    crossovers: dict[str, int] = {}
-    for mode in AUTO_MODES if requested == "auto" else (requested,):
-        try:
-            measured, crossovers[mode], _ = measure_layer(layer, mode, timings.get("plain"))  # plain: once
-        except ValueError:  # w8a8 where torch has no quantized CPU engine: auto keeps to the others
-            if requested != "auto":
-                raise
-            continue
-        timings.update(measured)
+    name, group = probe
+    timings, crossovers, _ = measure_kernels(group, AUTO_MODES if requested == "auto" else (requested,),
+                                             skip_unavailable=requested == "auto")
     chosen = requested
     if requested == "auto":
-        paying = [mode for mode in crossovers if pays(timings, mode)]
-        chosen = max(paying, key=lambda mode: gain(timings, mode, DECODE_ROWS[0]), default="none")
+        chosen = auto_mode(timings, list(crossovers))
     wide_rows = crossovers.get(chosen)
     choice = KernelChoice(requested, chosen, wide_rows, name, timings)
     quantize_linears(model, chosen, wide_rows or DEFAULT_WIDE_ROWS)
@@ -198,14 +261,31 @@ def choose_and_quantize(model: nn.Module, requested: str | KernelChoice, lm_head
              type(model).__name__, chosen, name, timings, wide_rows)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head and chosen != "none" and type(head) is nn.Linear:
-        head_mode = "w8a8" if chosen == "w8a8" else "int8"
-        choice.lm_head_decode_ms, head_wide_rows, quantized_head = measure_layer(head, head_mode)
-        if pays(choice.lm_head_decode_ms, head_mode) and quantize_lm_head(
-                model, head_wide_rows, quantized_head, head_mode):
-            choice.lm_head, choice.lm_head_wide_rows = head_mode, head_wide_rows
+        # The body's own int8 kernel; an int4 body's head is int8 (int4 would round the logits themselves),
+        # by whichever int8 kernel is faster on the head's shape.
+        modes = ("int8", "w8a8") if chosen == "int4" else (chosen,)
+        choose_lm_head(model, head, modes, choice)
         log.info("LM head of %s: %s (ms per call %s)", type(model).__name__, choice.lm_head,
                  choice.lm_head_decode_ms)
     return choice
+
+
+def choose_lm_head(model: nn.Module, head: nn.Linear, modes: tuple[str, ...], choice: KernelChoice) -> None:
+    """Quantize the model's LM head with the fastest of `modes` on one row where it pays on its own shape
+    (ties: the first), recording every timing in `choice`."""
+    best: tuple[float, str, int, QuantizedLinear] | None = None
+    for mode in modes:  # one at a time: an LM head's copies are large
+        measured, crossovers, quantized = measure_kernels([head], (mode,), choice.lm_head_decode_ms.get("plain"),
+                                                          skip_unavailable=True)
+        if mode not in crossovers:
+            continue
+        choice.lm_head_decode_ms.update(measured)
+        one_row = measured[mode][DECODE_ROWS[0]]
+        if pays(measured, mode) and (best is None or one_row < best[0]):
+            best = (one_row, mode, crossovers[mode], quantized[mode])
+        del quantized
+    if best is not None and quantize_lm_head(model, best[2], best[3], best[1]):
+        choice.lm_head, choice.lm_head_wide_rows = best[1], best[2]
 
 
 def padding_plan(ms: dict[int, float], min_gain: float = ROW_PADDING_MIN_GAIN) -> dict[int, int]:
