@@ -60,9 +60,24 @@ def marginal_seconds(costs: CostModel, batch: int, k: int) -> float:
 
 
 def stop_level(rate: float, marginal: float, accept: float) -> float:
-    """The stop level: P(some candidate rejected) above which one more candidate costs more than its
-    expected gain, 1 - r m / a."""
+    """The stop level: P(some candidate rejected) above which one more candidate (or a run of them: their
+    summed margins `marginal` and expected gains `accept`) costs more than its expected gain, 1 - r m / a."""
     return min(max(1.0 - rate * marginal / max(accept, 1e-6), MIN_LEVEL), MAX_LEVEL)
+
+
+def depth_levels(costs: CostModel, batch: int, rate: float, accept: float, max_k: int) -> list[float]:
+    """[n - 1]: the level a round holding n candidates stops at (n = 1 .. max_k). Proposing on pays where
+    some run of j more candidates (within max_k) pays in total, each accepted with probability a given the
+    ones before: pi_n (a + ... + a^j) > r (m(n + 1) + ... + m(n + j)). So the level is 1 - min_j r M_j / A_j.
+    The paper's one-step rule is j = 1. Where verification steps in cost at some row count, the candidate
+    that crosses the step is repaid by the cheap ones after it, which one step does not see."""
+    margins = [marginal_seconds(costs, batch, k) for k in range(1, max_k + 2)]  # margins[k - 1]: m(k)
+    levels = []
+    for n in range(1, max_k + 1):
+        runs = range(1, max(max_k - n, 1) + 1)
+        levels.append(max(stop_level(rate, sum(margins[n : n + j]), sum(accept**i for i in range(1, j + 1)))
+                          for j in runs))
+    return levels
 
 
 def candidate_budget(costs: CostModel, batch: int, rate: float, k_best: int, max_k: int) -> int:
@@ -136,11 +151,10 @@ class SelfTuning:
         costs, batch, accept = self.costs.current, len(max_k), self.acceptance
         catch_ups = catch_ups or [None] * batch
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
-        # The (n + 1)-th candidate costs its own margin: where verification steps in cost at some row count,
-        # one level for every depth would price each candidate at the step (or none of them).
-        depth_levels = [stop_level(rate, marginal_seconds(costs, batch, n + 1), accept)
-                        for n in range(1, max(max_k + [1]) + 1)]
-        level = depth_levels[max(k_best, 1) - 1]  # the one reported: at the best fixed count
+        # Each depth prices the candidates after it at their own margins: where verification steps in cost at
+        # some row count, one level for every depth would price each candidate at the step (or none of them).
+        by_depth = depth_levels(costs, batch, rate, accept, max(max_k + [1]))
+        level = by_depth[max(k_best, 1) - 1]  # the one reported: at the best fixed count
         budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
         budgets = [b if b == 0 or c is None or catch_up_pays(costs, batch, accept, min(b, k_best), *c) else 0
                    for b, c in zip(budgets, catch_ups, strict=True)]
@@ -151,7 +165,7 @@ class SelfTuning:
             if self.rounds_without_candidates >= PROBE_EVERY:
                 budgets = [min(1, k) if c is None or c[0] <= c[1] else 0 for k, c in zip(max_k, catch_ups, strict=True)]
                 self.rounds_without_candidates = 0
-        return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate, depth_levels=depth_levels)
+        return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate, depth_levels=by_depth)
 
     def state(self) -> dict:
         """Everything the decisions depend on, as plain data (another rank of a tensor-parallel target takes it)."""

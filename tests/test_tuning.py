@@ -28,6 +28,7 @@ from engine.tuning import (
     budget_at,
     candidate_budget,
     catch_up_pays,
+    depth_levels,
     marginal_seconds,
     stop_level,
 )
@@ -114,10 +115,30 @@ def test_each_depth_gets_the_level_of_its_own_margin():
     plan = SelfTuning(LiveCosts(costs), prior_acceptance=0.85).plan([8])
     rate, by_depth = plan.rate, plan.depth_levels
     assert len(by_depth) == 8
-    for n, level in enumerate(by_depth, start=1):
-        assert level == pytest.approx(stop_level(rate, marginal_seconds(costs, 1, n + 1), 0.85))
+    margins = [marginal_seconds(costs, 1, k) for k in range(1, 10)]
+    for n, level in enumerate(by_depth, start=1):  # the best run of j more candidates, each at its own margin
+        runs = [stop_level(rate, sum(margins[n : n + j]), sum(0.85**i for i in range(1, j + 1)))
+                for j in range(1, max(8 - n, 1) + 1)]
+        assert level == pytest.approx(max(runs))
     assert by_depth[4] < min(by_depth[:4]) and by_depth[4] < by_depth[5]  # the 6th candidate: the step
     assert by_depth[0] == pytest.approx(by_depth[3])  # flat below it: the same margin
+
+
+def test_a_dear_candidate_is_priced_with_the_cheap_ones_after_it():
+    """Known answer: the 6th candidate crosses a step (0.06 s more verification) and the 7th and 8th cost the
+    draft step alone. One step at a time, a round of 5 stops where 1 - pi > 1 - r (0.03 + 0.06) / a; priced
+    with the next two, its level is 1 - r (0.03 + 0.09 + 0.03 + 0.03 ...) over their expected gains, higher.
+    Where every candidate costs the same, looking further changes nothing (j m / (a + ... + a^j) grows with j)."""
+    stepped = CostModel(draft_step=0.03, draw=0.0, features=0.0, head=0.0,
+                        target={1: 0.11, 6: 0.11, 7: 0.17, 8: 0.17, 9: 0.17, 16: 0.2})
+    rate, a = 8.0, 0.9
+    levels = depth_levels(stepped, 1, rate, a, 8)
+    one_step = stop_level(rate, 0.09, a)
+    three = stop_level(rate, 0.09 + 0.03 + 0.03, a + a**2 + a**3)
+    assert levels[4] == pytest.approx(max(one_step, three, stop_level(rate, 0.12, a + a**2)))
+    assert levels[4] > one_step + 0.1
+    flat_costs = CostModel(draft_step=0.03, draw=0.0, features=0.0, head=0.0, target={1: 0.11, 16: 0.11})
+    assert depth_levels(flat_costs, 1, rate, a, 8) == pytest.approx([stop_level(rate, 0.03, a)] * 8)
 
 
 def test_specdecpp_stops_at_the_level_of_its_depth():
