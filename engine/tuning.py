@@ -20,6 +20,7 @@ seconds that costs are less than what speculating over the tokens left is expect
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from engine.costs import CostModel, LiveCosts
@@ -72,11 +73,11 @@ def depth_levels(costs: CostModel, batch: int, rate: float, accept: float, max_k
     The paper's one-step rule is j = 1. Where verification steps in cost at some row count, the candidate
     that crosses the step is repaid by the cheap ones after it, which one step does not see."""
     margins = [marginal_seconds(costs, batch, k) for k in range(1, max_k + 2)]  # margins[k - 1]: m(k)
+    gains = list(itertools.accumulate(accept**j for j in range(1, max_k + 1)))  # gains[j - 1]: a + ... + a^j
     levels = []
     for n in range(1, max_k + 1):
-        runs = range(1, max(max_k - n, 1) + 1)
-        levels.append(max(stop_level(rate, sum(margins[n : n + j]), sum(accept**i for i in range(1, j + 1)))
-                          for j in runs))
+        spent = itertools.accumulate(margins[n : n + max(max_k - n, 1)])  # m(n + 1) + ... + m(n + j), j = 1, 2, ...
+        levels.append(max(stop_level(rate, m, a) for m, a in zip(spent, gains, strict=False)))  # runs: as many as fit
     return levels
 
 

@@ -31,20 +31,23 @@ CONTEXTS, TOKENS, REPS = (200, 1000, 2000), (1, 5), 15
 ATTENTIONS = ("sdpa", GROUPED_QUERY_ATTENTION)
 
 
-def interleaved_forward_ms(runner: ModelRunner, context: int, tokens: tuple[int, ...], reps: int,
-                           variants: dict[str, Callable[[], None]]) -> dict[str, dict[int, float]]:
+def interleaved_forward_ms(context: int, tokens: tuple[int, ...], reps: int,
+                           variants: dict[str, tuple[ModelRunner, Callable[[], None]]]) -> dict[str, dict[int, float]]:
     """variant -> new tokens -> median ms of one forward of that many tokens after `context` cached tokens,
-    logits at every token, the cache cropped back after each call. Each variant's callable switches the
-    model to it before its call; the variants take turns call by call, so that a host busy for a while
-    slows them alike. The first round warms up."""
-    ids = torch.randint(0, runner.vocab_size, (context + max(tokens),))
-    cache = runner.new_cache()
-    runner.forward(ids[:context].unsqueeze(0), cache)
+    logits at every token, the cache cropped back after each call. A variant is a runner and a callable that
+    switches it to the variant before its call (one runner may serve several); the variants take turns call
+    by call, so that a host busy for a while slows them alike. The first round warms up."""
+    runners = {id(runner): runner for runner, _ in variants.values()}
+    ids = torch.randint(0, min(r.vocab_size for r in runners.values()), (context + max(tokens),))
+    caches = {key: runner.new_cache() for key, runner in runners.items()}
+    for key, runner in runners.items():
+        runner.forward(ids[:context].unsqueeze(0), caches[key])
     times: dict[str, dict[int, list[float]]] = {v: {n: [] for n in tokens} for v in variants}
     for rep in range(reps + 1):
         for n in tokens:
-            for variant, switch in variants.items():
+            for variant, (runner, switch) in variants.items():
                 switch()
+                cache = caches[id(runner)]
                 t0 = time.perf_counter()
                 runner.forward_batch([ids[context : context + n]], [cache], [n])
                 elapsed = time.perf_counter() - t0
@@ -56,8 +59,8 @@ def interleaved_forward_ms(runner: ModelRunner, context: int, tokens: tuple[int,
 
 def forward_ms(runner: ModelRunner, context: int) -> dict[str, dict[int, float]]:
     """attention -> new tokens -> median ms of one forward after `context` cached tokens."""
-    ms = interleaved_forward_ms(runner, context, TOKENS, REPS, {
-        a: functools.partial(runner.model.set_attn_implementation, a) for a in ATTENTIONS})
+    ms = interleaved_forward_ms(context, TOKENS, REPS, {
+        a: (runner, functools.partial(runner.model.set_attn_implementation, a)) for a in ATTENTIONS})
     runner.model.set_attn_implementation(GROUPED_QUERY_ATTENTION)
     return ms
 

@@ -17,42 +17,22 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from step_timing import context_cache  # this folder's
+from attention_timing import interleaved_forward_ms  # this folder's
 from transformers import AutoTokenizer
 
 from engine.config import EngineConfig
 from engine.factory import resolve_paths
 from engine.loading.loader import load_model
-from engine.runner import ModelRunner, crop_cache
+from engine.runner import ModelRunner
 from specdecpp.bench.machine import machine_record
 from specdecpp.datasets import humaneval_prompts
 
 CONTEXT, TOKENS, REPS = 200, (1, 2, 4), 15
 PROBLEMS, SOLUTION_TOKENS, BOOTSTRAP = 24, 64, 4000
 DRAFT_MODES = ("none", "int8", "w8a8", "int4")
-
-
-@torch.inference_mode()
-def forward_ms(runners: dict[str, ModelRunner]) -> dict[str, dict[int, float]]:
-    """model -> new tokens -> median ms of one forward after `CONTEXT` cached tokens, the models taking turns
-    call by call (so that a host busy for a while slows them alike); the first round warms up."""
-    ids = torch.randint(0, 30000, (CONTEXT + max(TOKENS),), generator=torch.Generator().manual_seed(0))
-    caches = {name: context_cache(runner, ids[:CONTEXT]) for name, runner in runners.items()}
-    times: dict[str, dict[int, list[float]]] = {name: {n: [] for n in TOKENS} for name in runners}
-    for rep in range(REPS + 1):
-        for n in TOKENS:
-            for name, runner in runners.items():
-                t0 = time.perf_counter()
-                runner.forward_batch([ids[CONTEXT : CONTEXT + n]], [caches[name]], [n])
-                elapsed = time.perf_counter() - t0
-                crop_cache(caches[name], CONTEXT)
-                if rep:
-                    times[name][n].append(1e3 * elapsed)
-    return {name: {n: statistics.median(t) for n, t in by_n.items()} for name, by_n in times.items()}
 
 
 @torch.inference_mode()
@@ -94,7 +74,9 @@ def main(output: Path) -> None:
     result: dict = {"context_tokens": CONTEXT, "reps": REPS,
                     "draft_kernels": {name: d.kernels.describe() for name, d in drafts.items()},
                     "target_kernels": target.kernels.describe()}
-    ms = forward_ms({"target": target} | {f"draft {name}": d for name, d in drafts.items()})
+    runners = {"target": target} | {f"draft {name}": d for name, d in drafts.items()}
+    with torch.inference_mode():  # the models take turns call by call
+        ms = interleaved_forward_ms(CONTEXT, TOKENS, REPS, {name: (r, lambda: None) for name, r in runners.items()})
     result["forward_ms"] = ms
     result["draft_over_target_1_token"] = {name: ms[f"draft {name}"][1] / ms["target"][1] for name in drafts}
     print(json.dumps(result["forward_ms"]), json.dumps(result["draft_over_target_1_token"]), flush=True)

@@ -32,9 +32,9 @@ CONTEXT, TOKENS, REPS, MAX_ROWS = 200, (1, 2, 3, 5, 8), 15, 8
 def forward_ms(runner: ModelRunner) -> dict[str, dict[int, float]]:
     """"padded" / "unpadded" -> new tokens -> median ms of one forward after CONTEXT cached tokens."""
     plan = runner.kernels.row_padding
-    ms = interleaved_forward_ms(runner, CONTEXT, TOKENS, REPS, {
-        "padded": lambda: row_padding_plan(runner.model, plan),
-        "unpadded": lambda: row_padding_plan(runner.model, "off")})
+    ms = interleaved_forward_ms(CONTEXT, TOKENS, REPS, {
+        "padded": (runner, lambda: row_padding_plan(runner.model, plan)),
+        "unpadded": (runner, lambda: row_padding_plan(runner.model, "off"))})
     row_padding_plan(runner.model, plan)
     return ms
 
