@@ -8,8 +8,9 @@ gain, P(every candidate so far accepted) x a (its own acceptance), exceeds r x i
 seconds m. The head gives P(all accepted) = 1 - P(some rejected), so the rule is the paper's
 threshold rule, stop once P(some candidate rejected) > 1 - r m / a, at a level set by costs, and by
 depth: m is the (n + 1)-th candidate's own margin, which steps where a kernel does.
-Budgets use the same comparison for a candidate that is surely accepted: past the k where
-r m(k) >= 1 no candidate can pay, and none is proposed. Whether to propose at all compares whole
+Budgets use the same comparison for candidates that are surely accepted: past the k after which no run
+of further candidates repays its summed margins (sum of r m(i) at least their count) none can pay, and
+none is proposed. Whether to propose at all compares whole
 rounds: none where the best fixed k is 0 (no round with candidates beats the target alone), since
 the first candidate may cost more than those after it (a kernel that changes from 1 to 2 rows) and
 its margin alone would refuse rounds that pay. m grows with the verified tokens of the batch, so
@@ -83,13 +84,17 @@ def depth_levels(costs: CostModel, batch: int, rate: float, accept: float, max_k
 
 def candidate_budget(costs: CostModel, batch: int, rate: float, k_best: int, max_k: int) -> int:
     """The most candidates a sequence of `batch` may propose (within `max_k`): none where the best fixed
-    count `k_best` is none, else up to the last k where a surely accepted candidate still pays at `rate`,
-    and at least k_best."""
+    count `k_best` is none, else the longest round of surely accepted candidates whose candidates past the
+    first pay in total at `rate`, sum (1 - r m(i)) largest (the latest such k), and at least k_best. Past it no
+    run of candidates can pay at any acceptance, while a candidate dearer than its gain (the one that crosses a
+    step in verification cost) stays in where the cheap ones after it repay it, as the stop levels price it."""
     if max_k < 1 or k_best == 0:
         return 0
-    k = 1
-    while k < max_k and rate * marginal_seconds(costs, batch, k + 1) < 1.0:
-        k += 1
+    value, best_value, k = 0.0, 0.0, 1
+    for n in range(2, max_k + 1):
+        value += 1.0 - rate * marginal_seconds(costs, batch, n)
+        if value >= best_value:
+            best_value, k = value, n
     return max(k, min(k_best, max_k))
 
 

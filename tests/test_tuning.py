@@ -141,6 +141,20 @@ def test_a_dear_candidate_is_priced_with_the_cheap_ones_after_it():
     assert depth_levels(flat_costs, 1, rate, a, 8) == pytest.approx([stop_level(rate, 0.03, a)] * 8)
 
 
+def test_a_budget_keeps_a_dear_candidate_that_the_cheap_ones_after_it_repay():
+    """Known answer: at 12 tokens/s the 6th candidate (0.03 s of draft, 0.06 s more verification) costs
+    1.08 tokens and the 7th and 8th 0.36 each, so rounds of 8 surely accepted candidates beat rounds of 5
+    (-0.08 + 0.64 + 0.64 > 0) and the budget is 8, not 5, where the depth levels look too. A step of 0.2 s
+    is not repaid by two cheap candidates (-1.76 + 1.28 < 0): the budget stays 5."""
+    stepped = CostModel(draft_step=0.03, draw=0.0, features=0.0, head=0.0,
+                        target={1: 0.11, 6: 0.11, 7: 0.17, 8: 0.17, 9: 0.17, 16: 0.2})
+    assert 12.0 * marginal_seconds(stepped, 1, 6) > 1.0  # the 6th alone does not pay
+    assert candidate_budget(stepped, 1, 12.0, 1, 8) == 8
+    steep = replace(stepped, target={1: 0.11, 6: 0.11, 7: 0.31, 8: 0.31, 9: 0.31, 16: 0.4})
+    assert candidate_budget(steep, 1, 12.0, 1, 8) == 5
+    assert candidate_budget(steep, 1, 12.0, 6, 8) == 6  # never below the best fixed count
+
+
 def test_specdecpp_stops_at_the_level_of_its_depth():
     policy = SpecDecPP("auto", (1, 8))
     policy.threshold = 0.9  # the level at the best fixed count: alone it would never stop here

@@ -98,7 +98,8 @@ def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | 
 
 def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
     """Candidates per round [R] under `rule`: ("constant", k), ("confidence", p_min, low, high) or
-    ("specdec++", head name, threshold, low, high)."""
+    ("specdec++", head name, threshold, low, high); "auto" gives a level per round and position [R, K] and a
+    budget per round [R] as `high`."""
     kind = rule[0]
     cap = rounds.length
     positions = torch.arange(1, rounds.accept.shape[1] + 1).expand_as(rounds.accept)
@@ -126,7 +127,8 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
     first = torch.where(stop.any(1), stop.int().argmax(1), torch.full_like(cap, 10_000))
     chosen = stop_at.gather(1, first.clamp(max=stop_at.shape[1] - 1).unsqueeze(1)).squeeze(1)
     chosen = torch.where(stop.any(1), chosen, torch.full_like(cap, 10_000))
-    return torch.minimum(torch.minimum(chosen, cap), torch.full_like(cap, int(high)))
+    high = high if isinstance(high, torch.Tensor) else torch.full_like(cap, int(high))  # "auto": a budget per round
+    return torch.minimum(torch.minimum(chosen, cap), high)
 
 
 def round_outcomes(
@@ -171,25 +173,30 @@ def bootstrap_speedups(
     return torch.stack([t1 * (weights @ tok) / (weights @ sec) for tok, sec in per_prompt], dim=1)
 
 
-def auto_levels(rounds: Rounds, name: str, costs: CostModel, bounds: tuple[int, int]) -> torch.Tensor:
-    """[R, K] the levels threshold "auto" would set for each round, by the round's length if it stopped at
-    each logged position, replaying the engine's self-tuning in logged order (one sequence per round, from
-    the engine's prior): each round is planned from the acceptance learnt so far, which then learns the
-    labels of the candidates the round proposed."""
+def auto_plans(
+    rounds: Rounds, name: str, costs: CostModel, bounds: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([R, K] levels, [R] budgets) threshold "auto" would set for each round, the levels by the round's length
+    if it stopped at each logged position, replaying the engine's self-tuning in logged order (one sequence per
+    round, from the engine's prior): each round is planned from the acceptance learnt so far, which then learns
+    the labels of the candidates the round proposed. A budget of none (the target alone) is replayed as one
+    candidate: the logged rounds all proposed."""
     tuning = SelfTuning(LiveCosts(costs))
     low, high = bounds
     positions = rounds.accept.shape[1]
     levels = torch.empty(len(rounds.length), positions, dtype=torch.float64)
+    budgets = torch.empty(len(rounds.length), dtype=torch.long)
     pred = rounds.head[name].nan_to_num(1.0)
     after = int(rounds.head_timing[name] == "after")
     for r in range(len(rounds.length)):
-        by_depth = tuning.plan([high]).depth_levels
+        plan = tuning.plan([high])
+        by_depth, budgets[r] = plan.depth_levels, max(plan.budgets[0], 1)
         levels[r] = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(positions)])
         reject = 1 - torch.cumprod(pred[r, : int(rounds.length[r])], 0)
         stops = [s + 1 + after for s in range(len(reject)) if reject[s] > levels[r, s] and s + 1 + after >= low]
-        length = min(stops[0] if stops else high, int(rounds.length[r]), high)
+        length = min(stops[0] if stops else high, int(rounds.length[r]), int(budgets[r]))
         tuning.observe_acceptance(rounds.accept[r, :length].tolist())
-    return levels
+    return levels, budgets
 
 
 def default_rules(
@@ -207,7 +214,8 @@ def default_rules(
         policy = "specdec++" if name == "default" else f"specdec++-{name}"
         rows += [(policy, t, ("specdec++", name, t, low, high)) for t in grid]
         if costs is not None:
-            rows.append((policy, AUTO, ("specdec++", name, auto_levels(rounds, name, costs, bounds), low, high)))
+            levels, budgets = auto_plans(rounds, name, costs, bounds)
+            rows.append((policy, AUTO, ("specdec++", name, levels, low, budgets)))
     rows += [("oracle", t, ("oracle", None, t, low, high)) for t in grid]
     return rows
 
