@@ -377,7 +377,8 @@ class LLMEngine:
         for group in self.scheduler.decode_groups():
             try:
                 cap = self.scheduler.candidate_cap(group)
-                outputs = run_round(group, self.target, self.draft, cap, chunk, self.recorder, self.tuning)
+                outputs = run_round(group, self.target, self.draft, cap, chunk, self.recorder, self.tuning,
+                                    self.scheduler.load(group))
             except Exception as exc:
                 events.extend(self._fail(group, exc))
                 continue

@@ -59,6 +59,13 @@ class Scheduler:
             return []
         return [ready] if self.config.batching else [[s] for s in ready]
 
+    def load(self, group: list[Sequence]) -> int:
+        """The sequences a round over `group` will soon share rounds with: every running one (decoding or
+        still prefilling) and those waiting for room, up to `max_num_seqs`; the group alone with batching off."""
+        if not self.config.batching:
+            return len(group)
+        return min(self.config.max_num_seqs, len(self.running) + len(self.waiting))
+
     def candidate_cap(self, group: list[Sequence]) -> int | None:
         """Most candidates each sequence of a round over `group` may propose: None for no cap, 0 for
         the target alone (see `spec_disable_batch_size` and `spec_batch_candidates`)."""

@@ -75,6 +75,7 @@ def run_round(
     max_draft_feed: int | None = None,
     recorder: Callable[[RoundRecord], None] | None = None,
     tuning: SelfTuning | None = None,
+    load: int = 0,
 ) -> list[list[int]]:
     """One round for every sequence in `seqs`; appends their new tokens (stop conditions applied)
     and returns them, one list per sequence.
@@ -82,9 +83,10 @@ def run_round(
     `candidate_cap` bounds every sequence's candidates this round (the scheduler's share of a
     batch's budget); `max_draft_feed` is the chunk a lagging draft catches up by (`plan_budgets`).
     `recorder`, if given, receives every proposing sequence's verified round. `tuning`, if given,
-    sets the budget and stop level of self-tuning policies and learns from the round's timings and labels.
+    sets the budget and stop level of self-tuning policies and learns from the round's timings and labels,
+    pricing the batch at no less than `load` (`SelfTuning.plan`).
     """
-    budgets, lagging = plan_budgets(seqs, draft, candidate_cap, max_draft_feed, tuning)
+    budgets, lagging = plan_budgets(seqs, draft, candidate_cap, max_draft_feed, tuning, load)
     # A draft further behind than a round leaves it (its deferred prefill, rounds at budget 0) catches up
     # first, so that the proposal's timing, which teaches the cost model a draft step, is one.
     behind = [seq for seq, budget in zip(seqs, budgets, strict=True) if budget > 0 and draft_lag(seq) > ROUND_LAG]
@@ -121,6 +123,7 @@ def plan_budgets(
     candidate_cap: int | None,
     max_draft_feed: int | None,
     tuning: SelfTuning | None = None,
+    load: int = 0,
 ) -> tuple[list[int], list[Sequence]]:
     """Each sequence's candidate budget this round, and the sequences whose draft must catch up first.
 
@@ -139,7 +142,7 @@ def plan_budgets(
         maxima = [min(m, candidate_cap) for m in maxima]
     if tuning is not None and draft is not None and any(seq.policy.self_tuning for seq in seqs):
         catch_ups = [(lag, seq.remaining_tokens) if (lag := draft_lag(seq)) > ROUND_LAG else None for seq in seqs]
-        plan = tuning.plan(maxima, catch_ups)
+        plan = tuning.plan(maxima, catch_ups, load)
         for i, seq in enumerate(seqs):
             if seq.policy.self_tuning:
                 maxima[i] = plan.budgets[i]

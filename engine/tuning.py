@@ -144,18 +144,25 @@ class SelfTuning:
         self.acceptance = prior_acceptance
         self.rounds_without_candidates = 0
 
-    def plan(self, max_k: list[int], catch_ups: list[tuple[int, int] | None] | None = None) -> RoundTuning:
+    def plan(self, max_k: list[int], catch_ups: list[tuple[int, int] | None] | None = None,
+             load: int = 0) -> RoundTuning:
         """Budgets (within each sequence's `max_k`) and the stop level of a round over len(max_k) sequences.
         `catch_ups` gives, for a sequence whose draft lags by more than a round leaves, (tokens it lags by,
         tokens it has left): it proposes only where catching up pays (`catch_up_pays`).
+
+        `load`: the sequences that will share the rounds to come (those admitted and still prefilling, and
+        those waiting for room, with these). The batch is priced at the larger of it and this round's, since
+        what a catch-up or a speculating round buys is earned over the rounds after it: while a burst is
+        admitted one prefill a step, the first sequences would otherwise catch their drafts up at batch 1 or 2,
+        then stop speculating a few steps later at the full batch, the catch-up wasted.
 
         Costs and acceptance are only re-learnt from rounds that propose: after PROBE_EVERY rounds
         without a candidate, one round proposes one per sequence (a probe), so a draft once measured
         too dear (a busy host at start) or an acceptance that has since risen is noticed. A probe catches
         a draft up by no more tokens than its sequence has left.
         """
-        costs, batch, accept = self.costs.current, len(max_k), self.acceptance
-        catch_ups = catch_ups or [None] * batch
+        costs, batch, accept = self.costs.current, max(len(max_k), load), self.acceptance
+        catch_ups = catch_ups or [None] * len(max_k)
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         # Each depth prices the candidates after it at their own margins: where verification steps in cost at
         # some row count, one level for every depth would price each candidate at the step (or none of them).

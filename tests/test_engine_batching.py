@@ -107,6 +107,7 @@ def test_admission_limits_and_fifo(tiny_pair, tokenizer):
     engine.step()
     assert [s.request_id for s in engine.scheduler.running] == ["r0", "r1"]
     assert engine.num_waiting == 2
+    assert engine.scheduler.load(engine.scheduler.running[:1]) == 2  # the load to come: within max_num_seqs
     finished_order = []
     while engine.has_unfinished():
         assert len(engine.scheduler.running) <= 2 and engine.scheduler.kv_used <= 40

@@ -206,6 +206,19 @@ def test_budgets_and_level_shrink_with_the_batch_where_verification_is_compute_b
     assert levels == sorted(levels, reverse=True) and levels[0] > levels[-1]
 
 
+def test_a_round_is_priced_at_the_load_to_come():
+    """A burst is admitted one prefill a step: the first sequence decodes alone while seven more wait. Verification
+    is compute-bound past 8 tokens, so speculating pays at batch 1 but not at 8; priced at the load to come, the
+    lone sequence neither proposes nor catches its draft up (it would stop speculating a few steps later)."""
+    costs = flat(0.05, slope=0.2, knee=8)
+    tuning = SelfTuning(LiveCosts(costs), prior_acceptance=0.7)
+    assert tuning.plan([8]).budgets[0] > 0
+    assert tuning.plan([8], [(64, 40)]).budgets[0] > 0
+    assert tuning.plan([8], load=8).budgets == [0]
+    assert tuning.plan([8], [(64, 40)], load=8).budgets == [0]
+    assert tuning.plan([8] * 8, load=1).budgets == tuning.plan([8] * 8).budgets  # never below the round's own batch
+
+
 def test_a_draft_measured_too_dear_is_probed_and_relearnt():
     """A draft timed at 100x its cost (a busy host at start) turns speculation off; probe rounds re-time it,
     and the live model brings speculation back."""
