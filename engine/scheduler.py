@@ -14,12 +14,15 @@ from collections import deque
 from engine.config import SchedulerConfig
 from engine.sequence import Sequence
 
+LOAD_WINDOW = 16  # steps a load is remembered (`Scheduler.load`): a closed-loop client's next request comes within them
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._recent_loads: deque[int] = deque(maxlen=LOAD_WINDOW)
 
     @staticmethod
     def kv_need(seq: Sequence) -> int:
@@ -60,11 +63,15 @@ class Scheduler:
         return [ready] if self.config.batching else [[s] for s in ready]
 
     def load(self, group: list[Sequence]) -> int:
-        """The sequences a round over `group` will soon share rounds with: every running one (decoding or
-        still prefilling) and those waiting for room, up to `max_num_seqs`; the group alone with batching off."""
+        """The sequences a round over `group` will soon share rounds with (one call per step): the most, over
+        the last LOAD_WINDOW steps, of every running one (decoding or still prefilling) and those waiting for
+        room, up to `max_num_seqs`; the group alone with batching off. The peak, since a client that gets its
+        answer sends its next request a moment later: priced at the dip between the two, the batch caught its
+        drafts up and speculated for a step or two, the catch-up wasted."""
         if not self.config.batching:
             return len(group)
-        return min(self.config.max_num_seqs, len(self.running) + len(self.waiting))
+        self._recent_loads.append(min(self.config.max_num_seqs, len(self.running) + len(self.waiting)))
+        return max(self._recent_loads)
 
     def candidate_cap(self, group: list[Sequence]) -> int | None:
         """Most candidates each sequence of a round over `group` may propose: None for no cap, 0 for

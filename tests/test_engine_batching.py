@@ -12,7 +12,7 @@ from test_engine_distribution import PAIR, PROMPT, SAMPLES, T1, chi_square_pvalu
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
 from engine.runner import ModelRunner
-from engine.scheduler import SchedulerConfig
+from engine.scheduler import LOAD_WINDOW, Scheduler, SchedulerConfig
 
 MIXED = [
     ("hello world", SpecConfig(policy="constant", k=3)),
@@ -116,6 +116,21 @@ def test_admission_limits_and_fifo(tiny_pair, tokenizer):
     with pytest.raises(ValueError, match="KV-cache budget"):
         engine.add_request("big", "abcdefghij", params.model_copy(update={"max_tokens": 35}),
                            SpecConfig(policy="none"))
+
+
+def test_the_load_to_come_is_the_recent_peak():
+    """A client's next request comes a moment after its answer: the dip between them is not the load to come."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4))
+    scheduler.running = [object()] * 3  # type: ignore[list-item]
+    scheduler.waiting.extend([object()] * 2)  # type: ignore[list-item]
+    assert scheduler.load([]) == 4  # running and waiting, within max_num_seqs
+    scheduler.waiting.clear()
+    scheduler.running = scheduler.running[:1]
+    assert scheduler.load([]) == 4  # the recent peak holds
+    for _ in range(LOAD_WINDOW - 1):
+        scheduler.load([])
+    assert scheduler.load([]) == 1  # ... until it has been gone for LOAD_WINDOW steps
+    assert Scheduler(SchedulerConfig(batching=False)).load([object()]) == 1  # type: ignore[list-item]
 
 
 def test_long_prefill_is_chunked(tiny_pair, tokenizer):
