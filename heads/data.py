@@ -8,12 +8,16 @@ verified), and its round recorder (`engine.speculate.RoundRecord`) gives, per ca
   request's temperature and top-p),
 - the exact label a_s = min(1, p_s(y_s) / q_s(y_s)) with p_s from the verification forward, in
   the very context the head judges at serving time (also after the round's first rejection),
-- the overlap sum(min(p_s, q_s)), the expected acceptance of position s.
+- the overlap sum(min(p_s, q_s)), the expected acceptance of position s,
+- the round's realized accepted count, which places its candidates in the generated text: the accepted
+  ones and the first rejected one label text positions (the rest follow a token the text does not hold),
+  which the offline evaluator's replay along the text reads (specdecpp/bench/text_replay.py).
 Prompts cycle through several (temperature, top-p) settings, so one head serves them all.
 
 Each shard is `shard-NNNNN.safetensors` (one row per candidate: hidden [N, H] in bf16,
 features [N, F], accept_prob, overlap, position, round (dataset-wide id), seq (prompt index),
-has_next (the next row is the same round's next candidate)) plus `shard-NNNNN.json` (its
+has_next (the next row is the same round's next candidate), round_accepted (the round's accepted count;
+absent from data logged before it was kept)) plus `shard-NNNNN.json` (its
 prompts and counts). `manifest.json` lists finished shards; a rerun with the same arguments
 skips them.
 """
@@ -75,7 +79,7 @@ def records_to_rows(records: list[tuple[int, RoundRecord]], round_base: int, hid
     if not records:
         return {}
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in (
-        "hidden", "features", "accept_prob", "overlap", "position", "round", "seq", "has_next")}
+        "hidden", "features", "accept_prob", "overlap", "position", "round", "seq", "has_next", "round_accepted")}
     for i, (seq_index, rec) in enumerate(records):
         k = len(rec.accept_prob)
         rows["hidden"].append(rec.states.to(hidden_dtype))
@@ -86,6 +90,7 @@ def records_to_rows(records: list[tuple[int, RoundRecord]], round_base: int, hid
         rows["round"].append(torch.full((k,), round_base + i, dtype=torch.int64))
         rows["seq"].append(torch.full((k,), seq_index, dtype=torch.int32))
         rows["has_next"].append((torch.arange(k) < k - 1).to(torch.uint8))
+        rows["round_accepted"].append(torch.full((k,), rec.accepted, dtype=torch.int16))
     return {name: torch.cat(parts).contiguous() for name, parts in rows.items()}
 
 
@@ -149,11 +154,17 @@ def finished_shards(directory: str | Path) -> list[Path]:
 
 
 def load_shards(directory: str | Path) -> dict[str, torch.Tensor]:
-    """All finished shards of a data directory, concatenated; `seq` gets a dataset-wide index."""
+    """All finished shards of a data directory, concatenated; `seq` gets a dataset-wide index. A column
+    some shards lack (one added since they were logged) is left out."""
     parts = [load_file(str(path)) for path in finished_shards(directory)]
     if not parts:
         raise ValueError(f"{directory}: no finished shards")
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return concat_columns(parts)
+
+
+def concat_columns(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Row-wise concatenation of the columns every part has."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0] if all(k in p for p in parts)}
 
 
 def generate_dataset(
@@ -340,4 +351,5 @@ def _empty_shard(hidden_size: int, dtype: torch.dtype) -> dict[str, torch.Tensor
         "round": torch.empty(0, dtype=torch.int64),
         "seq": torch.empty(0, dtype=torch.int32),
         "has_next": torch.empty(0, dtype=torch.uint8),
+        "round_accepted": torch.empty(0, dtype=torch.int16),
     }

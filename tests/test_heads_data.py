@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import perturbed, random_head
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny import tiny_model
 
 import engine.speculate as speculate
@@ -114,6 +114,7 @@ def test_logged_labels_are_exact_acceptance_probabilities(engine, tokenizer, ref
         assert data["seq"][rows].eq(seq).all()
         assert data["position"][rows].tolist() == list(range(1, k + 1))
         assert data["has_next"][rows].tolist() == [1] * (k - 1) + [0]
+        assert data["round_accepted"][rows].eq(rnd["accepted"]).all()  # what places the round in the text
         # Constant k: k candidates, unless max_new_tokens leaves room for fewer (one goes to the correction).
         generated = len(context) - len(ids[seq])
         assert k == min(config.k, config.max_new_tokens - generated - 1)
@@ -203,6 +204,11 @@ def test_gen_data_resumes_and_is_deterministic(engine, tmp_path, monkeypatch):
     assert data.keys() == again.keys()
     for name in data:
         assert torch.equal(data[name], again[name]), name
+    # A shard logged before a column existed (an older gen-data) still loads with the others, without it.
+    shard = resumed / "shard-00001.safetensors"
+    save_file({k: v for k, v in load_file(str(shard)).items() if k != "round_accepted"}, str(shard))
+    mixed = load_shards(resumed)
+    assert "round_accepted" not in mixed and torch.equal(mixed["accept_prob"], data["accept_prob"])
     generate_dataset(engine, prompts(6), tmp_path / "other", GenConfig(k=3, max_new_tokens=8, shard_prompts=2, seed=2))
     other = load_shards(tmp_path / "other")["accept_prob"]
     assert len(other) != len(data["accept_prob"]) or not torch.equal(other, data["accept_prob"])
@@ -320,6 +326,7 @@ def test_cli_train_eval_predict(engine, tmp_path, capsys):
     assert main(args) == 0
     predicted = json.loads(out.read_text())
     assert predicted["logged_k"] == 4
+    assert predicted["replay"] == "text" and predicted["text_positions"] > 0  # gen-data keeps each round's accepted
     assert set(predicted["best"]) == {"none", "constant", "confidence", "specdec++", "specdec++ auto", "oracle"}
     assert predicted["best"]["specdec++ auto"]["knob"] == "auto"  # the engine's self-tuning, replayed
     assert predicted["best"]["none"]["speedup"] == pytest.approx(1.0)

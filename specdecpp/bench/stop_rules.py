@@ -13,9 +13,11 @@ tokens.
 Time per token = sum of round costs / sum of expected tokens; the predicted speedup is the
 target's one-token step over that (prefill excluded). Intervals are bootstraps by prompt.
 
-Limits: a rule is capped at the logged k; each logged round is a sample of a round start under
-the logging rule (a shorter rule starts its rounds elsewhere; on the same text this matters
-little); heuristic k depends on realised outcomes and is not scored.
+Limits: a rule is capped at the logged k; heuristic k depends on realised outcomes and is not
+scored. Scored one by one, each logged round is a round start of the logging rule, but a rule's
+rounds start where its own end, and how a round starts matters (after a rejection its candidates
+are accepted far less often): `predict(..., replay="text")` walks the logged text instead
+(specdecpp/bench/text_replay.py), the default of `specdecpp heads predict`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from engine.factory import build_engine, resolve_paths
 from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
 from engine.params import AUTO
 from engine.tuning import SelfTuning
-from heads.data import load_shards
+from heads.data import concat_columns, load_shards
 from heads.evaluate import head_predictions
 from heads.train import head_inputs
 from specdecpp.bench.machine import machine_record
@@ -52,17 +54,19 @@ class Rounds:
     temperature: torch.Tensor  # [R]
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> calibrated a-hat [R, K] (nan: not judged)
     head_timing: dict[str, str] = field(default_factory=dict)
+    accepted: torch.Tensor | None = None  # [R] candidates the logging run accepted (None: not logged)
 
     def only(self, keep: torch.Tensor) -> Rounds:
         """The rounds where `keep` [R] is true."""
         return Rounds(self.accept[keep], self.length[keep], self.seq[keep], self.draft_prob[keep],
-                      self.temperature[keep], {k: v[keep] for k, v in self.head.items()}, dict(self.head_timing))
+                      self.temperature[keep], {k: v[keep] for k, v in self.head.items()}, dict(self.head_timing),
+                      None if self.accepted is None else self.accepted[keep])
 
 
 def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | None = None) -> Rounds:
     """Rounds of every directory; the heads' predictions for each candidate they can judge."""
     parts = [load_shards(d) for d in data_dirs]
-    data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    data = concat_columns(parts)
     for i, p in enumerate(parts):  # sequence and round ids unique across directories
         p["seq"] = p["seq"].long() + i * 1_000_000
         p["round"] = p["round"].long() + i * 1_000_000_000_000
@@ -85,6 +89,9 @@ def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | 
         temperature=torch.zeros(num_rounds, dtype=torch.float64).index_copy_(
             0, round_index, data["features"][:, CANDIDATE_FEATURES.index("temperature")].double()),
     )
+    if "round_accepted" in data:
+        rounds.accepted = torch.zeros(num_rounds, dtype=torch.long).index_copy_(
+            0, round_index, data["round_accepted"].long())
     for name, head in (heads or {}).items():
         rows = head_inputs(data, head.timing)
         judged = torch.arange(len(data["accept_prob"]))
@@ -139,20 +146,29 @@ def round_outcomes(
     -1: L - 1 for a head judging after the forward, whose last candidate is not judged)."""
     mask = torch.arange(1, rounds.accept.shape[1] + 1).unsqueeze(0) <= lengths.unsqueeze(1)
     accepted = (torch.cumprod(rounds.accept, dim=1) * mask).sum(1)
+    return {"tokens": accepted + 1, "accepted": accepted, "proposed": lengths.double(),
+            "seconds": round_seconds(lengths, costs, features, head_calls)}
+
+
+def round_seconds(lengths: torch.Tensor, costs: CostModel, features: bool = False, head_calls: int = 0) -> torch.Tensor:
+    """Seconds of rounds of `lengths` candidates (`round_outcomes`); a round without candidates is the target alone's
+    one-token step."""
     per_candidate = costs.draft_step + costs.draw + (costs.features if features else 0.0)
     heads = 0 * lengths if head_calls == 0 else (lengths - (1 if head_calls < 0 else 0)).clamp(min=0)
-    seconds = costs.target_cost(lengths + 1) + lengths * per_candidate + heads * costs.head
-    return {"tokens": accepted + 1, "accepted": accepted, "proposed": lengths.double(), "seconds": seconds}
+    return costs.target_cost(lengths + 1) + lengths * per_candidate + heads * costs.head
 
 
 def summarise(outcome: dict[str, torch.Tensor], costs: CostModel) -> dict[str, float]:
+    """Figures of a rule's outcome: per round (rows are rounds) or per prompt with a `rounds` count (rows are
+    prompts, the replay along the text)."""
     tokens = float(outcome["tokens"].sum())
+    rounds = float(outcome["rounds"].sum()) if "rounds" in outcome else len(outcome["tokens"])
     return {
         "speedup": float(costs.target_cost(torch.tensor([1]))[0]) * tokens / float(outcome["seconds"].sum()),
-        "tokens_per_round": tokens / len(outcome["tokens"]),
+        "tokens_per_round": tokens / rounds,
         "discard_rate": float((outcome["proposed"] - outcome["accepted"]).sum()) / tokens,
-        "verification_rate": len(outcome["tokens"]) / tokens,
-        "mean_candidate_length": float(outcome["proposed"].mean()),
+        "verification_rate": rounds / tokens,
+        "mean_candidate_length": float(outcome["proposed"].sum()) / rounds,
     }
 
 
@@ -179,24 +195,33 @@ def auto_plans(
     """([R, K] levels, [R] budgets) threshold "auto" would set for each round, the levels by the round's length
     if it stopped at each logged position, replaying the engine's self-tuning in logged order (one sequence per
     round, from the engine's prior): each round is planned from the acceptance learnt so far, which then learns
-    the labels of the candidates the round proposed. A budget of none (the target alone) is replayed as one
-    candidate: the logged rounds all proposed."""
+    the labels of the candidates the round proposed (`auto_round`)."""
     tuning = SelfTuning(LiveCosts(costs))
-    low, high = bounds
     positions = rounds.accept.shape[1]
     levels = torch.empty(len(rounds.length), positions, dtype=torch.float64)
     budgets = torch.empty(len(rounds.length), dtype=torch.long)
     pred = rounds.head[name].nan_to_num(1.0)
-    after = int(rounds.head_timing[name] == "after")
+    after = rounds.head_timing[name] == "after"
     for r in range(len(rounds.length)):
-        plan = tuning.plan([high])
-        by_depth, budgets[r] = plan.depth_levels, max(plan.budgets[0], 1)
-        levels[r] = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(positions)])
-        reject = 1 - torch.cumprod(pred[r, : int(rounds.length[r])], 0)
-        stops = [s + 1 + after for s in range(len(reject)) if reject[s] > levels[r, s] and s + 1 + after >= low]
-        length = min(stops[0] if stops else high, int(rounds.length[r]), int(budgets[r]))
+        levels[r], budgets[r], length = auto_round(tuning, pred[r], int(rounds.length[r]), bounds, after)
         tuning.observe_acceptance(rounds.accept[r, :length].tolist())
     return levels, budgets
+
+
+def auto_round(
+    tuning: SelfTuning, pred: torch.Tensor, length: int, bounds: tuple[int, int], after: bool
+) -> tuple[torch.Tensor, int, int]:
+    """One round of threshold "auto" over candidates whose head estimates are `pred` [K] (the first `length`
+    available): (its levels by the round's length if it stopped at each position, its budget, its candidates).
+    A budget of none (the target alone) is replayed as one candidate: every replayed round proposes."""
+    low, high = bounds
+    plan = tuning.plan([high])
+    by_depth, budget = plan.depth_levels, max(plan.budgets[0], 1)
+    levels = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(len(pred))],
+                          dtype=torch.float64)
+    reject = 1 - torch.cumprod(pred[:length], 0)
+    stops = [s + 1 + after for s in range(length) if reject[s] > levels[s] and s + 1 + after >= low]
+    return levels, budget, min(stops[0] if stops else high, length, budget)
 
 
 def default_rules(
@@ -214,32 +239,44 @@ def default_rules(
         policy = "specdec++" if name == "default" else f"specdec++-{name}"
         rows += [(policy, t, ("specdec++", name, t, low, high)) for t in grid]
         if costs is not None:
-            levels, budgets = auto_plans(rounds, name, costs, bounds)
-            rows.append((policy, AUTO, ("specdec++", name, levels, low, budgets)))
+            rows.append((policy, AUTO, ("auto", name, low, high)))
     rows += [("oracle", t, ("oracle", None, t, low, high)) for t in grid]
     return rows
 
 
-def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples: int = 1000) -> dict:
+def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples: int = 1000,
+            replay: str = "rounds") -> dict:
     """Every default rule's predicted figures, the best knob per policy (interior or not), and paired
-    bootstrap ratios of the best specdec++ rows over the best constant and confidence rows."""
-    rules = default_rules(rounds, bounds, costs)
+    bootstrap ratios of the best specdec++ rows over the best constant and confidence rows.
+
+    `replay`: "rounds" scores each logged round as a round of the rule; "text" walks the logged text, each
+    rule's rounds starting where its own end (specdecpp/bench/text_replay.py)."""
+    if replay not in ("rounds", "text"):
+        raise ValueError(f"replay must be 'rounds' or 'text', not {replay!r}")
+    from specdecpp.bench import text_replay  # it builds on this module
+
+    text = text_replay.text_positions(rounds) if replay == "text" else None
     outcomes, rows = [], []
-    for policy, knob, rule in rules:
-        lengths = stop_lengths(rounds, rule)
-        if policy == "none":
-            outcome = {"tokens": torch.ones(len(lengths), dtype=torch.float64), "accepted": torch.zeros(len(lengths)),
-                       "proposed": torch.zeros(len(lengths)), "seconds": costs.target_cost(torch.ones(len(lengths)))}
+    for policy, knob, rule in default_rules(rounds, bounds, costs):
+        head_calls = 0
+        if rule[0] in ("specdec++", "auto"):
+            head_calls = -1 if rounds.head_timing[rule[1]] == "after" else 1
+        elif rule[0] == "oracle":
+            head_calls = 1
+        features = rule[0] not in ("none", "constant")
+        if text is not None:
+            rule_at = text_replay.auto_rule(text, rule[1], costs, bounds) if rule[0] == "auto" \
+                else text_replay.fixed_rule(text, rule)
+            outcome = text_replay.replay(text, rule_at, costs, features, head_calls)
         else:
-            head_calls = 0
-            if rule[0] == "specdec++":
-                head_calls = -1 if rounds.head_timing[rule[1]] == "after" else 1
-            elif rule[0] == "oracle":
-                head_calls = 1
-            outcome = round_outcomes(rounds, lengths, costs, features=rule[0] != "constant", head_calls=head_calls)
+            if rule[0] == "auto":
+                levels, budgets = auto_plans(rounds, rule[1], costs, bounds)
+                rule = ("specdec++", rule[1], levels, rule[2], budgets)
+            outcome = round_outcomes(rounds, stop_lengths(rounds, rule), costs, features, head_calls)
         outcomes.append(outcome)
         rows.append({"policy": policy, "knob": knob, **{k: round(v, 4) for k, v in summarise(outcome, costs).items()}})
-    boot = bootstrap_speedups(outcomes, rounds.seq, costs, resamples)
+    seq = torch.arange(len(text.spans)) if text is not None else rounds.seq  # text: a row per prompt
+    boot = bootstrap_speedups(outcomes, seq, costs, resamples)
     for row, column in zip(rows, boot.T, strict=True):
         row["speedup_ci95"] = [round(float(column.quantile(0.025)), 4), round(float(column.quantile(0.975)), 4)]
     best: dict[str, int] = {}  # by policy; an "auto" row is its own entry, "<policy> auto"
@@ -263,7 +300,8 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
                 "ci_low": round(float(ratio.quantile(0.025)), 4), "ci_high": round(float(ratio.quantile(0.975)), 4),
             })
     return {
-        "rounds": len(rounds.length), "prompts": int(torch.unique(rounds.seq).numel()),
+        "replay": replay, "rounds": len(rounds.length), "prompts": int(torch.unique(rounds.seq).numel()),
+        **({"text_positions": len(text.windows.length), "imputed_positions": text.imputed} if text is not None else {}),
         "logged_k": int(rounds.accept.shape[1]), "bounds": list(bounds),
         "mean_accept": round(float(rounds.accept.sum() / rounds.length.sum()), 4),
         "costs": asdict(costs), "best": best_rows, "comparisons": comparisons, "rows": rows,
@@ -287,13 +325,16 @@ def predict_from_data(
     costs: str | None = None,
     save_costs: str | None = None,
     temperature: float | None = None,
+    replay: str = "text",
 ) -> dict:
     """`specdecpp heads predict`: every stop rule's predicted figures on the rounds of `data_dirs`
     (`predict`), written as JSON to `output`, the best row per policy printed.
 
     `head`: the acceptance head (default: the default pair's shipped one); `post_head`: a second one,
     scored as specdec++-post. `costs`: a cost model JSON (default: measure the default pair now),
-    saved to `save_costs` if given. `temperature`: only rounds sampled at it.
+    saved to `save_costs` if given. `temperature`: only rounds sampled at it. `replay`: "text" walks the logged
+    text (each rule's rounds start where its own end), "rounds" scores the logged rounds one by one; data logged
+    without the rounds' accepted counts is replayed by rounds.
     """
     head_dir = head or resolve_paths(EngineConfig())[2]
     heads = {"default": load_head(head_dir)}
@@ -305,9 +346,12 @@ def predict_from_data(
     rounds = load_rounds(data_dirs, heads)
     if temperature is not None:
         rounds = rounds.only((rounds.temperature - temperature).abs() < 1e-4)  # stored as float32
+    if replay == "text" and rounds.accepted is None:
+        log.warning("the data has no accepted counts per round (logged by an older gen-data): replaying by rounds")
+        replay = "rounds"
     result = {"data": list(data_dirs), "heads": {k: str(v) for k, v in
                                                  (("default", head_dir), ("post", post_head)) if v},
-              **predict(rounds, cost_model, bounds)}
+              **predict(rounds, cost_model, bounds, replay=replay)}
     Path(output).write_text(json.dumps(result, indent=2) + "\n")
     print(format_best(result))
     return result

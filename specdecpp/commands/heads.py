@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--save-costs", help="write the cost model used to this JSON file")
     r.add_argument("--bounds", type=int, nargs=2, default=[1, 20], metavar=("MIN", "MAX"))
     r.add_argument("--temperature", type=float, help="only rounds sampled at this temperature")
+    r.add_argument("--replay", choices=("text", "rounds"), default="text",
+                   help="walk the logged text, each rule's rounds starting where its own end (default), or score "
+                        "the logged rounds one by one")
     r.add_argument("--output", required=True, help="JSON file to write")
     r.set_defaults(func=run_predict)
 
@@ -121,7 +124,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from specdecpp.bench.stop_rules import predict_from_data
 
     predict_from_data(args.data, args.output, bounds=tuple(args.bounds), head=args.head, post_head=args.post_head,
-                      costs=args.costs, save_costs=args.save_costs, temperature=args.temperature)
+                      costs=args.costs, save_costs=args.save_costs, temperature=args.temperature,
+                      replay=args.replay)
     return 0
 
 
