@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.tuning import PROBE_EVERY
 from specdecpp.bench.stop_rules import CostModel, Rounds, predict
 from specdecpp.bench.text_replay import auto_rule, fixed_rule, replay, text_positions
 
@@ -77,6 +78,19 @@ def test_auto_walks_the_whole_text_and_learns_along_it():
     text = text_positions(two_prompts())
     out = replay(text, auto_rule(text, "default", COSTS, (1, 4)), COSTS, True, 1, sims=4)
     assert out["tokens"].tolist() == [6, 6] and (out["proposed"] > 0).all()
+
+
+def test_auto_runs_the_target_alone_where_no_candidate_pays():
+    # A draft step dearer than a target step: no round with candidates beats the target alone. Walking the text,
+    # auto runs the target alone but for a probe round now and then (engine/tuning.py); the rounds replay, whose
+    # logged rounds all proposed, cannot.
+    dear = CostModel(draft_step=1.5, draw=0.0, features=0.0, head=0.0, target={1: 1.0, 9: 1.8})
+    rounds = logged(accept=[[1, 1, 1, 1]] * 6, length=[4] * 6, accepted=[4] * 6, seq=[0, 0, 0, 1, 1, 1])
+    text = text_positions(rounds)
+    out = replay(text, auto_rule(text, "default", dear, (1, 4)), dear, True, 1, sims=2)
+    assert out["tokens"].sum() == 30 and out["proposed"].sum() <= out["rounds"].sum() / PROBE_EVERY + 1
+    result = predict(rounds, dear, (1, 4), resamples=10, replay="text")
+    assert result["best"]["specdec++ auto"]["speedup"] > 0.9 > result["best"]["constant"]["speedup"]
 
 
 def test_predict_along_the_text():

@@ -209,14 +209,15 @@ def auto_plans(
 
 
 def auto_round(
-    tuning: SelfTuning, pred: torch.Tensor, length: int, bounds: tuple[int, int], after: bool
+    tuning: SelfTuning, pred: torch.Tensor, length: int, bounds: tuple[int, int], after: bool, min_budget: int = 1
 ) -> tuple[torch.Tensor, int, int]:
     """One round of threshold "auto" over candidates whose head estimates are `pred` [K] (the first `length`
     available): (its levels by the round's length if it stopped at each position, its budget, its candidates).
-    A budget of none (the target alone) is replayed as one candidate: every replayed round proposes."""
+    A budget below `min_budget` is replayed as that: a logged round always proposed (1), while a walk along the
+    text may run the target alone (0), as the engine does where no candidate pays."""
     low, high = bounds
     plan = tuning.plan([high])
-    by_depth, budget = plan.depth_levels, max(plan.budgets[0], 1)
+    by_depth, budget = plan.depth_levels, max(plan.budgets[0], min_budget)
     levels = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(len(pred))],
                           dtype=torch.float64)
     reject = 1 - torch.cumprod(pred[:length], 0)

@@ -14,7 +14,8 @@ does not hold and are left out. A round of a rule starts at a text position, pro
 positions as its candidates (its length from the same rule functions as the rounds replay), accepts
 each with probability a (a uniform draw per position, the same draws for every rule: paired
 comparisons), and the next round starts after its accepted candidates and the target's token.
-Threshold "auto" plans each round as the engine does, learning as it goes (`stop_rules.auto_round`).
+Threshold "auto" plans each round as the engine does, learning as it goes (`stop_rules.auto_round`), and
+runs the target alone where its plan proposes nothing.
 
 Approximations: the text after a replayed rejection is the logged text, not a fresh correction
 (only that one token differs); the target's bonus token after a fully accepted logged round was
@@ -138,8 +139,8 @@ def fixed_rule(text: Text, rule: tuple) -> Callable[[], Callable[[int], int]]:
 
 
 def auto_rule(text: Text, name: str, costs: CostModel, bounds: tuple[int, int]) -> Callable[[], Callable[[int], int]]:
-    """Threshold "auto" with head `name`: each walk from the engine's prior, planning every round and learning
-    the labels of the candidates it proposed (`auto_round`)."""
+    """Threshold "auto" with head `name`: each walk from the engine's prior, planning every round (the target
+    alone where the plan's budget is none) and learning the labels of the candidates it proposed (`auto_round`)."""
     w = text.windows
     pred = w.head[name].nan_to_num(1.0)
     after = w.head_timing[name] == "after"
@@ -152,7 +153,7 @@ def auto_rule(text: Text, name: str, costs: CostModel, bounds: tuple[int, int]) 
             length = window_lengths[t]
             if length == 0:
                 return 0
-            _, _, proposed = auto_round(tuning, pred[t], length, bounds, after)
+            _, _, proposed = auto_round(tuning, pred[t], length, bounds, after, min_budget=0)
             tuning.observe_acceptance(w.accept[t, :proposed].tolist())
             return proposed
 
