@@ -224,13 +224,17 @@ def measure_costs(
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, min(target.vocab_size, draft.vocab_size), (n,), generator=generator)
 
-    def fastest(fn: Callable[[], object], times: int, warm_up: bool = True) -> float:
+    def fastest(fn: Callable[[], object], times: int, warm_up: bool = True,
+                before: Callable[[], object] | None = None) -> float:
         """The fastest of `times` calls after a warm-up: another process stealing the CPU (or an
-        OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do."""
+        OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do.
+        `before`, if given, runs untimed ahead of every call."""
         if warm_up:
             fn()  # first calls allocate
         samples = []
         for _ in range(times):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
@@ -277,32 +281,26 @@ def measure_costs(
                             for b in powers_of_two(max_sequences)})
     draft_tokens = monotone({1: draft_batch[1]} | {n: timed(draft, draft_one, n) for n in catch_up_sizes(max_tokens)})
 
-    def after_draft_step(fn: Callable[[], object], caches: list) -> float:
-        """The fastest of `fn`'s calls each right after a draft step, as a round makes them: the step's weights
-        have pushed the head's and the vocabulary's tensors out of the cache by then."""
-        samples = []
-        for _ in range(2 * reps + 2):
-            draft.forward_batch([ids(1)], caches, [1])
-            crop_cache(caches[0], context)
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return min(samples[1:])  # the first call allocates
+    def draft_step() -> None:
+        """One draft step on the one-sequence context: the per-candidate work is timed right after one, as a round
+        runs it, when the step's weights have pushed the head's and the vocabulary's tensors out of the cache."""
+        draft.forward_batch([ids(1)], draft_one, [1])
+        crop_cache(draft_one[0], context)
 
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
     params = SamplingParams(temperature=1.0)
     one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)
     features = candidate_features(logits, token, one, one, one)
     state = torch.randn(1, draft.hidden_size, device=draft.device)
-    draw = after_draft_step(lambda: sample(processed_probs(logits, params), None), draft_one)
-    feature_seconds = after_draft_step(lambda: candidate_features(logits, token, one, one, one), draft_one)
-    head_seconds = after_draft_step(lambda: head.accept_prob(state, features), draft_one) if head is not None else 0.0
-    del draft_one
+    per_candidate = {
+        "draw": fastest(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1, before=draft_step),
+        "features": fastest(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1, before=draft_step),
+        "head": fastest(lambda: head.accept_prob(state, features), 2 * reps + 1, before=draft_step)
+        if head is not None else 0.0,
+    }
     return CostModel(
         draft_step=draft_batch[1],
-        draw=draw,
-        features=feature_seconds,
-        head=head_seconds,
+        **per_candidate,
         target=target_one,
         draft_batch=draft_batch,
         target_full=target_full,

@@ -178,7 +178,7 @@ class SelfTuning:
             if self.rounds_without_candidates >= PROBE_EVERY:
                 budgets = [min(1, k) if c is None or c[0] <= c[1] else 0 for k, c in zip(max_k, catch_ups, strict=True)]
                 self.rounds_without_candidates = 0
-        return RoundTuning(budgets=budgets, levels=[level] * batch, rate=rate, depth_levels=by_depth)
+        return RoundTuning(budgets=budgets, levels=[level] * len(max_k), rate=rate, depth_levels=by_depth)
 
     def state(self) -> dict:
         """Everything the decisions depend on, as plain data (another rank of a tensor-parallel target takes it)."""

@@ -55,21 +55,18 @@ def text_positions(rounds: Rounds) -> Text:
         raise ValueError("the data has no realized accepted counts (logged before they were kept): "
                          "log it again with `specdecpp heads gen-data` to replay along the text")
     k = rounds.accept.shape[1]
+    values = {"accept": rounds.accept, "draft_prob": rounds.draft_prob, **rounds.head}  # [R, K] each
     deep = (rounds.accepted >= k - 1) & (rounds.length == k)  # candidate k followed k - 1 accepted text tokens
-    fill = {"accept": rounds.accept[deep, k - 1].mean() if deep.any() else rounds.accept[:, 0].mean(),
-            "draft_prob": rounds.draft_prob[deep, k - 1].mean() if deep.any() else rounds.draft_prob[:, 0].mean()}
-    fill.update({name: pred[deep, k - 1].nanmean() if deep.any() else pred[:, 0].nanmean()
-                 for name, pred in rounds.head.items()})
-    columns: dict[str, list[torch.Tensor]] = {name: [] for name in ("accept", "draft_prob", *rounds.head)}
+    rows, col = (deep, k - 1) if deep.any() else (torch.ones_like(deep), 0)
+    fill = {name: grid[rows, col].nanmean() for name, grid in values.items()}
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in values}
     seq, temperature, spans, imputed = [], [], [], 0
     order = torch.argsort(rounds.seq, stable=True).tolist()  # a batched run logs its prompts' rounds interleaved
     for i, r in enumerate(order):
         n, m = int(rounds.length[r]), int(rounds.accepted[r])
         labelled = min(m + 1, n)
-        values = {"accept": rounds.accept[r], "draft_prob": rounds.draft_prob[r], **{
-            name: pred[r] for name, pred in rounds.head.items()}}
-        for name, row in values.items():
-            columns[name].append(row[:labelled])
+        for name, grid in values.items():
+            columns[name].append(grid[r, :labelled])
             if m >= n:  # all accepted: the target's bonus token, never drafted
                 columns[name].append(fill[name].reshape(1))
         count = labelled + int(m >= n)
