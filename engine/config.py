@@ -20,6 +20,8 @@ QUANTIZATION_MODES = ("none", "int8", "int4", "w8a8")
 # A w8a8 layer scales its activations by the whole call's largest, so a target's logits for one token would
 # depend on the other tokens of its forward: speculation could not reproduce such a target alone exactly.
 TARGET_QUANTIZATION_MODES = ("none", "int8", "int4")
+# An acceptance head's linear layers: w8a8 or as trained (fp32); auto measures which judges faster (engine/costs.py)
+HEAD_QUANTIZATION_MODES = ("auto", "none", "w8a8")
 
 
 def option(flag: str, help: str, **argparse_extras) -> dict:
@@ -119,6 +121,11 @@ class EngineConfig:
         "--target-quantization", "weight-only quantization of the target's linear layers. This CHANGES "
         "THE TARGET: output follows the quantized target's distribution, not the original's (default: %(default)s)",
         choices=TARGET_QUANTIZATION_MODES))
+    head_quantization: str = field(default="auto", metadata=option(
+        "--head-quantization", "the acceptance heads' linear layers on the CPU: w8a8 (int8 weights and activations) "
+        "or none (as trained). Lossless: only where rounds stop changes. auto: w8a8 where it judges a candidate "
+        "faster right after a draft step, as a round runs it, and its logits stay close to the trained head's "
+        "(default: %(default)s)", choices=HEAD_QUANTIZATION_MODES))
     cost_model: str | None = field(default=None, metadata=option(
         "--cost-model", "a cost model JSON (as `specdecpp heads predict --save-costs` writes) to start from instead "
         "of measuring the models at start; either way the engine refreshes it from its own timings", metavar="FILE"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from engine.head import AcceptanceHead, candidate_features
+from engine.head import AcceptanceHead, candidate_features, w8a8_head
 from engine.params import SamplingParams
 from engine.runner import ModelRunner, crop_cache
 from engine.sampling import probs_of_processed, processed_logits, processed_probs, sample
@@ -29,6 +29,9 @@ SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost l
 LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, without a warm-up
 DENSE_TARGET_SIZES = 9  # measure_costs times the target at every size up to this (rounds of up to 8 candidates)
 STALE_WEIGHT = 0.5  # most weight of the draft observation that ends a spell without proposals
+HEAD_W8A8_MIN_GAIN = 1.1  # choose_head_kernel "auto": w8a8 only where one judgement measures this much faster
+HEAD_W8A8_MAX_LOGIT_ERROR = 0.1  # ... and no probe's logit moves by more than this (a 2.5-point probability)
+PROBE_ROWS = 64  # choose_head_kernel: standardised random inputs the quantized head's logits are checked on
 
 
 def segment(sizes: list[int], x: float) -> tuple[int, int]:
@@ -200,6 +203,72 @@ def monotone(points: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
+def fastest(fn: Callable[[], object], times: int, warm_up: bool = True,
+            before: Callable[[], object] | None = None) -> float:
+    """The fastest of `times` calls after a warm-up: another process stealing the CPU (or an
+    OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do.
+    `before`, if given, runs untimed ahead of every call."""
+    if warm_up:
+        fn()  # first calls allocate
+    samples = []
+    for _ in range(times):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return min(samples)
+
+
+def draft_stepper(draft: ModelRunner, context: int, generator: torch.Generator) -> Callable[[], None]:
+    """A callable running one draft step on a one-sequence context of `context` random tokens (cropped back after
+    each step). The per-candidate work is timed right after one, as a round runs it, when the step's weights have
+    pushed the head's and the vocabulary's tensors out of the cache."""
+    cache = draft.new_cache()
+    draft.forward(random_ids(draft, context, generator).unsqueeze(0), cache)
+
+    def step() -> None:
+        draft.forward_batch([random_ids(draft, 1, generator)], [cache], [1])
+        crop_cache(cache, context)
+
+    return step
+
+
+def random_ids(runner: ModelRunner, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, runner.vocab_size, (n,), generator=generator)
+
+
+@torch.inference_mode()
+def choose_head_kernel(head: AcceptanceHead, draft: ModelRunner, requested: str = "auto",
+                       context: int = 128, reps: int = 7) -> tuple[AcceptanceHead, dict]:
+    """The head as it judges fastest on this host, and what was measured: `requested` "none" keeps it as trained,
+    "w8a8" quantizes it (`w8a8_head`), "auto" quantizes it where, timed right after a draft step as a round runs
+    it, one judgement is at least HEAD_W8A8_MIN_GAIN faster and the logits of probe inputs stay within
+    HEAD_W8A8_MAX_LOGIT_ERROR of the trained head's. A CUDA head is left as trained."""
+    choice: dict = {"requested": requested, "quantization": "none"}
+    if requested == "none" or head.out.weight.device.type != "cpu":
+        return head, choice
+    try:
+        quantized = w8a8_head(head)
+    except ValueError as error:  # no quantized CPU engine in this torch build
+        if requested == "w8a8":
+            raise
+        return head, choice | {"unavailable": str(error)}
+    generator = torch.Generator().manual_seed(0)
+    h, f = head.config.hidden_size, len(head.config.features)  # probes as the head standardises them: N(0, 1)
+    states = head.input_mean + torch.randn(PROBE_ROWS, h, generator=generator) / head.input_scale
+    features = head.feature_mean + torch.randn(PROBE_ROWS, f, generator=generator) / head.feature_scale
+    error = max((quantized(states[i : i + 1], features[i : i + 1]) - head(states[i : i + 1], features[i : i + 1]))
+                .abs().item() for i in range(PROBE_ROWS))
+    step = draft_stepper(draft, context, generator)
+    ms = {name: 1e3 * fastest(lambda m=model: m.accept_prob(states[:1], features[:1]), reps, before=step)
+          for name, model in (("none", head), ("w8a8", quantized))}
+    choice |= {"ms_after_draft_step": ms, "max_logit_error": round(error, 4)}
+    if requested == "w8a8" or (ms["none"] >= HEAD_W8A8_MIN_GAIN * ms["w8a8"] and error <= HEAD_W8A8_MAX_LOGIT_ERROR):
+        return quantized, choice | {"quantization": "w8a8"}
+    return head, choice
+
+
 @torch.inference_mode()
 def measure_costs(
     target: ModelRunner,
@@ -223,22 +292,6 @@ def measure_costs(
 
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, min(target.vocab_size, draft.vocab_size), (n,), generator=generator)
-
-    def fastest(fn: Callable[[], object], times: int, warm_up: bool = True,
-                before: Callable[[], object] | None = None) -> float:
-        """The fastest of `times` calls after a warm-up: another process stealing the CPU (or an
-        OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do.
-        `before`, if given, runs untimed ahead of every call."""
-        if warm_up:
-            fn()  # first calls allocate
-        samples = []
-        for _ in range(times):
-            if before is not None:
-                before()
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-        return min(samples)
 
     def prefilled(runner: ModelRunner, sequences: int) -> list:
         caches = [runner.new_cache() for _ in range(sequences)]
@@ -281,12 +334,7 @@ def measure_costs(
                             for b in powers_of_two(max_sequences)})
     draft_tokens = monotone({1: draft_batch[1]} | {n: timed(draft, draft_one, n) for n in catch_up_sizes(max_tokens)})
 
-    def draft_step() -> None:
-        """One draft step on the one-sequence context: the per-candidate work is timed right after one, as a round
-        runs it, when the step's weights have pushed the head's and the vocabulary's tensors out of the cache."""
-        draft.forward_batch([ids(1)], draft_one, [1])
-        crop_cache(draft_one[0], context)
-
+    draft_step = draft_stepper(draft, context, generator)
     logits = draft.logits(torch.randn(1, draft.hidden_size, dtype=draft.dtype, device=draft.device)).float()
     params = SamplingParams(temperature=1.0)
     one, token = torch.ones(1, device=logits.device), torch.zeros(1, dtype=torch.long, device=logits.device)

@@ -108,6 +108,7 @@ def assemble_engine(
         draft_quantization=draft_kernels or config.draft_quantization,
         quantize_draft_lm_head=config.draft_lm_head_quantization,
         target_quantization=config.target_quantization,
+        head_quantization=config.head_quantization,
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
         online_calibration=config.online_calibration,
         max_over_acceptance=config.max_over_acceptance,

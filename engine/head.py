@@ -20,6 +20,7 @@ A head is only ever read from safetensors and a JSON config: never unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from engine.loading.quantize import QuantizedLinear
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -143,6 +146,17 @@ class AcceptanceHead(nn.Module):
         tensors = {k: v.detach().contiguous().cpu().float() for k, v in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_NAME))
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+
+def w8a8_head(head: AcceptanceHead) -> AcceptanceHead:
+    """A copy of a CPU head whose residual blocks hold int8 weights and quantize their activations per call (w8a8):
+    a quarter of the bytes a judgement reads, and in a round they come from memory, a draft step having pushed
+    them out of the cache. The small input and output layers stay as trained. As with a w8a8 draft, a row's result
+    depends slightly on the other rows of its call."""
+    quantized = copy.deepcopy(head)
+    for block in quantized.blocks:
+        block.linear = QuantizedLinear(block.linear, 8, activations=True)
+    return quantized.eval()
 
 
 class HeadMismatchError(ValueError):

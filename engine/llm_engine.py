@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from engine.calibration import Calibrators
 from engine.config import TARGET_QUANTIZATION_MODES
-from engine.costs import CostModel, LiveCosts, measure_costs
+from engine.costs import CostModel, LiveCosts, choose_head_kernel, measure_costs
 from engine.detokenizer import Detokenizer
 from engine.events import MAX_CHOICES, AbortRequest, AddRequest, Admitted, Completion, Prompt, TokenEvent, choice_ids
 from engine.grammar import GrammarCompiler, GrammarConstraint
@@ -85,6 +85,7 @@ class LLMEngine:
         draft_quantization: str | KernelChoice = "none",
         quantize_draft_lm_head: bool = True,
         target_quantization: str = "none",
+        head_quantization: str = "none",
         costs: CostModel | None = None,
         online_calibration: bool = True,
         max_over_acceptance: float = 0.0,
@@ -110,7 +111,13 @@ class LLMEngine:
                         quantize_lm_head=quantize_draft_lm_head, cpu_row_padding=cpu_row_padding)
             if draft is not None else None
         )
-        self.heads = {name: head.to(self.draft.device) for name, head in heads.items()}
+        # each head as it judges fastest here (w8a8 or as trained), and what that choice measured
+        self.heads: dict[str, AcceptanceHead] = {}
+        self.head_kernels: dict[str, dict] = {}
+        for name, head in heads.items():
+            self.heads[name], self.head_kernels[name] = choose_head_kernel(
+                head.to(self.draft.device), self.draft, head_quantization)
+            log.info("head %r kernels: %s", name, self.head_kernels[name])
         # one online calibrator per head and temperature band; `online_calibration` False only measures
         self.calibration = Calibrators(self.heads, learning=online_calibration)
         self.recorder: Callable[[RoundRecord], None] | None = None  # set to log every verified round

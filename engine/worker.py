@@ -79,7 +79,7 @@ def _build(config: dict) -> tuple[Any, EngineReady]:
         model=model_identity(target),
         draft=model_identity(draft) if draft else None,
         head=head,
-        heads={name: {"timing": h.timing} for name, h in engine.heads.items()},
+        heads={name: {"timing": h.timing, "kernels": engine.head_kernels[name]} for name, h in engine.heads.items()},
         max_model_len=engine.max_model_len,
         default_spec=engine.default_spec,
         scheduler=dataclasses.asdict(engine.scheduler.config),  # batching, max_num_seqs, ...

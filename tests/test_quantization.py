@@ -17,11 +17,14 @@ from test_engine_distribution import (
     exact_two_token_distribution,
     sample_two_tokens,
 )
-from tiny import char_tokenizer, tiny_model
+from tiny import CHEAP_DRAFT_COSTS, char_tokenizer, tiny_model
 from torch import nn
 
+import engine.costs as costs
 import engine.loading.kernels as kernels
 import engine.speculate as speculate
+from engine.costs import choose_head_kernel
+from engine.head import AcceptanceHead, w8a8_head
 from engine.llm_engine import LLMEngine
 from engine.loading.kernels import DECODE_ROWS, choose_and_quantize, cpu_features, interleaved_ms, probe_layers
 from engine.loading.quantize import QuantizedLinear, mode_bits, quantizable, quantize_linears
@@ -315,4 +318,100 @@ def test_int8_draft_distribution_control_fails(int8_distribution_engine, monkeyp
     monkeypatch.setattr(speculate, "verify", accept_every_draft_token)
     engine = int8_distribution_engine
     counts = sample_two_tokens(engine, T1, SpecConfig(policy="constant", k=3))
+    assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) < 1e-6
+
+
+# ----- the acceptance head -------------------------------------------------------------------
+def trained_scale_head(hidden: int, seed: int) -> AcceptanceHead:
+    """A random head at a trained head's scale: each layer keeps its input's, nothing explodes."""
+    head = random_head(hidden, seed=seed)
+    with torch.no_grad():
+        for layer in head.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0.0, layer.in_features**-0.5)
+    return head
+
+
+def test_a_w8a8_head_judges_close_to_the_trained_one():
+    head = trained_scale_head(64, seed=5)
+    quantized = w8a8_head(head)
+    layers = [m for m in quantized.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 2 and all(layer.mode == "w8a8" for layer in layers)  # the blocks
+    assert not any(isinstance(m, QuantizedLinear) for m in head.modules())  # the trained head is left as it was
+    torch.manual_seed(0)
+    states, features = torch.randn(16, 64), torch.randn(16, len(head.config.features))
+    with torch.inference_mode():
+        for i in range(16):  # one row a call, as a round judges one sequence
+            z, zq = head(states[i : i + 1], features[i : i + 1]), quantized(states[i : i + 1], features[i : i + 1])
+            assert (zq - z).abs().item() < 0.05 * (1 + z.abs().item())
+
+
+def fake_fastest(ms_by_head: dict[str, float], heads: dict[str, object]):
+    """`fastest` timing each head's judgement at `ms_by_head` (by "none"/"w8a8"), any other call at 0."""
+    def fastest(fn, times, warm_up=True, before=None):
+        judged = fn.__defaults__[0] if fn.__defaults__ else None
+        return next((ms / 1e3 for name, ms in ms_by_head.items() if heads.get(name) is judged), 0.0)
+    return fastest
+
+
+@pytest.mark.parametrize(("none_ms", "w8a8_ms", "max_error", "chosen"),
+                         [(1.0, 0.5, 0.1, "w8a8"), (1.0, 0.95, 0.1, "none"), (1.0, 0.5, 1e-9, "none")])
+def test_auto_quantizes_the_head_where_it_judges_faster_and_close(
+        monkeypatch, tiny_pair, tokenizer, none_ms, w8a8_ms, max_error, chosen):
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, costs=CHEAP_DRAFT_COSTS)
+    head = trained_scale_head(target.config.hidden_size, seed=6)
+    quantized = w8a8_head(head)
+    monkeypatch.setattr(costs, "w8a8_head", lambda h: quantized)
+    monkeypatch.setattr(costs, "fastest", fake_fastest({"none": none_ms, "w8a8": w8a8_ms},
+                                                       {"none": head, "w8a8": quantized}))
+    monkeypatch.setattr(costs, "HEAD_W8A8_MAX_LOGIT_ERROR", max_error)
+    chosen_head, choice = choose_head_kernel(head, engine.draft, "auto")
+    assert choice["quantization"] == chosen and chosen_head is (quantized if chosen == "w8a8" else head)
+    assert choice["ms_after_draft_step"] == {"none": none_ms, "w8a8": w8a8_ms}
+    assert 0 < choice["max_logit_error"] < 0.1
+    assert choose_head_kernel(head, engine.draft, "none") == (head, {"requested": "none", "quantization": "none"})
+    assert choose_head_kernel(head, engine.draft, "w8a8")[0] is quantized  # asked for: whatever it measured
+
+
+def test_a_w8a8_head_keeps_greedy_output_identical(tokenizer):
+    target, draft = make_tiny_pair()
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                       head_quantization="w8a8", costs=CHEAP_DRAFT_COSTS)
+    assert engine.head_kernels["default"]["quantization"] == "w8a8"
+    assert any(isinstance(m, QuantizedLinear) for m in engine.heads["default"].modules())
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    proposed = 0
+    for prompt in ("hello world", "the quick brown fox"):
+        reference = engine.generate(prompt, params, SpecConfig(policy="none"))
+        for spec in (SPECS[1], SpecConfig(policy="specdec++", threshold="auto", bounds=(1, 10))):
+            out = engine.generate(prompt, params, spec)
+            assert out.token_ids == reference.token_ids, spec.threshold
+            proposed += out.stats["proposed_tokens"]
+    assert proposed > 0
+
+
+@pytest.fixture(scope="module")
+def w8a8_head_distribution_engine() -> LLMEngine:
+    """The sharp pair of the distribution tests, its head judging in w8a8."""
+    target = tiny_model(10, vocab_size=DISTRIBUTION_VOCAB, hidden=16, layers=1, scale=10.0)
+    draft = tiny_model(11, vocab_size=DISTRIBUTION_VOCAB, hidden=16, layers=1, scale=10.0)
+    engine = LLMEngine(target, draft, char_tokenizer("abcde"), heads={"default": random_head(16, seed=3)},
+                       head_quantization="w8a8", costs=CHEAP_DRAFT_COSTS)
+    assert engine.head_kernels["default"]["quantization"] == "w8a8"
+    return engine
+
+
+@pytest.mark.parametrize("threshold", [0.4, "auto"])
+def test_a_w8a8_head_keeps_the_target_distribution(w8a8_head_distribution_engine, threshold):
+    engine = w8a8_head_distribution_engine
+    counts = sample_two_tokens(engine, T1, SpecConfig(policy="specdec++", threshold=threshold, bounds=(1, 6)))
+    assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) > 1e-3
+
+
+def test_a_w8a8_head_distribution_control_fails(w8a8_head_distribution_engine, monkeypatch):
+    """Control: the same test rejects a rule that accepts every draft token."""
+    monkeypatch.setattr(speculate, "verify", accept_every_draft_token)
+    engine = w8a8_head_distribution_engine
+    counts = sample_two_tokens(engine, T1, SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6)))
     assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) < 1e-6

@@ -309,10 +309,11 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
     }
 
 
-def default_pair_costs(head_dir: str) -> CostModel:
-    """The cost model of the default pair with `head_dir` as its head, measured now on this host."""
+def default_pair_costs(head_dir: str, head_quantization: str = "auto") -> CostModel:
+    """The cost model of the default pair with `head_dir` as its head (its kernels chosen as `head_quantization`
+    says), measured now on this host."""
     log.info("measuring the cost model with the default pair")
-    engine = build_engine(EngineConfig(head=head_dir))
+    engine = build_engine(EngineConfig(head=head_dir, head_quantization=head_quantization))
     return replace(engine.tuning.costs.measured, machine=machine_record())
 
 
@@ -327,6 +328,7 @@ def predict_from_data(
     save_costs: str | None = None,
     temperature: float | None = None,
     replay: str = "text",
+    head_quantization: str = "auto",
 ) -> dict:
     """`specdecpp heads predict`: every stop rule's predicted figures on the rounds of `data_dirs`
     (`predict`), written as JSON to `output`, the best row per policy printed.
@@ -335,13 +337,15 @@ def predict_from_data(
     scored as specdec++-post. `costs`: a cost model JSON (default: measure the default pair now),
     saved to `save_costs` if given. `temperature`: only rounds sampled at it. `replay`: "text" walks the logged
     text (each rule's rounds start where its own end), "rounds" scores the logged rounds one by one; data logged
-    without the rounds' accepted counts is replayed by rounds.
+    without the rounds' accepted counts is replayed by rounds. `head_quantization`: the head's kernels in the cost
+    model measured now; the estimates come from the head as trained (a w8a8 head's differ by a hundredth of a logit
+    at most on logged rounds, docs/benchmarks/README.md).
     """
     head_dir = head or resolve_paths(EngineConfig())[2]
     heads = {"default": load_head(head_dir)}
     if post_head:
         heads["post"] = load_head(post_head)
-    cost_model = CostModel.load(costs) if costs else default_pair_costs(head_dir)
+    cost_model = CostModel.load(costs) if costs else default_pair_costs(head_dir, head_quantization)
     if save_costs:
         cost_model.save(save_costs)
     rounds = load_rounds(data_dirs, heads)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from engine.config import DTYPES, QUANTIZATION_MODES
+from engine.config import DTYPES, HEAD_QUANTIZATION_MODES, QUANTIZATION_MODES
 
 
 def default_data_root() -> Path:
@@ -69,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--post-head", help="a second head (e.g. one judging after the forward), rows specdec++-post")
     r.add_argument("--costs", help="cost model JSON (default: measure it now with the default pair)")
     r.add_argument("--save-costs", help="write the cost model used to this JSON file")
+    r.add_argument("--head-quantization", choices=HEAD_QUANTIZATION_MODES, default="auto",
+                   help="the head's kernels when the cost model is measured now, as the engine's option "
+                        "(default: %(default)s); its estimates come from the head as trained either way")
     r.add_argument("--bounds", type=int, nargs=2, default=[1, 20], metavar=("MIN", "MAX"))
     r.add_argument("--temperature", type=float, help="only rounds sampled at this temperature")
     r.add_argument("--replay", choices=("text", "rounds"), default="text",
@@ -125,7 +128,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     predict_from_data(args.data, args.output, bounds=tuple(args.bounds), head=args.head, post_head=args.post_head,
                       costs=args.costs, save_costs=args.save_costs, temperature=args.temperature,
-                      replay=args.replay)
+                      replay=args.replay, head_quantization=args.head_quantization)
     return 0
 
 
