@@ -496,6 +496,9 @@ def test_models_card_and_openapi_name_the_served_model(server, client):
     assert kernels["draft"]["requested"] == "auto" and kernels["draft"]["quantization"] in ("none", "int8")
     assert kernels["draft"]["lm_head"] in ("none", "int8")  # the draft's LM head, chosen by measurement too
     assert "native_bf16" in kernels["host"] and isinstance(kernels["host"]["flags"], list)
+    head = card["specdec"]["heads"]["default"]["kernels"]  # the head's too: w8a8 only where it judges faster
+    assert head["requested"] == "auto" and head["quantization"] in ("none", "w8a8")
+    assert set(head.get("ms_after_draft_step", {})) <= {"none", "w8a8"}
     for role in ("target", "draft"):  # the wide-GEMM class: fp32 copies, and from how many rows, where made
         record = kernels[role]
         assert record["fp32_copies"] >= 0 and (record["fp32_min_rows"] is None) == (record["fp32_copies"] == 0)
