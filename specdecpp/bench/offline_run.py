@@ -103,6 +103,10 @@ def run_offline_bench(args: argparse.Namespace) -> int:
             models[f"{role}_quantization"] = runner.kernels.quantization
     if engine.draft.kernels.lm_head != "none":  # likewise: rows of a draft whose LM head differs do not mix
         models["draft_lm_head"] = engine.draft.kernels.lm_head
+    quantized_heads = {name: k["quantization"] for name, k in engine.head_kernels.items()
+                       if k["quantization"] != "none"}
+    if quantized_heads:  # likewise: a quantized head judges a little differently
+        models["head_quantization"] = quantized_heads
     settings = {
         "dataset": args.dataset,
         "prompt_ids": [p.id for p in prompts],
