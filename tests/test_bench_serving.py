@@ -243,4 +243,5 @@ def test_started_server_flags_of_the_defaults():
     assert serve_args(build_parser().parse_args(["bench", "serving", "--start-server"])) == [
         "--dtype", "bf16", "--tensor-parallel-size", "1", "--max-num-seqs", "8", "--max-num-batched-tokens", "512",
         "--kv-cache-tokens", "131072", "--cpu-fp32-gemm", "auto", "--cpu-row-padding", "auto",
-        "--draft-quantization", "auto", "--target-quantization", "none", "--max-over-acceptance", "0.0"]
+        "--draft-quantization", "auto", "--target-quantization", "none", "--head-quantization", "auto",
+        "--max-over-acceptance", "0.0"]
