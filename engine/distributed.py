@@ -250,14 +250,17 @@ def agreed_kv_budget(placement: Placement, plan_group: Any) -> Placement:
 
 
 def draft_decisions(engine: LLMEngine) -> dict:
-    """What rank 0 measured or sized for its draft replica: its kernel choice, and whether its linears
-    keep fp32 copies (the TP target is not packed)."""
+    """What rank 0 measured or sized for its draft replica: its kernel choice, whether its linears
+    keep fp32 copies (the TP target is not packed), and each head's kernels (every rank must stop its
+    rounds where rank 0 does)."""
     from engine.loading.cpu_linear import PackedLinear
 
+    heads = {name: kernels["quantization"] for name, kernels in engine.head_kernels.items()}
     if engine.draft is None:
-        return {"draft_kernels": None, "cpu_fp32_gemm": "off"}
+        return {"draft_kernels": None, "cpu_fp32_gemm": "off", "head_quantization": heads}
     copies = any(isinstance(m, PackedLinear) and m.fp32_copy for m in engine.draft.model.modules())
-    return {"draft_kernels": engine.draft.kernels, "cpu_fp32_gemm": "on" if copies else "off"}
+    return {"draft_kernels": engine.draft.kernels, "cpu_fp32_gemm": "on" if copies else "off",
+            "head_quantization": heads}
 
 
 def follow(engine: LLMEngine, plan_group: Any) -> None:
@@ -291,7 +294,7 @@ def run_follower() -> None:
     models = load_models(config, target, draft, head, placement)
     decisions = receive(plan_group)
     config = dataclasses.replace(config, cpu_fp32_gemm=decisions["cpu_fp32_gemm"])
-    engine = assemble_engine(config, models, decisions["draft_kernels"])
+    engine = assemble_engine(config, models, decisions["draft_kernels"], head_kernels=decisions["head_quantization"])
     engine.on_round_failure = abandon
     follow(engine, plan_group)
     dist.destroy_process_group()

@@ -93,11 +93,12 @@ def load_models(
 
 
 def assemble_engine(
-    config: EngineConfig, models: dict, draft_kernels: KernelChoice | None = None, measure_costs_now: bool = True
+    config: EngineConfig, models: dict, draft_kernels: KernelChoice | None = None, measure_costs_now: bool = True,
+    head_kernels: dict[str, str] | None = None,
 ) -> LLMEngine:
-    """The engine over `load_models`' models. `draft_kernels`: a kernel choice to replay on the draft
-    instead of measuring one (a follower rank takes rank 0's). `measure_costs_now` False: a cost model
-    to measure is left to `LLMEngine.start_self_tuning` (rank 0 of a tensor-parallel target)."""
+    """The engine over `load_models`' models. `draft_kernels` and `head_kernels` (each head's "none" or "w8a8"):
+    kernel choices to replay instead of measuring them (a follower rank takes rank 0's). `measure_costs_now`
+    False: a cost model to measure is left to `LLMEngine.start_self_tuning` (rank 0 of a tensor-parallel target)."""
     return LLMEngine(
         **models,
         max_model_len=config.max_model_len,
@@ -108,7 +109,7 @@ def assemble_engine(
         draft_quantization=draft_kernels or config.draft_quantization,
         quantize_draft_lm_head=config.draft_lm_head_quantization,
         target_quantization=config.target_quantization,
-        head_quantization=config.head_quantization,
+        head_quantization=head_kernels if head_kernels is not None else config.head_quantization,
         costs=CostModel.load(config.cost_model) if config.cost_model else None,
         online_calibration=config.online_calibration,
         max_over_acceptance=config.max_over_acceptance,

@@ -85,7 +85,7 @@ class LLMEngine:
         draft_quantization: str | KernelChoice = "none",
         quantize_draft_lm_head: bool = True,
         target_quantization: str = "none",
-        head_quantization: str = "none",
+        head_quantization: str | dict[str, str] = "none",
         costs: CostModel | None = None,
         online_calibration: bool = True,
         max_over_acceptance: float = 0.0,
@@ -114,9 +114,10 @@ class LLMEngine:
         # each head as it judges fastest here (w8a8 or as trained), and what that choice measured
         self.heads: dict[str, AcceptanceHead] = {}
         self.head_kernels: dict[str, dict] = {}
-        for name, head in heads.items():
+        for name, head in heads.items():  # a dict: each head's choice, made elsewhere (a follower takes rank 0's)
+            requested = head_quantization if isinstance(head_quantization, str) else head_quantization[name]
             self.heads[name], self.head_kernels[name] = choose_head_kernel(
-                head.to(self.draft.device), self.draft, head_quantization)
+                head.to(self.draft.device), self.draft, requested)
             log.info("head %r kernels: %s", name, self.head_kernels[name])
         # one online calibrator per head and temperature band; `online_calibration` False only measures
         self.calibration = Calibrators(self.heads, learning=online_calibration)

@@ -24,6 +24,7 @@ import engine.costs as costs
 import engine.loading.kernels as kernels
 import engine.speculate as speculate
 from engine.costs import choose_head_kernel
+from engine.distributed import draft_decisions
 from engine.head import AcceptanceHead, w8a8_head
 from engine.llm_engine import LLMEngine
 from engine.loading.kernels import DECODE_ROWS, choose_and_quantize, cpu_features, interleaved_ms, probe_layers
@@ -415,3 +416,19 @@ def test_a_w8a8_head_distribution_control_fails(w8a8_head_distribution_engine, m
     engine = w8a8_head_distribution_engine
     counts = sample_two_tokens(engine, T1, SpecConfig(policy="specdec++", threshold=0.4, bounds=(1, 6)))
     assert chi_square_pvalue(counts, exact_two_token_distribution(engine, T1), SAMPLES) < 1e-6
+
+
+def test_a_follower_rank_replays_rank_0s_head_choice(tokenizer):
+    """Every rank of a tensor-parallel target runs the draft and the head and must stop its rounds where rank 0
+    does: a follower takes rank 0's head kernels instead of timing its own."""
+    head = trained_scale_head(make_tiny_pair()[0].config.hidden_size, seed=6)
+    leader = LLMEngine(*make_tiny_pair(), tokenizer, heads={"default": head}, head_quantization="w8a8",
+                       costs=CHEAP_DRAFT_COSTS)
+    decisions = draft_decisions(leader)
+    assert decisions["head_quantization"] == {"default": "w8a8"}
+    follower = LLMEngine(*make_tiny_pair(), tokenizer, heads={"default": head},
+                         head_quantization=decisions["head_quantization"], costs=CHEAP_DRAFT_COSTS)
+    assert follower.head_kernels["default"]["quantization"] == "w8a8"
+    plain = LLMEngine(*make_tiny_pair(), tokenizer, heads={"default": head}, head_quantization={"default": "none"},
+                      costs=CHEAP_DRAFT_COSTS)
+    assert plain.heads["default"] is not None and plain.head_kernels["default"]["quantization"] == "none"
