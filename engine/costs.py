@@ -87,11 +87,15 @@ class CostModel:
     def target_seconds(self, tokens: float, sequences: int = 1) -> float:
         """A target forward over `tokens` tokens of `sequences` sequences: between the one-sequence and the
         full-batch curves, linearly in the number of sequences."""
+        weight = self.full_batch_weight(sequences)
         alone = interpolate(self.target, tokens)
+        return alone if weight == 0.0 else (1.0 - weight) * alone + weight * interpolate(self.target_full, tokens)
+
+    def full_batch_weight(self, sequences: int) -> float:
+        """How far a forward over `sequences` sequences sits from the one-sequence curve toward the full-batch one."""
         if sequences <= 1 or not self.target_full or self.full_batch <= 1:
-            return alone
-        weight = min(1.0, (sequences - 1) / (self.full_batch - 1))
-        return (1.0 - weight) * alone + weight * interpolate(self.target_full, tokens)
+            return 0.0
+        return min(1.0, (sequences - 1) / (self.full_batch - 1))
 
     def draft_seconds(self, sequences: float) -> float:
         """One batched draft forward over `sequences` sequences (one token each)."""
@@ -204,18 +208,23 @@ def monotone(points: dict[int, float]) -> dict[int, float]:
 
 
 def fastest(fn: Callable[[], object], times: int, warm_up: bool = True,
-            before: Callable[[], object] | None = None) -> float:
+            before: Callable[[], object] | None = None, wait: Callable[[], object] | None = None) -> float:
     """The fastest of `times` calls after a warm-up: another process stealing the CPU (or an
     OpenMP thread descheduled) only ever adds time, so the minimum is the cost this host can do.
-    `before`, if given, runs untimed ahead of every call."""
+    `before`, if given, runs untimed ahead of every call; `wait` (a runner's `synchronize`) ends each timed call
+    when its queued device work does."""
     if warm_up:
         fn()  # first calls allocate
     samples = []
     for _ in range(times):
         if before is not None:
             before()
+        if wait is not None:
+            wait()
         t0 = time.perf_counter()
         fn()
+        if wait is not None:
+            wait()
         samples.append(time.perf_counter() - t0)
     return min(samples)
 
@@ -285,8 +294,8 @@ def measure_costs(
     reps: int = 3,
 ) -> CostModel:
     """Time the engine's own forwards on this host, after `context` tokens of cache per sequence: the
-    target over 1, 2, 4 ... `max_tokens` tokens of one sequence and over `max_sequences` ... `max_tokens`
-    tokens spread over `max_sequences` sequences, the draft over 1, 2, 4 ... `max_sequences` sequences of
+    target over the `target_sizes` up to `max_tokens` tokens of one sequence and over those from `max_sequences`
+    on spread over `max_sequences` sequences, the draft over 1, 2, 4 ... `max_sequences` sequences of
     one token (ragged batches, as the round runs them) and over 16, 64 ... `max_tokens` tokens of one
     sequence (a catch-up), and the per-candidate work (draw, features, head), each right after a draft step."""
     generator = torch.Generator().manual_seed(0)
@@ -322,7 +331,7 @@ def measure_costs(
                 crop_cache(cache, context)
 
         long = n >= LONG_FORWARD
-        return fastest(once, 1 if long else reps, warm_up=not long)
+        return fastest(once, 1 if long else reps, warm_up=not long, wait=runner.synchronize)
 
     verify_params = SamplingParams(temperature=1.0)
     one_sequence = prefilled(target, 1)
@@ -345,10 +354,12 @@ def measure_costs(
     features = candidate_features(logits, token, one, one, one)
     state = torch.randn(1, draft.hidden_size, device=draft.device)
     per_candidate = {
-        "draw": fastest(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1, before=draft_step),
-        "features": fastest(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1, before=draft_step),
-        "head": fastest(lambda: head.accept_prob(state, features), 2 * reps + 1, before=draft_step)
-        if head is not None else 0.0,
+        "draw": fastest(lambda: sample(processed_probs(logits, params), None), 2 * reps + 1, before=draft_step,
+                        wait=draft.synchronize),
+        "features": fastest(lambda: candidate_features(logits, token, one, one, one), 2 * reps + 1, before=draft_step,
+                            wait=draft.synchronize),
+        "head": fastest(lambda: head.accept_prob(state, features), 2 * reps + 1, before=draft_step,
+                        wait=draft.synchronize) if head is not None else 0.0,
     }
     return CostModel(
         draft_step=draft_batch[1],
@@ -406,23 +417,29 @@ class LiveCosts:
         self._log_scale[model] += weight * (math.log(observed / predicted) - self._log_scale[model])
 
     def _observe_shape(self, tokens: int, seconds: float, sequences: int) -> None:
-        """Learn the curve this forward ran closest to: a log correction per measured size, moved by the
-        forward's error against the current curve and shared between the two measured sizes around `tokens`
-        in proportion to how near each is (the interpolation's weights; a step of gradient descent on the
-        log error). A forward of 11 tokens thus moves the 8-token and 16-token points five to three, and the
-        curve comes to pass through what the sizes the engine runs cost, where they fall between the
-        measured ones too. Points never observed follow the level."""
-        full = self.measured.full_batch
-        curve = "target_full" if self.measured.target_full and full > 1 and 2 * (sequences - 1) >= full - 1 \
-            else "target"
-        points = getattr(self.measured, curve)
-        if not points or seconds <= 0.0 or not self.measured.refresh:
+        """Learn the curves' shape: a log correction per measured size, moved by the forward's error against
+        the prediction `target_seconds` makes for it (the one-sequence and full-batch curves blended by the
+        number of sequences) and shared between the curves by that blend's weights, and within a curve
+        between the two measured sizes around `tokens` by the interpolation's weights (a step of gradient
+        descent on the log error). A forward of 11 tokens between points 9 and 12 thus moves them one to
+        two, and the curves come to pass through what the shapes the engine runs cost, where they fall
+        between the measured ones too. Points never observed follow the level."""
+        if seconds <= 0.0 or not self.measured.refresh:
             return
-        error = math.log(seconds / interpolate(self._learnt(curve), tokens))
-        for size, share in bracketing(sorted(points), tokens):
-            count = self._shape_observations[curve][size] = self._shape_observations[curve].get(size, 0) + 1
-            start = self._shape[curve].get(size, self._log_scale["target"])  # an unlearnt point follows the level
-            self._shape[curve][size] = start + share * max(self.smoothing, 1.0 / count) * error
+        learnt = replace(self.measured, target=self._learnt("target"), target_full=self._learnt("target_full"))
+        weight = learnt.full_batch_weight(sequences)
+        predicted = learnt.target_seconds(tokens, sequences)
+        if predicted <= 0.0:
+            return
+        error = math.log(seconds / predicted)
+        for curve, share_of_curve in (("target", 1.0 - weight), ("target_full", weight)):
+            if share_of_curve <= 0.0:
+                continue
+            for size, share in bracketing(sorted(getattr(self.measured, curve)), tokens):
+                counts = self._shape_observations[curve]
+                count = counts[size] = counts.get(size, 0) + 1
+                start = self._shape[curve].get(size, self._log_scale["target"])  # an unlearnt point follows the level
+                self._shape[curve][size] = start + share_of_curve * share * max(self.smoothing, 1.0 / count) * error
 
     def _rebuild(self) -> None:
         level = self.measured.scaled(self.draft_scale, self.target_scale)

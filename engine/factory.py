@@ -170,9 +170,7 @@ def _load_heads(
 
 def _default_spec(spec: SpecConfig, has_head: bool, has_draft: bool) -> SpecConfig:
     """The configured default spec, narrowed to what the loaded models can run."""
-    if not has_head and spec.policy == "specdec++":
+    runnable = spec.runnable(has_head, has_draft)
+    if has_draft and runnable.policy != spec.policy:
         log.warning("no acceptance head: the default policy falls back to constant k=%d", spec.k)
-        spec = spec.model_copy(update={"policy": "constant" if has_draft else "none"})
-    if not has_draft:
-        spec = spec.model_copy(update={"policy": "none"})
-    return spec
+    return runnable

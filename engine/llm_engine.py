@@ -129,7 +129,7 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or limit, limit)
         # what the server applies when a request omits them (vLLM's use of generation_config)
         self.sampling_defaults = generation_config_defaults(getattr(target, "generation_config", None))
-        self.default_spec = default_spec or SpecConfig(policy="specdec++" if DEFAULT_HEAD in heads else "constant")
+        self.default_spec = default_spec or SpecConfig().runnable(DEFAULT_HEAD in heads, draft is not None)
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.max_over_acceptance = max_over_acceptance  # the most lossy over-acceptance a request may ask for
         self.requests: dict[str, Sequence] = {}  # every unfinished request, waiting or running

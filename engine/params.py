@@ -235,6 +235,15 @@ class SpecConfig(BaseModel):
         """Whether the output follows the target's distribution exactly (no over-acceptance)."""
         return self.over_acceptance == 0.0
 
+    def runnable(self, has_head: bool, has_draft: bool) -> SpecConfig:
+        """This spec narrowed to what the loaded models can run: specdec++ without a head falls back to
+        constant k, any policy without a draft to the target alone."""
+        if not has_draft:
+            return self.model_copy(update={"policy": "none"}) if self.policy != "none" else self
+        if not has_head and self.policy == "specdec++":
+            return self.model_copy(update={"policy": "constant"})
+        return self
+
     def with_overrides(self, spec: SpecConfig | None) -> SpecConfig:
         """This (the engine's default) with the fields `spec` sets; both were validated when built,
         so a partial spec from a request body (`SpecConfig.model_validate({"k": 6})`) changes only k."""

@@ -88,6 +88,13 @@ class ModelRunner:
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.config)
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on the model's GPUs: CUDA runs asynchronously, so a timed region that
+        ends without this charges its queued forwards to whatever waits next. Nothing to do on the CPU."""
+        for device in {self.device, self.lm_head_device}:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, cache: DynamicCache, num_logits: int = 1

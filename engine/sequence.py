@@ -74,7 +74,7 @@ class Sequence:
     target_kv: KVState = field(default_factory=KVState)
     draft_kv: KVState = field(default_factory=KVState)
     finish_reason: FinishReason | None = None
-    prefilled: bool = False  # all prompt tokens but the last are in both caches
+    prefilled: bool = False  # the prompt but its last token is in the target's cache (the draft's fills later)
     stats: RequestStats = field(default_factory=RequestStats)
     arrival_time: float = field(default_factory=time.perf_counter)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked for

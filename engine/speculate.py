@@ -171,6 +171,7 @@ def catch_up_draft(seqs: list[Sequence], draft: ModelRunner, chunk: int) -> None
     feeds = [seq.all_ids[seq.draft_kv.cached : min(seq.draft_kv.cached + chunk, len(seq.all_ids) - 1)]
              for seq in seqs]
     draft.hidden_batch(feeds, caches, [1] * len(seqs))
+    draft.synchronize()
     elapsed = time.perf_counter() - t0
     for seq, feed in zip(seqs, feeds, strict=True):
         seq.draft_kv.cached += len(feed)
@@ -213,6 +214,7 @@ def propose(
             draw(free)
             add_features(free if record else [])
         active = [p for p in active if not p.done]
+    draft.synchronize()
     elapsed = time.perf_counter() - t0
     for p in proposals:
         p.seq.stats.draft_seconds += elapsed
@@ -309,7 +311,7 @@ def verify_candidates(
     feeds = [torch.cat([torch.tensor(p.seq.all_ids[p.seq.target_kv.cached :], dtype=torch.long, device=device), cand])
              for p, cand in zip(proposals, candidates, strict=True)]
     _, logits = target.forward_batch(feeds, caches, [len(p.tokens) + 1 for p in proposals])
-    verdicts = []
+    verdicts, checked = [], []
     for p, cand, feed, rows in zip(proposals, candidates, feeds, logits, strict=True):
         p.seq.target_kv.cached += len(feed)
         # Under a layer map the LM head may sit on another GPU than the embedding: compare on the
@@ -323,20 +325,23 @@ def verify_candidates(
             continue
         q = torch.stack(p.draft_probs).to(target_probs.device) if p.tokens else None
         verdicts.append(verify(cand, q, target_probs, p.seq.generator, p.seq.spec.over_acceptance))
+        checked.append((p, cand, q, target_logits, target_probs, verdicts[-1]))
+    target.synchronize()
+    elapsed = time.perf_counter() - t0
+    if tuning is not None:  # the forward and the rejection sampling (the cost model's `target`), not what follows
+        tuning.costs.observe_target(sum(len(feed) for feed in feeds), elapsed, len(feeds))
+    for p in proposals:
+        p.seq.stats.target_seconds += elapsed
+    for p, cand, q, target_logits, target_probs, verdict in checked:
         labels = acceptance_labels(cand, q, target_probs).tolist() if p.tokens else []
         if tuning is not None and labels and p.seq.policy.self_tuning:  # a fixed k's long rounds would bias it
             tuning.observe_acceptance(labels)
         if p.judgements:
             observe_judgements(p, labels)
         if p.seq.params.logprobs is not None:
-            verdicts[-1].logprobs = emitted_logprobs(cand, verdicts[-1], target_logits, p.seq.params.logprobs)
+            verdict.logprobs = emitted_logprobs(cand, verdict, target_logits, p.seq.params.logprobs)
         if recorder is not None and p.tokens:
-            recorder(round_record(p, cand, q, target_probs, verdicts[-1].num_accepted))
-    elapsed = time.perf_counter() - t0
-    if tuning is not None:  # the forward and the work at every verified position (the cost model's `target`)
-        tuning.costs.observe_target(sum(len(feed) for feed in feeds), elapsed, len(feeds))
-    for p in proposals:
-        p.seq.stats.target_seconds += elapsed
+            recorder(round_record(p, cand, q, target_probs, verdict.num_accepted))
     return verdicts
 
 
@@ -423,5 +428,6 @@ def prefill_kv(kv: KVState, runner: ModelRunner, prompt: list[int], chunk: int) 
     t0 = time.perf_counter()
     end = min(len(prompt), kv.cached + chunk)
     runner.forward(torch.tensor([prompt[kv.cached : end]], dtype=torch.long), cache)
+    runner.synchronize()
     kv.cached = end
     return time.perf_counter() - t0

@@ -29,7 +29,7 @@ from engine.costs import CostModel, LiveCosts
 MIN_LEVEL, MAX_LEVEL = 0.01, 0.99  # the auto level stays a probability strictly inside (0, 1)
 PRIOR_ACCEPTANCE = 0.6  # what a deployment's first request assumes before any verification
 SMOOTHING = 0.01  # weight of one verified candidate in the deployment's acceptance estimate
-PROBE_EVERY = 8  # rounds without any candidate after which one round proposes one, to re-time the draft
+PROBE_EVERY = 8  # the PROBE_EVERY-th round in a row that would propose nothing proposes one, to re-time the draft
 
 
 def expected_tokens(accept: float, k: int) -> float:
@@ -156,8 +156,8 @@ class SelfTuning:
         admitted one prefill a step, the first sequences would otherwise catch their drafts up at batch 1 or 2,
         then stop speculating a few steps later at the full batch, the catch-up wasted.
 
-        Costs and acceptance are only re-learnt from rounds that propose: after PROBE_EVERY rounds
-        without a candidate, one round proposes one per sequence (a probe), so a draft once measured
+        Costs and acceptance are only re-learnt from rounds that propose: the PROBE_EVERY-th round in a
+        row that would propose no candidate proposes one per sequence instead (a probe), so a draft once measured
         too dear (a busy host at start) or an acceptance that has since risen is noticed. A probe catches
         a draft up by no more tokens than its sequence has left.
         """

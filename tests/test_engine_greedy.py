@@ -131,3 +131,13 @@ def test_unknown_head_is_a_request_error(engine):
 
     with pytest.raises(RequestError, match="acceptance head 'nope'"):
         engine.add_request("x", "hi", SamplingParams(max_tokens=4), SpecConfig(policy="specdec++", head="nope"))
+
+
+def test_an_engine_without_a_draft_defaults_to_the_target_alone(tiny_pair, tokenizer):
+    """With no draft (and so no head) the default spec is the target alone, as the factory narrows a configured
+    one; constant k would fail every request for want of a draft."""
+    target, _ = tiny_pair
+    engine = LLMEngine(target, None, tokenizer, costs=CHEAP_DRAFT_COSTS)
+    assert engine.default_spec.policy == "none"
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    assert len(engine.generate("hello world", params).token_ids) == 6

@@ -535,3 +535,42 @@ def test_auto_leaves_the_draft_out_where_its_catch_up_does_not_pay(tiny_pair, to
     assert auto.token_ids == engine.generate("hello world", params, SpecConfig(policy="none")).token_ids
     constant = engine.generate("hello world", params, SpecConfig(policy="constant", k=3))
     assert constant.stats["proposed_tokens"] > 0 and fed and constant.token_ids == auto.token_ids
+
+
+def test_a_batched_forward_is_learnt_against_the_blend_it_is_predicted_by():
+    """A forward of 4 sequences is predicted between the one-sequence and the full-batch curves: forwards that
+    cost exactly that leave both curves as measured (learning them into the one-sequence curve alone made a lone
+    sequence look as dear as the blend), and a host that got slower for such forwards moves both toward it."""
+    measured = CostModel(draft_step=0.02, draw=0.0, features=0.0, head=0.0, target={1: 0.1, 8: 0.1, 16: 0.2},
+                         target_full={8: 0.3, 16: 0.4}, full_batch=8)
+    live = LiveCosts(measured)
+    for _ in range(200):
+        live.observe_target(8, measured.target_seconds(8, 4), 4)
+    assert live.current.target_seconds(8, 4) == pytest.approx(measured.target_seconds(8, 4), rel=0.01)
+    assert live.current.target_seconds(8) == pytest.approx(0.1, rel=0.01)
+    assert live.current.target_seconds(8, 8) == pytest.approx(0.3, rel=0.01)
+    for _ in range(300):
+        live.observe_target(8, 1.5 * measured.target_seconds(8, 4), 4)
+    assert live.current.target_seconds(8, 4) == pytest.approx(1.5 * measured.target_seconds(8, 4), rel=0.03)
+    assert live.current.target_seconds(8) > 0.1 and live.current.target_seconds(8, 8) > 0.3
+
+
+def test_a_verification_is_timed_without_the_bookkeeping_after_it(tiny_pair, tokenizer, monkeypatch):
+    """The cost model's target is the forward and the acceptance test; the calibrator's refits, the labels and the
+    logprobs after them are not: a slow refit (here 0.3 s per judged round) never reaches the observed timings."""
+    import time
+
+    target, draft = tiny_pair
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                       costs=CHEAP_DRAFT_COSTS)
+    observe = speculate.observe_judgements
+    monkeypatch.setattr(speculate, "observe_judgements", lambda p, labels: time.sleep(0.3) or observe(p, labels))
+    timings = []
+    observe_target = engine.tuning.costs.observe_target
+    monkeypatch.setattr(engine.tuning.costs, "observe_target",
+                        lambda tokens, seconds, sequences=1: timings.append(seconds) or
+                        observe_target(tokens, seconds, sequences))
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, seed=3)
+    stats = engine.generate("hello world", params, SpecConfig(policy="specdec++", threshold=0.9)).stats
+    assert stats["proposed_tokens"] > 0 and timings
+    assert max(timings) < 0.3
