@@ -471,10 +471,14 @@ class LiveCosts:
         self._rounds_without_draft = state.get("rounds_without_draft", 0)
         self._rebuild()
 
-    def observe_draft(self, batch_sizes: list[int], candidates: int, seconds: float, reads_features: bool) -> None:
-        """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, in `seconds`."""
-        predicted = sum(self.measured.draft_seconds(b) for b in batch_sizes)
-        predicted += candidates * self.measured.candidate_seconds(reads_features, reads_features)
+    def observe_draft(
+        self, batch_sizes: list[int], candidates: int, seconds: float, featured: int, judged: int
+    ) -> None:
+        """A proposal: draft forwards over `batch_sizes` sequences each, `candidates` drawn, `featured` of them with
+        their features computed and `judged` by a head, in `seconds`."""
+        m = self.measured
+        predicted = sum(m.draft_seconds(b) for b in batch_sizes)
+        predicted += candidates * m.draw + featured * m.features + judged * m.head
         self._observe("draft", seconds, predicted, stale=self._rounds_without_draft)
         self._rounds_without_draft = 0
         self._rebuild()

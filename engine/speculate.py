@@ -219,8 +219,9 @@ def propose(
     for p in proposals:
         p.seq.stats.draft_seconds += elapsed
     if tuning is not None:
-        reads_features = any(p.seq.policy.reads_features for p in proposals)
-        tuning.costs.observe_draft(batch_sizes, sum(len(p.tokens) for p in proposals), elapsed, reads_features)
+        tuning.costs.observe_draft(batch_sizes, sum(len(p.tokens) for p in proposals), elapsed,
+                                   featured=sum(len(p.features) for p in proposals),
+                                   judged=sum(len(p.judgements) for p in proposals))
 
 
 def forward_draft(proposals: list[Proposal], feeds: list, draft: ModelRunner) -> None:

@@ -226,7 +226,7 @@ def test_a_draft_measured_too_dear_is_probed_and_relearnt():
     tuning = SelfTuning(live, prior_acceptance=0.8)
     plans = [tuning.plan([8]) for _ in range(PROBE_EVERY)]
     assert all(p.budgets == [0] for p in plans[:-1]) and plans[-1].budgets == [1]
-    live.observe_draft([1], 1, 0.05, reads_features=True)  # the probe's draft step: the first observation
+    live.observe_draft([1], 1, 0.05, featured=1, judged=1)  # the probe's draft step: the first observation
     assert live.current.draft_step == pytest.approx(0.05)
     assert tuning.plan([8]).budgets[0] > 1
 
@@ -237,7 +237,7 @@ def test_live_costs_follow_the_observed_level_and_keep_the_shape():
     live = LiveCosts(measured)
     for _ in range(300):
         live.observe_target(16, 4.0)  # the host got twice as slow for the target
-        live.observe_draft([4, 1], 5, 0.3, reads_features=True)  # the draft as measured
+        live.observe_draft([4, 1], 5, 0.3, featured=5, judged=5)  # the draft as measured
     assert live.current.target_seconds(1) == pytest.approx(2.0, rel=0.01)
     assert live.current.target_seconds(16) == pytest.approx(4.0, rel=0.01)
     assert live.current.draft_seconds(4) == pytest.approx(0.2, rel=0.01)
@@ -250,7 +250,7 @@ def test_state_carries_every_decision_input_to_another_rank():
     leader = SelfTuning(LiveCosts(flat(0.1, slope=0.01, knee=8)), prior_acceptance=0.7)
     for _ in range(5):
         leader.costs.observe_target(16, 1.7, 8)
-        leader.costs.observe_draft([8, 4], 12, 0.4, reads_features=True)
+        leader.costs.observe_draft([8, 4], 12, 0.4, featured=12, judged=12)
         leader.observe_acceptance([0.9, 0.2])
     follower = SelfTuning(LiveCosts(flat(0.3)), prior_acceptance=0.5)
     follower.load_state(leader.state())
@@ -450,10 +450,10 @@ def test_a_draft_level_pushed_up_by_a_busy_spell_recovers_in_a_few_probes():
     live = LiveCosts(flat(0.1, target=0.2))
     tuning = SelfTuning(live, prior_acceptance=0.8)
     for _ in range(100):
-        live.observe_draft([1], 1, 0.1, reads_features=True)
+        live.observe_draft([1], 1, 0.1, featured=1, judged=1)
         live.observe_target(2, 0.2)
     for _ in range(40):
-        live.observe_draft([1], 1, 0.3, reads_features=True)
+        live.observe_draft([1], 1, 0.3, featured=1, judged=1)
         live.observe_target(2, 0.2)
     assert live.draft_scale > 2.0 and tuning.plan([8]).budgets == [0]
     budgets = []
@@ -462,7 +462,7 @@ def test_a_draft_level_pushed_up_by_a_busy_spell_recovers_in_a_few_probes():
         budgets.append(budget)
         live.observe_target(1 + budget, 0.2)
         if budget:
-            live.observe_draft([1] * budget, budget, 0.1 * budget, reads_features=True)
+            live.observe_draft([1] * budget, budget, 0.1 * budget, featured=budget, judged=budget)
     probes = [i for i, b in enumerate(budgets) if b == 1]
     assert len(probes) <= 2 and budgets[2 * PROBE_EVERY] > 1 and budgets[-1] > 1
     assert live.draft_scale < 1.3
@@ -574,3 +574,14 @@ def test_a_verification_is_timed_without_the_bookkeeping_after_it(tiny_pair, tok
     stats = engine.generate("hello world", params, SpecConfig(policy="specdec++", threshold=0.9)).stats
     assert stats["proposed_tokens"] > 0 and timings
     assert max(timings) < 0.3
+
+
+def test_a_proposal_is_priced_by_the_work_it_did():
+    """A confidence rule's candidates read features but no head, and a candidate a budget stopped is drawn but not
+    judged: a proposal is compared with what it ran, so a dear head does not make its draft look cheap."""
+    measured = CostModel(draft_step=0.1, draw=0.01, features=0.02, head=0.5, target={1: 1.0, 16: 2.0})
+    live = LiveCosts(measured)
+    for _ in range(50):
+        live.observe_draft([1, 1, 1], 3, 3 * 0.1 + 3 * 0.01 + 3 * 0.02, featured=3, judged=0)  # confidence, as measured
+        live.observe_draft([1, 1], 2, 2 * 0.1 + 2 * 0.01 + 2 * 0.02 + 0.5, featured=2, judged=1)  # one judged
+    assert live.draft_scale == pytest.approx(1.0, rel=1e-6)
