@@ -29,6 +29,7 @@ SMOOTHING = 0.05  # least weight of one observed forward in the refreshed cost l
 LONG_FORWARD = 64  # tokens from which measure_costs times a forward once, without a warm-up
 DENSE_TARGET_SIZES = 9  # measure_costs times the target at every size up to this (rounds of up to 8 candidates)
 STALE_WEIGHT = 0.5  # most weight of the draft observation that ends a spell without proposals
+TIMING_CONTEXT = 128  # tokens of cache per sequence behind every timed forward, at start-up
 HEAD_W8A8_MIN_GAIN = 1.1  # choose_head_kernel "auto": w8a8 only where one judgement measures this much faster
 HEAD_W8A8_MAX_LOGIT_ERROR = 0.1  # ... and no probe's logit moves by more than this (a 2.5-point probability)
 PROBE_ROWS = 64  # choose_head_kernel: standardised random inputs the quantized head's logits are checked on
@@ -251,7 +252,7 @@ def random_ids(runner: ModelRunner, n: int, generator: torch.Generator) -> torch
 
 @torch.inference_mode()
 def choose_head_kernel(head: AcceptanceHead, draft: ModelRunner, requested: str = "auto",
-                       context: int = 128, reps: int = 7) -> tuple[AcceptanceHead, dict]:
+                       context: int = TIMING_CONTEXT, reps: int = 7) -> tuple[AcceptanceHead, dict]:
     """The head as it judges fastest on this host, and what was measured: `requested` "none" keeps it as trained,
     "w8a8" quantizes it (`w8a8_head`), "auto" quantizes it where, timed right after a draft step as a round runs
     it, one judgement is at least HEAD_W8A8_MIN_GAIN faster and the logits of probe inputs stay within
@@ -288,7 +289,7 @@ def measure_costs(
     draft: ModelRunner,
     head: AcceptanceHead | None = None,
     *,
-    context: int = 128,
+    context: int = TIMING_CONTEXT,
     max_tokens: int = 64,
     max_sequences: int = 8,
     reps: int = 3,
