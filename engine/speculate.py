@@ -147,7 +147,7 @@ def plan_budgets(
             if seq.policy.self_tuning:
                 maxima[i] = plan.budgets[i]
                 seq.policy.threshold = plan.levels[i]
-                seq.policy.depth_thresholds = plan.depth_levels
+                seq.policy.depth_thresholds = plan.depth_levels[i]
                 seq.stats.stop_levels.append(plan.levels[i])
     budgets, lagging = [], []
     for seq, budget in zip(seqs, maxima, strict=True):

@@ -124,7 +124,8 @@ class RoundTuning:
     budgets: list[int]
     levels: list[float]  # each sequence's level at the best fixed count (what the stats report)
     rate: float  # tokens per second the operating point predicts, all sequences together
-    depth_levels: list[float] = field(default_factory=list)  # [n - 1]: the level a round of n candidates stops at
+    # [i][n - 1]: the level sequence i's round of n candidates stops at, its runs priced within its own budget
+    depth_levels: list[list[float]] = field(default_factory=list)
 
 
 class SelfTuning:
@@ -166,8 +167,7 @@ class SelfTuning:
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         # Each depth prices the candidates after it at their own margins: where verification steps in cost at
         # some row count, one level for every depth would price each candidate at the step (or none of them).
-        by_depth = depth_levels(costs, batch, rate, accept, max(max_k + [1]))
-        level = by_depth[max(k_best, 1) - 1]  # the one reported: at the best fixed count
+        level = depth_levels(costs, batch, rate, accept, max(max_k + [1]))[max(k_best, 1) - 1]  # the one reported
         budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
         budgets = [b if b == 0 or c is None or catch_up_pays(costs, batch, accept, min(b, k_best), *c) else 0
                    for b, c in zip(budgets, catch_ups, strict=True)]
@@ -178,7 +178,11 @@ class SelfTuning:
             if self.rounds_without_candidates >= PROBE_EVERY:
                 budgets = [min(1, k) if c is None or c[0] <= c[1] else 0 for k, c in zip(max_k, catch_ups, strict=True)]
                 self.rounds_without_candidates = 0
-        return RoundTuning(budgets=budgets, levels=[level] * len(max_k), rate=rate, depth_levels=by_depth)
+        # A sequence's runs end at its own budget (tokens left, its bounds, the head's depth): a candidate that
+        # crosses a step in verification cost is repaid only by cheap ones it can still propose.
+        by_budget = {b: depth_levels(costs, batch, rate, accept, max(b, 1)) for b in set(budgets)}
+        return RoundTuning(budgets=budgets, levels=[level] * len(max_k), rate=rate,
+                           depth_levels=[by_budget[b] for b in budgets])
 
     def state(self) -> dict:
         """Everything the decisions depend on, as plain data (another rank of a tensor-parallel target takes it)."""

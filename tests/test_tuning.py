@@ -41,6 +41,22 @@ def flat(draft: float, target: float = 1.0, slope: float = 0.0, knee: int = 1) -
                      target={1: target, knee: target, 256: target + (256 - knee) * slope})
 
 
+def test_a_sequence_prices_its_runs_within_its_own_budget():
+    """The same step as above (the 6th candidate takes the forward from 6 to 7 tokens): a sequence that may propose
+    8 stays in at the 5th candidate, since the cheap 7th and 8th repay the step; one capped at 6 (tokens left, its
+    bounds) cannot propose them, so its 5th-depth level is stricter, and every other depth is priced alike."""
+    costs = CostModel(draft_step=0.03, draw=0.0, features=0.0, head=0.0,
+                      target={1: 0.11, 6: 0.11, 7: 0.14, 8: 0.145, 16: 0.2})
+    eight = SelfTuning(LiveCosts(costs), prior_acceptance=0.85).plan([8])
+    six = SelfTuning(LiveCosts(costs), prior_acceptance=0.85).plan([6])
+    assert six.budgets == [6] and six.rate == pytest.approx(eight.rate) and len(six.depth_levels[0]) == 6
+    assert six.depth_levels[0][4] < eight.depth_levels[0][4]
+    others = [n for n in range(6) if n != 4]
+    assert [six.depth_levels[0][n] for n in others] == pytest.approx([eight.depth_levels[0][n] for n in others])
+    batch = SelfTuning(LiveCosts(costs), prior_acceptance=0.85).plan([8, 6])  # one plan, a list per sequence
+    assert [len(levels) for levels in batch.depth_levels] == batch.budgets == [8, 6]
+
+
 def test_measured_curves_drop_upward_noise():
     """A spike (the first forward of a busy host) is lowered to the larger sizes' time, never propagated."""
     assert monotone({1: 0.58, 2: 0.30, 4: 0.31, 8: 0.29, 16: 0.40}) == {1: 0.29, 2: 0.29, 4: 0.29, 8: 0.29, 16: 0.40}
@@ -113,8 +129,8 @@ def test_each_depth_gets_the_level_of_its_own_margin():
     costs = CostModel(draft_step=0.03, draw=0.0, features=0.0, head=0.0,
                       target={1: 0.11, 6: 0.11, 7: 0.14, 8: 0.145, 16: 0.2})
     plan = SelfTuning(LiveCosts(costs), prior_acceptance=0.85).plan([8])
-    rate, by_depth = plan.rate, plan.depth_levels
-    assert len(by_depth) == 8
+    rate, by_depth = plan.rate, plan.depth_levels[0]
+    assert plan.budgets == [8] and len(by_depth) == 8
     margins = [marginal_seconds(costs, 1, k) for k in range(1, 10)]
     for n, level in enumerate(by_depth, start=1):  # the best run of j more candidates, each at its own margin
         runs = [stop_level(rate, sum(margins[n : n + j]), sum(0.85**i for i in range(1, j + 1)))

@@ -217,7 +217,7 @@ def auto_round(
     text may run the target alone (0), as the engine does where no candidate pays."""
     low, high = bounds
     plan = tuning.plan([high])
-    by_depth, budget = plan.depth_levels, max(plan.budgets[0], min_budget)
+    by_depth, budget = plan.depth_levels[0], max(plan.budgets[0], min_budget)
     levels = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(len(pred))],
                           dtype=torch.float64)
     reject = 1 - torch.cumprod(pred[:length], 0)
