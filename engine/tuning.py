@@ -167,7 +167,6 @@ class SelfTuning:
         k_best, rate = best_fixed(costs, batch, accept, max(max_k + [1]))
         # Each depth prices the candidates after it at their own margins: where verification steps in cost at
         # some row count, one level for every depth would price each candidate at the step (or none of them).
-        level = depth_levels(costs, batch, rate, accept, max(max_k + [1]))[max(k_best, 1) - 1]  # the one reported
         budgets = [candidate_budget(costs, batch, rate, k_best, k) for k in max_k]
         budgets = [b if b == 0 or c is None or catch_up_pays(costs, batch, accept, min(b, k_best), *c) else 0
                    for b, c in zip(budgets, catch_ups, strict=True)]
@@ -180,7 +179,9 @@ class SelfTuning:
                 self.rounds_without_candidates = 0
         # A sequence's runs end at its own budget (tokens left, its bounds, the head's depth): a candidate that
         # crosses a step in verification cost is repaid only by cheap ones it can still propose.
-        by_budget = {b: depth_levels(costs, batch, rate, accept, max(b, 1)) for b in set(budgets)}
+        group = max(max_k + [1])  # the reported level is the group's, at the best fixed count
+        by_budget = {b: depth_levels(costs, batch, rate, accept, max(b, 1)) for b in {*budgets, group}}
+        level = by_budget[group][max(k_best, 1) - 1]
         return RoundTuning(budgets=budgets, levels=[level] * len(max_k), rate=rate,
                            depth_levels=[by_budget[b] for b in budgets])
 
