@@ -91,6 +91,9 @@ class LLMEngine:
         max_over_acceptance: float = 0.0,
         measure_costs_now: bool = True,
     ) -> None:
+        """The models run as given unless a kernel argument asks otherwise ("none" quantizes nothing), so a
+        test or a library caller gets no start-up measurement it did not ask for. The product's defaults,
+        which measure and choose kernels on the host, are `EngineConfig`'s; `engine.factory` passes them."""
         if default_spec is not None and not default_spec.lossless:
             raise ValueError("over-acceptance is lossy: it is asked for per request, never by the default spec")
         if not 0.0 <= max_over_acceptance <= 1.0:

@@ -54,6 +54,10 @@ class StopPolicy:
         """Whether the engine sets this policy's knob and budget from its cost model (threshold "auto")."""
         return False
 
+    def set_levels(self, level: float, depth_levels: list[float], accept: float) -> None:
+        """A self-tuning policy's levels for the coming round (`engine.tuning.RoundTuning`)."""
+        raise TypeError(f"policy {self.name!r} does not tune itself")
+
     def start_round(self) -> None:
         pass
 
@@ -124,6 +128,12 @@ class Confidence(StopPolicy):
         return step.when == "before" and step.index >= self.low and step.draft_prob < self.p_min
 
 
+def held_accept_prob(judged: float | torch.Tensor, timing: HeadTiming, pending_accept: float) -> float | torch.Tensor:
+    """P(every candidate a stop submits is accepted), from the product of the judged ones: a head judging
+    "after" the draft's forward on y_s submits y_{s+1} unjudged, accepted with `pending_accept` expected."""
+    return judged * pending_accept if timing == "after" else judged
+
+
 class SpecDecPP(StopPolicy):
     """`specdec++`: stop once 1 - prod_{i<=s} a_i > threshold, a_i from the acceptance head.
 
@@ -131,7 +141,9 @@ class SpecDecPP(StopPolicy):
     the draft's forward on y_s yields s + 1 candidates when it stops there, so the lower bound
     counts that one. With threshold "auto" the engine sets the level every round from the cost
     model (engine/tuning.py), one per depth (`depth_thresholds[n - 1]`: a round of n candidates stops
-    there); `threshold` is the level at the best fixed count, in force where no depth's is set.
+    there); `threshold` is the level at the best fixed count, in force where no depth's is set. The depth
+    levels price a round of n candidates all accepted: for an "after" head the unjudged (n)th enters at the
+    deployment's acceptance (`held_accept_prob`).
 
     A round proposes no deeper than `depth`, the deepest position the head was trained on (its
     `max_position`; 0: no limit), and never below the lower bound: past it the head reads every position
@@ -151,6 +163,7 @@ class SpecDecPP(StopPolicy):
             self.high = max(self.low, min(self.high, depth))
         self.timing = timing
         self.depth_thresholds: list[float] = []
+        self.pending_accept = 1.0  # with depth levels: the expected acceptance of an unjudged candidate
         self._all_accepted_prob = 1.0
 
     def max_candidates(self) -> int:
@@ -160,6 +173,9 @@ class SpecDecPP(StopPolicy):
     def self_tuning(self) -> bool:
         return self.auto
 
+    def set_levels(self, level: float, depth_levels: list[float], accept: float) -> None:
+        self.threshold, self.depth_thresholds, self.pending_accept = level, depth_levels, accept
+
     def start_round(self) -> None:
         self._all_accepted_prob = 1.0
 
@@ -168,11 +184,12 @@ class SpecDecPP(StopPolicy):
             return False
         assert step.accept_prob is not None, "specdec++ needs the head's estimate"
         self._all_accepted_prob *= step.accept_prob
-        length_if_stopped = step.index + int(step.when == "after")
-        level = self.threshold
-        if self.depth_thresholds and length_if_stopped >= 1:
-            level = self.depth_thresholds[min(length_if_stopped, len(self.depth_thresholds)) - 1]
-        return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > level
+        length_if_stopped = step.index + int(step.when == "after")  # `index` is 1-based
+        if not self.depth_thresholds:
+            return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
+        level = self.depth_thresholds[min(length_if_stopped, len(self.depth_thresholds)) - 1]
+        held = held_accept_prob(self._all_accepted_prob, self.timing, self.pending_accept)
+        return length_if_stopped >= self.low and 1.0 - held > level
 
 
 def make_policy(spec: SpecConfig, head: AcceptanceHead | None = None) -> StopPolicy:

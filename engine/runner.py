@@ -18,6 +18,7 @@ sequence (engine/multidraft.py) each see the sequence's cache, packed once, and 
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, replace
 
@@ -75,6 +76,9 @@ class ModelRunner:
         use_grouped_query_attention(model)
         self.kernels = replace(self.kernels, attention=model.config._attn_implementation)
         self.decoder = model.get_decoder()
+        # Newer transformers call the decoder's cache argument `cache` (`past_key_values` is deprecated there).
+        accepts = inspect.signature(self.decoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in accepts else "past_key_values"
         self.lm_head = model.get_output_embeddings()
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -108,7 +112,7 @@ class ModelRunner:
 
     def _decode(self, input_ids: torch.Tensor, cache: DynamicCache, num_hidden: int) -> torch.Tensor:
         """One sequence [1, T] through the decoder -> final hidden states [1, n, H] of its last n positions."""
-        out = self.decoder(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        out = self.decoder(input_ids=input_ids, use_cache=True, **{self._cache_arg: cache})
         return out.last_hidden_state[:, -num_hidden:]
 
     @torch.inference_mode()
@@ -149,8 +153,8 @@ class ModelRunner:
             input_ids=torch.cat(feeds).unsqueeze(0),
             attention_mask=mask.to(self.device),
             position_ids=positions.unsqueeze(0).to(self.device),
-            past_key_values=batch_cache,
             use_cache=True,
+            **{self._cache_arg: batch_cache},
         )
         past, query_starts = sum(segment_lengths), list(itertools.accumulate(lengths, initial=0))
         writable = [c.own if isinstance(c, SharedPrefixCache) else c for c in caches]

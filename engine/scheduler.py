@@ -71,7 +71,11 @@ class Scheduler:
         if not self.config.batching:
             return len(group)
         self._recent_loads.append(min(self.config.max_num_seqs, len(self.running) + len(self.waiting)))
-        return max(self._recent_loads)
+        return self.peak_load()
+
+    def peak_load(self) -> int:
+        """The load the last rounds were priced at (`load`), without counting a step; 1 before any round."""
+        return max(self._recent_loads, default=1)
 
     def candidate_cap(self, group: list[Sequence]) -> int | None:
         """Most candidates each sequence of a round over `group` may propose: None for no cap, 0 for

@@ -146,8 +146,7 @@ def plan_budgets(
         for i, seq in enumerate(seqs):
             if seq.policy.self_tuning:
                 maxima[i] = plan.budgets[i]
-                seq.policy.threshold = plan.levels[i]
-                seq.policy.depth_thresholds = plan.depth_levels[i]
+                seq.policy.set_levels(plan.levels[i], plan.depth_levels[i], tuning.acceptance)
                 seq.stats.stop_levels.append(plan.levels[i])
     budgets, lagging = [], []
     for seq, budget in zip(seqs, maxima, strict=True):

@@ -221,8 +221,8 @@ class EngineLoop:
             self.outbox.put(EngineLoad(*load))
 
     def report_costs(self) -> None:
-        """The live cost model and the candidate budget it gives at the current batch size (the sequences
-        running), unless reported less than COSTS_REPORT_SECONDS ago."""
+        """The live cost model and the candidate budget it gives at the load rounds are priced at now (the
+        scheduler's recent peak), unless reported less than COSTS_REPORT_SECONDS ago."""
         tuning = self.engine.tuning
         if tuning is None or time.monotonic() - self._costs_reported < COSTS_REPORT_SECONDS:
             return
@@ -230,7 +230,7 @@ class EngineLoop:
 
         self._costs_reported = time.monotonic()
         batching = self.engine.scheduler.config.batching  # off: every sequence runs its own rounds
-        live, batch = tuning.costs, max(self.engine.num_running, 1) if batching else 1
+        live, batch = tuning.costs, self.engine.scheduler.peak_load() if batching else 1
         budget = budget_at(live.current, batch, tuning.acceptance, self.engine.default_spec.bounds[1])
         self.outbox.put(EngineCosts(live.current.to_dict(), live.draft_scale, live.target_scale, budget))
 

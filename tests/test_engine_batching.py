@@ -121,11 +121,13 @@ def test_admission_limits_and_fifo(tiny_pair, tokenizer):
 def test_the_load_to_come_is_the_recent_peak():
     """A client's next request comes a moment after its answer: the dip between them is not the load to come."""
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=4))
+    assert scheduler.peak_load() == 1  # before any round
     scheduler.running = [object()] * 3  # type: ignore[list-item]
     scheduler.waiting.extend([object()] * 2)  # type: ignore[list-item]
     assert scheduler.load([]) == 4  # running and waiting, within max_num_seqs
     scheduler.waiting.clear()
     scheduler.running = scheduler.running[:1]
+    assert scheduler.peak_load() == 4  # what the worker reports its budget at: the last rounds' price
     assert scheduler.load([]) == 4  # the recent peak holds
     for _ in range(LOAD_WINDOW - 1):
         scheduler.load([])

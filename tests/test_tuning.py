@@ -16,7 +16,7 @@ from engine import costs
 from engine.costs import LONG_FORWARD, CostModel, LiveCosts, interpolate, measure_costs, monotone
 from engine.llm_engine import LLMEngine
 from engine.params import SamplingParams, SpecConfig
-from engine.policies import ProposalStep, SpecDecPP
+from engine.policies import ProposalStep, SpecDecPP, make_policy
 from engine.runner import ModelRunner
 from engine.speculate import ROUND_LAG
 from engine.tuning import (
@@ -173,14 +173,28 @@ def test_a_budget_keeps_a_dear_candidate_that_the_cheap_ones_after_it_repay():
 
 def test_specdecpp_stops_at_the_level_of_its_depth():
     policy = SpecDecPP("auto", (1, 8))
-    policy.threshold = 0.9  # the level at the best fixed count: alone it would never stop here
-    policy.depth_thresholds = [0.9, 0.9, 0.05, 0.9]
+    # 0.9: the level at the best fixed count, alone it would never stop here; 0.5 the acceptance (unused: "before")
+    policy.set_levels(0.9, [0.9, 0.9, 0.05, 0.9], 0.5)
     policy.start_round()
     steps = [ProposalStep(index=s, when="before", accept_prob=0.9) for s in (1, 2, 3, 4)]
     assert [policy.should_stop(step) for step in steps[:3]] == [False, False, True]  # 1 - 0.9^3 > 0.05
     policy.start_round()
-    policy.depth_thresholds = []
+    policy.set_levels(0.9, [], 0.5)
     assert not any(policy.should_stop(step) for step in steps)  # no depth's level: `threshold` for all
+
+
+def test_a_head_judging_after_the_forward_prices_the_candidate_it_submits_unjudged():
+    """Known answer: stopped after judging y_2, a round holds y_1..y_3, all accepted with 0.9^2 x a. At the
+    3-candidate level 0.25 it stops at a = 0.9 (1 - 0.729 > 0.25) and goes on at a = 0.95 (1 - 0.7695 < 0.25);
+    the judged product alone (1 - 0.81 = 0.19) would go on at both."""
+    steps = [ProposalStep(index=s, when="after", accept_prob=0.9) for s in (1, 2, 3)]
+    for accept, stops in ((0.9, [False, True]), (0.95, [False, False])):
+        policy = SpecDecPP("auto", (1, 8), timing="after")
+        policy.set_levels(0.9, [0.9, 0.9, 0.25, 0.9], accept)
+        policy.start_round()
+        assert [policy.should_stop(step) for step in steps[:2]] == stops
+    with pytest.raises(TypeError, match="does not tune itself"):
+        make_policy(SpecConfig(policy="constant", k=3)).set_levels(0.5, [], 0.7)
 
 
 def test_budgets_shrink_as_verification_gets_dearer():

@@ -34,6 +34,7 @@ from engine.costs import CostModel, LiveCosts
 from engine.factory import build_engine, resolve_paths
 from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
 from engine.params import AUTO
+from engine.policies import held_accept_prob
 from engine.tuning import SelfTuning
 from heads.data import concat_columns, load_shards
 from heads.evaluate import head_predictions
@@ -220,7 +221,7 @@ def auto_round(
     by_depth, budget = plan.depth_levels[0], max(plan.budgets[0], min_budget)
     levels = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(len(pred))],
                           dtype=torch.float64)
-    reject = 1 - torch.cumprod(pred[:length], 0)
+    reject = 1 - held_accept_prob(torch.cumprod(pred[:length], 0), "after" if after else "before", tuning.acceptance)
     stops = [s + 1 + after for s in range(length) if reject[s] > levels[s] and s + 1 + after >= low]
     return levels, budget, min(stops[0] if stops else high, length, budget)
 
