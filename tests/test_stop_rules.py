@@ -17,7 +17,9 @@ from heads.data import records_to_rows
 from specdecpp.bench.stop_rules import (
     CostModel,
     Rounds,
+    add_headroom_heads,
     bootstrap_speedups,
+    headroom_summary,
     load_rounds,
     predict,
     round_outcomes,
@@ -235,3 +237,22 @@ def test_oracle_rule_reads_the_true_acceptance():
     rounds = correlated_rounds()
     head_fed_truth = stop_lengths(rounds, ("specdec++", "default", 0.5, 1, 8))  # that head *is* the truth
     assert torch.equal(stop_lengths(rounds, ("oracle", None, 0.5, 1, 8)), head_fed_truth)
+
+
+def test_headroom_heads_lie_between_the_head_and_the_truth():
+    """A head that knows nothing (0.6 everywhere): mixing in the true a_s raises its AUC step by step, the full
+    weight is the truth itself, and the better heads' auto rows buy what knowing the round is worth."""
+    rounds = correlated_rounds()
+    rounds.head["default"] = torch.full_like(rounds.accept, 0.6)
+    room = add_headroom_heads(rounds, (0.1, 0.5, 1.0))
+    assert room["default"] == {"weight": 0.0, "auc": 0.5}
+    aucs = [room[f"headroom{w}"]["auc"] for w in (0.1, 0.5, 1.0)]
+    assert 0.5 < aucs[0] and aucs == sorted(aucs)
+    assert torch.allclose(rounds.head["headroom1.0"], rounds.accept.clamp(1e-3, 1 - 1e-3))
+    assert rounds.head_timing["headroom0.5"] == "before"
+    costs = CostModel(draft_step=0.05, draw=0.0, features=0.0005, head=0.0005, target={1: 1.0, 9: 1.2})
+    result = predict(rounds, costs, (1, 8), resamples=50)
+    rows = {r["head"]: r for r in headroom_summary(result, room)}
+    assert rows["default"]["auto_over_constant"] <= 1.0 + 1e-9 < 1.1 < rows["headroom1.0"]["auto_over_constant"]
+    low, high = rows["headroom1.0"]["auto_over_constant_ci95"]
+    assert low <= rows["headroom1.0"]["auto_over_constant"] <= high

@@ -37,7 +37,7 @@ from engine.params import AUTO
 from engine.policies import held_accept_prob
 from engine.tuning import SelfTuning
 from heads.data import concat_columns, load_shards
-from heads.evaluate import head_predictions
+from heads.evaluate import head_predictions, soft_auc
 from heads.train import head_inputs
 from specdecpp.bench.machine import machine_record
 
@@ -102,6 +102,29 @@ def load_rounds(data_dirs: list[str | Path], heads: dict[str, AcceptanceHead] | 
         pred[round_index[judged], col[judged]] = head_predictions(head, rows["hidden"], rows["features"]).double()
         rounds.head[name], rounds.head_timing[name] = pred, head.timing
     return rounds
+
+
+HEADROOM_WEIGHTS = (0.025, 0.05, 0.1, 0.2)  # weight of the true a_s in a headroom head's logit (`add_headroom_heads`)
+
+
+def add_headroom_heads(rounds: Rounds, weights: tuple[float, ...] = HEADROOM_WEIGHTS) -> dict[str, dict]:
+    """Heads between the default head and a perfect one, `headroom<w>`: logit (1 - w) logit(a-hat) + w logit(a_s)
+    on the candidates the default head judges, at its timing. Their rows show what a better head would buy on
+    this traffic (the oracle is w = 1). Returns each one's weight and soft AUC of rejection, the default's too."""
+    base, truth = rounds.head["default"], rounds.accept
+    judged = ~base.isnan()
+
+    def auc(pred: torch.Tensor) -> float:
+        return round(soft_auc(1 - pred[judged], 1 - truth[judged]), 4)
+
+    summary = {"default": {"weight": 0.0, "auc": auc(base)}}
+    for w in weights:
+        name = f"headroom{w}"
+        mixed = torch.sigmoid((1 - w) * torch.logit(base, eps=1e-3) + w * torch.logit(truth, eps=1e-3))
+        rounds.head[name] = mixed.masked_fill(~judged, float("nan"))
+        rounds.head_timing[name] = rounds.head_timing["default"]
+        summary[name] = {"weight": w, "auc": auc(mixed)}
+    return summary
 
 
 def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
@@ -330,6 +353,7 @@ def predict_from_data(
     temperature: float | None = None,
     replay: str = "text",
     head_quantization: str = "auto",
+    headroom: bool = False,
 ) -> dict:
     """`specdecpp heads predict`: every stop rule's predicted figures on the rounds of `data_dirs`
     (`predict`), written as JSON to `output`, the best row per policy printed.
@@ -340,7 +364,8 @@ def predict_from_data(
     text (each rule's rounds start where its own end), "rounds" scores the logged rounds one by one; data logged
     without the rounds' accepted counts is replayed by rounds. `head_quantization`: the head's kernels in the cost
     model measured now; the estimates come from the head as trained (a w8a8 head's differ by a hundredth of a logit
-    at most on logged rounds, docs/benchmarks/README.md).
+    at most on logged rounds, docs/benchmarks/README.md). `headroom`: also score heads between the head and a
+    perfect one (`add_headroom_heads`), summarised under "headroom".
     """
     head_dir = head or resolve_paths(EngineConfig())[2]
     heads = {"default": load_head(head_dir)}
@@ -355,12 +380,29 @@ def predict_from_data(
     if replay == "text" and rounds.accepted is None:
         log.warning("the data has no accepted counts per round (logged by an older gen-data): replaying by rounds")
         replay = "rounds"
+    room = add_headroom_heads(rounds) if headroom else {}
     result = {"data": list(data_dirs), "heads": {k: str(v) for k, v in
                                                  (("default", head_dir), ("post", post_head)) if v},
               **predict(rounds, cost_model, bounds, replay=replay)}
+    if room:
+        result["headroom"] = headroom_summary(result, room)
     Path(output).write_text(json.dumps(result, indent=2) + "\n")
     print(format_best(result))
     return result
+
+
+def headroom_summary(result: dict, room: dict[str, dict]) -> list[dict]:
+    """Per head of `add_headroom_heads`: its AUC, and auto's and the best fixed threshold's speedup over the best
+    constant k (auto's with its paired bootstrap interval)."""
+    best, rows = result["best"], []
+    for name, head in room.items():
+        policy = "specdec++" if name == "default" else f"specdec++-{name}"
+        versus = next(c for c in result["comparisons"]
+                      if c["a"] == f"{policy} {AUTO}" and c["b"].startswith("constant"))
+        rows.append({"head": name, **head, "auto_over_constant": versus["ratio"],
+                     "auto_over_constant_ci95": [versus["ci_low"], versus["ci_high"]],
+                     "best_threshold_over_constant": round(best[policy]["speedup"] / best["constant"]["speedup"], 4)})
+    return rows
 
 
 def format_best(result: dict) -> str:
@@ -373,4 +415,7 @@ def format_best(result: dict) -> str:
     ]
     lines += [f"{c['a']} / {c['b']}: {c['ratio']:.3f} [{c['ci_low']:.3f}, {c['ci_high']:.3f}]"
               for c in result["comparisons"]]
+    lines += [f"headroom w={h['weight']:<6} AUC {h['auc']:.4f}  auto / best constant {h['auto_over_constant']:.3f} "
+              f"[{h['auto_over_constant_ci95'][0]:.3f}, {h['auto_over_constant_ci95'][1]:.3f}]  best threshold / "
+              f"best constant {h['best_threshold_over_constant']:.3f}" for h in result.get("headroom", [])]
     return "\n".join(lines)

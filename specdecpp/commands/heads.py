@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--replay", choices=("text", "rounds"), default="text",
                    help="walk the logged text, each rule's rounds starting where its own end (default), or score "
                         "the logged rounds one by one")
+    r.add_argument("--headroom", action="store_true",
+                   help="also score heads between the head and a perfect one: what a better head would buy here")
     r.add_argument("--output", required=True, help="JSON file to write")
     r.set_defaults(func=run_predict)
 
@@ -128,7 +130,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     predict_from_data(args.data, args.output, bounds=tuple(args.bounds), head=args.head, post_head=args.post_head,
                       costs=args.costs, save_costs=args.save_costs, temperature=args.temperature,
-                      replay=args.replay, head_quantization=args.head_quantization)
+                      replay=args.replay, head_quantization=args.head_quantization, headroom=args.headroom)
     return 0
 
 
