@@ -334,7 +334,8 @@ def test_cli_train_eval_predict(engine, tmp_path, capsys):
     assert main([*args, "--headroom"]) == 0  # heads between this one and a perfect one
     headroom = json.loads(out.read_text())["headroom"]
     assert [h["head"] for h in headroom] == ["default", "headroom0.025", "headroom0.05", "headroom0.1", "headroom0.2"]
-    assert all(h["auto_over_constant"] > 0 for h in headroom) and "headroom w=0.2" in capsys.readouterr().out
+    assert all(h["auto_over_constant_ci95"][0] <= h["auto_over_constant"] <= h["auto_over_constant_ci95"][1]
+               for h in headroom) and "headroom w=0.2" in capsys.readouterr().out
 
 
 def test_cli_gen_data_loads_the_pair_and_describes_it(tiny_pair, tokenizer, tmp_path, capsys):

@@ -3,6 +3,7 @@ lengths against the engine's own on a tiny pair (seconds)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -11,13 +12,17 @@ import torch
 from conftest import random_head
 from safetensors.torch import save_file
 
+from engine.costs import LiveCosts
 from engine.head import CANDIDATE_FEATURES
+from engine.policies import ProposalStep, SpecDecPP
 from engine.speculate import RoundRecord
+from engine.tuning import SelfTuning
 from heads.data import records_to_rows
 from specdecpp.bench.stop_rules import (
     CostModel,
     Rounds,
     add_headroom_heads,
+    auto_round,
     bootstrap_speedups,
     headroom_summary,
     load_rounds,
@@ -256,3 +261,29 @@ def test_headroom_heads_lie_between_the_head_and_the_truth():
     assert rows["default"]["auto_over_constant"] <= 1.0 + 1e-9 < 1.1 < rows["headroom1.0"]["auto_over_constant"]
     low, high = rows["headroom1.0"]["auto_over_constant_ci95"]
     assert low <= rows["headroom1.0"]["auto_over_constant"] <= high
+
+
+@pytest.mark.parametrize("timing", ["before", "after"])
+def test_auto_replay_stops_where_the_engine_policy_does(timing):
+    """The evaluator's "auto" round (`auto_round`) against the engine's SpecDecPP given the same plan, on random
+    head estimates and acceptances: an "after" head's unjudged last candidate is priced alike in both."""
+    costs = CostModel(draft_step=0.02, draw=0.0, features=0.0, head=0.0,
+                      target={1: 0.1, 6: 0.1, 9: 0.12, 16: 0.2})
+    g = torch.Generator().manual_seed(0)
+    lengths = []
+    for _ in range(200):
+        tuning = SelfTuning(LiveCosts(costs))
+        tuning.acceptance = 0.3 + 0.6 * float(torch.rand(1, generator=g))
+        pred = torch.rand(8, generator=g, dtype=torch.float64) ** 0.1
+        plan = copy.deepcopy(tuning).plan([8])
+        policy = SpecDecPP("auto", (1, 8), timing=timing)
+        policy.set_levels(plan.levels[0], plan.depth_levels[0], tuning.acceptance)
+        policy.start_round()
+        length = plan.budgets[0]  # the engine: y_s is judged only while s < budget
+        for s in range(1, plan.budgets[0]):
+            if policy.should_stop(ProposalStep(index=s, when=timing, accept_prob=float(pred[s - 1]))):
+                length = s + (timing == "after")
+                break
+        assert auto_round(tuning, pred, 8, (1, 8), timing == "after") == length
+        lengths.append(length)
+    assert len(set(lengths)) >= 4  # the cases differ: stops early, late and at the budget

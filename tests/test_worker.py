@@ -255,9 +255,26 @@ def test_busy_engine_reports_its_live_costs(tiny_pair, tokenizer, monkeypatch):
     last, live = reports[-1], engine.tuning.costs
     assert last.costs == live.current.to_dict() and set(last.costs["target"]) == set(CHEAP_DRAFT_COSTS.target)
     assert (last.draft_scale, last.target_scale) == (live.draft_scale, live.target_scale) != (1.0, 1.0)
-    # The budget at the batch size after the last step (none running: one sequence), from the live model.
+    # The budget at the load the rounds were priced at (one sequence here), from the live model.
     assert last.candidate_budget == budget_at(live.current, 1, engine.tuning.acceptance, 20)
     pickle.dumps(last)  # it crosses a process queue
 
     monkeypatch.setattr(worker_module, "COSTS_REPORT_SECONDS", 3600.0)
     assert serve("again") == []  # within the interval since the loop started (EngineReady had the model): none
+
+
+def test_the_reported_budget_is_priced_at_the_recent_peak_load(tiny_pair, tokenizer, monkeypatch):
+    """Between two bursts nothing runs, yet the next rounds are priced at the recent peak (`Scheduler.load`):
+    the budget a dashboard shows is that one, not the one-sequence budget."""
+    target, draft = tiny_pair
+    costs = dataclasses.replace(CHEAP_DRAFT_COSTS, target={1: 0.1, 4: 0.1, 16: 0.4, 64: 2.0})
+    engine = LLMEngine(target, draft, tokenizer, heads={"default": random_head(target.config.hidden_size)},
+                       costs=costs)
+    acceptance = engine.tuning.acceptance
+    assert budget_at(costs, 2, acceptance, 20) != budget_at(costs, 1, acceptance, 20)  # the test can tell them apart
+    for _ in range(2):
+        engine.scheduler._recent_loads.append(2)
+    monkeypatch.setattr(worker_module, "COSTS_REPORT_SECONDS", 0.0)
+    outbox: queue.Queue = queue.Queue()
+    EngineLoop(engine, queue.Queue(), outbox).report_costs()
+    assert engine.num_running == 0 and outbox.get_nowait().candidate_budget == budget_at(costs, 2, acceptance, 20)

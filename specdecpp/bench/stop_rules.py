@@ -128,9 +128,9 @@ def add_headroom_heads(rounds: Rounds, weights: tuple[float, ...] = HEADROOM_WEI
 
 
 def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
-    """Candidates per round [R] under `rule`: ("constant", k), ("confidence", p_min, low, high) or
-    ("specdec++", head name, threshold, low, high); "auto" gives a level per round and position [R, K] and a
-    budget per round [R] as `high`."""
+    """Candidates per round [R] under `rule`: ("constant", k), ("confidence", p_min, low, high),
+    ("specdec++", head name, threshold, low, high) or ("oracle", None, threshold, low, high). Threshold "auto"
+    plans each round from what came before (`auto_lengths`)."""
     kind = rule[0]
     cap = rounds.length
     positions = torch.arange(1, rounds.accept.shape[1] + 1).expand_as(rounds.accept)
@@ -144,8 +144,6 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
         stop_at = positions
     elif kind in ("specdec++", "oracle"):
         _, name, threshold, low, high = rule
-        if isinstance(threshold, torch.Tensor) and threshold.dim() == 1:  # a level per round
-            threshold = threshold.unsqueeze(1)  # (2-D: "auto"'s, per round and position)
         # "oracle": the product rule fed the true a_s, the bound a perfect "before" head would reach
         pred = rounds.accept.masked_fill(positions > cap.unsqueeze(1), float("nan")) if kind == "oracle" \
             else rounds.head[name]
@@ -158,8 +156,7 @@ def stop_lengths(rounds: Rounds, rule: tuple) -> torch.Tensor:
     first = torch.where(stop.any(1), stop.int().argmax(1), torch.full_like(cap, 10_000))
     chosen = stop_at.gather(1, first.clamp(max=stop_at.shape[1] - 1).unsqueeze(1)).squeeze(1)
     chosen = torch.where(stop.any(1), chosen, torch.full_like(cap, 10_000))
-    high = high if isinstance(high, torch.Tensor) else torch.full_like(cap, int(high))  # "auto": a budget per round
-    return torch.minimum(torch.minimum(chosen, cap), high)
+    return torch.minimum(torch.minimum(chosen, cap), torch.full_like(cap, int(high)))
 
 
 def round_outcomes(
@@ -213,40 +210,35 @@ def bootstrap_speedups(
     return torch.stack([t1 * (weights @ tok) / (weights @ sec) for tok, sec in per_prompt], dim=1)
 
 
-def auto_plans(
-    rounds: Rounds, name: str, costs: CostModel, bounds: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """([R, K] levels, [R] budgets) threshold "auto" would set for each round, the levels by the round's length
-    if it stopped at each logged position, replaying the engine's self-tuning in logged order (one sequence per
-    round, from the engine's prior): each round is planned from the acceptance learnt so far, which then learns
-    the labels of the candidates the round proposed (`auto_round`)."""
+def auto_lengths(rounds: Rounds, name: str, costs: CostModel, bounds: tuple[int, int]) -> torch.Tensor:
+    """Candidates per round [R] under threshold "auto", replaying the engine's self-tuning in logged order (one
+    sequence per round, from the engine's prior): each round is planned from the acceptance learnt so far, which
+    then learns the labels of the candidates the round proposed (`auto_round`)."""
     tuning = SelfTuning(LiveCosts(costs))
-    positions = rounds.accept.shape[1]
-    levels = torch.empty(len(rounds.length), positions, dtype=torch.float64)
-    budgets = torch.empty(len(rounds.length), dtype=torch.long)
+    lengths = torch.empty(len(rounds.length), dtype=torch.long)
     pred = rounds.head[name].nan_to_num(1.0)
     after = rounds.head_timing[name] == "after"
     for r in range(len(rounds.length)):
-        levels[r], budgets[r], length = auto_round(tuning, pred[r], int(rounds.length[r]), bounds, after)
-        tuning.observe_acceptance(rounds.accept[r, :length].tolist())
-    return levels, budgets
+        lengths[r] = auto_round(tuning, pred[r], int(rounds.length[r]), bounds, after)
+        tuning.observe_acceptance(rounds.accept[r, : int(lengths[r])].tolist())
+    return lengths
 
 
 def auto_round(
     tuning: SelfTuning, pred: torch.Tensor, length: int, bounds: tuple[int, int], after: bool, min_budget: int = 1
-) -> tuple[torch.Tensor, int, int]:
-    """One round of threshold "auto" over candidates whose head estimates are `pred` [K] (the first `length`
-    available): (its levels by the round's length if it stopped at each position, its budget, its candidates).
-    A budget below `min_budget` is replayed as that: a logged round always proposed (1), while a walk along the
-    text may run the target alone (0), as the engine does where no candidate pays."""
+) -> int:
+    """The candidates one round of threshold "auto" proposes over candidates whose head estimates are `pred` [K]
+    (the first `length` available), as the engine's `SpecDecPP` would with the levels `tuning` plans. A budget
+    below `min_budget` is replayed as that: a logged round always proposed (1), while a walk along the text may
+    run the target alone (0), as the engine does where no candidate pays."""
     low, high = bounds
     plan = tuning.plan([high])
     by_depth, budget = plan.depth_levels[0], max(plan.budgets[0], min_budget)
-    levels = torch.tensor([by_depth[min(s + 1 + after, len(by_depth)) - 1] for s in range(len(pred))],
-                          dtype=torch.float64)
-    reject = 1 - held_accept_prob(torch.cumprod(pred[:length], 0), "after" if after else "before", tuning.acceptance)
-    stops = [s + 1 + after for s in range(length) if reject[s] > levels[s] and s + 1 + after >= low]
-    return levels, budget, min(stops[0] if stops else high, length, budget)
+    held = held_accept_prob(torch.cumprod(pred[:length], 0), "after" if after else "before", tuning.acceptance)
+    # a stop after judging y_{s+1} holds n = s + 1 candidates, one more for a head judging after the forward
+    stops = [n for s in range(length)
+             if (n := s + 1 + after) >= low and 1 - held[s] > by_depth[min(n, len(by_depth)) - 1]]
+    return min(stops[0] if stops else high, length, budget)
 
 
 def default_rules(
@@ -294,10 +286,8 @@ def predict(rounds: Rounds, costs: CostModel, bounds: tuple[int, int], resamples
                 else text_replay.fixed_rule(text, rule)
             outcome = text_replay.replay(text, rule_at, costs, features, head_calls)
         else:
-            if rule[0] == "auto":
-                levels, budgets = auto_plans(rounds, rule[1], costs, bounds)
-                rule = ("specdec++", rule[1], levels, rule[2], budgets)
-            outcome = round_outcomes(rounds, stop_lengths(rounds, rule), costs, features, head_calls)
+            lengths = auto_lengths(rounds, rule[1], costs, bounds) if rule[0] == "auto" else stop_lengths(rounds, rule)
+            outcome = round_outcomes(rounds, lengths, costs, features, head_calls)
         outcomes.append(outcome)
         rows.append({"policy": policy, "knob": knob, **{k: round(v, 4) for k, v in summarise(outcome, costs).items()}})
     seq = torch.arange(len(text.spans)) if text is not None else rounds.seq  # text: a row per prompt

@@ -150,7 +150,7 @@ def auto_rule(text: Text, name: str, costs: CostModel, bounds: tuple[int, int]) 
             length = window_lengths[t]
             if length == 0:
                 return 0
-            _, _, proposed = auto_round(tuning, pred[t], length, bounds, after, min_budget=0)
+            proposed = auto_round(tuning, pred[t], length, bounds, after, min_budget=0)
             tuning.observe_acceptance(w.accept[t, :proposed].tolist())
             return proposed
 
