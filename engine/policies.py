@@ -128,12 +128,6 @@ class Confidence(StopPolicy):
         return step.when == "before" and step.index >= self.low and step.draft_prob < self.p_min
 
 
-def held_accept_prob(judged: float | torch.Tensor, timing: HeadTiming, pending_accept: float) -> float | torch.Tensor:
-    """P(every candidate a stop submits is accepted), from the product of the judged ones: a head judging
-    "after" the draft's forward on y_s submits y_{s+1} unjudged, accepted with `pending_accept` expected."""
-    return judged * pending_accept if timing == "after" else judged
-
-
 class SpecDecPP(StopPolicy):
     """`specdec++`: stop once 1 - prod_{i<=s} a_i > threshold, a_i from the acceptance head.
 
@@ -143,7 +137,7 @@ class SpecDecPP(StopPolicy):
     model (engine/tuning.py), one per depth (`depth_thresholds[n - 1]`: a round of n candidates stops
     there); `threshold` is the level at the best fixed count, in force where no depth's is set. The depth
     levels price a round of n candidates all accepted: for an "after" head the unjudged (n)th enters at the
-    deployment's acceptance (`held_accept_prob`).
+    deployment's acceptance (`pending_accept`). The offline evaluator replays this policy (`auto_round`).
 
     A round proposes no deeper than `depth`, the deepest position the head was trained on (its
     `max_position`; 0: no limit), and never below the lower bound: past it the head reads every position
@@ -188,7 +182,8 @@ class SpecDecPP(StopPolicy):
         if not self.depth_thresholds:
             return length_if_stopped >= self.low and 1.0 - self._all_accepted_prob > self.threshold
         level = self.depth_thresholds[min(length_if_stopped, len(self.depth_thresholds)) - 1]
-        held = held_accept_prob(self._all_accepted_prob, self.timing, self.pending_accept)
+        # P(every candidate a stop submits is accepted): an "after" stop submits y_{s+1} unjudged
+        held = self._all_accepted_prob * (self.pending_accept if self.timing == "after" else 1.0)
         return length_if_stopped >= self.low and 1.0 - held > level
 
 

@@ -34,7 +34,7 @@ from engine.costs import CostModel, LiveCosts
 from engine.factory import build_engine, resolve_paths
 from engine.head import CANDIDATE_FEATURES, AcceptanceHead, load_head
 from engine.params import AUTO
-from engine.policies import held_accept_prob
+from engine.policies import ProposalStep, SpecDecPP
 from engine.tuning import SelfTuning
 from heads.data import concat_columns, load_shards
 from heads.evaluate import head_predictions, soft_auc
@@ -228,17 +228,19 @@ def auto_round(
     tuning: SelfTuning, pred: torch.Tensor, length: int, bounds: tuple[int, int], after: bool, min_budget: int = 1
 ) -> int:
     """The candidates one round of threshold "auto" proposes over candidates whose head estimates are `pred` [K]
-    (the first `length` available), as the engine's `SpecDecPP` would with the levels `tuning` plans. A budget
-    below `min_budget` is replayed as that: a logged round always proposed (1), while a walk along the text may
-    run the target alone (0), as the engine does where no candidate pays."""
-    low, high = bounds
-    plan = tuning.plan([high])
-    by_depth, budget = plan.depth_levels[0], max(plan.budgets[0], min_budget)
-    held = held_accept_prob(torch.cumprod(pred[:length], 0), "after" if after else "before", tuning.acceptance)
-    # a stop after judging y_{s+1} holds n = s + 1 candidates, one more for a head judging after the forward
-    stops = [n for s in range(length)
-             if (n := s + 1 + after) >= low and 1 - held[s] > by_depth[min(n, len(by_depth)) - 1]]
-    return min(stops[0] if stops else high, length, budget)
+    (the first `length` available): the engine's `SpecDecPP`, given the levels `tuning` plans. A budget below
+    `min_budget` is replayed as that: a logged round always proposed (1), while a walk along the text may run
+    the target alone (0), as the engine does where no candidate pays."""
+    timing = "after" if after else "before"
+    plan = tuning.plan([bounds[1]])
+    budget = max(plan.budgets[0], min_budget)
+    policy = SpecDecPP(AUTO, bounds, timing=timing)
+    policy.set_levels(plan.levels[0], plan.depth_levels[0], tuning.acceptance)
+    policy.start_round()
+    for s in range(1, length + 1):  # a stop on y_s holds s candidates, one more for a head judging after the forward
+        if policy.should_stop(ProposalStep(index=s, when=timing, accept_prob=float(pred[s - 1]))):
+            return min(s + after, length, budget)
+    return min(bounds[1], length, budget)
 
 
 def default_rules(
